@@ -1,0 +1,49 @@
+"""actors: embedded, durable, per-key actors for trio on SQLite.
+
+One actor per session key processes that session's messages strictly in
+order; sessions run concurrently; every message is on disk before
+``send()`` returns, and nothing acknowledged is lost when a handler, an
+actor or the whole process dies.
+
+    async with actors.run_system("app.db", handler=handle) as system:
+        await system.send("session-1", {"kind": "observation"})
+"""
+
+from ._actor import Actor, Context
+from ._config import Config
+from ._errors import (
+    ActorKilledError,
+    ActorsError,
+    DatabaseInUseError,
+    HandlerTimeoutError,
+    MessageTooLargeError,
+    SchemaVersionError,
+    StoreError,
+    SystemClosedError,
+)
+from ._policy import Backoff, RestartPolicy
+from ._records import DeadLetter, Message, SystemStatistics
+from ._system import System, run_system
+
+__all__ = [
+    "Actor",
+    "ActorKilledError",
+    "ActorsError",
+    "Backoff",
+    "Config",
+    "Context",
+    "DatabaseInUseError",
+    "DeadLetter",
+    "HandlerTimeoutError",
+    "Message",
+    "MessageTooLargeError",
+    "RestartPolicy",
+    "SchemaVersionError",
+    "StoreError",
+    "System",
+    "SystemClosedError",
+    "SystemStatistics",
+    "run_system",
+]
+
+__version__ = "0.1.0"

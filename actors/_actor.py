@@ -1,0 +1,397 @@
+"""One session's actor: claim the head message, run the handler, ack / retry / dead.
+
+A :class:`SessionActor` lives in the supervisor's registry while its session
+is active. It owns the session's mailbox (a trio memory channel of delivery
+notices from the router) and runs *incarnations* one after another: each
+incarnation is a fresh instance of the user's actor, so a crash never leaks
+state into the next attempt.
+
+The database is the source of truth for order. Every claim reads the
+session's head from the store in the same transaction that counts the
+attempt, so no in-memory queue can disagree with what is durable. The
+mailbox only says "work arrived up to seq N"; when it is full the router
+drops the notice and the actor finds the work in the database anyway,
+because it only waits on the mailbox after a claim found nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
+from ._records import Message
+from ._store import format_error
+
+if TYPE_CHECKING:
+    from ._supervisor import Supervisor
+    from ._system import System
+
+log = logging.getLogger("actors.actor")
+
+
+@attrs.define(eq=False)
+class Context:
+    """What a handler gets besides the message.
+
+    Attributes:
+      session_id: the session this actor serves.
+      system: the running :class:`System` (to send to other sessions).
+    """
+
+    session_id: str
+    system: System
+
+
+class Actor:
+    """Base class of a class-based actor: one instance per active session.
+
+    Subclass it and pass the class as ``run_system(..., handler=MyActor)``.
+    An instance is created when the session's actor starts (on demand, after
+    a passivation, or after a crash: a crash always gets a fresh instance),
+    so attributes set in ``started`` or ``handle`` live exactly as long as
+    the actor is active. Durable state belongs in the database.
+
+    ``handle`` is required; ``started`` and ``stopped`` are optional hooks.
+    ``stopped`` runs when the actor passivates, yields its slot, stops with
+    the system, or after its handler raised; it does not run after a kill
+    or a crash of the process, just as no code runs after a real crash.
+    """
+
+    async def started(self, ctx: Context) -> None:
+        """Called once per instance, before its first message."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        """Process one message. Raise to fail the attempt (it will be retried)."""
+        raise NotImplementedError(f"{type(self).__name__} must define handle(self, ctx, msg)")
+
+    async def stopped(self, ctx: Context) -> None:
+        """Called when the instance is retired (not after a kill)."""
+
+
+Handler = Callable[[Context, Message], Awaitable[Any]]
+
+
+class _FunctionActor(Actor):
+    """The function spelling of an actor: ``handler(ctx, msg)`` and nothing else."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Handler) -> None:
+        self._fn = fn
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await self._fn(ctx, msg)
+
+
+def actor_factory(handler: object) -> Callable[[], Actor]:
+    """Turn ``run_system``'s ``handler`` into a factory of fresh actor instances.
+
+    Raises:
+      TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
+        nor a subclass of :class:`Actor`.
+    """
+    if isinstance(handler, type):
+        if issubclass(handler, Actor):
+            if handler.handle is Actor.handle:
+                raise TypeError(f"{handler.__name__} must define handle(self, ctx, msg)")
+            return handler
+        raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
+    if isinstance(handler, Actor):
+        raise TypeError(
+            "pass the Actor subclass itself, not an instance: each session gets fresh instances"
+        )
+    if callable(handler) and (
+        inspect.iscoroutinefunction(handler)
+        or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - async __call__
+    ):
+        fn: Handler = handler
+        return lambda: _FunctionActor(fn)
+    raise TypeError(
+        "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
+        f"got {handler!r}"
+    )
+
+
+class Exit(enum.Enum):
+    """Why an incarnation ended."""
+
+    IDLE = "idle"  # no work for idle_timeout, or others wait for a slot
+    YIELD = "yield"  # used its fair share while others wait; has more work
+    WAIT = "wait"  # the head waits for its retry time; the timer brings it back
+    STOP = "stop"  # the system is stopping
+    CRASH = "crash"  # handler raised, timed out, was killed, or a hook failed
+
+
+class SessionActor:
+    """A session's slot in the registry: its mailbox and its incarnations."""
+
+    def __init__(self, session_id: str, supervisor: Supervisor) -> None:
+        self.session_id = session_id
+        self._sup = supervisor
+        self._notices_in: trio.MemorySendChannel[int]
+        self._notices: trio.MemoryReceiveChannel[int]
+        self._notices_in, self._notices = trio.open_memory_channel(supervisor.config.mailbox_size)
+        # The claimed message a handler is (about to be) running, until its
+        # ack commits. Set and cleared only right after a store call returns,
+        # so it always agrees with the database: whatever ends the
+        # incarnation, this is the message to fail or release.
+        self.in_flight: Message | None = None
+        # Whether the handler was started for in_flight (a kill before that
+        # gives the attempt back).
+        self.handler_started = False
+        # The live incarnation's cancel scope (None between incarnations):
+        # kill() cancels it, and only it.
+        self._scope: trio.CancelScope | None = None
+        self._killed = False
+        self._failure: BaseException | None = None
+        # Cancelled to cut an idle or backoff wait short (stop, a waiter, a wake-up).
+        self._wait_scope: trio.CancelScope | None = None
+        self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
+        self.turn = 0  # messages processed since this activation (fair share)
+        self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
+
+    # -- called by router / supervisor (sync, trio thread) ---------------
+
+    def notify(self, seq: int) -> None:
+        """Work up to ``seq`` is committed. Never blocks: a full mailbox drops it."""
+        # A full mailbox drops the notice: the actor claims from the database
+        # until it finds nothing before it waits on the mailbox again.
+        with contextlib.suppress(trio.WouldBlock):
+            self._notices_in.send_nowait(seq)
+
+    def wake(self) -> None:
+        """Cut an idle or backoff wait short, so the actor looks again."""
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for work (not running a handler, not between incarnations)."""
+        return self._wait_scope is not None and self.in_flight is None
+
+    def kill(self) -> bool:
+        """Crash the live incarnation now. Returns False if none is running."""
+        if self._scope is None:
+            return False
+        self._killed = True
+        self._scope.cancel()
+        return True
+
+    def has_new_work(self) -> bool:
+        """Consume the mailbox; True if it announced work beyond what was claimed."""
+        while True:
+            try:
+                seq = self._notices.receive_nowait()
+            except trio.WouldBlock:
+                return False
+            if seq > self.claimed_seq:
+                return True
+
+    # -- the actor's task ---------------------------------------------------
+
+    async def run(self) -> None:
+        """Incarnations until the session is idle, waits, yields, or the system stops."""
+        sup = self._sup
+        try:
+            while True:
+                outcome = await self._incarnation()
+                if outcome is Exit.CRASH:
+                    delay = await self._after_crash()
+                    if sup.stopping:
+                        outcome = Exit.STOP
+                    elif delay > 0 and (delay > sup.config.idle_timeout or sup.has_waiters):
+                        outcome = Exit.WAIT
+                    else:
+                        await self._wait(delay)
+                        continue
+                if sup.retire(self, outcome):
+                    return
+        except BaseException:
+            # Cancelled by a hard stop (or the system failing): put the
+            # message back for the next start without charging an attempt.
+            await self._release_in_flight(uncount=True)
+            sup.forget(self)
+            raise
+
+    async def _incarnation(self) -> Exit:
+        sup = self._sup
+        ctx = Context(self.session_id, sup.system)
+        self._killed = False
+        self._failure = None
+        self.turn = 0
+        outcome = Exit.CRASH
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                instance = sup.factory()
+                await instance.started(ctx)
+                sup.on_actor_started(self)
+                outcome = await self._serve(instance, ctx)
+            except StoreError:
+                raise
+            except Exception as exc:  # the factory or started() failed: a crash
+                self._failure = exc
+                outcome = Exit.CRASH
+            else:
+                if outcome is not Exit.CRASH:
+                    await self._stop_instance(instance, ctx)
+            finally:
+                self._scope = None
+        if scope.cancelled_caught:
+            outcome = Exit.CRASH
+            self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
+        return outcome
+
+    async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
+        try:
+            await instance.stopped(ctx)
+        except Exception:
+            log.exception("stopped() hook of session %r raised; ignored", self.session_id)
+
+    async def _serve(self, instance: Actor, ctx: Context) -> Exit:
+        sup = self._sup
+        config = sup.config
+        store = sup.store
+        timeout = config.handler_timeout
+        ack: int | None = None
+        while True:
+            if sup.stopping:
+                await self._flush_ack(ack)
+                return Exit.STOP
+            if ack is not None and self.turn >= config.fair_share and sup.has_waiters:
+                await self._flush_ack(ack)
+                return Exit.YIELD
+            claim = await store.call(
+                store.op_claim_next,
+                self.session_id,
+                ack,
+                sup.clock.now(),
+                config.max_attempts,
+            )
+            # Committed: the ack (if any) and the claim (if any). Record both
+            # before the next checkpoint, so a kill sees the truth.
+            if ack is not None:
+                sup.on_acked()
+                ack = None
+            self.in_flight = claim.message
+            self.handler_started = False
+            if claim.dead:
+                sup.on_dead_lettered(self.session_id, len(claim.dead))
+            msg = claim.message
+            if msg is None:
+                self.in_flight = None
+                if claim.wait_until is not None:
+                    delay = sup.clock.to_trio(claim.wait_until) - trio.current_time()
+                    if delay > config.idle_timeout or sup.has_waiters:
+                        self.wait_until = claim.wait_until
+                        return Exit.WAIT
+                    await self._wait(delay)
+                    continue
+                if sup.has_waiters or not await self._wait_for_notice(config.idle_timeout):
+                    return Exit.STOP if sup.stopping else Exit.IDLE
+                continue
+            self.claimed_seq = max(self.claimed_seq, claim.seq)
+            if sup.stopping:
+                await self._release_in_flight(uncount=True)
+                return Exit.STOP
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self.handler_started = True
+            try:
+                if timeout is None:
+                    await instance.handle(ctx, msg)
+                else:
+                    with trio.move_on_after(timeout) as timer:
+                        await instance.handle(ctx, msg)
+                    if timer.cancelled_caught:
+                        raise HandlerTimeoutError(
+                            f"handler ran longer than handler_timeout={timeout}s and was cancelled"
+                        )
+            except Exception as exc:
+                self._failure = exc
+                await self._stop_instance(instance, ctx)
+                return Exit.CRASH
+            ack = msg.id
+            self.turn += 1
+
+    async def _flush_ack(self, ack: int | None) -> None:
+        if ack is not None:
+            await self._sup.store.call(self._sup.store.op_ack, ack)
+            self.in_flight = None
+            self._sup.on_acked()
+
+    async def _wait_for_notice(self, seconds: float) -> bool:
+        """Wait for a notice of work beyond what was claimed. False on timeout or wake()."""
+        idle = self._sup.idle_actors
+        with trio.CancelScope(deadline=trio.current_time() + seconds) as scope:
+            self._wait_scope = scope
+            idle.add(self)
+            try:
+                while True:
+                    seq = await self._notices.receive()
+                    if seq > self.claimed_seq:
+                        return True
+            finally:
+                idle.discard(self)
+                self._wait_scope = None
+        return False
+
+    async def _wait(self, delay: float) -> None:
+        """Sleep ``delay`` seconds unless woken (stop, a waiter, an abort)."""
+        if delay <= 0 or math.isnan(delay):
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(delay) as scope:
+            self._wait_scope = scope
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._wait_scope = None
+
+    async def _after_crash(self) -> float:
+        """Record the failed attempt; return the seconds before the next incarnation."""
+        sup = self._sup
+        config = sup.config
+        failure = self._failure or ActorKilledError("actor crashed")
+        delay, suspended = sup.on_restart(self, failure)
+        msg = self.in_flight
+        if msg is not None and not self.handler_started:
+            await self._release_in_flight(uncount=True)
+            msg = None
+        if msg is not None:
+            retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
+            retry_at = sup.clock.now() + retry_delay
+            outcome = await sup.store.call(
+                sup.store.op_fail, msg.id, format_error(failure), retry_at, config.max_attempts
+            )
+            self.in_flight = None
+            sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead")
+            if outcome == "retry":
+                self.wait_until = retry_at
+                return retry_delay
+        elif suspended or delay > config.idle_timeout:
+            # No message to hold the wait: write it on the head, so the
+            # timer brings the session back if the actor leaves.
+            until = sup.clock.now() + delay
+            if await sup.store.call(sup.store.op_defer_head, self.session_id, until):
+                self.wait_until = until
+                return delay
+        self.wait_until = None
+        return delay
+
+    async def _release_in_flight(self, *, uncount: bool) -> None:
+        msg = self.in_flight
+        if msg is None:
+            return
+        self.in_flight = None
+        # If the store failed, the row stays in flight and is recovered at the next start.
+        with contextlib.suppress(StoreError):
+            await self._sup.store.call(self._sup.store.op_release, msg.id, uncount)

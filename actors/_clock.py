@@ -1,0 +1,28 @@
+"""Wall-clock times that move with trio's clock.
+
+Stored times (``enqueued_at``, retry and delay deadlines) are seconds since
+the epoch so they mean the same after a restart. Inside a run they are
+derived from ``trio.current_time()``, so they are monotonic while the
+process lives and follow ``trio.testing.MockClock`` in tests.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+
+class Clock:
+    """Maps between epoch seconds and trio's clock for one run."""
+
+    def __init__(self) -> None:
+        self._offset = time.time() - trio.current_time()
+
+    def now(self) -> float:
+        """Seconds since the epoch, as of trio's clock."""
+        return trio.current_time() + self._offset
+
+    def to_trio(self, wall: float) -> float:
+        """The trio deadline at which epoch time ``wall`` is reached."""
+        return wall - self._offset

@@ -1,0 +1,89 @@
+"""Validation and encoding at the boundary: what may be sent, and how it is stored.
+
+A body is stored as SQLite TEXT (JSON) or BLOB (``bytes`` as given), so the
+column's own type says how to decode it and no flag column is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ._errors import MessageTooLargeError
+
+MAX_SESSION_ID_LENGTH = 256
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_decoder = json.JSONDecoder()
+
+
+def check_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a usable key, else raise.
+
+    Raises:
+      TypeError: not a ``str``.
+      ValueError: empty, longer than 256 characters, containing NUL, or not
+        encodable as UTF-8 (a lone surrogate).
+    """
+    if type(session_id) is not str:
+        if isinstance(session_id, str):  # a str subclass: store the plain value
+            session_id = str.__str__(session_id)
+        else:
+            raise TypeError(f"session_id must be a str, got {type(session_id).__name__}")
+    assert isinstance(session_id, str)
+    if not session_id:
+        raise ValueError("session_id must not be empty")
+    if len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise ValueError(
+            f"session_id is {len(session_id)} characters; the limit is {MAX_SESSION_ID_LENGTH}"
+        )
+    if "\x00" in session_id:
+        raise ValueError("session_id must not contain NUL characters")
+    if not session_id.isascii():
+        try:
+            session_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("session_id is not valid Unicode text (lone surrogate)") from None
+    return session_id
+
+
+def encode_body(body: Any, max_bytes: int) -> str | bytes:
+    """Encode a body for storage: ``bytes`` as they are, anything else as JSON.
+
+    Raises:
+      TypeError: the body is not JSON-compatible (unsupported type, NaN or
+        infinity, a cycle, text that is not valid Unicode).
+      MessageTooLargeError (a ValueError): the encoding is over ``max_bytes``.
+    """
+    if isinstance(body, bytes | bytearray | memoryview):
+        data: str | bytes = bytes(body)
+        size = len(data)
+    else:
+        try:
+            text = _encoder.encode(body)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise TypeError(f"message body is not JSON-compatible: {exc}") from None
+        size = len(text)
+        if not text.isascii():
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise TypeError("message body contains text that is not valid Unicode") from None
+        data = text
+    if size > max_bytes:
+        raise MessageTooLargeError(
+            f"message body is {size} bytes encoded; max_message_bytes is {max_bytes}"
+        )
+    return data
+
+
+def decode_body(raw: object) -> Any:
+    """Decode a stored body. Raises ValueError with the reason if it cannot."""
+    if isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return _decoder.decode(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"stored body is not valid JSON: {exc}") from None
+    raise ValueError(f"stored body has unexpected SQLite type {type(raw).__name__}")

@@ -1,0 +1,66 @@
+"""The library's exceptions: one place that says what can go wrong."""
+
+from __future__ import annotations
+
+import trio
+
+
+class ActorsError(Exception):
+    """Base class of every error raised by ``actors`` itself."""
+
+
+class SystemClosedError(ActorsError, trio.ClosedResourceError):
+    """The system is shutting down or has stopped; it accepts no more work.
+
+    Raised by :meth:`System.send` (and the other mutating calls) once the
+    ``async with run_system(...)`` block has begun to exit. Nothing was
+    persisted by the call that raised it.
+    """
+
+
+class DatabaseInUseError(ActorsError):
+    """Another running system, in this process or another, owns the database.
+
+    Only one system may run on a database file at a time. ``owner`` describes
+    the holder (process id, host, start time) as far as it could be read.
+    """
+
+    def __init__(self, path: str, owner: str) -> None:
+        super().__init__(
+            f"database {path!r} is already in use by another running system ({owner}); "
+            "only one system may run on a database file at a time"
+        )
+        self.path = path
+        self.owner = owner
+
+
+class StoreError(ActorsError):
+    """The database failed (I/O error, disk full, corruption, not a database).
+
+    A ``send()`` that raises this did not acknowledge its message. The running
+    system stops and the same error surfaces from ``async with run_system``.
+    The original exception is chained as ``__cause__``.
+    """
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer version of ``actors``."""
+
+
+class MessageTooLargeError(ActorsError, ValueError):
+    """An encoded message body is larger than ``max_message_bytes``."""
+
+
+class HandlerTimeoutError(ActorsError, TimeoutError):
+    """A handler ran longer than ``handler_timeout`` and was cancelled.
+
+    Never raised to your code: it is what a dead letter's ``last_error`` names
+    when the attempts ran out this way.
+    """
+
+
+class ActorKilledError(ActorsError):
+    """The actor was killed (``System.kill``) while the message was in flight.
+
+    Never raised to your code: it is recorded as the failed attempt's error.
+    """

@@ -1,0 +1,177 @@
+"""The router: intake of sends, group commit, delivery to mailboxes.
+
+``send()`` appends to the open batch and waits for it. The router task takes
+the whole open batch, persists it in one store operation (which the store
+may group with other operations into one transaction), then wakes every
+sender of the batch at once and tells the supervisor about the new work.
+While one batch commits, the next one fills: the more senders, the larger
+the batches, and the fewer commits per message.
+
+Delivery never blocks on a slow session: a full mailbox drops the notice
+(the actor finds the work in the database), and a session without an actor
+gets one or waits for a slot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import StoreError, SystemClosedError
+from ._store import Store
+
+if TYPE_CHECKING:
+    from ._supervisor import Supervisor
+    from ._timer import Timer
+
+
+class Batch:
+    """Sends that commit together. Senders wait on ``done``."""
+
+    __slots__ = (
+        "bodies",
+        "delayed",
+        "done",
+        "enqueued",
+        "error",
+        "first_id",
+        "not_before",
+        "sessions",
+    )
+
+    def __init__(self) -> None:
+        self.sessions: list[str] = []
+        self.bodies: list[str | bytes] = []
+        self.enqueued: list[float] = []
+        self.not_before: list[float | None] = []
+        self.delayed = False
+        self.done = trio.Event()
+        self.first_id = 0
+        self.error: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+
+class Router:
+    """Single task between senders and the store."""
+
+    def __init__(self, store: Store, supervisor: Supervisor, timer: Timer) -> None:
+        self._store = store
+        self._sup = supervisor
+        self._timer = timer
+        self._open: Batch | None = None  # filling; taken whole by the router task
+        self._wakeup = trio.Event()  # set when a batch opens or the router closes
+        self._closed = False
+        self._failure: BaseException | None = None
+        self.finished = trio.Event()
+        self.sends = 0
+        self.batches = 0
+
+    def add(
+        self, session_id: str, body: str | bytes, enqueued: float, not_before: float | None
+    ) -> tuple[Batch, int]:
+        """Append one send to the open batch; returns it and the send's index.
+
+        Raises:
+          SystemClosedError: the router no longer accepts sends.
+          StoreError: the store failed earlier.
+        """
+        batch = self._batch()
+        batch.sessions.append(session_id)
+        batch.bodies.append(body)
+        batch.enqueued.append(enqueued)
+        batch.not_before.append(not_before)
+        if not_before is not None:
+            batch.delayed = True
+        return batch, len(batch.sessions) - 1
+
+    def _batch(self) -> Batch:
+        if self._failure is not None:
+            raise StoreError(f"the database failed: {self._failure}") from self._failure
+        if self._closed:
+            raise SystemClosedError("the system is shutting down and accepts no more messages")
+        batch = self._open
+        if batch is None:
+            batch = self._open = Batch()
+            self._wakeup.set()
+        return batch
+
+    def close(self) -> None:
+        """Accept no more sends; the router task exits once the open batch is committed."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Commit batches until closed (or until the store fails, which is raised)."""
+        store = self._store
+        try:
+            while True:
+                batch = self._open
+                if batch is None:
+                    if self._closed:
+                        return
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    continue
+                self._open = None
+                try:
+                    first = await store.call(
+                        store.op_append,
+                        batch.sessions,
+                        batch.bodies,
+                        batch.enqueued,
+                        batch.not_before if batch.delayed else None,
+                    )
+                except StoreError as exc:
+                    self._fail(batch, exc)
+                    raise
+                batch.first_id = first
+                batch.done.set()
+                self.batches += 1
+                self.sends += len(batch)
+                self._deliver(batch, first)
+        finally:
+            # However the task ends, no sender may wait for a batch forever.
+            self._closed = True
+            if self._open is not None:
+                self._open.error = SystemClosedError(
+                    "the system stopped before this send committed"
+                )
+                self._open.done.set()
+                self._open = None
+            self.finished.set()
+
+    def _fail(self, batch: Batch, exc: BaseException) -> None:
+        self._failure = exc
+        self._closed = True
+        for b in (batch, self._open):
+            if b is not None:
+                b.error = exc
+                b.done.set()
+        self._open = None
+
+    def _deliver(self, batch: Batch, first: int) -> None:
+        sup = self._sup
+        sup.outstanding.value += len(batch)
+        # One notice per session per batch: the highest seq is enough, since
+        # an actor claims everything up to it in order from the database.
+        last: dict[str, int] = {}
+        if batch.delayed:
+            earliest = math.inf
+            for i, (session_id, nb) in enumerate(
+                zip(batch.sessions, batch.not_before, strict=True)
+            ):
+                if nb is None:
+                    last[session_id] = first + i
+                else:
+                    earliest = min(earliest, nb)
+            if math.isfinite(earliest):
+                self._timer.schedule(earliest)
+        else:
+            for i, session_id in enumerate(batch.sessions):
+                last[session_id] = first + i
+        for session_id, seq in last.items():
+            sup.ensure(session_id, seq)

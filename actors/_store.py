@@ -1,0 +1,646 @@
+"""The store: the database, all of its SQL, and the thread that runs it.
+
+One writer thread owns the SQLite connection. Trio tasks submit operations
+(append a batch, claim the next message, record a failure, ...); the thread
+takes every operation that is queued when it wakes and runs them all in one
+transaction (group commit), so one commit, and with ``durability="full"``
+one fsync, serves many messages from many tasks. apsw releases the GIL while
+SQLite works, so the trio loop keeps running meanwhile.
+
+Rows live in one table. A message is *pending* (``state`` 0), *in flight*
+(1) or *dead* (2); processed messages are deleted, so nothing piles up.
+``seq`` is the message's place in its session's queue; it is NULL while a
+delayed message waits for its time, and a new ``seq`` is drawn when the
+delay ends or a dead letter is retried, so the session's order is the order
+in which messages entered its queue. Ids and seqs come from one counter that
+is never reused, even after the newest rows are deleted.
+
+Every operation here runs in the writer thread and must be safe to run
+twice: if a group transaction fails, the thread rolls back and runs each of
+its operations again alone, so that one failure does not fail the others.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import apsw
+import attrs
+import trio
+
+from ._codec import decode_body
+from ._errors import SchemaVersionError, StoreError
+from ._records import DeadLetter, Message
+
+SCHEMA_VERSION = 1
+
+PENDING, IN_FLIGHT, DEAD = 0, 1, 2
+
+_SCHEMA = (
+    """
+    CREATE TABLE messages (
+        id          INTEGER PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        seq         INTEGER,
+        state       INTEGER NOT NULL,
+        attempts    INTEGER NOT NULL,
+        body        NOT NULL,
+        enqueued_at REAL NOT NULL,
+        not_before  REAL,
+        last_error  TEXT
+    )
+    """,
+    # A session's queue, head first. Dead letters and delayed rows stay out.
+    "CREATE INDEX messages_queue ON messages (session_id, seq) WHERE state < 2 AND seq IS NOT NULL",
+    # The timer: delayed messages and retries waiting for their time.
+    "CREATE INDEX messages_due ON messages (not_before) WHERE not_before IS NOT NULL",
+    "CREATE INDEX messages_dead ON messages (session_id, id) WHERE state = 2",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "INSERT INTO meta (key, value) VALUES ('next_seq', 1)",
+)
+
+_HEAD = (
+    "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error FROM messages"
+    " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
+)
+
+
+@attrs.frozen
+class StoreStatistics:
+    """Counters of the store since it opened."""
+
+    transactions: int
+    operations: int
+    largest_group: int
+    queued_operations: int
+
+
+@attrs.frozen
+class Opened:
+    """What the store found when it opened the database."""
+
+    pending: int
+    dead: int
+    recovered: int
+
+
+@attrs.frozen
+class Claim:
+    """The answer to ``claim_next``.
+
+    ``message`` is the claimed message, or None. Without a message,
+    ``wait_until`` is the epoch time at which the head may be retried, or
+    None when the session has no ready work. ``dead`` lists the messages
+    dead-lettered on the way (their attempts were used up, or they could
+    not be decoded).
+    """
+
+    message: Message | None
+    seq: int
+    wait_until: float | None
+    dead: tuple[int, ...]
+
+
+class _Op:
+    __slots__ = ("args", "done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def format_error(exc: BaseException) -> str:
+    """The text kept as a failed attempt's ``last_error``."""
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+class Store:
+    """The database behind a running system. Open it with :meth:`open`."""
+
+    def __init__(self, path: str, durability: str, busy_timeout_ms: int) -> None:
+        self.path = path
+        self._durability = durability
+        self._busy_ms = busy_timeout_ms
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token = trio.lowlevel.current_trio_token()
+        # Owned by the writer thread once it runs.
+        self._db: apsw.Connection | None = None
+        self._next_seq = 0
+        self._reader: apsw.Connection | None = None  # trio thread only
+        # Set once, by whoever sees the store fail first; later calls fail fast.
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._transactions = 0
+        self._operations = 0
+        self._largest_group = 0
+        self._queued = 0
+
+    # -- lifecycle ------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str, *, durability: str, busy_timeout: float) -> tuple[Store, Opened]:
+        """Open (or create) the database, migrate it and recover it.
+
+        Recovery puts every message left in flight by a dead process back to
+        pending at once; its attempt stays counted, so a message that kills
+        the process every time still ends in dead letters.
+
+        Raises:
+          StoreError: the file is not a usable database.
+          SchemaVersionError: the database is from a newer version.
+        """
+        store = cls(path, durability, int(busy_timeout * 1000))
+        ready: trio.Event = trio.Event()
+        outcome: list[Any] = []
+
+        def started(result: Any) -> None:
+            outcome.append(result)
+            ready.set()
+
+        store._thread = threading.Thread(
+            target=store._thread_main, args=(started,), name=f"actors-store:{path}", daemon=True
+        )
+        store._thread.start()
+        with trio.CancelScope(shield=True):
+            await ready.wait()
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            await trio.to_thread.run_sync(store._thread.join)
+            if isinstance(result, StoreError):
+                raise result
+            raise StoreError(f"cannot open database {path!r}: {result}") from result
+        return store, result
+
+    async def aclose(self) -> None:
+        """Stop the writer thread after the queued operations, and close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        if self._thread is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def statistics(self) -> StoreStatistics:
+        """Counters since the store opened."""
+        return StoreStatistics(
+            transactions=self._transactions,
+            operations=self._operations,
+            largest_group=self._largest_group,
+            queued_operations=self._queued,
+        )
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The first error the database raised, if it has failed."""
+        return self._failure
+
+    # -- the trio side --------------------------------------------------
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the writer thread, in the next group transaction.
+
+        Waits for the commit even if the calling task is cancelled meanwhile
+        (shielded): the caller always learns what was written, and a
+        cancellation is delivered at its next checkpoint.
+
+        Raises:
+          StoreError: the transaction failed, or the store failed earlier.
+        """
+        if self._failure is not None:
+            raise StoreError(f"the database failed earlier: {self._failure}") from self._failure
+        if self._closed:
+            raise StoreError("the store is closed")
+        op = _Op(fn, args)
+        self._queued += 1
+        self._queue.put(op)
+        with trio.CancelScope(shield=True):
+            await op.done.wait()
+        if op.error is not None:
+            raise StoreError(f"database operation failed: {op.error}") from op.error
+        return op.result
+
+    def _complete(self, ops: list[_Op]) -> None:
+        # Runs on the trio thread (run_sync_soon), once per group.
+        self._queued -= len(ops)
+        for op in ops:
+            if op.error is not None and self._failure is None:
+                self._failure = op.error
+            op.done.set()
+
+    # -- the writer thread ----------------------------------------------
+
+    def _thread_main(self, started: Callable[[Any], None]) -> None:
+        try:
+            opened = self._open_db()
+        except BaseException as exc:
+            self._token.run_sync_soon(started, exc)
+            return
+        self._token.run_sync_soon(started, opened)
+        assert self._db is not None
+        stopping = False
+        while not stopping:
+            op = self._queue.get()
+            if op is None:
+                break
+            group = [op]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                group.append(nxt)
+            self._run_group(group)
+            try:
+                self._token.run_sync_soon(self._complete, group)
+            except trio.RunFinishedError:  # pragma: no cover - loop gone
+                break
+        self._db.close()
+        self._db = None
+
+    def _run_group(self, group: list[_Op]) -> None:
+        db = self._db
+        assert db is not None
+        self._operations += len(group)
+        self._largest_group = max(self._largest_group, len(group))
+        try:
+            self._transaction(group)
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            # Isolate: one failing operation must not fail its neighbours.
+            for op in group:
+                try:
+                    self._transaction([op])
+                except Exception as exc_one:
+                    op.error = exc_one
+
+    def _transaction(self, ops: Sequence[_Op]) -> None:
+        db = self._db
+        assert db is not None
+        seq_before = self._next_seq
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                op.result = op.fn(*op.args)
+            if self._next_seq != seq_before:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next_seq,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._transactions += 1
+
+    def _open_db(self) -> Opened:
+        try:
+            db = apsw.Connection(self.path)
+            db.set_busy_timeout(self._busy_ms)
+            version = _one(db, "PRAGMA user_version")
+            if version > SCHEMA_VERSION:
+                db.close()
+                raise SchemaVersionError(
+                    f"database {self.path!r} has schema version {version}, newer than this "
+                    f"version of actors understands ({SCHEMA_VERSION}); upgrade actors"
+                )
+            mode = _one(db, "PRAGMA journal_mode = WAL")
+            if mode != "wal":
+                raise StoreError(f"cannot use WAL journal mode on {self.path!r} (got {mode!r})")
+            _one(db, f"PRAGMA synchronous = {'FULL' if self._durability == 'full' else 'NORMAL'}")
+            with db:
+                if version == 0:
+                    for statement in _SCHEMA:
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("UPDATE messages SET state = 0 WHERE state = 1")
+                recovered = db.changes()
+            self._db = db
+            stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
+            top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
+            self._next_seq = max(int(stored), int(top) + 1)
+            pending = _one(db, "SELECT count(*) FROM messages WHERE state < 2")
+            dead = _one(db, "SELECT count(*) FROM messages WHERE state = 2")
+            return Opened(pending=pending, dead=dead, recovered=recovered)
+        except apsw.NotADBError as exc:
+            raise StoreError(f"{self.path!r} is not an SQLite database: {exc}") from exc
+        except (apsw.CantOpenError, apsw.ReadOnlyError, apsw.IOError) as exc:
+            raise StoreError(f"cannot open database {self.path!r}: {exc}") from exc
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    # -- operations (writer thread) -------------------------------------
+    # Each returns plain data; none raises for an ordinary outcome.
+
+    def op_append(
+        self,
+        sessions: Sequence[str],
+        bodies: Sequence[str | bytes],
+        enqueued: Sequence[float],
+        not_before: Sequence[float | None] | None,
+    ) -> int:
+        """Insert a batch in order; returns the first id (ids are consecutive)."""
+        db = self._db
+        assert db is not None
+        first = self._next_seq
+        self._next_seq += len(sessions)
+        if not_before is None:
+            db.executemany(
+                "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?)",
+                (
+                    (first + i, s, first + i, b, t)
+                    for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True))
+                ),
+            )
+        else:
+            db.executemany(
+                "INSERT INTO messages"
+                " (id, session_id, seq, state, attempts, body, enqueued_at, not_before)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?, ?)",
+                (
+                    (first + i, s, None if d is not None else first + i, b, t, d)
+                    for i, (s, b, t, d) in enumerate(
+                        zip(sessions, bodies, enqueued, not_before, strict=True)
+                    )
+                ),
+            )
+        return first
+
+    def op_claim_next(
+        self, session_id: str, ack: int | None, now: float, max_attempts: int
+    ) -> Claim:
+        """Ack ``ack`` (delete it), then claim the session's head message.
+
+        The claim counts the attempt durably before any handler runs. A head
+        whose attempts are used up (the actor or the process died during
+        each) or whose body cannot be decoded is dead-lettered here, and the
+        next one is tried.
+        """
+        db = self._db
+        assert db is not None
+        if ack is not None:
+            db.execute("DELETE FROM messages WHERE id = ?", (ack,))
+        dead: list[int] = []
+        while True:
+            row = db.execute(_HEAD, (session_id,)).fetchone()
+            if row is None:
+                return Claim(None, 0, None, tuple(dead))
+            msg_id, seq, attempts, raw, enqueued_at, not_before, last_error = row
+            if not_before is not None and not_before > now:
+                return Claim(None, seq, not_before, tuple(dead))
+            if attempts >= max_attempts:
+                reason = (
+                    f"gave up after {attempts} attempt(s); the last one ended without an "
+                    "outcome (the actor or the process died while it ran)"
+                )
+                if last_error:
+                    reason += f"; the error before that:\n{last_error}"
+                db.execute(
+                    "UPDATE messages SET state = 2, not_before = NULL, last_error = ? WHERE id = ?",
+                    (reason, msg_id),
+                )
+                dead.append(msg_id)
+                continue
+            try:
+                body = decode_body(raw)
+            except ValueError as exc:
+                db.execute(
+                    "UPDATE messages SET state = 2, not_before = NULL, last_error = ? WHERE id = ?",
+                    (f"cannot decode message body: {exc}", msg_id),
+                )
+                dead.append(msg_id)
+                continue
+            db.execute(
+                "UPDATE messages SET state = 1, attempts = ?, not_before = NULL WHERE id = ?",
+                (attempts + 1, msg_id),
+            )
+            message = Message(
+                id=msg_id,
+                session_id=session_id,
+                body=body,
+                attempt=attempts + 1,
+                enqueued_at=enqueued_at,
+            )
+            return Claim(message, seq, None, tuple(dead))
+
+    def op_ack(self, message_id: int) -> None:
+        """Delete a processed message."""
+        assert self._db is not None
+        self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    def op_fail(
+        self, message_id: int, error: str, retry_at: float, max_attempts: int
+    ) -> Literal["retry", "dead", "gone"]:
+        """Record a failed attempt: back to pending until ``retry_at``, or dead."""
+        db = self._db
+        assert db is not None
+        row = db.execute("SELECT attempts FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return "gone"
+        if row[0] >= max_attempts:
+            db.execute(
+                "UPDATE messages SET state = 2, not_before = NULL, last_error = ? WHERE id = ?",
+                (error, message_id),
+            )
+            return "dead"
+        db.execute(
+            "UPDATE messages SET state = 0, not_before = ?, last_error = ? WHERE id = ?",
+            (retry_at, error, message_id),
+        )
+        return "retry"
+
+    def op_release(self, message_id: int, uncount: bool) -> None:
+        """Put an in-flight message back to pending (shutdown, or claimed but never started).
+
+        With ``uncount`` the claim's attempt is given back: nothing ran, or
+        the system itself stopped it.
+        """
+        assert self._db is not None
+        self._db.execute(
+            "UPDATE messages SET state = 0, attempts = max(attempts - ?, 0)"
+            " WHERE id = ? AND state = 1",
+            (1 if uncount else 0, message_id),
+        )
+
+    def op_defer_head(self, session_id: str, until: float) -> bool:
+        """Hold the session's head until ``until`` (a suspended session). False if no head."""
+        db = self._db
+        assert db is not None
+        row = db.execute(_HEAD, (session_id,)).fetchone()
+        if row is None:
+            return False
+        db.execute(
+            "UPDATE messages SET not_before = max(coalesce(not_before, 0), ?) WHERE id = ?",
+            (until, row[0]),
+        )
+        return True
+
+    def op_next_due(self, after: float) -> float | None:
+        """The earliest delay or retry deadline later than ``after``."""
+        db = self._db
+        assert db is not None
+        # Delayed messages count whenever they fall due; retry waits only after ``after``.
+        delayed = _one(db, "SELECT min(not_before) FROM messages WHERE seq IS NULL AND state = 0")
+        retry = _one(db, "SELECT min(not_before) FROM messages WHERE not_before > ?", (after,))
+        values = [v for v in (delayed, retry) if v is not None]
+        return min(values) if values else None
+
+    def op_collect_due(
+        self, after: float, now: float, limit: int
+    ) -> tuple[list[tuple[str, int]], list[str], bool]:
+        """Deadlines that passed: promote delayed messages into their queues.
+
+        Returns ``(promoted, retry_sessions, more)``: the (session, seq) of
+        each message whose delay ended, in the order they entered their
+        queues; the sessions whose head finished its retry wait in
+        ``(after, now]``; and whether more delayed messages are due than
+        ``limit`` allowed.
+        """
+        db = self._db
+        assert db is not None
+        due = db.execute(
+            "SELECT id, session_id FROM messages WHERE not_before <= ? AND seq IS NULL"
+            " AND state = 0 ORDER BY not_before, id LIMIT ?",
+            (now, limit + 1),
+        ).fetchall()
+        more = len(due) > limit
+        promoted: list[tuple[str, int]] = []
+        for msg_id, session_id in due[:limit]:
+            assert isinstance(session_id, str)
+            seq = self._take_seq()
+            db.execute("UPDATE messages SET seq = ?, not_before = NULL WHERE id = ?", (seq, msg_id))
+            promoted.append((session_id, seq))
+        sessions = [
+            row[0]
+            for row in db.execute(
+                "SELECT DISTINCT session_id FROM messages WHERE not_before > ? AND not_before <= ?"
+                " AND seq IS NOT NULL AND state = 0",
+                (after, now),
+            )
+        ]
+        return promoted, sessions, more
+
+    def op_sessions_with_work(self, limit: int, exclude: frozenset[str]) -> list[str]:
+        """Sessions with queued work, oldest head first, skipping ``exclude``."""
+        db = self._db
+        assert db is not None
+        rows = db.execute(
+            "SELECT session_id, min(seq) AS head FROM messages"
+            " WHERE state < 2 AND seq IS NOT NULL GROUP BY session_id ORDER BY head LIMIT ?",
+            (limit + len(exclude),),
+        )
+        found = [s for s, _ in rows if s not in exclude]
+        return found[:limit]
+
+    def op_retry_dead(self, message_id: int | None) -> list[tuple[str, int]]:
+        """Requeue one dead letter, or all, at the back of their sessions' queues."""
+        db = self._db
+        assert db is not None
+        if message_id is None:
+            rows = db.execute("SELECT id, session_id FROM messages WHERE state = 2 ORDER BY id")
+        else:
+            rows = db.execute(
+                "SELECT id, session_id FROM messages WHERE state = 2 AND id = ?", (message_id,)
+            )
+        requeued: list[tuple[str, int]] = []
+        for msg_id, session_id in rows.fetchall():
+            assert isinstance(session_id, str)
+            seq = self._take_seq()
+            db.execute(
+                "UPDATE messages SET state = 0, attempts = 0, seq = ?, not_before = NULL,"
+                " last_error = NULL WHERE id = ?",
+                (seq, msg_id),
+            )
+            requeued.append((session_id, seq))
+        return requeued
+
+    def op_abort(self, message_id: int) -> tuple[int, str] | None:
+        """Delete a pending or dead message; returns its former state and session.
+
+        Returns None if there is no such message, and ``IN_FLIGHT`` (deleting
+        nothing) if a handler is running it.
+        """
+        db = self._db
+        assert db is not None
+        row = db.execute(
+            "SELECT state, session_id FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] != IN_FLIGHT:
+            db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        return int(row[0]), str(row[1])
+
+    # -- reads on the trio thread ---------------------------------------
+
+    def dead_letters(self, session_id: str | None, limit: int | None) -> list[DeadLetter]:
+        """Read dead letters through a separate read connection (WAL: never blocks writers)."""
+        if self._reader is None:
+            self._reader = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+            self._reader.set_busy_timeout(self._busy_ms)
+        sql = (
+            "SELECT id, session_id, body, attempts, last_error, enqueued_at FROM messages"
+            " WHERE state = 2"
+        )
+        params: tuple[Any, ...] = ()
+        if session_id is not None:
+            sql += " AND session_id = ?"
+            params = (session_id,)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (limit,)
+        out = []
+        for msg_id, session, raw, attempts, last_error, enqueued_at in self._reader.execute(
+            sql, params
+        ):
+            try:
+                body = decode_body(raw)
+            except ValueError:
+                body = raw
+            out.append(
+                DeadLetter(
+                    id=msg_id,
+                    session_id=session,
+                    body=body,
+                    attempts=attempts,
+                    last_error=last_error or "",
+                    enqueued_at=enqueued_at,
+                )
+            )
+        return out
+
+
+def _one(db: apsw.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    """The first column of the first row (consuming the cursor fully)."""
+    rows = db.execute(sql, params).fetchall()
+    return rows[0][0] if rows else None
+
+
+def database_path(path: str | os.PathLike[str]) -> str:
+    """Normalise a user's path argument; reject what cannot be a durable file."""
+    if isinstance(path, bytes) or not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    text = os.fspath(path)
+    if not text or text == ":memory:" or text.startswith("file:"):
+        raise ValueError(f"path must name a database file, got {text!r}")
+    return os.path.abspath(text)

@@ -1,0 +1,303 @@
+"""The supervisor: which session actors are alive, and who gets a slot next.
+
+It owns the nursery the session actors run in and the registry of live
+actors. Actors start on demand (a session has no actor until it has work),
+leave when idle, yield their slot after ``fair_share`` messages while other
+sessions wait, and are restarted after a crash with the restart policy's
+backoff. At most ``max_active`` actors are alive at once.
+
+Sessions waiting for a slot are held in a bounded queue; past its bound,
+and after a restart, they are found in the database instead ("overflow"),
+oldest head first, so memory grows with active actors, not with pending
+work.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+import trio_util  # type: ignore[import-untyped]
+
+from ._actor import Actor, Exit, SessionActor
+from ._clock import Clock
+from ._config import Config
+from ._policy import RestartTracker
+from ._records import Message
+from ._store import Store
+
+if TYPE_CHECKING:
+    from ._system import System
+    from ._timer import Timer
+
+log = logging.getLogger("actors.supervisor")
+
+WAITING_LIMIT = 10_000  # sessions queued in memory; the rest are found in the database
+
+
+class Supervisor:
+    """Registry, activation, passivation, fairness and restarts of session actors."""
+
+    def __init__(
+        self,
+        *,
+        system: System,
+        store: Store,
+        clock: Clock,
+        config: Config,
+        factory: Callable[[], Actor],
+        timer: Timer,
+        pending: int,
+        dead: int,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.system = system
+        self.store = store
+        self.clock = clock
+        self.config = config
+        self.factory = factory
+        self.timer = timer
+        self.rng = rng
+        self.restarts = RestartTracker(config.restart_policy, rng)
+        # {session_id: its live actor}; at most one per session, ever: an
+        # actor is registered before its task starts and removed only by
+        # retire()/forget() in the same step that ends it.
+        self._actors: dict[str, SessionActor] = {}
+        # Sessions with work and no actor, waiting for a slot, in arrival
+        # order. _waiting_set mirrors _waiting; neither holds a live session.
+        self._waiting: deque[str] = deque()
+        self._waiting_set: set[str] = set()
+        # True when sessions with work may exist that are in neither
+        # _actors nor _waiting: they are found in the database, oldest head
+        # first. _overflow_gen counts the times it was set, so a refill
+        # clears it only if nothing set it again while the refill read.
+        self._overflow = pending > 0
+        self._overflow_gen = 0
+        self._refill_wanted = trio.Event()
+        self.idle_actors: set[SessionActor] = set()
+        self.stopping = False
+        self._all_retired = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        # Counts. outstanding = pending + in flight (drain waits for 0).
+        self.outstanding = trio_util.AsyncValue(pending)
+        self.dead = dead
+        self.processed = 0
+        self.failed_attempts = 0
+        self.dead_lettered = 0
+        self.restart_count = 0
+
+    # -- the supervisor task --------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the actors' nursery until stop() has finished with it."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._refill_loop)
+            self._want_refill()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def stop(self, grace: float) -> None:
+        """Stop gracefully: no new claims, running handlers get ``grace`` seconds.
+
+        Then whatever still runs is cancelled; messages it held go back to
+        pending without using up an attempt.
+        """
+        self.stopping = True
+        self._waiting.clear()
+        self._waiting_set.clear()
+        for actor in list(self._actors.values()):
+            actor.wake()
+        if self._actors:
+            with trio.move_on_after(grace):
+                await self._all_retired.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- what the router, the timer and the system call ---------------------
+
+    def ensure(self, session_id: str, seq: int = 0) -> None:
+        """Work for ``session_id`` is committed (up to ``seq``, if known): get it done."""
+        actor = self._actors.get(session_id)
+        if actor is not None:
+            if seq:
+                actor.notify(seq)
+            else:
+                actor.wake()
+            return
+        if self.stopping or session_id in self._waiting_set:
+            return
+        if len(self._actors) < self.config.max_active and not self.has_waiters:
+            self._start(session_id)
+        else:
+            self._queue(session_id)
+
+    def kill(self, session_id: str) -> bool:
+        """Crash ``session_id``'s actor now. False if it has none running."""
+        actor = self._actors.get(session_id)
+        return actor is not None and actor.kill()
+
+    @property
+    def has_waiters(self) -> bool:
+        """Whether some session with work waits for a slot."""
+        return bool(self._waiting) or self._overflow
+
+    @property
+    def active(self) -> int:
+        """Live session actors (running, idle, or between incarnations)."""
+        return len(self._actors)
+
+    @property
+    def waiting(self) -> int:
+        """Sessions queued in memory for a slot."""
+        return len(self._waiting)
+
+    def in_flight(self) -> int:
+        """Messages a handler holds right now."""
+        return sum(1 for a in self._actors.values() if a.in_flight is not None)
+
+    def is_live(self, session_id: str) -> bool:
+        """Whether ``session_id`` has an actor right now."""
+        return session_id in self._actors
+
+    # -- what actors call -------------------------------------------------
+
+    def retire(self, actor: SessionActor, outcome: Exit) -> bool:
+        """Let ``actor`` leave after ``outcome``; False if it must go on working.
+
+        Synchronous on purpose: between the last look at the mailbox and the
+        removal from the registry there is no checkpoint, so a notice either
+        arrived before (the actor goes on) or finds no actor (a new one
+        starts). No message is stranded by a passivation.
+        """
+        if outcome is Exit.IDLE and not self.stopping and actor.has_new_work():
+            return False
+        assert self._actors.get(actor.session_id) is actor
+        del self._actors[actor.session_id]
+        if outcome is Exit.WAIT and actor.wait_until is not None:
+            self.timer.schedule(actor.wait_until, actor.session_id)
+        elif outcome is Exit.YIELD and not self.stopping:
+            self._queue(actor.session_id)
+        log.debug("actor of %r left (%s)", actor.session_id, outcome.value)
+        self._after_leave()
+        return True
+
+    def forget(self, actor: SessionActor) -> None:
+        """Remove an actor that was cancelled (stop, or the system failing)."""
+        if self._actors.get(actor.session_id) is actor:
+            del self._actors[actor.session_id]
+            self._after_leave()
+
+    def on_actor_started(self, actor: SessionActor) -> None:
+        log.debug("actor of %r started", actor.session_id)
+
+    def on_acked(self) -> None:
+        self.processed += 1
+        self.outstanding.value -= 1
+
+    def on_dead_lettered(self, session_id: str, count: int) -> None:
+        self.dead_lettered += count
+        self.dead += count
+        self.outstanding.value -= count
+        log.error("%d message(s) of session %r moved to dead letters", count, session_id)
+
+    def on_attempt_failed(
+        self, session_id: str, msg: Message, failure: BaseException, dead: bool
+    ) -> None:
+        self.failed_attempts += 1
+        log.info(
+            "attempt %d of message %d (session %r) failed: %r",
+            msg.attempt,
+            msg.id,
+            session_id,
+            failure,
+        )
+        if dead:
+            self.on_dead_lettered(session_id, 1)
+
+    def on_restart(self, actor: SessionActor, failure: BaseException) -> tuple[float, bool]:
+        """Count a crash; returns (seconds before the restart, whether suspended)."""
+        self.restart_count += 1
+        delay, suspended = self.restarts.record(actor.session_id, trio.current_time())
+        if suspended:
+            log.warning(
+                "session %r restarted more than %d times in %ss; suspended for %.1fs",
+                actor.session_id,
+                self.config.restart_policy.max_restarts,
+                self.config.restart_policy.window,
+                delay,
+            )
+        return delay, suspended
+
+    # -- slots ------------------------------------------------------------
+
+    def _start(self, session_id: str) -> None:
+        assert session_id not in self._actors
+        assert self._nursery is not None
+        actor = SessionActor(session_id, self)
+        self._actors[session_id] = actor
+        self._nursery.start_soon(actor.run, name=f"actor:{session_id}")
+
+    def _queue(self, session_id: str) -> None:
+        if self._overflow or len(self._waiting) >= WAITING_LIMIT:
+            self._set_overflow()  # it is in the database; a refill finds it in age order
+        else:
+            self._waiting.append(session_id)
+            self._waiting_set.add(session_id)
+        if len(self._actors) >= self.config.max_active and self.idle_actors:
+            # Free a slot: an idle actor leaves at once.
+            self.idle_actors.pop().wake()
+
+    def _set_overflow(self) -> None:
+        self._overflow = True
+        self._overflow_gen += 1
+        if len(self._actors) < self.config.max_active:
+            self._want_refill()
+
+    def _after_leave(self) -> None:
+        self._fill()
+        if self.stopping and not self._actors:
+            self._all_retired.set()
+
+    def _fill(self) -> None:
+        """Start waiting sessions while there is room."""
+        if self.stopping:
+            return
+        max_active = self.config.max_active
+        while self._waiting and len(self._actors) < max_active:
+            session_id = self._waiting.popleft()
+            self._waiting_set.discard(session_id)
+            if session_id not in self._actors:
+                self._start(session_id)
+        if self._overflow and len(self._actors) < max_active:
+            self._want_refill()
+
+    def _want_refill(self) -> None:
+        self._refill_wanted.set()
+
+    async def _refill_loop(self) -> None:
+        while True:
+            await self._refill_wanted.wait()
+            self._refill_wanted = trio.Event()
+            while (
+                self._overflow
+                and not self._waiting
+                and not self.stopping
+                and len(self._actors) < self.config.max_active
+            ):
+                generation = self._overflow_gen
+                exclude = frozenset(self._actors)
+                found: list[str] = await self.store.call(
+                    self.store.op_sessions_with_work, WAITING_LIMIT, exclude
+                )
+                if len(found) < WAITING_LIMIT and generation == self._overflow_gen:
+                    self._overflow = False
+                for session_id in found:
+                    if session_id not in self._actors and session_id not in self._waiting_set:
+                        self._waiting.append(session_id)
+                        self._waiting_set.add(session_id)
+                self._fill()

@@ -1,0 +1,81 @@
+"""The timer: delayed messages and retry waits, on deadlines, never polling.
+
+One task sleeps until the earliest deadline stored in the database (an index
+on ``not_before`` makes that one lookup), so a million delayed messages cost
+disk, not timers in RAM. When a deadline passes it moves delayed messages
+into their sessions' queues and wakes the sessions whose retry wait ended.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._clock import Clock
+from ._store import Store
+
+if TYPE_CHECKING:
+    from ._supervisor import Supervisor
+
+PROMOTE_BATCH = 1000
+
+
+class Timer:
+    """Wakes sessions when delays and retry waits end."""
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+        self.supervisor: Supervisor | None = None
+        # Retry deadlines at or before _horizon have been handled (epoch s).
+        self._horizon = 0.0
+        # The sleep in progress; schedule() pulls its deadline earlier.
+        self._sleep: trio.CancelScope | None = None
+        # Earliest deadline scheduled while a lookup was under way.
+        self._scheduled = math.inf
+        self.fired = 0
+
+    def schedule(self, wall: float, session_id: str | None = None) -> None:
+        """A deadline at epoch time ``wall`` was committed; wake up for it.
+
+        A retry wait that has already ended wakes ``session_id`` at once.
+        """
+        assert self.supervisor is not None
+        if session_id is not None and wall <= self._clock.now():
+            self.supervisor.ensure(session_id)
+            return
+        self._scheduled = min(self._scheduled, wall)
+        if self._sleep is not None:
+            self._sleep.deadline = min(self._sleep.deadline, self._clock.to_trio(wall))
+
+    async def run(self) -> None:
+        """Sleep to the next deadline, handle what is due, repeat."""
+        store = self._store
+        sup = self.supervisor
+        assert sup is not None
+        while True:
+            self._scheduled = math.inf
+            nxt = await store.call(store.op_next_due, self._horizon)
+            target = min(nxt if nxt is not None else math.inf, self._scheduled)
+            deadline = self._clock.to_trio(target) if math.isfinite(target) else math.inf
+            with trio.CancelScope(deadline=deadline) as sleep:
+                self._sleep = sleep
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._sleep = None
+            now = self._clock.now()
+            while True:
+                promoted, sessions, more = await store.call(
+                    store.op_collect_due, self._horizon, now, PROMOTE_BATCH
+                )
+                self.fired += len(promoted) + len(sessions)
+                for session_id, seq in promoted:
+                    sup.ensure(session_id, seq)
+                for session_id in sessions:
+                    sup.ensure(session_id)
+                if not more:
+                    break
+            self._horizon = now
