@@ -143,8 +143,9 @@ class SessionActor:
         # The claimed message a handler is (about to be) running, until its
         # ack commits. Set and cleared only right after a store call returns,
         # so it always agrees with the database: whatever ends the
-        # incarnation, this is the message to fail or release.
-        self.in_flight: Message | None = None
+        # incarnation, this is the message to fail or release. (A property:
+        # the supervisor's busy count follows it.)
+        self._in_flight: Message | None = None
         # Whether the handler was started for in_flight (a kill before that
         # gives the attempt back).
         self.handler_started = False
@@ -158,6 +159,17 @@ class SessionActor:
         self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
+
+    @property
+    def in_flight(self) -> Message | None:
+        """The claimed message this actor holds, if any."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, msg: Message | None) -> None:
+        if (msg is None) != (self._in_flight is None):
+            self._sup.busy.value += 1 if msg is not None else -1
+        self._in_flight = msg
 
     # -- called by router / supervisor (sync, trio thread) ---------------
 
@@ -180,7 +192,7 @@ class SessionActor:
 
     def kill(self) -> bool:
         """Crash the live incarnation now. Returns False if none is running."""
-        if self._scope is None:
+        if self._scope is None or self._killed:
             return False
         self._killed = True
         self._scope.cancel()
@@ -209,16 +221,26 @@ class SessionActor:
                     if sup.stopping:
                         outcome = Exit.STOP
                     elif delay > 0 and (delay > sup.config.idle_timeout or sup.has_waiters):
-                        outcome = Exit.WAIT
+                        # Leave the slot. The wait must be on the head in the
+                        # database, or nothing would bring the session back.
+                        if self.wait_until is None:
+                            until = sup.clock.now() + delay
+                            store = sup.store
+                            if await store.call(store.op_defer_head, self.session_id, until):
+                                self.wait_until = until
+                        outcome = Exit.IDLE if self.wait_until is None else Exit.WAIT
                     else:
                         await self._wait(delay)
                         continue
                 if sup.retire(self, outcome):
                     return
-        except BaseException:
-            # Cancelled by a hard stop (or the system failing): put the
-            # message back for the next start without charging an attempt.
-            await self._release_in_flight(uncount=True)
+        except BaseException as exc:
+            # Cancelled by a hard stop (or the system failing): the message
+            # goes back to the head of its queue for the next start. If its
+            # handler started, the attempt stays counted, so the redelivery
+            # says attempt > 1. Anything else escaping a handler
+            # (KeyboardInterrupt, SystemExit) is treated like a dead process.
+            await self._release_in_flight(crashed=not isinstance(exc, trio.Cancelled))
             sup.forget(self)
             raise
 
@@ -246,6 +268,7 @@ class SessionActor:
                     await self._stop_instance(instance, ctx)
             finally:
                 self._scope = None
+                sup.end_isolation(self)
         if scope.cancelled_caught:
             outcome = Exit.CRASH
             self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
@@ -263,6 +286,7 @@ class SessionActor:
         store = sup.store
         timeout = config.handler_timeout
         ack: int | None = None
+        alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
             if sup.stopping:
                 await self._flush_ack(ack)
@@ -270,12 +294,23 @@ class SessionActor:
             if ack is not None and self.turn >= config.fair_share and sup.has_waiters:
                 await self._flush_ack(ack)
                 return Exit.YIELD
+            if alone and ack is not None:  # the suspect ran: let the others go on
+                await self._flush_ack(ack)
+                ack = None
+                sup.end_isolation(self)
+                alone = False
+            if sup.isolating is not None and sup.isolating is not self:
+                await self._flush_ack(ack)
+                ack = None
+                await sup.wait_isolation(self)
+                continue
             claim = await store.call(
                 store.op_claim_next,
                 self.session_id,
                 ack,
                 sup.clock.now(),
                 config.max_attempts,
+                alone,
             )
             # Committed: the ack (if any) and the claim (if any). Record both
             # before the next checkpoint, so a kill sees the truth.
@@ -287,8 +322,15 @@ class SessionActor:
             if claim.dead:
                 sup.on_dead_lettered(self.session_id, len(claim.dead))
             msg = claim.message
+            if alone and msg is None:  # nothing to run alone after all
+                sup.end_isolation(self)
+                alone = False
             if msg is None:
                 self.in_flight = None
+                if claim.alone:
+                    await sup.isolate(self)
+                    alone = True
+                    continue
                 if claim.wait_until is not None:
                     delay = sup.clock.to_trio(claim.wait_until) - trio.current_time()
                     if delay > config.idle_timeout or sup.has_waiters:
@@ -301,7 +343,7 @@ class SessionActor:
                 continue
             self.claimed_seq = max(self.claimed_seq, claim.seq)
             if sup.stopping:
-                await self._release_in_flight(uncount=True)
+                await self._release_in_flight()
                 return Exit.STOP
             await trio.lowlevel.checkpoint_if_cancelled()
             self.handler_started = True
@@ -361,10 +403,10 @@ class SessionActor:
         sup = self._sup
         config = sup.config
         failure = self._failure or ActorKilledError("actor crashed")
-        delay, suspended = sup.on_restart(self, failure)
+        delay, _suspended = sup.on_restart(self, failure)
         msg = self.in_flight
         if msg is not None and not self.handler_started:
-            await self._release_in_flight(uncount=True)
+            await self._release_in_flight()
             msg = None
         if msg is not None:
             retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
@@ -377,21 +419,18 @@ class SessionActor:
             if outcome == "retry":
                 self.wait_until = retry_at
                 return retry_delay
-        elif suspended or delay > config.idle_timeout:
-            # No message to hold the wait: write it on the head, so the
-            # timer brings the session back if the actor leaves.
-            until = sup.clock.now() + delay
-            if await sup.store.call(sup.store.op_defer_head, self.session_id, until):
-                self.wait_until = until
-                return delay
         self.wait_until = None
         return delay
 
-    async def _release_in_flight(self, *, uncount: bool) -> None:
+    async def _release_in_flight(self, *, crashed: bool = False) -> None:
+        """Put the held message back; its attempt is given back if no handler started."""
         msg = self.in_flight
         if msg is None:
             return
         self.in_flight = None
+        uncount = not self.handler_started
         # If the store failed, the row stays in flight and is recovered at the next start.
         with contextlib.suppress(StoreError):
-            await self._sup.store.call(self._sup.store.op_release, msg.id, uncount)
+            await self._sup.store.call(
+                self._sup.store.op_release, msg.id, uncount, crashed and not uncount
+            )

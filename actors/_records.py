@@ -34,7 +34,7 @@ class DeadLetter:
     """A message that used up its attempts (or could not be decoded).
 
     ``last_error`` is text: the exception and its traceback, or the reason.
-    ``attempts`` is how many times a handler was started for it.
+    ``attempts`` is how many times it was delivered (claimed for a handler).
     """
 
     id: int

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import apsw
 import attrs
 import trio
+import trio.testing
 
 from ._codec import decode_body
 from ._errors import SchemaVersionError, StoreError
@@ -52,7 +53,9 @@ _SCHEMA = (
         body        NOT NULL,
         enqueued_at REAL NOT NULL,
         not_before  REAL,
-        last_error  TEXT
+        last_error  TEXT,
+        crashed     INTEGER NOT NULL DEFAULT 0,
+        alone       INTEGER NOT NULL DEFAULT 0
     )
     """,
     # A session's queue, head first. Dead letters and delayed rows stay out.
@@ -65,7 +68,8 @@ _SCHEMA = (
 )
 
 _HEAD = (
-    "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error FROM messages"
+    "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error, crashed, alone"
+    " FROM messages"
     " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
 )
 
@@ -95,26 +99,37 @@ class Claim:
 
     ``message`` is the claimed message, or None. Without a message,
     ``wait_until`` is the epoch time at which the head may be retried, or
-    None when the session has no ready work. ``dead`` lists the messages
-    dead-lettered on the way (their attempts were used up, or they could
-    not be decoded).
+    None when the session has no ready work; ``alone`` says the head may
+    only run alone (nothing else in flight in the system) and was not
+    claimed. ``dead`` lists the messages dead-lettered on the way (their
+    attempts were used up, or they could not be decoded).
     """
 
     message: Message | None
     seq: int
     wait_until: float | None
     dead: tuple[int, ...]
+    alone: bool = False
 
 
 class _Op:
-    __slots__ = ("args", "done", "error", "fn", "result")
+    __slots__ = ("args", "error", "fn", "result", "task")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], task: trio.lowlevel.Task | None
+    ) -> None:
         self.fn = fn
         self.args = args
-        self.done = trio.Event()
+        self.task = task  # the waiting trio task, rescheduled when the group commits
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+def _abort_failed(_: object) -> trio.lowlevel.Abort:
+    # An operation in the writer thread cannot be taken back: its caller
+    # waits for the outcome (as if shielded) and sees any cancellation at
+    # its next checkpoint.
+    return trio.lowlevel.Abort.FAILED
 
 
 def format_error(exc: BaseException) -> str:
@@ -143,6 +158,7 @@ class Store:
         self._operations = 0
         self._largest_group = 0
         self._queued = 0
+        self._inline = False  # run operations on the trio thread (MockClock)
 
     # -- lifecycle ------------------------------------------------------
 
@@ -159,6 +175,16 @@ class Store:
           SchemaVersionError: the database is from a newer version.
         """
         store = cls(path, durability, int(busy_timeout * 1000))
+        if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            # Virtual time: run SQLite on the loop thread, so that an
+            # autojumping clock never skips ahead while a transaction runs.
+            store._inline = True
+            try:
+                return store, store._open_db()
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"cannot open database {path!r}: {exc}") from exc
         ready: trio.Event = trio.Event()
         outcome: list[Any] = []
 
@@ -185,6 +211,9 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self._inline and self._db is not None:
+            self._db.close()
+            self._db = None
         self._queue.put(None)
         if self._thread is not None:
             with trio.CancelScope(shield=True):
@@ -223,11 +252,16 @@ class Store:
             raise StoreError(f"the database failed earlier: {self._failure}") from self._failure
         if self._closed:
             raise StoreError("the store is closed")
-        op = _Op(fn, args)
         self._queued += 1
-        self._queue.put(op)
-        with trio.CancelScope(shield=True):
-            await op.done.wait()
+        if self._inline:
+            op = _Op(fn, args, None)
+            self._run_group([op])
+            self._complete([op])
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            op = _Op(fn, args, trio.lowlevel.current_task())
+            self._queue.put(op)
+            await trio.lowlevel.wait_task_rescheduled(_abort_failed)
         if op.error is not None:
             raise StoreError(f"database operation failed: {op.error}") from op.error
         return op.result
@@ -238,7 +272,8 @@ class Store:
         for op in ops:
             if op.error is not None and self._failure is None:
                 self._failure = op.error
-            op.done.set()
+            if op.task is not None:
+                trio.lowlevel.reschedule(op.task)
 
     # -- the writer thread ----------------------------------------------
 
@@ -328,7 +363,11 @@ class Store:
                     for statement in _SCHEMA:
                         db.execute(statement)
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                db.execute("UPDATE messages SET state = 0 WHERE state = 1")
+                # The process died: whatever was in flight goes back at once.
+                # The attempt stays counted (the outcome is unknown), and the
+                # row is marked crashed: see op_claim_next for how the blame
+                # is settled.
+                db.execute("UPDATE messages SET state = 0, crashed = 1 WHERE state = 1")
                 recovered = db.changes()
             self._db = db
             stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
@@ -386,14 +425,23 @@ class Store:
         return first
 
     def op_claim_next(
-        self, session_id: str, ack: int | None, now: float, max_attempts: int
+        self, session_id: str, ack: int | None, now: float, max_attempts: int, alone: bool
     ) -> Claim:
         """Ack ``ack`` (delete it), then claim the session's head message.
 
-        The claim counts the attempt durably before any handler runs. A head
-        whose attempts are used up (the actor or the process died during
-        each) or whose body cannot be decoded is dead-lettered here, and the
-        next one is tried.
+        The claim counts the attempt (a delivery) durably before any handler
+        runs. A head whose body cannot be decoded is dead-lettered here, and
+        the next one is tried.
+
+        Blame for a dead process: every message in flight when the process
+        died is marked ``crashed``, its attempt counted. The poison message
+        among them cannot be told from its bystanders, so a crashed message
+        whose next attempt may be its last runs *alone* (``alone=True``: the
+        supervisor holds every other handler back). It is dead-lettered only
+        if an attempt it ran alone ended with the process dying again. A
+        message that kills the process every time thus ends in dead letters
+        after ``max_attempts`` deaths, and one that merely shared a crash
+        with it gets its last attempt in peace.
         """
         db = self._db
         assert db is not None
@@ -404,14 +452,30 @@ class Store:
             row = db.execute(_HEAD, (session_id,)).fetchone()
             if row is None:
                 return Claim(None, 0, None, tuple(dead))
-            msg_id, seq, attempts, raw, enqueued_at, not_before, last_error = row
+            (
+                msg_id,
+                seq,
+                attempts,
+                raw,
+                enqueued_at,
+                not_before,
+                last_error,
+                crashed,
+                ran_alone,
+            ) = row
             if not_before is not None and not_before > now:
                 return Claim(None, seq, not_before, tuple(dead))
-            if attempts >= max_attempts:
-                reason = (
-                    f"gave up after {attempts} attempt(s); the last one ended without an "
-                    "outcome (the actor or the process died while it ran)"
-                )
+            if attempts >= max_attempts and (ran_alone or not crashed):
+                if crashed:
+                    reason = (
+                        f"gave up after {attempts} attempt(s); the process died during the last "
+                        "one, which ran alone: this message kills the process"
+                    )
+                else:
+                    reason = (
+                        f"gave up after {attempts} attempt(s); the last one ended without an "
+                        "outcome"
+                    )
                 if last_error:
                     reason += f"; the error before that:\n{last_error}"
                 db.execute(
@@ -420,6 +484,8 @@ class Store:
                 )
                 dead.append(msg_id)
                 continue
+            if crashed and attempts >= max_attempts - 1 and not alone:
+                return Claim(None, seq, None, tuple(dead), alone=True)
             try:
                 body = decode_body(raw)
             except ValueError as exc:
@@ -430,8 +496,9 @@ class Store:
                 dead.append(msg_id)
                 continue
             db.execute(
-                "UPDATE messages SET state = 1, attempts = ?, not_before = NULL WHERE id = ?",
-                (attempts + 1, msg_id),
+                "UPDATE messages SET state = 1, attempts = ?, not_before = NULL, crashed = 0,"
+                " alone = ? WHERE id = ?",
+                (attempts + 1, 1 if alone else 0, msg_id),
             )
             message = Message(
                 id=msg_id,
@@ -458,27 +525,30 @@ class Store:
             return "gone"
         if row[0] >= max_attempts:
             db.execute(
-                "UPDATE messages SET state = 2, not_before = NULL, last_error = ? WHERE id = ?",
+                "UPDATE messages SET state = 2, not_before = NULL, last_error = ?, alone = 0"
+                " WHERE id = ?",
                 (error, message_id),
             )
             return "dead"
         db.execute(
-            "UPDATE messages SET state = 0, not_before = ?, last_error = ? WHERE id = ?",
+            "UPDATE messages SET state = 0, not_before = ?, last_error = ?, alone = 0 WHERE id = ?",
             (retry_at, error, message_id),
         )
         return "retry"
 
-    def op_release(self, message_id: int, uncount: bool) -> None:
-        """Put an in-flight message back to pending (shutdown, or claimed but never started).
+    def op_release(self, message_id: int, uncount: bool, crashed: bool) -> None:
+        """Put an in-flight message back to pending, at the head of its queue.
 
-        With ``uncount`` the claim's attempt is given back: nothing ran, or
-        the system itself stopped it.
+        ``uncount`` gives the claim's attempt back: no handler started for
+        it. ``crashed`` marks an attempt that ended with no outcome (a
+        KeyboardInterrupt or SystemExit escaped the handler), as after a
+        dead process.
         """
         assert self._db is not None
         self._db.execute(
-            "UPDATE messages SET state = 0, attempts = max(attempts - ?, 0)"
+            "UPDATE messages SET state = 0, attempts = max(attempts - ?, 0), crashed = ?"
             " WHERE id = ? AND state = 1",
-            (1 if uncount else 0, message_id),
+            (1 if uncount else 0, 1 if crashed else 0, message_id),
         )
 
     def op_defer_head(self, session_id: str, until: float) -> bool:
@@ -499,7 +569,11 @@ class Store:
         db = self._db
         assert db is not None
         # Delayed messages count whenever they fall due; retry waits only after ``after``.
-        delayed = _one(db, "SELECT min(not_before) FROM messages WHERE seq IS NULL AND state = 0")
+        delayed = _one(
+            db,
+            "SELECT min(not_before) FROM messages"
+            " WHERE not_before IS NOT NULL AND seq IS NULL AND state = 0",
+        )
         retry = _one(db, "SELECT min(not_before) FROM messages WHERE not_before > ?", (after,))
         values = [v for v in (delayed, retry) if v is not None]
         return min(values) if values else None
@@ -567,7 +641,7 @@ class Store:
             seq = self._take_seq()
             db.execute(
                 "UPDATE messages SET state = 0, attempts = 0, seq = ?, not_before = NULL,"
-                " last_error = NULL WHERE id = ?",
+                " last_error = NULL, crashed = 0, alone = 0 WHERE id = ?",
                 (seq, msg_id),
             )
             requeued.append((session_id, seq))
@@ -593,10 +667,35 @@ class Store:
     # -- reads on the trio thread ---------------------------------------
 
     def dead_letters(self, session_id: str | None, limit: int | None) -> list[DeadLetter]:
-        """Read dead letters through a separate read connection (WAL: never blocks writers)."""
-        if self._reader is None:
-            self._reader = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
-            self._reader.set_busy_timeout(self._busy_ms)
+        """Read dead letters through a separate read connection (WAL: never blocks writers).
+
+        Works after the store closed too, through a connection of its own.
+
+        Raises:
+          StoreError: the database cannot be read.
+        """
+        try:
+            if self._closed:
+                reader = self._connect_reader()
+                try:
+                    return self._read_dead_letters(reader, session_id, limit)
+                finally:
+                    reader.close()
+            if self._reader is None:
+                self._reader = self._connect_reader()
+            return self._read_dead_letters(self._reader, session_id, limit)
+        except apsw.Error as exc:
+            raise StoreError(f"cannot read dead letters from {self.path!r}: {exc}") from exc
+
+    def _connect_reader(self) -> apsw.Connection:
+        reader = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+        reader.set_busy_timeout(self._busy_ms)
+        return reader
+
+    @staticmethod
+    def _read_dead_letters(
+        reader: apsw.Connection, session_id: str | None, limit: int | None
+    ) -> list[DeadLetter]:
         sql = (
             "SELECT id, session_id, body, attempts, last_error, enqueued_at FROM messages"
             " WHERE state = 2"
@@ -610,9 +709,7 @@ class Store:
             sql += " LIMIT ?"
             params += (limit,)
         out = []
-        for msg_id, session, raw, attempts, last_error, enqueued_at in self._reader.execute(
-            sql, params
-        ):
+        for msg_id, session, raw, attempts, last_error, enqueued_at in reader.execute(sql, params):
             try:
                 body = decode_body(raw)
             except ValueError:

@@ -79,6 +79,14 @@ class Supervisor:
         self._overflow_gen = 0
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
+        # Actors holding a claimed message (SessionActor.in_flight is set).
+        self.busy = trio_util.AsyncValue(0)
+        # The actor running a crash suspect alone, if any: while it is set,
+        # no other actor claims, and it claims only once busy reaches 0.
+        # The lock queues suspects (FIFO), one at a time.
+        self.isolating: SessionActor | None = None
+        self._isolation_lock = trio.Lock()
+        self._isolation_over = trio.Event()
         self.stopping = False
         self._all_retired = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -94,12 +102,18 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the actors' nursery until stop() has finished with it."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._refill_loop)
-            self._want_refill()
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._refill_loop)
+                self._want_refill()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            # The nursery is closed: late calls (the router or timer still
+            # winding down) must not try to start actors in it.
+            self.stopping = True
+            self._nursery = None
 
     async def stop(self, grace: float) -> None:
         """Stop gracefully: no new claims, running handlers get ``grace`` seconds.
@@ -158,7 +172,36 @@ class Supervisor:
 
     def in_flight(self) -> int:
         """Messages a handler holds right now."""
-        return sum(1 for a in self._actors.values() if a.in_flight is not None)
+        return int(self.busy.value)
+
+    # -- running a crash suspect alone ------------------------------------
+
+    async def isolate(self, actor: SessionActor) -> None:
+        """Become the only actor with a message in flight (see op_claim_next).
+
+        Waits for any other isolation to end, stops every other actor from
+        claiming, then waits until nothing else is in flight.
+        """
+        await self._isolation_lock.acquire()
+        self.isolating = actor
+        self._isolation_over = trio.Event()
+        log.warning(
+            "session %r: a message that was in flight when the process died runs alone",
+            actor.session_id,
+        )
+        await self.busy.wait_value(0)
+
+    def end_isolation(self, actor: SessionActor) -> None:
+        """Let everyone claim again (no-op unless ``actor`` is isolating)."""
+        if self.isolating is actor:
+            self.isolating = None
+            self._isolation_over.set()
+            self._isolation_lock.release()
+
+    async def wait_isolation(self, actor: SessionActor) -> None:
+        """Hold ``actor``'s next claim while another actor runs alone."""
+        while self.isolating is not None and self.isolating is not actor:
+            await self._isolation_over.wait()
 
     def is_live(self, session_id: str) -> bool:
         """Whether ``session_id`` has an actor right now."""
@@ -237,7 +280,8 @@ class Supervisor:
 
     def _start(self, session_id: str) -> None:
         assert session_id not in self._actors
-        assert self._nursery is not None
+        if self._nursery is None:
+            return  # stopped; the work stays in the database for the next start
         actor = SessionActor(session_id, self)
         self._actors[session_id] = actor
         self._nursery.start_soon(actor.run, name=f"actor:{session_id}")

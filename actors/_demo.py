@@ -1,0 +1,262 @@
+"""``python -m actors demo``: a chaos workload that checks its own result.
+
+Many sessions send concurrently into a system on a local SQLite file. The
+handler sleeps a few milliseconds, sometimes raises, rarely hangs past
+``handler_timeout``, and always fails on "poison" messages; a chaos task
+kills random busy actors mid-message. When everything has drained, the demo
+compares what ``send()`` acknowledged with what the handler completed and
+what sits in dead letters, and prints the verdict as a table.
+
+The handler's own record is the ground truth: a message counts as processed
+only if a handler call for it returned normally. Only the public API is used.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from itertools import pairwise
+
+import attrs
+import trio
+
+import actors
+
+
+@attrs.frozen(kw_only=True)
+class DemoOptions:
+    """The knobs of the demo (the command line sets them)."""
+
+    db: str | None = None  # None: a fresh file in a temporary directory
+    sessions: int = 500
+    messages: int = 20  # per session
+    seed: int | None = None
+    fail_rate: float = 0.05  # chance that an attempt raises
+    poison_rate: float = 0.004  # chance that a message fails on every attempt
+    hang_rate: float = 0.002  # chance that an attempt outlives handler_timeout
+    kill_interval: float = 0.01  # mean seconds between kill attempts
+    latency: tuple[float, float] = (0.001, 0.005)  # handler sleep range, seconds
+    progress_interval: float = 0.5
+    timeout: float = 60.0  # give up waiting for drain() after this long
+
+
+class PoisonError(Exception):
+    """A message that no retry can fix: it ends in dead letters."""
+
+
+class TransientError(Exception):
+    """A failure that a retry fixes."""
+
+
+class Recorder:
+    """What the handler saw, written by the handler itself."""
+
+    def __init__(self) -> None:
+        self.completed: set[int] = set()  # ids whose handler call returned normally
+        self.starts: defaultdict[str, list[int]] = defaultdict(list)  # {session: ids, in order}
+        self.attempts: defaultdict[int, list[int]] = defaultdict(list)  # {id: msg.attempt seen}
+        self.busy: set[str] = set()  # sessions whose handler runs right now
+        self.overlapping = 0  # handler entries while the same session was busy
+
+
+@attrs.frozen(kw_only=True)
+class Report:
+    """The closing verification. ``ok`` only if nothing was lost or broken."""
+
+    sent: int
+    processed: int
+    retried: int
+    dead: int
+    restarts: int
+    kills: int
+    lost: int
+    out_of_order: int
+    overlapping: int
+    dishonest_attempts: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and not (
+            self.out_of_order or self.overlapping or self.dishonest_attempts
+        )
+
+    def table(self) -> str:
+        rows = [
+            ("sent", self.sent, "ids returned by send()"),
+            ("processed", self.processed, "distinct ids the handler completed"),
+            ("retried", self.retried, "failed attempts (raised, timed out, killed)"),
+            ("dead", self.dead, "in dead letters after max_attempts"),
+            ("restarts", self.restarts, "actor restarts by the supervisor"),
+            ("kills", self.kills, "system.kill() of a busy actor"),
+            ("lost", self.lost, "sent, yet neither processed nor dead: must be 0"),
+            ("out of order", self.out_of_order, "a session's message started before an older one"),
+            ("overlapping", self.overlapping, "two handlers at once for one session"),
+            (
+                "dishonest attempts",
+                self.dishonest_attempts,
+                "first delivery not attempt 1, or a redelivery not counted up",
+            ),
+        ]
+        lines = [f"  {'check':<20}{'count':>8}  meaning", "  " + "-" * 74]
+        lines += [f"  {name:<20}{value:>8}  {meaning}" for name, value, meaning in rows]
+        return "\n".join(lines)
+
+
+def count_lost(sent: Iterable[int], completed: set[int], dead: set[int]) -> int:
+    """Acknowledged ids that were neither completed by the handler nor dead-lettered."""
+    return sum(1 for i in sent if i not in completed and i not in dead)
+
+
+def count_out_of_order(starts: dict[str, list[int]]) -> int:
+    """Handler starts whose id is older than one already started in that session.
+
+    Ids grow in send order, so a session's starts must never go back: a
+    redelivery repeats the current id, and nothing behind it starts before.
+    """
+    bad = 0
+    for ids in starts.values():
+        for before, after in pairwise(ids):
+            if after < before:
+                bad += 1
+    return bad
+
+
+def count_dishonest(sent: Iterable[int], attempts: dict[int, list[int]]) -> int:
+    """Ids whose first delivery was not attempt 1, or whose attempts did not grow."""
+    bad = 0
+    for i in sent:
+        seen = attempts.get(i)
+        if not seen:
+            continue
+        if seen[0] != 1 or any(b <= a for a, b in pairwise(seen)):
+            bad += 1
+    return bad
+
+
+def make_handler(
+    recorder: Recorder, rng: random.Random, options: DemoOptions
+) -> Callable[[actors.Context, actors.Message], Awaitable[None]]:
+    low, high = options.latency
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        session = msg.session_id
+        if session in recorder.busy:
+            recorder.overlapping += 1
+        recorder.busy.add(session)
+        recorder.starts[session].append(msg.id)
+        recorder.attempts[msg.id].append(msg.attempt)
+        try:
+            await trio.sleep(rng.uniform(low, high))
+            if isinstance(msg.body, dict) and msg.body.get("poison"):
+                raise PoisonError(f"message {msg.id} can never be processed")
+            if rng.random() < options.hang_rate:
+                await trio.sleep_forever()  # handler_timeout cancels this attempt
+            if rng.random() < options.fail_rate:
+                raise TransientError(f"attempt {msg.attempt} of message {msg.id} failed")
+            recorder.completed.add(msg.id)  # no checkpoint after this: it is the outcome
+        finally:
+            recorder.busy.discard(session)
+
+    return handle
+
+
+async def run_demo(options: DemoOptions, out: Callable[[str], None] = print) -> Report:
+    """Run the workload on ``options.db`` and return the verification."""
+    if options.db is not None:
+        return await _run(options, options.db, out)
+    with tempfile.TemporaryDirectory(prefix="actors-demo-") as tmp:
+        return await _run(options, os.path.join(tmp, "demo.db"), out)
+
+
+async def _run(options: DemoOptions, db: str, out: Callable[[str], None]) -> Report:
+    rng = random.Random(options.seed)
+    recorder = Recorder()
+    sent: list[int] = []
+    kills = 0
+    names = [f"session-{i:04d}" for i in range(options.sessions)]
+    total = options.sessions * options.messages
+
+    async def produce(session: str) -> None:
+        for n in range(options.messages):
+            body = {"n": n, "poison": rng.random() < options.poison_rate}
+            sent.append(await system.send(session, body))
+            await trio.sleep(rng.uniform(0, 0.002))
+
+    async def chaos() -> None:
+        nonlocal kills
+        while True:
+            await trio.sleep(rng.expovariate(1 / options.kill_interval))
+            if recorder.busy and system.kill(rng.choice(sorted(recorder.busy))):
+                kills += 1
+
+    async def progress() -> None:
+        while True:
+            await trio.sleep(options.progress_interval)
+            s = system.statistics()
+            out(
+                f"[{time.monotonic() - started:5.1f}s] sent {len(sent):>6}/{total}"
+                f"  processed {len(recorder.completed):>6}  in flight {s.in_flight:>4}"
+                f"  pending {s.pending:>6}  retried {s.failed_attempts:>5}"
+                f"  dead {s.dead:>4}  restarts {s.restarts:>5}  kills {kills:>5}"
+            )
+
+    out(
+        f"demo: {options.sessions} sessions x {options.messages} messages on {db}\n"
+        f"      handler sleeps {options.latency[0] * 1000:g}-{options.latency[1] * 1000:g} ms,"
+        f" fails {options.fail_rate:.0%} of attempts, poison {options.poison_rate:.1%},"
+        f" hangs {options.hang_rate:.1%}; chaos kills a busy actor every"
+        f" ~{options.kill_interval * 1000:g} ms"
+    )
+    started = time.monotonic()
+    async with actors.run_system(
+        db,
+        handler=make_handler(recorder, rng, options),
+        rng=rng,
+        max_attempts=4,
+        handler_timeout=0.1,
+        retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
+        restart_policy=actors.RestartPolicy(
+            max_restarts=1000, window=1.0, backoff=actors.Backoff(initial=0.001, maximum=0.01)
+        ),
+    ) as system:
+        before = system.statistics()
+        if system.recovered or before.pending:
+            out(
+                f"      recovered {system.recovered} in-flight message(s) of a previous run;"
+                f" {before.pending} pending in all"
+            )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chaos)
+            nursery.start_soon(progress)
+            async with trio.open_nursery() as producers:
+                for name in names:
+                    producers.start_soon(produce, name)
+            with trio.move_on_after(options.timeout) as waited:
+                await system.drain()
+            nursery.cancel_scope.cancel()
+        stats = system.statistics()
+        if waited.cancelled_caught:
+            out(
+                f"drain() did not finish within {options.timeout:g}s: {stats.pending} message(s)"
+                " still pending in the database"
+            )
+        mine = set(sent)
+        dead = {d.id for d in system.dead_letters() if d.id in mine}
+    return Report(
+        sent=len(sent),
+        processed=len(recorder.completed & mine),
+        retried=stats.failed_attempts,
+        dead=len(dead),
+        restarts=stats.restarts,
+        kills=kills,
+        lost=count_lost(sent, recorder.completed, dead),
+        out_of_order=count_out_of_order(recorder.starts),
+        overlapping=recorder.overlapping,
+        dishonest_attempts=count_dishonest(sent, recorder.attempts),
+        seconds=time.monotonic() - started,
+    )
