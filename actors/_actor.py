@@ -81,7 +81,10 @@ Handler = Callable[[Context, Message], Awaitable[Any]]
 
 
 class _FunctionActor(Actor):
-    """The function spelling of an actor: ``handler(ctx, msg)`` and nothing else."""
+    """The function spelling of an actor: ``handler(ctx, msg)`` and nothing else.
+
+    The actor calls ``_fn`` directly, without this class's ``handle`` frame.
+    """
 
     __slots__ = ("_fn",)
 
@@ -129,6 +132,7 @@ class Exit(enum.Enum):
     WAIT = "wait"  # the head waits for its retry time; the timer brings it back
     STOP = "stop"  # the system is stopping
     CRASH = "crash"  # handler raised, timed out, was killed, or a hook failed
+    TIMEOUT = "timeout"  # (internal to _serve) the handler outlived handler_timeout
 
 
 class SessionActor:
@@ -157,6 +161,19 @@ class SessionActor:
         # Cancelled to cut an idle or backoff wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
         self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
+        self.notified_seq = 0  # highest seq the router announced
+        # Whether every message of the session in the database up to
+        # claimed_seq is known to be handled: false until a claim found no
+        # head in this incarnation (a new incarnation knows nothing).
+        self.caught_up = False
+        # Claim on delivery: reserved while the router commits a message
+        # inserted claimed for this actor; handed once committed, until the
+        # actor takes it (it is then in_flight already). While either is
+        # set the actor does not leave the registry.
+        self.reserved = False
+        self.handed: Message | None = None
+        self._handoff = trio.Event()  # set by take_handoff()
+        self._waiting_notice = False
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
 
@@ -168,17 +185,25 @@ class SessionActor:
     @in_flight.setter
     def in_flight(self, msg: Message | None) -> None:
         if (msg is None) != (self._in_flight is None):
-            self._sup.busy.value += 1 if msg is not None else -1
+            self._sup.busy.add(1 if msg is not None else -1)
         self._in_flight = msg
 
     # -- called by router / supervisor (sync, trio thread) ---------------
 
     def notify(self, seq: int) -> None:
-        """Work up to ``seq`` is committed. Never blocks: a full mailbox drops it."""
-        # A full mailbox drops the notice: the actor claims from the database
-        # until it finds nothing before it waits on the mailbox again.
-        with contextlib.suppress(trio.WouldBlock):
-            self._notices_in.send_nowait(seq)
+        """Work up to ``seq`` is committed. Never blocks.
+
+        A busy actor will claim again when its handler returns, so only an
+        actor waiting on its mailbox is sent the notice; ``notified_seq``
+        keeps the highest one either way. A full mailbox drops the notice:
+        the actor claims from the database until it finds nothing before it
+        waits again.
+        """
+        if seq > self.notified_seq:
+            self.notified_seq = seq
+        if self._wait_scope is not None:
+            with contextlib.suppress(trio.WouldBlock):
+                self._notices_in.send_nowait(seq)
 
     def wake(self) -> None:
         """Cut an idle or backoff wait short, so the actor looks again."""
@@ -200,6 +225,8 @@ class SessionActor:
 
     def has_new_work(self) -> bool:
         """Consume the mailbox; True if it announced work beyond what was claimed."""
+        if self.reserved or self.handed is not None or self.notified_seq > self.claimed_seq:
+            return True
         while True:
             try:
                 seq = self._notices.receive_nowait()
@@ -219,6 +246,7 @@ class SessionActor:
                 if outcome is Exit.CRASH:
                     delay = await self._after_crash()
                     if sup.stopping:
+                        await self._release_in_flight()
                         outcome = Exit.STOP
                     elif delay > 0 and (delay > sup.config.idle_timeout or sup.has_waiters):
                         # Leave the slot. The wait must be on the head in the
@@ -250,6 +278,7 @@ class SessionActor:
         self._killed = False
         self._failure = None
         self.turn = 0
+        self.caught_up = False
         outcome = Exit.CRASH
         with trio.CancelScope() as scope:
             self._scope = scope
@@ -281,15 +310,33 @@ class SessionActor:
             log.exception("stopped() hook of session %r raised; ignored", self.session_id)
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
+        # One cancel scope serves every handler call of this incarnation as
+        # its timeout: its deadline is set around each call and infinite
+        # otherwise (a scope per message would cost more than the rest of
+        # the message's way through the actor).
+        with trio.CancelScope() as deadline:
+            outcome = await self._serve_loop(instance, ctx, deadline)
+        if deadline.cancelled_caught or outcome is Exit.TIMEOUT:
+            timeout = self._sup.config.handler_timeout
+            self._failure = HandlerTimeoutError(
+                f"handler ran longer than handler_timeout={timeout}s and was cancelled"
+            )
+            await self._stop_instance(instance, ctx)
+            return Exit.CRASH
+        return outcome
+
+    async def _serve_loop(self, instance: Actor, ctx: Context, deadline: trio.CancelScope) -> Exit:
         sup = self._sup
         config = sup.config
         store = sup.store
         timeout = config.handler_timeout
+        handle = instance._fn if isinstance(instance, _FunctionActor) else instance.handle
         ack: int | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
             if sup.stopping:
                 await self._flush_ack(ack)
+                await self._release_in_flight()
                 return Exit.STOP
             if ack is not None and self.turn >= config.fair_share and sup.has_waiters:
                 await self._flush_ack(ack)
@@ -304,65 +351,99 @@ class SessionActor:
                 ack = None
                 await sup.wait_isolation(self)
                 continue
-            claim = await store.call(
-                store.op_claim_next,
-                self.session_id,
-                ack,
-                sup.clock.now(),
-                config.max_attempts,
-                alone,
-            )
-            # Committed: the ack (if any) and the claim (if any). Record both
-            # before the next checkpoint, so a kill sees the truth.
-            if ack is not None:
-                sup.on_acked()
-                ack = None
-            self.in_flight = claim.message
-            self.handler_started = False
-            if claim.dead:
-                sup.on_dead_lettered(self.session_id, len(claim.dead))
-            msg = claim.message
-            if alone and msg is None:  # nothing to run alone after all
-                sup.end_isolation(self)
-                alone = False
-            if msg is None:
-                self.in_flight = None
-                if claim.alone:
-                    await sup.isolate(self)
-                    alone = True
-                    continue
-                if claim.wait_until is not None:
-                    delay = sup.clock.to_trio(claim.wait_until) - trio.current_time()
-                    if delay > config.idle_timeout or sup.has_waiters:
-                        self.wait_until = claim.wait_until
-                        return Exit.WAIT
-                    await self._wait(delay)
-                    continue
-                if sup.has_waiters or not await self._wait_for_notice(config.idle_timeout):
-                    return Exit.STOP if sup.stopping else Exit.IDLE
+            if self.reserved:
+                # A message is being inserted claimed for this actor: a claim
+                # now would find it in flight. Wait until it is handed over.
+                await self._handoff.wait()
                 continue
-            self.claimed_seq = max(self.claimed_seq, claim.seq)
+            msg = self.handed
+            if msg is not None:
+                # Claimed on delivery: committed with the message itself, and
+                # already this actor's in_flight (Supervisor.hand_over).
+                self.handed = None
+                if ack is not None:
+                    store.submit(store.op_ack, ack, done=sup.on_ack_committed)
+                    ack = None
+                seq = msg.id
+            else:
+                announced = self.notified_seq  # committed before this claim runs
+                claim = await store.call(
+                    store.op_claim_next,
+                    self.session_id,
+                    ack,
+                    sup.clock.now(),
+                    config.max_attempts,
+                    alone,
+                )
+                # Committed: the ack (if any) and the claim (if any). Record
+                # both before the next checkpoint, so a kill sees the truth.
+                if ack is not None:
+                    sup.on_acked()
+                    ack = None
+                self.in_flight = claim.message
+                if claim.dead:
+                    sup.on_dead_lettered(self.session_id, len(claim.dead))
+                msg = claim.message
+                if alone and msg is None:  # nothing to run alone after all
+                    sup.end_isolation(self)
+                    alone = False
+                if msg is None:
+                    # The claim saw everything announced before it: caught up.
+                    self.claimed_seq = max(self.claimed_seq, announced)
+                    self.caught_up = claim.wait_until is None and not claim.alone
+                    if claim.alone:
+                        await sup.isolate(self)
+                        alone = True
+                        continue
+                    if claim.wait_until is not None:
+                        delay = sup.clock.to_trio(claim.wait_until) - trio.current_time()
+                        if delay > config.idle_timeout or sup.has_waiters:
+                            self.wait_until = claim.wait_until
+                            return Exit.WAIT
+                        await self._wait(delay)
+                        continue
+                    if sup.has_waiters or not await self._wait_for_notice(config.idle_timeout):
+                        return Exit.STOP if sup.stopping else Exit.IDLE
+                    continue
+                seq = claim.seq
+            self.handler_started = False
+            self.claimed_seq = max(self.claimed_seq, seq)
             if sup.stopping:
                 await self._release_in_flight()
                 return Exit.STOP
             await trio.lowlevel.checkpoint_if_cancelled()
             self.handler_started = True
+            if timeout is not None:
+                deadline.deadline = trio.current_time() + timeout
             try:
-                if timeout is None:
-                    await instance.handle(ctx, msg)
-                else:
-                    with trio.move_on_after(timeout) as timer:
-                        await instance.handle(ctx, msg)
-                    if timer.cancelled_caught:
-                        raise HandlerTimeoutError(
-                            f"handler ran longer than handler_timeout={timeout}s and was cancelled"
-                        )
+                await handle(ctx, msg)
             except Exception as exc:
+                deadline.deadline = math.inf
+                if deadline.cancel_called:
+                    return Exit.TIMEOUT  # the deadline passed as it raised
                 self._failure = exc
                 await self._stop_instance(instance, ctx)
                 return Exit.CRASH
+            # (A Cancelled from the deadline propagates to _serve's scope.)
+            deadline.deadline = math.inf
+            if deadline.cancel_called:
+                # The deadline passed just as the handler returned: it did
+                # outlive handler_timeout, and the scope is spent.
+                return Exit.TIMEOUT
             ack = msg.id
             self.turn += 1
+            if self.caught_up and self.notified_seq <= self.claimed_seq and not alone:
+                # Nothing is known to follow: commit the ack without waiting
+                # for it (no claim that would find nothing), and wait for
+                # work. The store commits operations in order, so any later
+                # claim of this session commits after this ack.
+                self.in_flight = None
+                store.submit(store.op_ack, ack, done=sup.on_ack_committed)
+                ack = None
+                if sup.stopping:
+                    return Exit.STOP
+                if sup.has_waiters or not await self._wait_for_notice(config.idle_timeout):
+                    return Exit.STOP if sup.stopping else Exit.IDLE
 
     async def _flush_ack(self, ack: int | None) -> None:
         if ack is not None:
@@ -371,10 +452,20 @@ class SessionActor:
             self._sup.on_acked()
 
     async def _wait_for_notice(self, seconds: float) -> bool:
-        """Wait for a notice of work beyond what was claimed. False on timeout or wake()."""
+        """Wait for work beyond what was claimed, or a handoff.
+
+        False on timeout, or when wake() cut the wait short with nothing new.
+        """
+        if self.handed is not None or self.notified_seq > self.claimed_seq:
+            await trio.lowlevel.checkpoint()
+            return True
+        if self._sup.stopping:  # stop() may have woken us before we got here
+            await trio.lowlevel.checkpoint()
+            return False
         idle = self._sup.idle_actors
         with trio.CancelScope(deadline=trio.current_time() + seconds) as scope:
             self._wait_scope = scope
+            self._waiting_notice = True
             idle.add(self)
             try:
                 while True:
@@ -383,12 +474,44 @@ class SessionActor:
                         return True
             finally:
                 idle.discard(self)
+                self._waiting_notice = False
                 self._wait_scope = None
-        return False
+        return self.handed is not None or self.notified_seq > self.claimed_seq
+
+    # -- claim on delivery (Supervisor.reserve / hand_over) ---------------
+
+    def can_take_handoff(self) -> bool:
+        """Idle, caught up, nothing held: the router may insert its next message claimed."""
+        return (
+            self._waiting_notice
+            and self.caught_up
+            and not self.reserved
+            and self.handed is None
+            and self._in_flight is None
+            and self.notified_seq <= self.claimed_seq
+        )
+
+    def reserve(self) -> None:
+        """A claimed message is on its way: do not time out or leave before it comes."""
+        self.reserved = True
+        self._handoff = trio.Event()
+        if self._wait_scope is not None:
+            self._wait_scope.deadline = math.inf
+
+    def take_handoff(self, msg: Message) -> bool:
+        """Receive the message inserted claimed for this actor, and wake up."""
+        if not self.reserved:
+            return False
+        self.reserved = False
+        self.handed = msg
+        self.in_flight = msg
+        self._handoff.set()
+        self.wake()
+        return True
 
     async def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds unless woken (stop, a waiter, an abort)."""
-        if delay <= 0 or math.isnan(delay):
+        if delay <= 0 or math.isnan(delay) or self._sup.stopping:
             await trio.lowlevel.checkpoint()
             return
         with trio.move_on_after(delay) as scope:
@@ -428,6 +551,8 @@ class SessionActor:
         if msg is None:
             return
         self.in_flight = None
+        if self.handed is msg:
+            self.handed = None
         uncount = not self.handler_started
         # If the store failed, the row stays in flight and is recovered at the next start.
         with contextlib.suppress(StoreError):

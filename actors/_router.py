@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._codec import decode_body
 from ._errors import StoreError, SystemClosedError
+from ._records import Message
 from ._store import Store
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class Router:
         self.finished = trio.Event()
         self.sends = 0
         self.batches = 0
+        self.handoffs = 0  # messages inserted claimed for an idle actor
 
     def add(
         self, session_id: str, body: str | bytes, enqueued: float, not_before: float | None
@@ -117,6 +120,10 @@ class Router:
                     self._wakeup = trio.Event()
                     continue
                 self._open = None
+                # Claim on delivery: the first message of each session whose
+                # actor is idle with nothing else to do is inserted claimed and
+                # handed to the actor, which then needs no claim of its own.
+                handoffs = {} if batch.delayed else self._sup.reserve(batch.sessions)
                 try:
                     first = await store.call(
                         store.op_append,
@@ -124,6 +131,7 @@ class Router:
                         batch.bodies,
                         batch.enqueued,
                         batch.not_before if batch.delayed else None,
+                        frozenset(handoffs.values()),
                     )
                 except StoreError as exc:
                     self._fail(batch, exc)
@@ -132,6 +140,18 @@ class Router:
                 batch.done.set()
                 self.batches += 1
                 self.sends += len(batch)
+                self.handoffs += len(handoffs)
+                for actor, index in handoffs.items():
+                    self._sup.hand_over(
+                        actor,
+                        Message(
+                            id=first + index,
+                            session_id=batch.sessions[index],
+                            body=decode_body(batch.bodies[index]),
+                            attempt=1,
+                            enqueued_at=batch.enqueued[index],
+                        ),
+                    )
                 self._deliver(batch, first)
         finally:
             # However the task ends, no sender may wait for a batch forever.
@@ -155,7 +175,7 @@ class Router:
 
     def _deliver(self, batch: Batch, first: int) -> None:
         sup = self._sup
-        sup.outstanding.value += len(batch)
+        sup.outstanding.add(len(batch))
         # One notice per session per batch: the highest seq is enough, since
         # an actor claims everything up to it in order from the database.
         last: dict[str, int] = {}

@@ -22,8 +22,10 @@ its operations again alone, so that one failure does not fail the others.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -32,11 +34,12 @@ from typing import Any, Literal
 import apsw
 import attrs
 import trio
-import trio.testing
 
 from ._codec import decode_body
 from ._errors import SchemaVersionError, StoreError
 from ._records import DeadLetter, Message
+
+log = logging.getLogger("actors.store")
 
 SCHEMA_VERSION = 1
 
@@ -68,6 +71,14 @@ _SCHEMA = (
 )
 
 _HEAD = (
+    "UPDATE messages SET state = 1, attempts = attempts + 1, not_before = NULL, alone = 0"
+    " WHERE id = (SELECT id FROM messages WHERE session_id = ? AND state < 2"
+    " AND seq IS NOT NULL ORDER BY seq LIMIT 1)"
+    " AND crashed = 0 AND attempts < ? AND (not_before IS NULL OR not_before <= ?)"
+    " RETURNING id, seq, attempts, body, enqueued_at"
+)
+
+_HEAD = (
     "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error, crashed, alone"
     " FROM messages"
     " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
@@ -93,7 +104,6 @@ class Opened:
     recovered: int
 
 
-@attrs.frozen
 class Claim:
     """The answer to ``claim_next``.
 
@@ -105,22 +115,37 @@ class Claim:
     attempts were used up, or they could not be decoded).
     """
 
-    message: Message | None
-    seq: int
-    wait_until: float | None
-    dead: tuple[int, ...]
-    alone: bool = False
+    __slots__ = ("alone", "dead", "message", "seq", "wait_until")
+
+    def __init__(
+        self,
+        message: Message | None,
+        seq: int,
+        wait_until: float | None,
+        dead: tuple[int, ...],
+        alone: bool = False,
+    ) -> None:
+        self.message = message
+        self.seq = seq
+        self.wait_until = wait_until
+        self.dead = dead
+        self.alone = alone
 
 
 class _Op:
-    __slots__ = ("args", "error", "fn", "result", "task")
+    __slots__ = ("args", "done", "error", "fn", "result", "task")
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], task: trio.lowlevel.Task | None
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        task: trio.lowlevel.Task | None,
+        done: Callable[[Any], None] | None = None,
     ) -> None:
         self.fn = fn
         self.args = args
         self.task = task  # the waiting trio task, rescheduled when the group commits
+        self.done = done  # or a callback, run on the trio thread with the result
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -159,6 +184,9 @@ class Store:
         self._largest_group = 0
         self._queued = 0
         self._inline = False  # run operations on the trio thread (MockClock)
+        # Set when an operation fails: the system watches it, so that a
+        # failure nobody waits for (a submitted ack) still stops the system.
+        self.failed = trio.Event()
 
     # -- lifecycle ------------------------------------------------------
 
@@ -175,7 +203,7 @@ class Store:
           SchemaVersionError: the database is from a newer version.
         """
         store = cls(path, durability, int(busy_timeout * 1000))
-        if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        if _virtual_time():
             # Virtual time: run SQLite on the loop thread, so that an
             # autojumping clock never skips ahead while a transaction runs.
             store._inline = True
@@ -212,15 +240,24 @@ class Store:
             return
         self._closed = True
         if self._inline and self._db is not None:
-            self._db.close()
+            self._close_quietly(self._db)
             self._db = None
         self._queue.put(None)
         if self._thread is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._thread.join)
         if self._reader is not None:
-            self._reader.close()
+            self._close_quietly(self._reader)
             self._reader = None
+
+    def _close_quietly(self, db: apsw.Connection) -> None:
+        # Everything acknowledged is committed by now; a failure here (the
+        # checkpoint at close) loses nothing, since the WAL is replayed at
+        # the next open. Say so, and go on closing.
+        try:
+            db.close()
+        except apsw.Error as exc:
+            log.warning("closing database %r failed (nothing is lost): %s", self.path, exc)
 
     def statistics(self) -> StoreStatistics:
         """Counters since the store opened."""
@@ -266,12 +303,32 @@ class Store:
             raise StoreError(f"database operation failed: {op.error}") from op.error
         return op.result
 
+    def submit(self, fn: Callable[..., Any], *args: Any, done: Callable[[Any], None]) -> None:
+        """Queue ``fn(*args)`` without waiting; ``done(result)`` runs after the commit.
+
+        If the operation fails, ``done`` is not called; the store is marked
+        failed (``failed`` is set) and later calls raise StoreError.
+        """
+        if self._failure is not None or self._closed:
+            raise StoreError("the store failed or is closed") from self._failure
+        op = _Op(fn, args, None, done)
+        self._queued += 1
+        if self._inline:
+            self._run_group([op])
+            self._complete([op])
+        else:
+            self._queue.put(op)
+
     def _complete(self, ops: list[_Op]) -> None:
         # Runs on the trio thread (run_sync_soon), once per group.
         self._queued -= len(ops)
         for op in ops:
-            if op.error is not None and self._failure is None:
-                self._failure = op.error
+            if op.error is not None:
+                if self._failure is None:
+                    self._failure = op.error
+                    self.failed.set()
+            elif op.done is not None:
+                op.done(op.result)
             if op.task is not None:
                 trio.lowlevel.reschedule(op.task)
 
@@ -305,7 +362,7 @@ class Store:
                 self._token.run_sync_soon(self._complete, group)
             except trio.RunFinishedError:  # pragma: no cover - loop gone
                 break
-        self._db.close()
+        self._close_quietly(self._db)
         self._db = None
 
     def _run_group(self, group: list[_Op]) -> None:
@@ -344,42 +401,56 @@ class Store:
         self._transactions += 1
 
     def _open_db(self) -> Opened:
+        db: apsw.Connection | None = None
         try:
             db = apsw.Connection(self.path)
-            db.set_busy_timeout(self._busy_ms)
-            version = _one(db, "PRAGMA user_version")
-            if version > SCHEMA_VERSION:
-                db.close()
-                raise SchemaVersionError(
-                    f"database {self.path!r} has schema version {version}, newer than this "
-                    f"version of actors understands ({SCHEMA_VERSION}); upgrade actors"
-                )
-            mode = _one(db, "PRAGMA journal_mode = WAL")
-            if mode != "wal":
-                raise StoreError(f"cannot use WAL journal mode on {self.path!r} (got {mode!r})")
-            _one(db, f"PRAGMA synchronous = {'FULL' if self._durability == 'full' else 'NORMAL'}")
-            with db:
-                if version == 0:
-                    for statement in _SCHEMA:
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                # The process died: whatever was in flight goes back at once.
-                # The attempt stays counted (the outcome is unknown), and the
-                # row is marked crashed: see op_claim_next for how the blame
-                # is settled.
-                db.execute("UPDATE messages SET state = 0, crashed = 1 WHERE state = 1")
-                recovered = db.changes()
-            self._db = db
-            stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
-            top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
-            self._next_seq = max(int(stored), int(top) + 1)
-            pending = _one(db, "SELECT count(*) FROM messages WHERE state < 2")
-            dead = _one(db, "SELECT count(*) FROM messages WHERE state = 2")
-            return Opened(pending=pending, dead=dead, recovered=recovered)
-        except apsw.NotADBError as exc:
-            raise StoreError(f"{self.path!r} is not an SQLite database: {exc}") from exc
-        except (apsw.CantOpenError, apsw.ReadOnlyError, apsw.IOError) as exc:
-            raise StoreError(f"cannot open database {self.path!r}: {exc}") from exc
+            opened = self._prepare(db)
+        except BaseException as exc:
+            if db is not None:
+                self._close_quietly(db)  # a refused file must not stay open
+            if isinstance(exc, apsw.NotADBError):
+                raise StoreError(f"{self.path!r} is not an SQLite database: {exc}") from exc
+            if isinstance(exc, apsw.Error) and not isinstance(exc, StoreError):
+                raise StoreError(f"cannot open database {self.path!r}: {exc}") from exc
+            raise
+        self._db = db
+        return opened
+
+    def _prepare(self, db: apsw.Connection) -> Opened:
+        """Check, migrate and recover a freshly opened connection."""
+        db.set_busy_timeout(self._busy_ms)
+        version = _one(db, "PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database {self.path!r} has schema version {version}, newer than this "
+                f"version of actors understands ({SCHEMA_VERSION}); upgrade actors"
+            )
+        if version == 0 and _one(db, "SELECT count(*) FROM sqlite_master"):
+            raise StoreError(
+                f"{self.path!r} is an SQLite database of another application "
+                "(it has tables, but no actors schema); refusing to change it"
+            )
+        mode = _one(db, "PRAGMA journal_mode = WAL")
+        if mode != "wal":
+            raise StoreError(f"cannot use WAL journal mode on {self.path!r} (got {mode!r})")
+        _one(db, f"PRAGMA synchronous = {'FULL' if self._durability == 'full' else 'NORMAL'}")
+        with db:
+            if version == 0:
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # The process died: whatever was in flight goes back at once.
+            # The attempt stays counted (the outcome is unknown), and the
+            # row is marked crashed: see op_claim_next for how the blame
+            # is settled.
+            db.execute("UPDATE messages SET state = 0, crashed = 1 WHERE state = 1")
+            recovered = db.changes()
+        stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
+        top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
+        self._next_seq = max(int(stored), int(top) + 1)
+        pending = _one(db, "SELECT count(*) FROM messages WHERE state < 2")
+        dead = _one(db, "SELECT count(*) FROM messages WHERE state = 2")
+        return Opened(pending=pending, dead=dead, recovered=recovered)
 
     def _take_seq(self) -> int:
         seq = self._next_seq
@@ -395,18 +466,34 @@ class Store:
         bodies: Sequence[str | bytes],
         enqueued: Sequence[float],
         not_before: Sequence[float | None] | None,
+        claimed: frozenset[int] = frozenset(),
     ) -> int:
-        """Insert a batch in order; returns the first id (ids are consecutive)."""
+        """Insert a batch in order; returns the first id (ids are consecutive).
+
+        Rows at the indices in ``claimed`` are inserted already claimed (in
+        flight, attempt 1): each goes straight to an idle actor that has
+        nothing else to do (claim on delivery, see Router), so its claim is
+        durable in the same transaction as the message itself.
+        """
         db = self._db
         assert db is not None
         first = self._next_seq
         self._next_seq += len(sessions)
-        if not_before is None:
+        if not_before is None and not claimed:
             db.executemany(
                 "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
                 " VALUES (?, ?, ?, 0, 0, ?, ?)",
                 (
                     (first + i, s, first + i, b, t)
+                    for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True))
+                ),
+            )
+        elif not_before is None:
+            db.executemany(
+                "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (first + i, s, first + i, int(i in claimed), int(i in claimed), b, t)
                     for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True))
                 ),
             )
@@ -436,12 +523,14 @@ class Store:
         Blame for a dead process: every message in flight when the process
         died is marked ``crashed``, its attempt counted. The poison message
         among them cannot be told from its bystanders, so a crashed message
-        whose next attempt may be its last runs *alone* (``alone=True``: the
-        supervisor holds every other handler back). It is dead-lettered only
-        if an attempt it ran alone ended with the process dying again. A
-        message that kills the process every time thus ends in dead letters
-        after ``max_attempts`` deaths, and one that merely shared a crash
-        with it gets its last attempt in peace.
+        whose next attempt is its last runs *alone* (``alone=True``: the
+        supervisor holds every other handler back). A message that kills the
+        process every time thus ends in dead letters after ``max_attempts``
+        deaths, the last one alone, and one that merely shared crashes with
+        it gets its last attempt in peace. No message is ever delivered more
+        than ``max_attempts`` times: one whose last attempt ended in a crash
+        it shared (its earlier attempts had failed normally) is
+        dead-lettered, with a reason that says the blame is uncertain.
         """
         db = self._db
         assert db is not None
@@ -465,11 +554,16 @@ class Store:
             ) = row
             if not_before is not None and not_before > now:
                 return Claim(None, seq, not_before, tuple(dead))
-            if attempts >= max_attempts and (ran_alone or not crashed):
-                if crashed:
+            if attempts >= max_attempts:
+                if crashed and ran_alone:
                     reason = (
                         f"gave up after {attempts} attempt(s); the process died during the last "
                         "one, which ran alone: this message kills the process"
+                    )
+                elif crashed:
+                    reason = (
+                        f"gave up after {attempts} attempt(s); the process died during the last "
+                        "one (other messages were in flight too, so it may not be the cause)"
                     )
                 else:
                     reason = (
@@ -484,7 +578,7 @@ class Store:
                 )
                 dead.append(msg_id)
                 continue
-            if crashed and attempts >= max_attempts - 1 and not alone:
+            if crashed and attempts == max_attempts - 1 and not alone:
                 return Claim(None, seq, None, tuple(dead), alone=True)
             try:
                 body = decode_body(raw)
@@ -725,6 +819,13 @@ class Store:
                 )
             )
         return out
+
+
+def _virtual_time() -> bool:
+    """Whether trio runs on trio.testing.MockClock (without importing trio.testing,
+    which would pull pytest into every program that imports actors)."""
+    testing = sys.modules.get("trio.testing")
+    return testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock)
 
 
 def _one(db: apsw.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:

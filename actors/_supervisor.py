@@ -14,6 +14,7 @@ work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections import deque
@@ -21,11 +22,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
-import trio_util  # type: ignore[import-untyped]
 
 from ._actor import Actor, Exit, SessionActor
 from ._clock import Clock
 from ._config import Config
+from ._errors import StoreError
 from ._policy import RestartTracker
 from ._records import Message
 from ._store import Store
@@ -37,6 +38,48 @@ if TYPE_CHECKING:
 log = logging.getLogger("actors.supervisor")
 
 WAITING_LIMIT = 10_000  # sessions queued in memory; the rest are found in the database
+
+
+class Gauge:
+    """A count that tasks can wait on until it falls to a level.
+
+    Cheaper than an AsyncValue on the hot path: changing it costs one
+    truth test unless someone waits.
+    """
+
+    __slots__ = ("_waiters", "value")
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self._waiters: list[tuple[int, trio.Event]] = []  # (level, set when value <= level)
+
+    def add(self, n: int) -> None:
+        self.value += n
+        if self._waiters:
+            still = []
+            for level, event in self._waiters:
+                if self.value <= level:
+                    event.set()
+                else:
+                    still.append((level, event))
+            self._waiters = still
+
+    async def wait_at_most(self, level: int) -> None:
+        """Return once the count is ``level`` or less (at once if it is)."""
+        if self.value <= level:
+            await trio.lowlevel.checkpoint()
+            return
+        event = trio.Event()
+        self._waiters.append((level, event))
+        await event.wait()
+
+    async def wait_zero(self) -> None:
+        """Return once the count is zero or less."""
+        await self.wait_at_most(0)
+
+
+def _ignore(_result: object) -> None:
+    pass
 
 
 class Supervisor:
@@ -67,6 +110,8 @@ class Supervisor:
         # actor is registered before its task starts and removed only by
         # retire()/forget() in the same step that ends it.
         self._actors: dict[str, SessionActor] = {}
+        # len(_actors), for waiting until every actor has left (actors.testing).
+        self.live = Gauge(0)
         # Sessions with work and no actor, waiting for a slot, in arrival
         # order. _waiting_set mirrors _waiting; neither holds a live session.
         self._waiting: deque[str] = deque()
@@ -80,7 +125,9 @@ class Supervisor:
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
         # Actors holding a claimed message (SessionActor.in_flight is set).
-        self.busy = trio_util.AsyncValue(0)
+        self.busy = Gauge(0)
+        # Actors reserved for a handoff whose message is not yet committed.
+        self.reserved = Gauge(0)
         # The actor running a crash suspect alone, if any: while it is set,
         # no other actor claims, and it claims only once busy reaches 0.
         # The lock queues suspects (FIFO), one at a time.
@@ -91,7 +138,7 @@ class Supervisor:
         self._all_retired = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Counts. outstanding = pending + in flight (drain waits for 0).
-        self.outstanding = trio_util.AsyncValue(pending)
+        self.outstanding = Gauge(pending)
         self.dead = dead
         self.processed = 0
         self.failed_attempts = 0
@@ -189,7 +236,8 @@ class Supervisor:
             "session %r: a message that was in flight when the process died runs alone",
             actor.session_id,
         )
-        await self.busy.wait_value(0)
+        await self.reserved.wait_zero()
+        await self.busy.wait_zero()
 
     def end_isolation(self, actor: SessionActor) -> None:
         """Let everyone claim again (no-op unless ``actor`` is isolating)."""
@@ -207,6 +255,48 @@ class Supervisor:
         """Whether ``session_id`` has an actor right now."""
         return session_id in self._actors
 
+    def live_sessions(self) -> list[str]:
+        """The sessions that have an actor right now, sorted."""
+        return sorted(self._actors)
+
+    def busy_sessions(self) -> list[str]:
+        """The sessions whose actor holds a claimed message right now, sorted."""
+        return sorted(s for s, actor in self._actors.items() if actor.in_flight is not None)
+
+    # -- claim on delivery (see Router.run) ---------------------------------
+
+    def reserve(self, sessions: list[str]) -> dict[SessionActor, int]:
+        """Pick the idle actors that will be handed their session's next message.
+
+        Returns {actor: index in ``sessions`` of the message it gets}. An
+        actor qualifies when it waits for work, has claimed everything it
+        knows of (caught up), and nothing runs alone. A reserved actor does
+        not time out or leave until hand_over() (it counts in ``reserved``,
+        which isolation waits for too).
+        """
+        if self.stopping or self.isolating is not None:
+            return {}
+        picked: dict[SessionActor, int] = {}
+        actors = self._actors
+        for index, session_id in enumerate(sessions):
+            actor = actors.get(session_id)
+            if actor is not None and actor not in picked and actor.can_take_handoff():
+                actor.reserve()
+                picked[actor] = index
+        if picked:
+            self.reserved.add(len(picked))
+        return picked
+
+    def hand_over(self, actor: SessionActor, msg: Message) -> None:
+        """Give a reserved actor the message that was inserted claimed for it."""
+        self.reserved.add(-1)
+        if self._actors.get(actor.session_id) is actor and actor.take_handoff(msg):
+            return
+        # The actor is gone (a hard stop): give the claim back.
+        with contextlib.suppress(StoreError):
+            self.store.submit(self.store.op_release, msg.id, True, False, done=_ignore)
+        self.ensure(actor.session_id)
+
     # -- what actors call -------------------------------------------------
 
     def retire(self, actor: SessionActor, outcome: Exit) -> bool:
@@ -217,6 +307,8 @@ class Supervisor:
         arrived before (the actor goes on) or finds no actor (a new one
         starts). No message is stranded by a passivation.
         """
+        if outcome is not Exit.STOP and (actor.reserved or actor.handed is not None):
+            return False  # a message claimed on delivery is on its way or here
         if outcome is Exit.IDLE and not self.stopping and actor.has_new_work():
             return False
         assert self._actors.get(actor.session_id) is actor
@@ -240,12 +332,15 @@ class Supervisor:
 
     def on_acked(self) -> None:
         self.processed += 1
-        self.outstanding.value -= 1
+        self.outstanding.add(-1)
+
+    def on_ack_committed(self, _result: object) -> None:
+        self.on_acked()
 
     def on_dead_lettered(self, session_id: str, count: int) -> None:
         self.dead_lettered += count
         self.dead += count
-        self.outstanding.value -= count
+        self.outstanding.add(-count)
         log.error("%d message(s) of session %r moved to dead letters", count, session_id)
 
     def on_attempt_failed(
@@ -282,9 +377,16 @@ class Supervisor:
         assert session_id not in self._actors
         if self._nursery is None:
             return  # stopped; the work stays in the database for the next start
-        actor = SessionActor(session_id, self)
+        try:
+            actor = SessionActor(session_id, self)
+            self._nursery.start_soon(actor.run, name=f"actor:{session_id}")
+        except RuntimeError:
+            # The nursery closed (the system is failing) before run()'s
+            # finally could say so: the work stays in the database.
+            self.stopping = True
+            return
         self._actors[session_id] = actor
-        self._nursery.start_soon(actor.run, name=f"actor:{session_id}")
+        self.live.add(1)
 
     def _queue(self, session_id: str) -> None:
         if self._overflow or len(self._waiting) >= WAITING_LIMIT:
@@ -303,6 +405,7 @@ class Supervisor:
             self._want_refill()
 
     def _after_leave(self) -> None:
+        self.live.add(-1)
         self._fill()
         if self.stopping and not self._actors:
             self._all_retired.set()

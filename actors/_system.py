@@ -66,6 +66,13 @@ class System:
         await nursery.start(self._sup.run)
         nursery.start_soon(self._router.run, name="actors.router")
         nursery.start_soon(self._timer.run, name="actors.timer")
+        nursery.start_soon(self._watch_store, name="actors.store-watch")
+
+    async def _watch_store(self) -> None:
+        # A failure that no task waits for (a submitted ack) still stops the system.
+        await self._store.failed.wait()
+        failure = self._store.failure
+        raise StoreError(f"the database failed: {failure}") from failure
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         self._closed = True
@@ -149,7 +156,9 @@ class System:
         if batch.error is not None:
             if isinstance(batch.error, SystemClosedError):
                 raise SystemClosedError(str(batch.error))
-            raise StoreError(f"message not persisted: {batch.error}") from batch.error
+            raise StoreError(
+                f"message not acknowledged (it may or may not be on disk): {batch.error}"
+            ) from batch.error
 
     # -- waiting and chaos ----------------------------------------------------
 
@@ -159,7 +168,7 @@ class System:
         Delayed messages and messages waiting for a retry count as pending;
         dead letters do not. Sends made while draining are waited for too.
         """
-        await self._sup.outstanding.wait_value(lambda v: v <= 0)
+        await self._sup.outstanding.wait_zero()
 
     def kill(self, session_id: str) -> bool:
         """Crash ``session_id``'s actor now, mid-message if it is busy.
@@ -194,6 +203,24 @@ class System:
         """Whether ``session_id`` has a live actor right now."""
         return self._sup.is_live(session_id)
 
+    def active_sessions(self) -> list[str]:
+        """The sessions that have a live actor right now, sorted.
+
+        Live as in :meth:`is_active`: running a handler, idle, or waiting to
+        restart. As many as ``statistics().active_actors``.
+        """
+        return self._sup.live_sessions()
+
+    def busy_sessions(self) -> list[str]:
+        """The sessions whose actor holds a message in flight right now, sorted.
+
+        In flight: claimed and not yet acknowledged, so its handler is about
+        to run, is running, or has returned and the acknowledgement has not
+        committed yet. As many as ``statistics().in_flight``. These are the
+        sessions a :meth:`kill` would interrupt mid-message.
+        """
+        return self._sup.busy_sessions()
+
     # -- dead letters ---------------------------------------------------------
 
     def dead_letters(
@@ -219,7 +246,7 @@ class System:
         )
         sup = self._sup
         sup.dead -= len(requeued)
-        sup.outstanding.value += len(requeued)
+        sup.outstanding.add(len(requeued))
         for session_id, seq in requeued:
             sup.ensure(session_id, seq)
         return len(requeued)
@@ -240,7 +267,7 @@ class System:
         if state == DEAD:
             self._sup.dead -= 1
         else:
-            self._sup.outstanding.value -= 1
+            self._sup.outstanding.add(-1)
             self._sup.ensure(session_id)  # its successor may be ready now
         return True
 
@@ -281,7 +308,10 @@ async def run_system(
     actor_factory(handler)  # validate before touching the file
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise StoreError(f"cannot lock database {db_path!r}: {exc}") from exc
     try:
         store, opened = await Store.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout

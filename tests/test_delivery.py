@@ -94,7 +94,7 @@ async def test_full_mailbox_never_blocks_the_router(db_path: str) -> None:
             await system.send("fast", i)
         await fast_done.wait()  # the other session was not held up
         # Wait for the fast session's last ack: only the slow session's 50 remain.
-        await system._sup.outstanding.wait_value(50)
+        await system._sup.outstanding.wait_at_most(50)
         stats = system.statistics()
         assert stats.pending == 49 and stats.in_flight == 1
         release.set()

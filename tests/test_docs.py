@@ -20,6 +20,7 @@ import attrs
 import pytest
 
 import actors
+import actors.testing
 from actors._demo import Report, count_dishonest, count_lost, count_out_of_order
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,10 +76,16 @@ def test_every_doc_is_found_and_the_main_ones_have_examples() -> None:
         "docs/lifecycle.md",
         "docs/seed-comparison.md",
         "docs/reference.md",
+        "docs/howto-chaos-testing.md",
     }
     assert expected <= names
     runnable = {path.relative_to(ROOT).as_posix() for path, _, _ in RUNNABLE}
-    assert {"README.md", "docs/tutorial.md", "docs/reference.md"} <= runnable
+    assert {
+        "README.md",
+        "docs/tutorial.md",
+        "docs/reference.md",
+        "docs/howto-chaos-testing.md",
+    } <= runnable
 
 
 def test_fences_are_balanced() -> None:
@@ -104,6 +111,24 @@ def test_reference_names_every_public_name() -> None:
     # satisfied by `ActorKilledError`.
     missing = [name for name in actors.__all__ if not re.search(rf"`{name}[`(]", text)]
     assert not missing, f"docs/reference.md does not document {missing}"
+
+
+def test_reference_names_every_public_name_of_actors_testing() -> None:
+    text = (ROOT / "docs" / "reference.md").read_text()
+    # In its own section, from its heading to the next top-level one.
+    match = re.search(r"^## `actors\.testing`\n(.*?)(?=^## |\Z)", text, re.DOTALL | re.MULTILINE)
+    assert match, "docs/reference.md has no section ## `actors.testing`"
+    section = match.group(1)
+    names = actors.testing.__all__
+    missing = [name for name in names if not re.search(rf"`{name}[`(]", section)]
+    assert not missing, f"docs/reference.md's actors.testing section does not document {missing}"
+    # And every one of them has a docstring.
+    undocumented = [n for n in names if not (getattr(actors.testing, n).__doc__ or "").strip()]
+    assert not undocumented, undocumented
+
+
+def test_the_chaos_how_to_is_linked_from_the_index() -> None:
+    assert "(howto-chaos-testing.md)" in (ROOT / "docs" / "index.md").read_text()
 
 
 def test_reference_lists_every_config_option_with_its_default() -> None:

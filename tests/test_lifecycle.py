@@ -337,3 +337,29 @@ async def test_suspect_that_ran_alone_and_died_is_dead_lettered(db_path: str) ->
     assert seen == ["next"]
     assert letter.body == "poison" and letter.attempts == 3
     assert "ran alone" in letter.last_error
+
+
+async def test_stop_is_not_missed_by_an_actor_restarting_at_that_moment(db_path: str) -> None:
+    """An actor inside a claim when stop() wakes everyone must still stop at once.
+
+    Real clock and writer thread (the race needs a claim in flight in the
+    thread); a hang would last the whole 60 s grace period, far past the
+    fail_after that catches it.
+    """
+
+    async def always_fails(ctx: actors.Context, msg: actors.Message) -> None:
+        raise RuntimeError("always fails")
+
+    no_wait = actors.Backoff(initial=0.0, maximum=0.0, jitter=0.0)
+    for _ in range(20):
+        with trio.fail_after(20):
+            async with actors.run_system(
+                db_path,
+                handler=always_fails,
+                max_attempts=1,
+                retry_backoff=no_wait,
+                restart_policy=actors.RestartPolicy(backoff=no_wait),
+                shutdown_timeout=60,
+            ) as system:
+                await system.send("s", 1)
+                await system.drain()

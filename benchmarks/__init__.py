@@ -1,0 +1,9 @@
+"""The benchmark harness of ``actors``: ``python -m benchmarks --help``.
+
+It measures, in one run on one machine: what SQLite itself allows on the
+store's schema (raw apsw), ``actors`` end to end, latency at half load,
+CPU per message, and peer libraries on the same workload; it prints a table
+and writes JSON to ``benchmarks/results/``. Every scenario runs in a fresh
+subprocess on a fresh database file in its own temporary directory, and every
+figure is the median of interleaved rounds.
+"""

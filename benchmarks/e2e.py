@@ -1,0 +1,226 @@
+"""``actors`` end to end: send -> durable -> handler -> ack, with a no-op handler.
+
+Only the public API: ``run_system``, ``send``, ``send_many``, ``drain``,
+``statistics``. Opening and closing the system are outside the measured
+span; the span runs from the first send to the end of ``drain()``, so every
+message was persisted, handled and acknowledged inside it.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+from typing import Any
+
+import trio
+
+import actors
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process now, in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _thread_cpu() -> tuple[float, float]:
+    """CPU seconds so far of (this thread, the other threads of the process), from /proc.
+
+    The main thread runs the trio loop; the others are the store's writer
+    thread (and any worker thread). Clock-tick resolution (10 ms), so use it
+    over spans of seconds. (0, 0) where /proc is missing.
+    """
+    main = other = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pid = os.getpid()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0, 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        if int(tid) == pid:
+            main += seconds
+        else:
+            other += seconds
+    return main, other
+
+
+def _options(params: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {"durability": params["durability"]}
+    if "idle_timeout" in params:
+        options["idle_timeout"] = params["idle_timeout"]
+    return options
+
+
+async def _noop(ctx: actors.Context, msg: actors.Message) -> None:
+    pass
+
+
+async def _make_idle(system: actors.System, count: int) -> float:
+    """Give ``count`` sessions one message each, then wait until all are passivated."""
+    t0 = time.perf_counter()
+    chunk = 10_000
+    for first in range(0, count, chunk):
+        await system.send_many(
+            (f"idle-{i}", {"n": i}) for i in range(first, min(first + chunk, count))
+        )
+    await system.drain()
+    deadline = trio.current_time() + 120
+    while trio.current_time() < deadline:
+        if system.statistics().active_actors == 0:
+            break
+        await trio.sleep(0.05)
+    else:
+        raise AssertionError("idle sessions were not passivated within 120 s")
+    return time.perf_counter() - t0
+
+
+async def _throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
+    sessions = [f"s{i}" for i in range(params["sessions"])]
+    n_sessions = len(sessions)
+    total = n_sessions * params["per_session"]
+    producers: int = params["producers"]
+    idle: int = params.get("idle_sessions", 0)
+    result: dict[str, Any] = {}
+
+    async def send_all(system: actors.System, j: int) -> None:
+        send = system.send
+        for k in range(j, total, producers):
+            await send(sessions[k % n_sessions], {"n": k})
+
+    async def send_batches(system: actors.System, j: int) -> None:
+        size: int = params["batch"]
+        for first in range(j * size, total, producers * size):
+            await system.send_many(
+                (sessions[k % n_sessions], {"n": k}) for k in range(first, min(first + size, total))
+            )
+
+    producer = send_all if params["mode"] == "send" else send_batches
+    async with actors.run_system(path, handler=_noop, **_options(params)) as system:
+        if idle:
+            result["idle_setup_s"] = await _make_idle(system, idle)
+            result["rss_idle_mb"] = _rss_mb()
+        before = system.statistics()
+        gc.collect()
+        threads0 = _thread_cpu()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for j in range(producers):
+                nursery.start_soon(producer, system, j)
+        await system.drain()
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        threads1 = _thread_cpu()
+        after = system.statistics()
+        result["rss_mb"] = _rss_mb()
+    processed = after.processed - before.processed
+    if processed != total:
+        raise AssertionError(f"processed {processed} messages, expected {total}")
+    commits = after.commits - before.commits
+    result.update(
+        messages=total,
+        elapsed_s=elapsed,
+        msg_per_s=total / elapsed,
+        cpu_us_per_msg=cpu / total * 1e6,
+        cpu_loop_us_per_msg=(threads1[0] - threads0[0]) / total * 1e6,
+        cpu_store_us_per_msg=(threads1[1] - threads0[1]) / total * 1e6,
+        msgs_per_commit=total / commits if commits else None,
+    )
+    return result
+
+
+def _percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile of sorted ``values``."""
+    return values[max(0, math.ceil(p / 100 * len(values)) - 1)]
+
+
+async def _latency(params: dict[str, Any], path: str) -> dict[str, Any]:
+    """Offer ``rate`` msg/s on a fixed schedule; time each send and each handler start.
+
+    Each message gets its own task, started when its time comes (an open
+    loop: a slow send does not delay the next ones, so no coordinated
+    omission). Timestamps are ``time.perf_counter()``: ``call`` just before
+    ``send()``, ``ret`` when it returns, ``start`` when the handler starts.
+    """
+    rate: float = params["rate"]
+    sessions = [f"s{i}" for i in range(params["sessions"])]
+    n_sessions = len(sessions)
+    n = max(100, int(rate * params["duration"]))
+    due = [0.0] * n
+    call = [0.0] * n
+    ret = [0.0] * n
+    start = [0.0] * n
+    perf = time.perf_counter
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        k = msg.body.get("n")
+        if k is not None:
+            start[k] = perf()
+
+    async def one(system: actors.System, k: int) -> None:
+        call[k] = perf()
+        await system.send(sessions[k % n_sessions], {"n": k})
+        ret[k] = perf()
+
+    async with actors.run_system(path, handler=handle, **_options(params)) as system:
+        # Warm up: every session has a live actor before the clock starts.
+        await system.send_many((s, {"warm": True}) for s in sessions)
+        await system.drain()
+        gc.collect()
+        c0 = time.process_time()
+        async with trio.open_nursery() as nursery:
+            base = perf() + 0.001
+            k = 0
+            while k < n:
+                now = perf()
+                ahead = base + k / rate - now
+                if ahead > 0:
+                    await trio.sleep(ahead)
+                    continue
+                while k < n and base + k / rate <= now:
+                    due[k] = base + k / rate
+                    nursery.start_soon(one, system, k)
+                    k += 1
+                await trio.lowlevel.checkpoint()
+        await system.drain()
+        cpu = time.process_time() - c0
+
+    send_ms = sorted((r - c) * 1e3 for c, r in zip(call, ret, strict=True))
+    start_ms = sorted((s - c) * 1e3 for c, s in zip(call, start, strict=True))
+    lag_ms = sorted((c - d) * 1e3 for d, c in zip(due, call, strict=True))
+    if start_ms[0] < 0:
+        raise AssertionError("a handler start was not recorded")
+    return {
+        "messages": n,
+        "offered_rate": rate,
+        "achieved_rate": (n - 1) / (max(call) - min(call)),
+        "send_p50_ms": _percentile(send_ms, 50),
+        "send_p99_ms": _percentile(send_ms, 99),
+        "send_max_ms": send_ms[-1],
+        "start_p50_ms": _percentile(start_ms, 50),
+        "start_p99_ms": _percentile(start_ms, 99),
+        "start_max_ms": start_ms[-1],
+        "pacing_lag_p99_ms": _percentile(lag_ms, 99),
+        "cpu_us_per_msg": cpu / n * 1e6,
+    }
+
+
+def run_throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
+    return trio.run(_throughput, params, path)
+
+
+def run_latency(params: dict[str, Any], path: str) -> dict[str, Any]:
+    return trio.run(_latency, params, path)

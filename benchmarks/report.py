@@ -1,0 +1,238 @@
+"""Summaries (median, min, max over rounds), ratios, targets, and the printed table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from benchmarks.scenarios import DURABILITIES, LATENCY_BASE, PEERS, Scenario
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Median, min, max and count of every numeric figure over the rounds that succeeded."""
+    ok = [r for r in rounds if "error" not in r and "skipped" not in r]
+    keys = sorted({k for r in ok for k, v in r.items() if isinstance(v, int | float)})
+    out: dict[str, dict[str, float]] = {}
+    for key in keys:
+        values = [r[key] for r in ok if isinstance(r.get(key), int | float)]
+        out[key] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "n": len(values),
+        }
+    return out
+
+
+def _median(summary: dict[str, Any], name: str, key: str = "msg_per_s") -> float | None:
+    entry = summary.get(name, {}).get(key)
+    return None if entry is None else float(entry["median"])
+
+
+def limits(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The raw limit per durability: the better of 100 and 1,000 rows per transaction."""
+    out = {}
+    for d in DURABILITIES:
+        found = [
+            (v, f"raw_b{b}_{d}")
+            for b in (100, 1000)
+            if (v := _median(summary, f"raw_b{b}_{d}")) is not None
+        ]
+        if found:
+            value, name = max(found)
+            out[d] = {"msg_per_s": value, "scenario": name}
+    return out
+
+
+def ratios(summary: dict[str, Any]) -> dict[str, float]:
+    """actors / limit for every actors scenario; actors / each peer at the same durability."""
+    out: dict[str, float] = {}
+    lim = limits(summary)
+    for name in summary:
+        if not (name.startswith(("send_", "many_", "idle_"))):
+            continue
+        d = "full" if name.endswith("_full") else "normal"
+        value = _median(summary, name)
+        if value is not None and d in lim:
+            out[f"{name} / limit_{d}"] = value / lim[d]["msg_per_s"]
+    for d in DURABILITIES:
+        for actor in (f"send_s100_{d}", f"many_s100_{d}"):
+            value = _median(summary, actor)
+            for peer in PEERS:
+                other = _median(summary, f"peer_{peer}_{d}")
+                if value is not None and other:
+                    out[f"{actor} / peer_{peer}_{d}"] = value / other
+    return out
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each checked on the medians: PASS, FAIL, or n/a (not measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(text: str, value: float | None, ok: bool | None, shown: str) -> None:
+        status = "n/a" if value is None or ok is None else ("PASS" if ok else "FAIL")
+        out.append({"target": text, "value": value, "status": status, "shown": shown})
+
+    e2e = _median(summary, LATENCY_BASE)
+    add(
+        ">= 60,000 msg/s end to end, normal, 100 sessions, one send() per message",
+        e2e,
+        None if e2e is None else e2e >= 60_000,
+        "-" if e2e is None else f"{e2e:,.0f} msg/s",
+    )
+    lim = limits(summary).get("normal")
+    share = None if e2e is None or lim is None else e2e / lim["msg_per_s"]
+    add(
+        ">= 50% of the raw limit (better of 100 and 1,000 rows/txn, normal)",
+        share,
+        None if share is None else share >= 0.5,
+        "-" if share is None or lim is None else f"{share:.1%} of {lim['msg_per_s']:,.0f} msg/s",
+    )
+    many = _median(summary, "many_s100_normal")
+    add(
+        ">= 120,000 msg/s with send_many (1,000 per call), normal",
+        many,
+        None if many is None else many >= 120_000,
+        "-" if many is None else f"{many:,.0f} msg/s",
+    )
+    peers = [(v, p) for p in PEERS if (v := _median(summary, f"peer_{p}_normal")) is not None]
+    best = max(peers) if peers else None
+    times = None if e2e is None or best is None else e2e / best[0]
+    add(
+        ">= 25x the best peer (normal)",
+        times,
+        None if times is None else times >= 25,
+        "-" if times is None or best is None else f"{times:.1f}x {best[1]} ({best[0]:,.0f} msg/s)",
+    )
+    p99 = _median(summary, "latency_half", "send_p99_ms")
+    add(
+        "send() p99 < 5 ms at half load",
+        p99,
+        None if p99 is None else p99 < 5,
+        "-" if p99 is None else f"{p99:.2f} ms",
+    )
+    idle0 = _median(summary, "idle_0")
+    idle1 = _median(summary, "idle_100k")
+    cpu0 = _median(summary, "idle_0", "cpu_us_per_msg")
+    cpu1 = _median(summary, "idle_100k", "cpu_us_per_msg")
+    if None in (idle0, idle1, cpu0, cpu1):
+        add("cost flat in idle sessions (msg/s >= 85%, CPU/msg <= 115%)", None, None, "-")
+    else:
+        assert idle0 and idle1 and cpu0 and cpu1
+        speed, cost = idle1 / idle0, cpu1 / cpu0
+        add(
+            "cost flat in idle sessions (msg/s >= 85%, CPU/msg <= 115%)",
+            speed,
+            speed >= 0.85 and cost <= 1.15,
+            f"msg/s x{speed:.2f}, CPU/msg x{cost:.2f} with idle sessions",
+        )
+    return out
+
+
+# -- printing -----------------------------------------------------------------
+
+
+def _fmt(entry: dict[str, float] | None, digits: int = 0, unit: str = "") -> str:
+    if entry is None:
+        return "-"
+    f = f"{{:,.{digits}f}}"
+    text = f.format(entry["median"]) + unit
+    if entry["n"] > 1:
+        text += f" [{f.format(entry['min'])}-{f.format(entry['max'])}]"
+    return text
+
+
+def table(
+    scenarios: list[Scenario],
+    rounds: dict[str, list[dict[str, Any]]],
+    summary: dict[str, Any],
+    ratio: dict[str, float],
+    checks: list[dict[str, Any]],
+) -> str:
+    lines: list[str] = []
+    width = max(len(s.name) for s in scenarios) + 2
+    label_w = max(len(s.label) for s in scenarios) + 2
+    head = (
+        f"{'scenario':<{width}}{'what':<{label_w}}{'msg/s median [min-max]':<30}"
+        f"{'CPU us/msg median [min-max]':<30}{'loop / store':>14}{'msgs/commit':>13}"
+        f"{'load':>7}"
+    )
+    lines += [
+        "Throughput (each figure: median of the rounds, [min-max]; CPU: whole process, and"
+        " split between the trio loop thread and the store's writer thread; load: the"
+        " 1-minute load average when the runs ended, median)",
+        head,
+        "-" * len(head),
+    ]
+    for s in scenarios:
+        if s.kind == "latency":
+            continue
+        sm = summary.get(s.name, {})
+        note = _problem(rounds.get(s.name, []))
+        if not sm:
+            lines.append(f"{s.name:<{width}}{s.label:<{label_w}}{note or 'no result'}")
+            continue
+        per_commit = sm.get("msgs_per_commit")
+        loop, store = sm.get("cpu_loop_us_per_msg"), sm.get("cpu_store_us_per_msg")
+        split = (
+            "-"
+            if loop is None or store is None
+            else f"{loop['median']:.0f} / {store['median']:.0f}"
+        )
+        lines.append(
+            f"{s.name:<{width}}{s.label:<{label_w}}{_fmt(sm.get('msg_per_s')):<30}"
+            f"{_fmt(sm.get('cpu_us_per_msg'), 1):<30}{split:>14}"
+            f"{'-' if per_commit is None else format(per_commit['median'], ',.1f'):>13}"
+            f"{'-' if 'loadavg' not in sm else format(sm['loadavg']['median'], '.1f'):>7}"
+            + (f"  ({note})" if note else "")
+        )
+    lat = summary.get("latency_half")
+    if lat:
+        lines += [
+            "",
+            f"Latency at a fixed offered rate of {lat['offered_rate']['median']:,.0f} msg/s "
+            f"(half of {LATENCY_BASE}), achieved {lat['achieved_rate']['median']:,.0f} msg/s, "
+            f"normal, 100 sessions",
+        ]
+        for what, key in (("send() call -> return", "send"), ("send() call -> handler", "start")):
+            lines.append(
+                f"  {what:<26} p50 {_fmt(lat[f'{key}_p50_ms'], 2, ' ms'):<28}"
+                f"p99 {_fmt(lat[f'{key}_p99_ms'], 2, ' ms'):<28}"
+                f"max {_fmt(lat[f'{key}_max_ms'], 2, ' ms')}"
+            )
+        lines.append(
+            f"  {'pacing lag (due -> call)':<26} p99 {_fmt(lat['pacing_lag_p99_ms'], 2, ' ms')};"
+            f"  CPU {_fmt(lat['cpu_us_per_msg'], 1, ' us/msg')}"
+        )
+    elif "latency_half" in rounds:
+        lines += ["", f"Latency: {_problem(rounds['latency_half']) or 'no result'}"]
+    idle = summary.get("idle_100k", {})
+    if "rss_idle_mb" in idle:
+        lines += [
+            "",
+            f"Idle sessions: setup {_fmt(idle['idle_setup_s'], 1, ' s')}; RSS with the idle "
+            f"sessions passivated {_fmt(idle['rss_idle_mb'], 0, ' MB')}, after the run "
+            f"{_fmt(idle['rss_mb'], 0, ' MB')} (idle_0 after the run: "
+            f"{_fmt(summary.get('idle_0', {}).get('rss_mb'), 0, ' MB')})",
+        ]
+    lim = limits(summary)
+    if ratio:
+        lines += ["", "Ratios (medians)"]
+        for d, entry in lim.items():
+            lines.append(f"  limit_{d} = {entry['scenario']}: {entry['msg_per_s']:,.0f} msg/s")
+        for key, value in ratio.items():
+            lines.append(f"  {key:<50} {value:10.2f}x")
+    lines += ["", "Targets (issue 'Performance'; checked on the medians, not asserted)"]
+    for c in checks:
+        lines.append(f"  {c['status']:<5} {c['target']:<78} {c['shown']}")
+    return "\n".join(lines)
+
+
+def _problem(rounds: list[dict[str, Any]]) -> str:
+    errors = [r["error"] for r in rounds if "error" in r]
+    skipped = [r["skipped"] for r in rounds if "skipped" in r]
+    if errors:
+        return f"ERROR in {len(errors)}/{len(rounds)} round(s): {errors[0]}"
+    if skipped:
+        return f"skipped: {skipped[0]}"
+    return ""

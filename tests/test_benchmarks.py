@@ -1,0 +1,86 @@
+"""Smoke test of the benchmark harness: a tiny run, and the shape of its JSON.
+
+Not a performance test: it only makes sure ``python -m benchmarks`` still
+runs end to end and writes figures that are there and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ["raw_b100_normal", "send_s100_normal", "many_s100_normal", "latency_half"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--scale",
+            "0.003",
+            "--only",
+            ",".join(SCENARIOS),
+            "--out",
+            str(out),
+            "--tmpdir",
+            str(out),
+            "--timeout",
+            "60",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    latest = out / "latest.json"
+    assert latest.exists(), proc.stdout + proc.stderr
+    stamped = [p for p in out.glob("*.json") if p.name != "latest.json"]
+    assert len(stamped) == 1
+    return proc, json.loads(latest.read_text())
+
+
+def test_harness_runs_and_prints_the_table(
+    run: tuple[subprocess.CompletedProcess[str], dict],
+) -> None:
+    proc, _ = run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for text in ("Throughput", "Latency at a fixed offered rate", "Ratios", "Targets"):
+        assert text in proc.stdout
+    for name in SCENARIOS[:-1]:  # the throughput rows; latency has its own lines
+        assert name in proc.stdout
+
+
+def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], dict]) -> None:
+    _, doc = run
+    assert {"meta", "scenarios", "summary", "limits", "ratios", "targets"} <= doc.keys()
+    assert doc["meta"]["rounds"] == 1
+    assert set(doc["scenarios"]) == set(SCENARIOS)
+    for name in ("raw_b100_normal", "send_s100_normal", "many_s100_normal"):
+        (result,) = doc["scenarios"][name]["rounds"]
+        assert "error" not in result, result
+        for key in ("messages", "elapsed_s", "msg_per_s", "cpu_us_per_msg", "msgs_per_commit"):
+            assert result[key] > 0, (name, key, result)
+        summary = doc["scenarios"][name]["summary"]
+        assert summary["msg_per_s"]["median"] == result["msg_per_s"]
+    (latency,) = doc["scenarios"]["latency_half"]["rounds"]
+    assert "error" not in latency, latency
+    for key in ("offered_rate", "send_p50_ms", "send_p99_ms", "start_p50_ms", "start_p99_ms"):
+        assert latency[key] > 0, (key, latency)
+    assert latency["send_p50_ms"] <= latency["send_p99_ms"]
+    assert doc["limits"]["normal"]["msg_per_s"] > 0
+    assert doc["ratios"]["send_s100_normal / limit_normal"] > 0
+    statuses = {t["target"]: t["status"] for t in doc["targets"]}
+    assert len(statuses) == 6
+    assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
+    # Measured here: end to end, share of the limit, send_many, latency.
+    assert sum(s != "n/a" for s in statuses.values()) == 4

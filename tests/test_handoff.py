@@ -1,0 +1,97 @@
+"""Claim on delivery: an idle, caught-up actor gets its next message claimed at insert."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+
+import actors
+from actors._actor import SessionActor
+
+
+async def test_idle_actor_is_handed_messages_claimed_at_insert(
+    db_path: str, autojump_clock: object
+) -> None:
+    seen: list[tuple[int, int]] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append((msg.body, msg.attempt))
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        await system.send("s", 0)
+        await system.drain()  # the actor is now idle and caught up
+        commits = system.statistics().commits
+        for i in range(1, 20):
+            await system.send("s", i)
+            await system.drain()
+        assert system._router.handoffs == 19
+        # One commit for the send (claim included) and one for the ack, at most.
+        assert system.statistics().commits - commits <= 2 * 19
+    assert seen == [(i, 1) for i in range(20)]
+
+
+@pytest.mark.parametrize("disturb", ["kill", "wake"])
+async def test_reserved_actor_disturbed_before_the_handoff_runs_it_once(
+    db_path: str, autojump_clock: object, monkeypatch: pytest.MonkeyPatch, disturb: str
+) -> None:
+    """A kill, or a wake-up (others want its slot), between reservation and commit."""
+    original: Callable[[SessionActor], None] = SessionActor.reserve
+
+    def reserve_and_disturb(self: SessionActor) -> None:
+        original(self)
+        if disturb == "kill":
+            assert self.kill()
+        else:
+            self.wake()
+
+    seen: list[tuple[int, int]] = []
+    running: set[str] = set()
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        assert ctx.session_id not in running
+        running.add(ctx.session_id)
+        await trio.sleep(0.01)
+        running.discard(ctx.session_id)
+        seen.append((msg.body, msg.attempt))
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        await system.send("s", 0)
+        await system.drain()
+        monkeypatch.setattr(SessionActor, "reserve", reserve_and_disturb)
+        for i in range(1, 6):
+            await system.send("s", i)
+            await system.drain()
+        assert system._router.handoffs == 5
+        assert system.dead_letters() == []
+    # Each message ran exactly once, on its first attempt.
+    assert seen == [(i, 1) for i in range(6)]
+
+
+async def test_handoff_to_an_actor_that_is_gone_gives_the_claim_back(
+    db_path: str, autojump_clock: object
+) -> None:
+    """A message claimed for an actor that left the registry goes back to pending."""
+    seen: list[tuple[int, int]] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append((msg.body, msg.attempt))
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        sup = system._sup
+        stranger = SessionActor("s", sup)  # reserved, but never registered
+        stranger.reserved = True
+        sup.reserved.add(1)
+        # The row as the router would have inserted it: claimed, attempt 1.
+        first = await system._store.call(
+            system._store.op_append, ["s"], ["7"], [0.0], None, frozenset({0})
+        )
+        sup.outstanding.add(1)
+        sup.hand_over(
+            stranger,
+            actors.Message(id=first, session_id="s", body=7, attempt=1, enqueued_at=0.0),
+        )
+        assert sup.reserved.value == 0
+        await system.drain()  # released, then claimed by a real actor
+    assert seen == [(7, 1)]  # the attempt was given back: it never ran
