@@ -13,6 +13,15 @@ async def noop(ctx: actors.Context, msg: actors.Message) -> None:
     pass
 
 
+async def left_by_a_dead_process(db_path: str, insert: str) -> None:
+    """Create the database, then write rows as a crashed process would have left them."""
+    async with actors.run_system(db_path, handler=noop):
+        pass
+    conn = apsw.Connection(db_path)
+    conn.execute(insert)
+    conn.close()
+
+
 def rows(db_path: str, sql: str) -> list[tuple[object, ...]]:
     conn = apsw.Connection(db_path)
     try:
@@ -40,17 +49,14 @@ async def test_startup_recovery_requeues_in_flight_at_once_oldest_first(
 ) -> None:
     # A crashed process left: session b's message in flight (attempt 1 used),
     # and pending work for a (newer head) and c (oldest head).
-    async with actors.run_system(db_path, handler=noop):
-        pass
-    conn = apsw.Connection(db_path)
-    conn.execute(
+    await left_by_a_dead_process(
+        db_path,
         "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at) VALUES"
         " (10, 'c', 10, 0, 0, '\"c1\"', 0),"
         " (11, 'b', 11, 1, 1, '\"b1\"', 0),"
         " (12, 'a', 12, 0, 0, '\"a1\"', 0),"
-        " (13, 'b', 13, 0, 0, '\"b2\"', 0)"
+        " (13, 'b', 13, 0, 0, '\"b2\"', 0)",
     )
-    conn.close()
     seen: list[tuple[object, int]] = []
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
@@ -282,19 +288,16 @@ async def test_crash_suspects_on_their_last_attempt_run_alone(
     db_path: str, autojump_clock: object
 ) -> None:
     """Messages in flight when the process died, one attempt from the end, run alone."""
-    async with actors.run_system(db_path, handler=noop):
-        pass
-    conn = apsw.Connection(db_path)
     # A dead process left two messages in flight on their 2nd of 3 attempts,
     # plus ordinary pending work in other sessions.
-    conn.execute(
+    await left_by_a_dead_process(
+        db_path,
         "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at) VALUES"
         " (1, 'p', 1, 1, 2, '\"suspect-p\"', 0),"
         " (2, 'q', 2, 1, 2, '\"suspect-q\"', 0),"
         " (3, 'x', 3, 0, 0, '\"x\"', 0),"
-        " (4, 'y', 4, 0, 0, '\"y\"', 0)"
+        " (4, 'y', 4, 0, 0, '\"y\"', 0)",
     )
-    conn.close()
     running: set[str] = set()
     overlaps: list[tuple[str, frozenset[str]]] = []
     seen: list[tuple[str, int]] = []
@@ -317,15 +320,12 @@ async def test_crash_suspects_on_their_last_attempt_run_alone(
 
 
 async def test_suspect_that_ran_alone_and_died_is_dead_lettered(db_path: str) -> None:
-    async with actors.run_system(db_path, handler=noop):
-        pass
-    conn = apsw.Connection(db_path)
     # In flight, alone, on its last attempt, when the process died.
-    conn.execute(
+    await left_by_a_dead_process(
+        db_path,
         "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at, alone)"
-        " VALUES (1, 'p', 1, 1, 3, '\"poison\"', 0, 1), (2, 'p', 2, 0, 0, '\"next\"', 0, 0)"
+        " VALUES (1, 'p', 1, 1, 3, '\"poison\"', 0, 1), (2, 'p', 2, 0, 0, '\"next\"', 0, 0)",
     )
-    conn.close()
     seen: list[str] = []
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
