@@ -135,6 +135,21 @@ class Exit(enum.Enum):
     TIMEOUT = "timeout"  # (internal to _serve) the handler outlived handler_timeout
 
 
+@attrs.frozen
+class SessionActorStatistics:
+    """One session actor right now."""
+
+    session_id: str
+    in_flight: int | None  # the id of the message it holds
+    handler_running: bool
+    idle: bool
+    caught_up: bool
+    claimed_seq: int
+    notified_seq: int
+    turn: int  # messages processed in this activation
+    mailbox: trio.MemoryChannelStatistics
+
+
 class SessionActor:
     """A session's slot in the registry: its mailbox and its incarnations."""
 
@@ -176,6 +191,20 @@ class SessionActor:
         self._waiting_notice = False
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
+
+    def statistics(self) -> SessionActorStatistics:
+        """A snapshot of this actor."""
+        return SessionActorStatistics(
+            session_id=self.session_id,
+            in_flight=self._in_flight.id if self._in_flight is not None else None,
+            handler_running=self._in_flight is not None and self.handler_started,
+            idle=self.idle,
+            caught_up=self.caught_up,
+            claimed_seq=self.claimed_seq,
+            notified_seq=self.notified_seq,
+            turn=self.turn,
+            mailbox=self._notices.statistics(),
+        )
 
     @property
     def in_flight(self) -> Message | None:

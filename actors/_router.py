@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from ._codec import decode_body
@@ -55,6 +56,17 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+
+@attrs.frozen
+class RouterStatistics:
+    """Counters of the router since start."""
+
+    sends: int  # messages committed
+    batches: int  # batches committed (one store operation each)
+    handoffs: int  # messages inserted claimed for an idle actor
+    open_batch: int  # sends waiting for the next commit
+    closed: bool
 
 
 class Router:
@@ -101,6 +113,16 @@ class Router:
             batch = self._open = Batch()
             self._wakeup.set()
         return batch
+
+    def statistics(self) -> RouterStatistics:
+        """Counters since start, and the size of the batch being filled."""
+        return RouterStatistics(
+            sends=self.sends,
+            batches=self.batches,
+            handoffs=self.handoffs,
+            open_batch=len(self._open) if self._open is not None else 0,
+            closed=self._closed,
+        )
 
     def close(self) -> None:
         """Accept no more sends; the router task exits once the open batch is committed."""

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from ._actor import Actor, Exit, SessionActor
@@ -80,6 +81,21 @@ class Gauge:
 
 def _ignore(_result: object) -> None:
     pass
+
+
+@attrs.frozen
+class SupervisorStatistics:
+    """The registry and the waiting line right now, and restarts since start."""
+
+    active: int  # live actors
+    busy: int  # actors holding a claimed message
+    idle: int  # actors waiting for work
+    reserved: int  # actors waiting for a message claimed on delivery
+    waiting: int  # sessions queued in memory for a slot
+    overflow: bool  # more waiting sessions are in the database only
+    isolating: str | None  # the session running a crash suspect alone
+    restarts: int
+    stopping: bool
 
 
 class Supervisor:
@@ -201,6 +217,20 @@ class Supervisor:
         """Crash ``session_id``'s actor now. False if it has none running."""
         actor = self._actors.get(session_id)
         return actor is not None and actor.kill()
+
+    def statistics(self) -> SupervisorStatistics:
+        """A snapshot of the registry and the waiting line."""
+        return SupervisorStatistics(
+            active=len(self._actors),
+            busy=self.busy.value,
+            idle=len(self.idle_actors),
+            reserved=self.reserved.value,
+            waiting=len(self._waiting),
+            overflow=self._overflow,
+            isolating=self.isolating.session_id if self.isolating is not None else None,
+            restarts=self.restart_count,
+            stopping=self.stopping,
+        )
 
     @property
     def has_waiters(self) -> bool:

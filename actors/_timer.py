@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from ._clock import Clock
@@ -20,6 +21,14 @@ if TYPE_CHECKING:
     from ._supervisor import Supervisor
 
 PROMOTE_BATCH = 1000
+
+
+@attrs.frozen
+class TimerStatistics:
+    """What the timer did since start, and when it wakes next."""
+
+    fired: int  # delayed messages promoted plus sessions woken after a retry wait
+    next_deadline: float  # trio time of the next wake-up (inf: none)
 
 
 class Timer:
@@ -36,6 +45,11 @@ class Timer:
         # Earliest deadline scheduled while a lookup was under way.
         self._scheduled = math.inf
         self.fired = 0
+
+    def statistics(self) -> TimerStatistics:
+        """Counters since start, and the next wake-up."""
+        deadline = self._sleep.deadline if self._sleep is not None else math.inf
+        return TimerStatistics(fired=self.fired, next_deadline=deadline)
 
     def schedule(self, wall: float, session_id: str | None = None) -> None:
         """A deadline at epoch time ``wall`` was committed; wake up for it.
