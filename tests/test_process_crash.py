@@ -22,6 +22,7 @@ from typing import Any
 import apsw
 import pytest
 import trio
+from progress import ProgressPipe
 
 import actors
 
@@ -39,12 +40,15 @@ class Child:
     def __init__(self, tmp_path: Path, mode: str, db: Path, log: Path, *options: str) -> None:
         self.stderr_path = tmp_path / f"child-{mode}-{time.monotonic_ns()}.stderr"
         self._stderr = self.stderr_path.open("w")
+        self.progress = ProgressPipe()
         self.proc = subprocess.Popen(
             [sys.executable, str(CHILD), mode, str(db), str(log), *options],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            **self.progress.popen_options(),
         )
+        self.progress.spawned()
         self.pid = self.proc.pid
 
     def stderr(self) -> str:
@@ -52,16 +56,12 @@ class Child:
         return self.stderr_path.read_text()[-4000:]
 
     def wait_until(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
-        """Poll ``predicate`` while the child runs; fail if it exits or time runs out."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"child exited with {self.proc.returncode} before {what}:\n{self.stderr()}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout}s waiting for {what}:\n{self.stderr()}")
-            time.sleep(0.05)
+        """Check ``predicate`` each time the child logs; fail if it exits or time runs out."""
+
+        def fail(why: str) -> None:
+            pytest.fail(f"{why} before {what}:\n{self.stderr()}")
+
+        self.progress.wait(self.proc, predicate, timeout, fail)
 
     def finish(self, timeout: float = CHILD_TIMEOUT) -> tuple[int, str]:
         """Wait for the child to exit by itself; returns (exit code, stdout)."""
@@ -84,6 +84,7 @@ class Child:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.communicate(timeout=CHILD_TIMEOUT)
         self._stderr.close()
+        self.progress.close()
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import apsw
 import pytest
+from progress import ProgressPipe
 
 CHILD = Path(__file__).with_name("soak_child.py")
 MAX_ATTEMPTS = 4  # soak_child.MAX_ATTEMPTS
@@ -259,17 +260,24 @@ def check_history(history: History, final: dict[str, object]) -> tuple[dict[str,
 # -- the soak -------------------------------------------------------------------
 
 
+PROGRESS: dict[int, ProgressPipe] = {}  # {child pid: its progress pipe}
+
+
 @contextlib.contextmanager
 def spawn(
     tmp_path: Path, mode: str, db: Path, log: Path, run: int, seed: int
 ) -> Iterator[subprocess.Popen[str]]:
     stderr = (tmp_path / f"run-{run:05d}.stderr").open("w")
+    progress = ProgressPipe()
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), mode, str(db), str(log), f"--run={run}", f"--seed={seed}"],
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
+        **progress.popen_options(),
     )
+    progress.spawned()
+    PROGRESS[proc.pid] = progress
     try:
         yield proc
     finally:
@@ -278,6 +286,7 @@ def spawn(
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=CHILD_TIMEOUT)
         stderr.close()
+        PROGRESS.pop(proc.pid).close()
 
 
 def stderr_of(tmp_path: Path, run: int) -> str:
@@ -285,13 +294,14 @@ def stderr_of(tmp_path: Path, run: int) -> str:
 
 
 def wait_ready(proc: subprocess.Popen[str], log: Path, tmp_path: Path, run: int) -> None:
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    while not (log.exists() and "\nready " in log.read_text()):
-        if proc.poll() is not None:
-            pytest.fail(f"run {run} exited with {proc.returncode}:\n{stderr_of(tmp_path, run)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"run {run} not ready after {CHILD_TIMEOUT}s:\n{stderr_of(tmp_path, run)}")
-        time.sleep(0.005)
+    """Look at the log each time the child writes to it, until it says ready."""
+
+    def fail(why: str) -> None:
+        pytest.fail(f"run {run}: {why} before it was ready:\n{stderr_of(tmp_path, run)}")
+
+    PROGRESS[proc.pid].wait(
+        proc, lambda: log.exists() and "\nready " in log.read_text(), CHILD_TIMEOUT, fail
+    )
 
 
 @pytest.mark.slow
@@ -305,6 +315,8 @@ def test_sigkill_soak(tmp_path: Path) -> None:
         with spawn(tmp_path, "stream", db, log, run, rng.randrange(2**32)) as proc:
             if rng.random() >= EARLY_KILLS:
                 wait_ready(proc, log, tmp_path, run)
+            # The kill moment itself is the random variable of the soak: not a
+            # wait for something, but a seeded point in time to strike at.
             time.sleep(rng.uniform(0, KILL_AFTER))
             # "stream" never exits by itself: it must still be running to be killed.
             assert proc.poll() is None, f"run {run} exited:\n{stderr_of(tmp_path, run)}"
