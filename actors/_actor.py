@@ -189,6 +189,11 @@ class SessionActor:
         self.handed: Message | None = None
         self._handoff = trio.Event()  # set by take_handoff()
         self._waiting_notice = False
+        # handler_timeout (see Watchdog): set around each handler call.
+        self.handler_running = False
+        self.handler_deadline = math.inf
+        self.watched = False  # the watchdog's heap has an entry for this actor
+        self._timeout_scope: trio.CancelScope | None = None
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
 
@@ -243,6 +248,11 @@ class SessionActor:
     def idle(self) -> bool:
         """Waiting for work (not running a handler, not between incarnations)."""
         return self._wait_scope is not None and self.in_flight is None
+
+    def time_out(self) -> None:
+        """The running handler passed its deadline (Watchdog): cancel it."""
+        if self.handler_running and self._timeout_scope is not None:
+            self._timeout_scope.cancel()
 
     def kill(self) -> bool:
         """Crash the live incarnation now. Returns False if none is running."""
@@ -340,11 +350,17 @@ class SessionActor:
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
         # One cancel scope serves every handler call of this incarnation as
-        # its timeout: its deadline is set around each call and infinite
-        # otherwise (a scope per message would cost more than the rest of
-        # the message's way through the actor).
+        # its timeout: the supervisor's Watchdog cancels it when a running
+        # handler passes its deadline (a scope per message, or a deadline
+        # moved around each call, would cost more than the rest of the
+        # message's way through the actor).
         with trio.CancelScope() as deadline:
-            outcome = await self._serve_loop(instance, ctx, deadline)
+            self._timeout_scope = deadline
+            try:
+                outcome = await self._serve_loop(instance, ctx, deadline)
+            finally:
+                self.handler_running = False
+                self._timeout_scope = None
         if deadline.cancelled_caught or outcome is Exit.TIMEOUT:
             timeout = self._sup.config.handler_timeout
             self._failure = HandlerTimeoutError(
@@ -360,6 +376,7 @@ class SessionActor:
         store = sup.store
         timeout = config.handler_timeout
         handle = instance._fn if isinstance(instance, _FunctionActor) else instance.handle
+        watchdog = sup.watchdog
         ack: int | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
@@ -443,20 +460,24 @@ class SessionActor:
             await trio.lowlevel.checkpoint_if_cancelled()
             self.handler_started = True
             if timeout is not None:
-                deadline.deadline = trio.current_time() + timeout
+                self.handler_deadline = trio.current_time() + timeout
+                watchdog.watch(self)
+            else:
+                self.handler_deadline = math.inf
+            self.handler_running = True
             try:
                 await handle(ctx, msg)
             except Exception as exc:
-                deadline.deadline = math.inf
+                self.handler_running = False
                 if deadline.cancel_called:
-                    return Exit.TIMEOUT  # the deadline passed as it raised
+                    return Exit.TIMEOUT  # the watchdog cancelled it as it raised
                 self._failure = exc
                 await self._stop_instance(instance, ctx)
                 return Exit.CRASH
-            # (A Cancelled from the deadline propagates to _serve's scope.)
-            deadline.deadline = math.inf
+            # (A Cancelled from the watchdog propagates to _serve's scope.)
+            self.handler_running = False
             if deadline.cancel_called:
-                # The deadline passed just as the handler returned: it did
+                # The watchdog cancelled it just as it returned: it did
                 # outlive handler_timeout, and the scope is spent.
                 return Exit.TIMEOUT
             ack = msg.id

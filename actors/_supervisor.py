@@ -31,6 +31,7 @@ from ._errors import StoreError
 from ._policy import RestartTracker
 from ._records import Message
 from ._store import Store
+from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
     from ._system import System
@@ -122,6 +123,7 @@ class Supervisor:
         self.timer = timer
         self.rng = rng
         self.restarts = RestartTracker(config.restart_policy, rng)
+        self.watchdog = Watchdog()
         # {session_id: its live actor}; at most one per session, ever: an
         # actor is registered before its task starts and removed only by
         # retire()/forget() in the same step that ends it.
@@ -169,6 +171,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._refill_loop)
+                if self.config.handler_timeout is not None:
+                    nursery.start_soon(self.watchdog.run, name="actors.watchdog")
                 self._want_refill()
                 task_status.started()
                 await trio.sleep_forever()

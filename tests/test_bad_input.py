@@ -550,9 +550,10 @@ async def test_handler_blocking_the_event_loop(db_path: str, then_checkpoint: bo
     """``time.sleep(0.2)`` in a handler with ``handler_timeout=0.05`` (real clock).
 
     Nothing is lost and everything is processed. The timeout cannot interrupt
-    the blocking call: without a checkpoint after it the handler finishes and
-    its message counts as processed; with one, the timeout takes effect
-    there, late, and the attempt fails and is retried.
+    the blocking call. Without a checkpoint after it the handler finishes and
+    its message counts as processed. With one, the watchdog's cancellation
+    races the handler's return: the attempt either completes or times out and
+    is retried, and both are honest.
     """
     seen: list[tuple[str, Any, int]] = []
     blocked_for: list[float] = []
@@ -582,10 +583,12 @@ async def test_handler_blocking_the_event_loop(db_path: str, then_checkpoint: bo
     assert sorted((s, b) for s, b, _ in seen) == sorted(
         [("b", "block"), ("b", "after"), *((f"other-{i}", i) for i in range(5))]
     )
-    assert [(b, a) for s, b, a in seen if s == "b"] == (
-        [("block", 2), ("after", 1)] if then_checkpoint else [("block", 1), ("after", 1)]
-    )
-    assert stats.failed_attempts == (1 if then_checkpoint else 0)
+    timed_out = stats.failed_attempts
+    if then_checkpoint:
+        assert timed_out in (0, 1)
+    else:
+        assert timed_out == 0
+    assert [(b, a) for s, b, a in seen if s == "b"] == [("block", 1 + timed_out), ("after", 1)]
     assert stats.dead == 0
     assert rows(db_path) == []
 

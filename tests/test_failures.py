@@ -295,3 +295,36 @@ async def test_store_failure_surfaces_from_run_system(db_path: str) -> None:
     async with actors.run_system(db_path, handler=record) as system:
         await system.drain()
     assert 2 not in seen
+
+
+async def test_watchdog_times_out_a_late_handler_of_a_busy_actor(
+    db_path: str, autojump_clock: object
+) -> None:
+    """Many quick handlers, longer in all than the timeout, then one that hangs.
+
+    The watchdog's entry for the actor is re-armed to each later handler's
+    deadline; the hanging one is cancelled exactly one timeout after it started.
+    """
+    started: dict[int, float] = {}
+    cancelled_at: list[float] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        started.setdefault(msg.body, trio.current_time())
+        if msg.body == 50 and msg.attempt == 1:
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                cancelled_at.append(trio.current_time())
+                raise
+        await trio.sleep(1)
+
+    async with actors.run_system(
+        db_path, handler=handler, handler_timeout=5, retry_backoff=FAST_RETRY
+    ) as system:
+        await system.send_many([("busy", i) for i in range(51)])
+        await system.send("other", "x")  # another actor, watched at the same time
+        await system.drain()
+        stats = system.statistics()
+        watchdog = system._sup.watchdog.statistics()
+    assert cancelled_at == [pytest.approx(started[50] + 5, abs=1e-6)]
+    assert stats.failed_attempts == 1 and watchdog.timeouts == 1
