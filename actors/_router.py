@@ -31,17 +31,22 @@ if TYPE_CHECKING:
 
 
 class Batch:
-    """Sends that commit together. Senders wait on ``done``."""
+    """Sends that commit together. Senders wait in ``wait()`` until ``finish()``.
+
+    Waiting senders are rescheduled directly (no Event and its parking lot:
+    this is once per message).
+    """
 
     __slots__ = (
         "bodies",
         "delayed",
-        "done",
         "enqueued",
         "error",
+        "finished",
         "first_id",
         "not_before",
         "sessions",
+        "waiters",
     )
 
     def __init__(self) -> None:
@@ -50,12 +55,37 @@ class Batch:
         self.enqueued: list[float] = []
         self.not_before: list[float | None] = []
         self.delayed = False
-        self.done = trio.Event()
+        self.finished = False
+        self.waiters: list[trio.lowlevel.Task] = []
         self.first_id = 0
         self.error: BaseException | None = None
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+    async def wait(self) -> None:
+        """Wait until the batch committed or failed (``first_id`` / ``error``).
+
+        A cancelled sender stops waiting; its message may or may not commit.
+        """
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        task = trio.lowlevel.current_task()
+        self.waiters.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def finish(self) -> None:
+        """The batch committed (``first_id`` set) or failed (``error`` set): wake the senders."""
+        self.finished = True
+        waiters, self.waiters = self.waiters, []
+        for task in waiters:
+            trio.lowlevel.reschedule(task)
 
 
 @attrs.frozen
@@ -159,7 +189,7 @@ class Router:
                     self._fail(batch, exc)
                     raise
                 batch.first_id = first
-                batch.done.set()
+                batch.finish()
                 self.batches += 1
                 self.sends += len(batch)
                 self.handoffs += len(handoffs)
@@ -182,7 +212,7 @@ class Router:
                 self._open.error = SystemClosedError(
                     "the system stopped before this send committed"
                 )
-                self._open.done.set()
+                self._open.finish()
                 self._open = None
             self.finished.set()
 
@@ -192,7 +222,7 @@ class Router:
         for b in (batch, self._open):
             if b is not None:
                 b.error = exc
-                b.done.set()
+                b.finish()
         self._open = None
 
     def _deliver(self, batch: Batch, first: int) -> None:

@@ -116,7 +116,7 @@ class System:
         now = self._clock.now()
         seconds = finite_delay(delay)
         batch, index = self._router.add(session_id, data, now, now + seconds if seconds else None)
-        await batch.done.wait()
+        await batch.wait()
         self._check(batch)
         return batch.first_id + index
 
@@ -146,7 +146,7 @@ class System:
         batch, first_index = add(encoded[0][0], encoded[0][1], now, None)
         for session_id, data in encoded[1:]:
             add(session_id, data, now, None)
-        await batch.done.wait()
+        await batch.wait()
         self._check(batch)
         first = batch.first_id + first_index
         return list(range(first, first + len(encoded)))
