@@ -347,6 +347,7 @@ class Supervisor:
             return False
         assert self._actors.get(actor.session_id) is actor
         del self._actors[actor.session_id]
+        self.watchdog.forget(actor)
         if outcome is Exit.WAIT and actor.wait_until is not None:
             self.timer.schedule(actor.wait_until, actor.session_id)
         elif outcome is Exit.YIELD and not self.stopping:
@@ -359,6 +360,7 @@ class Supervisor:
         """Remove an actor that was cancelled (stop, or the system failing)."""
         if self._actors.get(actor.session_id) is actor:
             del self._actors[actor.session_id]
+            self.watchdog.forget(actor)
             self._after_leave()
 
     def on_actor_started(self, actor: SessionActor) -> None:

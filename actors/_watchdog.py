@@ -39,6 +39,7 @@ class Watchdog:
         self._heap: list[tuple[float, int, SessionActor]] = []
         self._tie = itertools.count()
         self._armed = trio.Event()  # set when the heap gets its first entry
+        self._compact_at = 64  # heap size at which stale entries are dropped
         self.timeouts = 0
 
     def statistics(self) -> WatchdogStatistics:
@@ -49,9 +50,25 @@ class Watchdog:
         if actor.watched:
             return  # its entry will be re-armed to the new deadline when it comes due
         actor.watched = True
-        heapq.heappush(self._heap, (actor.handler_deadline, next(self._tie), actor))
-        if len(self._heap) == 1:
+        heap = self._heap
+        if len(heap) >= self._compact_at:
+            self._compact()
+        heapq.heappush(heap, (actor.handler_deadline, next(self._tie), actor))
+        if len(heap) == 1:
             self._armed.set()
+
+    def forget(self, actor: SessionActor) -> None:
+        """``actor`` left the registry; its entry goes at the next compaction."""
+        actor.watched = False
+
+    def _compact(self) -> None:
+        # Entries of actors that left (or stopped running handlers) would
+        # otherwise stay up to a whole timeout, holding the actor objects:
+        # memory must follow the active actors, not the activations. Keep
+        # the live ones; amortised O(1) per push, since the bound doubles.
+        self._heap[:] = [entry for entry in self._heap if entry[2].watched]
+        heapq.heapify(self._heap)
+        self._compact_at = max(64, 2 * len(self._heap))
 
     async def run(self) -> None:
         heap = self._heap
@@ -64,6 +81,8 @@ class Watchdog:
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 _, _, actor = heapq.heappop(heap)
+                if not actor.watched:
+                    continue  # left the registry: forgotten
                 if not actor.handler_running:
                     actor.watched = False
                 elif actor.handler_deadline <= now:

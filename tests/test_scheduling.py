@@ -132,3 +132,23 @@ async def test_dead_letter_while_others_wait_does_not_strand_the_session(
         with trio.fail_after(100):
             await system.drain()
     assert sorted(done) == ["after", "x"]
+
+
+async def test_watchdog_memory_follows_active_actors_not_activations(
+    db_path: str, autojump_clock: object
+) -> None:
+    """Thousands of short activations within one handler_timeout: the watchdog
+    must not hold on to every actor that ever ran (memory follows active actors)."""
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        pass
+
+    async with actors.run_system(
+        db_path, handler=handler, max_active=10, handler_timeout=3600
+    ) as system:
+        for i in range(3000):
+            await system.send(f"s{i}", i)  # a new session each time: activations galore
+        await system.drain()
+        watched = system._sup.watchdog.statistics().watched
+        assert system.statistics().processed == 3000
+    assert watched <= 2 * 10 + 64
