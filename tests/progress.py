@@ -85,3 +85,19 @@ def signal_progress(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(fd, b".")
+
+
+class Log:
+    """In the child: the log the parent reads; one ``write()`` per line.
+
+    Each line is a single append (atomic at these sizes), then one byte of
+    progress for the parent.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._progress = child_progress_fd()
+
+    def write(self, *fields: object) -> None:
+        os.write(self._fd, (" ".join(map(str, fields)) + "\n").encode())
+        signal_progress(self._progress)

@@ -35,7 +35,7 @@ import sys
 import zlib
 
 import trio
-from progress import child_progress_fd, signal_progress  # the script's own folder
+from progress import Log  # the script's own folder
 
 import actors
 
@@ -51,16 +51,6 @@ def kind_of(session: str, index: int) -> str:
     if h < 7:
         return "flaky"
     return "ok"
-
-
-class Log:
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._progress = child_progress_fd()
-
-    def write(self, *fields: object) -> None:
-        os.write(self._fd, (" ".join(map(str, fields)) + "\n").encode())
-        signal_progress(self._progress)
 
 
 class Boom(Exception):
