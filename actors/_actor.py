@@ -448,8 +448,9 @@ class SessionActor:
                             return Exit.WAIT
                         await self._wait(delay)
                         continue
-                    if sup.has_waiters or not await self._wait_for_notice(config.idle_timeout):
-                        return Exit.STOP if sup.stopping else Exit.IDLE
+                    leave = await self._await_work()
+                    if leave is not None:
+                        return leave
                     continue
                 seq = claim.seq
             self.handler_started = False
@@ -490,10 +491,17 @@ class SessionActor:
                 self.in_flight = None
                 store.submit(store.op_ack, ack, done=sup.on_ack_committed)
                 ack = None
-                if sup.stopping:
-                    return Exit.STOP
-                if sup.has_waiters or not await self._wait_for_notice(config.idle_timeout):
-                    return Exit.STOP if sup.stopping else Exit.IDLE
+                leave = await self._await_work()
+                if leave is not None:
+                    return leave
+
+    async def _await_work(self) -> Exit | None:
+        """Nothing to do: wait for work. Returns how to leave instead, if the
+        actor should (the system stops, others wait for a slot, or idle_timeout)."""
+        sup = self._sup
+        if sup.has_waiters or not await self._wait_for_notice(sup.config.idle_timeout):
+            return Exit.STOP if sup.stopping else Exit.IDLE
+        return None
 
     async def _flush_ack(self, ack: int | None) -> None:
         if ack is not None:
