@@ -10,11 +10,14 @@ actor or the whole process dies.
 """
 
 from ._actor import Actor, Context
+from ._bridge import BlockingSubscription, Bridge, BridgeStatistics
 from ._config import Config
 from ._errors import (
     ActorKilledError,
     ActorsError,
+    AskTimeoutError,
     DatabaseInUseError,
+    DeadLetteredError,
     HandlerTimeoutError,
     MessageTooLargeError,
     SchemaVersionError,
@@ -23,23 +26,32 @@ from ._errors import (
 )
 from ._policy import Backoff, RestartPolicy
 from ._records import DeadLetter, Message, SystemStatistics
+from ._streams import StatusEvent, Subscription, SubscriptionStatistics
 from ._system import System, run_system
 
 __all__ = [
     "Actor",
     "ActorKilledError",
     "ActorsError",
+    "AskTimeoutError",
     "Backoff",
+    "BlockingSubscription",
+    "Bridge",
+    "BridgeStatistics",
     "Config",
     "Context",
     "DatabaseInUseError",
     "DeadLetter",
+    "DeadLetteredError",
     "HandlerTimeoutError",
     "Message",
     "MessageTooLargeError",
     "RestartPolicy",
     "SchemaVersionError",
+    "StatusEvent",
     "StoreError",
+    "Subscription",
+    "SubscriptionStatistics",
     "System",
     "SystemClosedError",
     "SystemStatistics",

@@ -21,15 +21,16 @@ import enum
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
+from ._codec import _encoder, check_session_id, decode_body, encode_body
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
 from ._records import Message
-from ._store import format_error
+from ._store import Ack, format_error
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -38,17 +39,152 @@ if TYPE_CHECKING:
 log = logging.getLogger("actors.actor")
 
 
-@attrs.define(eq=False)
 class Context:
-    """What a handler gets besides the message.
+    """What a handler gets besides the message: its session, state and outbox.
 
     Attributes:
       session_id: the session this actor serves.
-      system: the running :class:`System` (to send to other sessions).
+      system: the running :class:`System` (``ctx.system.send`` sends at
+        once, outside the message's transaction; ``ctx.send`` is usually
+        what you want).
+
+    A context belongs to one incarnation of the session's actor: a restart
+    gets a fresh one, loaded from what was committed.
     """
 
-    session_id: str
-    system: System
+    __slots__ = (
+        "_message",
+        "_outbox",
+        "_state",
+        "_state_json",
+        "_state_used",
+        "session_id",
+        "system",
+    )
+
+    def __init__(self, session_id: str, system: System) -> None:
+        self.session_id = session_id
+        self.system = system
+        self._state: dict[str, Any] | None = None  # None until loaded
+        self._state_json = "{}"  # the state as last committed (or about to be)
+        self._state_used = False  # the handler may have changed it: compare at the ack
+        self._outbox: list[tuple[str, str | bytes, float]] | None = None
+        self._message: Message | None = None  # the message being handled
+
+    def __repr__(self) -> str:
+        return f"<Context session_id={self.session_id!r}>"
+
+    # -- durable state ------------------------------------------------------
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The session's durable state: a dict of JSON-compatible values.
+
+        Empty for a new session. Change it in place (or assign a new dict);
+        the change is committed in the same transaction as the ack of the
+        message being handled, so a crash never applies a message to the
+        state twice and never loses an applied change. If the handler fails
+        (raises, times out, is killed), the state is as it was before the
+        message. Values make a JSON round trip: tuples come back as lists,
+        dict keys as strings. Changes made outside ``handle`` (in ``started``
+        or ``stopped``) are not committed.
+        """
+        state = self._state
+        if state is None:
+            raise RuntimeError(
+                "ctx.state is loaded with the session's first message: use it in handle()"
+            )
+        self._state_used = True
+        return state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(f"ctx.state must be a dict, got {type(value).__name__}")
+        self._state = value
+        self._state_used = True
+
+    def _load_state(self, text: str | None) -> None:
+        if text is None:
+            self._state, self._state_json = {}, "{}"
+            return
+        value = decode_body(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"stored state of session {self.session_id!r} is not an object")
+        self._state, self._state_json = value, text
+
+    # -- the outbox ---------------------------------------------------------
+
+    def send(self, session_id: str, body: Any) -> _Queued:
+        """Send ``body`` to ``session_id`` when, and only if, this message is acked.
+
+        The message is committed in the same transaction as the ack of the
+        message being handled (a transactional outbox): if the handler
+        fails, nothing is sent, and a redelivered message does not send
+        twice. Validated now (as ``System.send`` validates); delivered after
+        the commit. Awaiting the result is allowed and optional.
+
+        Raises:
+          RuntimeError: called outside ``handle``.
+          TypeError / ValueError: as ``System.send``.
+        """
+        if self._message is None:
+            raise RuntimeError(
+                "ctx.send() commits with the ack of the message being handled: call it in "
+                "handle() (elsewhere, use ctx.system.send())"
+            )
+        session_id = check_session_id(session_id)
+        system = self.system
+        data = encode_body(body, system.config.max_message_bytes)
+        if self._outbox is None:
+            self._outbox = []
+        self._outbox.append((session_id, data, system._clock.now()))
+        return _QUEUED
+
+    # -- outputs ------------------------------------------------------------
+
+    async def emit(self, value: Any) -> None:
+        """Stream ``value`` to the session's subscribers (``System.subscribe``).
+
+        Waits while a subscriber's buffer is full (backpressure); returns at
+        once if nobody subscribes. Outputs are live, not durable: a
+        redelivered message emits again.
+        """
+        await self.system._sup.outputs.publish(self.session_id, value)
+
+    # -- the actor's side ---------------------------------------------------
+
+    def _ack(self, msg: Message) -> int | Ack:
+        """What the ack of ``msg`` must write: its id alone, or an Ack.
+
+        Raises TypeError if the handler left ``state`` not JSON-compatible
+        (the attempt fails, and the state is rolled back).
+        """
+        state_json: str | None = None
+        if self._state_used:
+            try:
+                text = _encoder.encode(self._state)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise TypeError(f"ctx.state is not JSON-compatible: {exc}") from None
+            if text != self._state_json:
+                state_json = self._state_json = text
+        outbox, self._outbox = self._outbox, None
+        if state_json is None and outbox is None and msg.key is None:
+            return msg.id
+        return Ack(msg.id, self.session_id, state_json, outbox, msg.key)
+
+
+class _Queued:
+    """What ``ctx.send`` returns: nothing to wait for, but awaitable."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # pragma: no cover - makes this a generator
+
+
+_QUEUED = _Queued()
 
 
 class Actor:
@@ -323,6 +459,11 @@ class SessionActor:
             self._scope = scope
             try:
                 instance = sup.factory()
+                if type(instance).started is not Actor.started:
+                    # started() may read the state: load it now (a function
+                    # handler gets it with its first claim instead).
+                    store = sup.store
+                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
                 await instance.started(ctx)
                 sup.on_actor_started(self)
                 outcome = await self._serve(instance, ctx)
@@ -377,7 +518,7 @@ class SessionActor:
         timeout = config.handler_timeout
         handle = instance._fn if isinstance(instance, _FunctionActor) else instance.handle
         watchdog = sup.watchdog
-        ack: int | None = None
+        ack: int | Ack | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
             if sup.stopping:
@@ -408,7 +549,7 @@ class SessionActor:
                 # already this actor's in_flight (Supervisor.hand_over).
                 self.handed = None
                 if ack is not None:
-                    store.submit(store.op_ack, ack, done=sup.on_ack_committed)
+                    store.submit(store.op_ack, ack, sup.clock.now(), done=sup.on_ack_committed)
                     ack = None
                 seq = msg.id
             else:
@@ -420,6 +561,7 @@ class SessionActor:
                     sup.clock.now(),
                     config.max_attempts,
                     alone,
+                    ctx._state is None,
                 )
                 # Committed: the ack (if any) and the claim (if any). Record
                 # both before the next checkpoint, so a kill sees the truth.
@@ -427,8 +569,15 @@ class SessionActor:
                     sup.on_acked()
                     ack = None
                 self.in_flight = claim.message
+                self.handler_started = False
+                if claim.sent:
+                    sup.on_sent(claim.sent)
                 if claim.dead:
-                    sup.on_dead_lettered(self.session_id, len(claim.dead))
+                    sup.on_dead_lettered(
+                        self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
+                    )
+                if ctx._state is None:
+                    ctx._load_state(claim.state)
                 msg = claim.message
                 if alone and msg is None:  # nothing to run alone after all
                     sup.end_isolation(self)
@@ -466,22 +615,36 @@ class SessionActor:
             else:
                 self.handler_deadline = math.inf
             self.handler_running = True
+            ctx._message = msg
+            observer = sup.observer
+            started_at = trio.current_time() if observer is not None else 0.0
             try:
-                await handle(ctx, msg)
+                result = await handle(ctx, msg)
+                done = ctx._ack(msg)  # raises if the state cannot be committed
             except Exception as exc:
                 self.handler_running = False
+                ctx._message = None
                 if deadline.cancel_called:
                     return Exit.TIMEOUT  # the watchdog cancelled it as it raised
                 self._failure = exc
                 await self._stop_instance(instance, ctx)
                 return Exit.CRASH
+            ctx._message = None
             # (A Cancelled from the watchdog propagates to _serve's scope.)
             self.handler_running = False
             if deadline.cancel_called:
                 # The watchdog cancelled it just as it returned: it did
                 # outlive handler_timeout, and the scope is spent.
                 return Exit.TIMEOUT
-            ack = msg.id
+            if observer is not None:
+                observer(msg, trio.current_time() - started_at)
+            if sup.replies:
+                sup.answer(msg.id, result)
+            if result is not None and sup.outputs.listening(self.session_id):
+                # Backpressure: wait for the slowest subscriber. (A kill here
+                # drops the ack: the message runs again, as after any kill.)
+                await sup.outputs.publish(self.session_id, result)
+            ack = done
             self.turn += 1
             if self.caught_up and self.notified_seq <= self.claimed_seq and not alone:
                 # Nothing is known to follow: commit the ack without waiting
@@ -489,7 +652,7 @@ class SessionActor:
                 # work. The store commits operations in order, so any later
                 # claim of this session commits after this ack.
                 self.in_flight = None
-                store.submit(store.op_ack, ack, done=sup.on_ack_committed)
+                store.submit(store.op_ack, ack, sup.clock.now(), done=sup.on_ack_committed)
                 ack = None
                 leave = await self._await_work()
                 if leave is not None:
@@ -503,11 +666,14 @@ class SessionActor:
             return Exit.STOP if sup.stopping else Exit.IDLE
         return None
 
-    async def _flush_ack(self, ack: int | None) -> None:
+    async def _flush_ack(self, ack: int | Ack | None) -> None:
         if ack is not None:
-            await self._sup.store.call(self._sup.store.op_ack, ack)
+            sup = self._sup
+            sent = await sup.store.call(sup.store.op_ack, ack, sup.clock.now())
             self.in_flight = None
-            self._sup.on_acked()
+            sup.on_acked()
+            if sent:
+                sup.on_sent(sent)
 
     async def _wait_for_notice(self, seconds: float) -> bool:
         """Wait for work beyond what was claimed, or a handoff.

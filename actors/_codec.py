@@ -47,6 +47,32 @@ def check_session_id(session_id: object) -> str:
     return session_id
 
 
+MAX_KEY_LENGTH = 256
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a usable idempotency key, else raise.
+
+    Raises:
+      TypeError: not a ``str``.
+      ValueError: empty, longer than 256 characters, or containing NUL.
+    """
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {type(key).__name__}")
+    key = str.__str__(key)
+    if not key:
+        raise ValueError("key must not be empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(f"key is {len(key)} characters; the limit is {MAX_KEY_LENGTH}")
+    if "\x00" in key:
+        raise ValueError("key must not contain NUL characters")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("key is not valid Unicode text (lone surrogate)") from None
+    return key
+
+
 def encode_body(body: Any, max_bytes: int) -> str | bytes:
     """Encode a body for storage: ``bytes`` as they are, anything else as JSON.
 

@@ -20,6 +20,16 @@ def _positive_seconds(_inst: object, attribute: attrs.Attribute[float], value: f
         raise ValueError(f"{attribute.name} must be a number of seconds > 0, got {value!r}")
 
 
+def _non_negative_seconds(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
+
+
 def _optional_seconds(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
     if value is not None:
         _positive_seconds(_inst, attribute, value)
@@ -51,6 +61,11 @@ class Config:
       in the database and the actor reads it from there.
     busy_timeout: seconds SQLite waits for a lock held by another connection
       (a CLI reader, a backup) before it reports the database busy.
+    key_retention: seconds an idempotency key (``send(key=...)``) is
+      remembered after its message was processed; while the message is
+      pending, in flight or dead it is always remembered.
+    status_interval: seconds between the ``"backlog"`` events of
+      ``System.events()`` (only while someone subscribes).
     """
 
     max_attempts: int = attrs.field(default=4, validator=_positive_int)
@@ -71,6 +86,8 @@ class Config:
     shutdown_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
     mailbox_size: int = attrs.field(default=64, validator=_positive_int)
     busy_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
+    key_retention: float = attrs.field(default=86400.0, validator=_non_negative_seconds)
+    status_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Config:

@@ -64,3 +64,24 @@ class ActorKilledError(ActorsError):
 
     Never raised to your code: it is recorded as the failed attempt's error.
     """
+
+
+class AskTimeoutError(ActorsError, TimeoutError):
+    """``System.ask`` got no reply within its ``timeout``.
+
+    The message itself is durable and is still processed; only the reply
+    is dropped.
+    """
+
+
+class DeadLetteredError(ActorsError):
+    """The message an ``ask`` waited for was moved to dead letters.
+
+    Raised by ``ask`` when the message ran out of attempts without the
+    handler itself raising (its actor was killed, or the process died, on
+    every attempt), or could not be decoded. ``message_id`` names it.
+    """
+
+    def __init__(self, message_id: int, reason: str) -> None:
+        super().__init__(f"message {message_id} was moved to dead letters: {reason}")
+        self.message_id = message_id

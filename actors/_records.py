@@ -20,6 +20,7 @@ class Message:
         a timeout, a kill or a crash of the process.
       enqueued_at: the original send time (seconds since the epoch), kept
         across retries and restarts.
+      key: the idempotency key given to ``send(key=...)``, or None.
     """
 
     id: int
@@ -27,6 +28,7 @@ class Message:
     body: Any
     attempt: int
     enqueued_at: float
+    key: str | None = None
 
 
 @attrs.frozen

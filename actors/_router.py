@@ -26,6 +26,7 @@ from ._records import Message
 from ._store import Store
 
 if TYPE_CHECKING:
+    from ._reply import Reply
     from ._supervisor import Supervisor
     from ._timer import Timer
 
@@ -40,11 +41,14 @@ class Batch:
     __slots__ = (
         "bodies",
         "delayed",
+        "duplicates",
         "enqueued",
         "error",
         "finished",
         "first_id",
+        "keys",
         "not_before",
+        "replies",
         "sessions",
         "waiters",
     )
@@ -59,6 +63,19 @@ class Batch:
         self.waiters: list[trio.lowlevel.Task] = []
         self.first_id = 0
         self.error: BaseException | None = None
+        # Idempotency keys, one per send, once any send of the batch has one.
+        self.keys: list[str | None] | None = None
+        # index -> id of the message first sent with that key (not inserted).
+        self.duplicates: dict[int, int] | None = None
+        # index -> the reply an ask() waits for; registered before delivery.
+        self.replies: dict[int, Reply] | None = None
+
+    def message_id(self, index: int) -> int:
+        """The id ``send()`` returns for the send at ``index`` (once committed)."""
+        dups = self.duplicates
+        if dups is not None and index in dups:
+            return dups[index]
+        return self.first_id + index
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -95,6 +112,7 @@ class RouterStatistics:
     sends: int  # messages committed
     batches: int  # batches committed (one store operation each)
     handoffs: int  # messages inserted claimed for an idle actor
+    duplicates: int  # keyed sends answered with the first message's id
     open_batch: int  # sends waiting for the next commit
     closed: bool
 
@@ -102,8 +120,11 @@ class RouterStatistics:
 class Router:
     """Single task between senders and the store."""
 
-    def __init__(self, store: Store, supervisor: Supervisor, timer: Timer) -> None:
+    def __init__(
+        self, store: Store, supervisor: Supervisor, timer: Timer, key_retention: float = 0.0
+    ) -> None:
         self._store = store
+        self._key_retention = key_retention
         self._sup = supervisor
         self._timer = timer
         self._open: Batch | None = None  # filling; taken whole by the router task
@@ -114,9 +135,16 @@ class Router:
         self.sends = 0
         self.batches = 0
         self.handoffs = 0  # messages inserted claimed for an idle actor
+        self.duplicates = 0  # keyed sends that found their key (nothing persisted)
 
     def add(
-        self, session_id: str, body: str | bytes, enqueued: float, not_before: float | None
+        self,
+        session_id: str,
+        body: str | bytes,
+        enqueued: float,
+        not_before: float | None,
+        key: str | None = None,
+        reply: Reply | None = None,
     ) -> tuple[Batch, int]:
         """Append one send to the open batch; returns it and the send's index.
 
@@ -125,13 +153,24 @@ class Router:
           StoreError: the store failed earlier.
         """
         batch = self._batch()
+        index = len(batch.sessions)
         batch.sessions.append(session_id)
         batch.bodies.append(body)
         batch.enqueued.append(enqueued)
         batch.not_before.append(not_before)
         if not_before is not None:
             batch.delayed = True
-        return batch, len(batch.sessions) - 1
+        if key is not None:
+            if batch.keys is None:
+                batch.keys = [None] * index
+            batch.keys.append(key)
+        elif batch.keys is not None:
+            batch.keys.append(None)
+        if reply is not None:
+            if batch.replies is None:
+                batch.replies = {}
+            batch.replies[index] = reply
+        return batch, index
 
     def _batch(self) -> Batch:
         if self._failure is not None:
@@ -150,6 +189,7 @@ class Router:
             sends=self.sends,
             batches=self.batches,
             handoffs=self.handoffs,
+            duplicates=self.duplicates,
             open_batch=len(self._open) if self._open is not None else 0,
             closed=self._closed,
         )
@@ -175,24 +215,39 @@ class Router:
                 # Claim on delivery: the first message of each session whose
                 # actor is idle with nothing else to do is inserted claimed and
                 # handed to the actor, which then needs no claim of its own.
-                handoffs = {} if batch.delayed else self._sup.reserve(batch.sessions)
+                # (Not with keys: a duplicate is not inserted at all.)
+                handoffs = (
+                    {}
+                    if batch.delayed or batch.keys is not None
+                    else self._sup.reserve(batch.sessions)
+                )
                 try:
-                    first = await store.call(
+                    first, duplicates = await store.call(
                         store.op_append,
                         batch.sessions,
                         batch.bodies,
                         batch.enqueued,
                         batch.not_before if batch.delayed else None,
                         frozenset(handoffs.values()),
+                        batch.keys,
+                        self._key_retention,
                     )
                 except StoreError as exc:
                     self._fail(batch, exc)
                     raise
                 batch.first_id = first
+                batch.duplicates = duplicates
                 batch.finish()
                 self.batches += 1
-                self.sends += len(batch)
+                self.sends += len(batch) - (len(duplicates) if duplicates else 0)
                 self.handoffs += len(handoffs)
+                if duplicates:
+                    self.duplicates += len(duplicates)
+                if batch.replies is not None:
+                    # Before any delivery: the handler may answer at once.
+                    replies = self._sup.replies
+                    for index, reply in batch.replies.items():
+                        replies[batch.message_id(index)] = reply
                 for actor, index in handoffs.items():
                     self._sup.hand_over(
                         actor,
@@ -227,15 +282,18 @@ class Router:
 
     def _deliver(self, batch: Batch, first: int) -> None:
         sup = self._sup
-        sup.outstanding.add(len(batch))
+        dups = batch.duplicates
+        sup.outstanding.add(len(batch) - (len(dups) if dups else 0))
         # One notice per session per batch: the highest seq is enough, since
         # an actor claims everything up to it in order from the database.
         last: dict[str, int] = {}
-        if batch.delayed:
+        if batch.delayed or dups:
             earliest = math.inf
             for i, (session_id, nb) in enumerate(
                 zip(batch.sessions, batch.not_before, strict=True)
             ):
+                if dups and i in dups:
+                    continue
                 if nb is None:
                     last[session_id] = first + i
                 else:

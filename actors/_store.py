@@ -41,11 +41,12 @@ from ._records import DeadLetter, Message
 
 log = logging.getLogger("actors.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 PENDING, IN_FLIGHT, DEAD = 0, 1, 2
 
-_SCHEMA = (
+# Version 1: the queue.
+_SCHEMA_V1 = (
     """
     CREATE TABLE messages (
         id          INTEGER PRIMARY KEY,
@@ -70,16 +71,38 @@ _SCHEMA = (
     "INSERT INTO meta (key, value) VALUES ('next_seq', 1)",
 )
 
-_HEAD = (
-    "UPDATE messages SET state = 1, attempts = attempts + 1, not_before = NULL, alone = 0"
-    " WHERE id = (SELECT id FROM messages WHERE session_id = ? AND state < 2"
-    " AND seq IS NOT NULL ORDER BY seq LIMIT 1)"
-    " AND crashed = 0 AND attempts < ? AND (not_before IS NULL OR not_before <= ?)"
-    " RETURNING id, seq, attempts, body, enqueued_at"
+# Version 2: durable actor state, idempotency keys, and the control table
+# through which the command line asks a running system to change things.
+_SCHEMA_V2 = (
+    # ctx.state, committed with the ack of the message that changed it.
+    "CREATE TABLE state (session_id TEXT PRIMARY KEY, value TEXT NOT NULL,"
+    " updated_at REAL NOT NULL) WITHOUT ROWID",
+    # send(key=...): the message a key was first sent as; done_at is set
+    # when that message was processed, and the row is dropped a retention
+    # window later.
+    "ALTER TABLE messages ADD COLUMN key TEXT",
+    "CREATE TABLE keys (session_id TEXT NOT NULL, key TEXT NOT NULL, message_id INTEGER NOT NULL,"
+    " done_at REAL, PRIMARY KEY (session_id, key)) WITHOUT ROWID",
+    "CREATE INDEX keys_done ON keys (done_at) WHERE done_at IS NOT NULL",
+    # Requests from `actors retry/abort/purge` while a system runs: the
+    # system applies them in order and writes the outcome.
+    """
+    CREATE TABLE control (
+        id           INTEGER PRIMARY KEY,
+        command      TEXT NOT NULL,
+        args         TEXT NOT NULL,
+        requested_at REAL NOT NULL,
+        done_at      REAL,
+        result       TEXT
+    )
+    """,
+    "CREATE INDEX control_open ON control (id) WHERE done_at IS NULL",
 )
 
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
 _HEAD = (
-    "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error, crashed, alone"
+    "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error, crashed, alone, key"
     " FROM messages"
     " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
 )
@@ -115,7 +138,7 @@ class Claim:
     attempts were used up, or they could not be decoded).
     """
 
-    __slots__ = ("alone", "dead", "message", "seq", "wait_until")
+    __slots__ = ("alone", "dead", "message", "sent", "seq", "state", "wait_until")
 
     def __init__(
         self,
@@ -130,6 +153,36 @@ class Claim:
         self.wait_until = wait_until
         self.dead = dead
         self.alone = alone
+        # Filled in by op_claim_next: the session's state (JSON) when asked
+        # for, and the (session, seq) of messages the ack's outbox inserted.
+        self.state: str | None = None
+        self.sent: list[tuple[str, int]] | None = None
+
+
+class Ack:
+    """An acknowledgement that writes more than the deletion of its message.
+
+    A plain ack is just the message id (an int); this is used when the
+    handler changed ``ctx.state``, sent messages with ``ctx.send``, or the
+    message has an idempotency key. Everything here commits in the same
+    transaction as the deletion, or not at all (effectively-once).
+    """
+
+    __slots__ = ("id", "key", "outbox", "session_id", "state")
+
+    def __init__(
+        self,
+        message_id: int,
+        session_id: str,
+        state: str | None,
+        outbox: list[tuple[str, str | bytes, float]] | None,
+        key: str | None,
+    ) -> None:
+        self.id = message_id
+        self.session_id = session_id
+        self.state = state  # the new state's JSON, or None if unchanged
+        self.outbox = outbox  # (session_id, encoded body, enqueued_at)
+        self.key = key  # the message's idempotency key: mark it processed
 
 
 class _Op:
@@ -175,6 +228,7 @@ class Store:
         # Owned by the writer thread once it runs.
         self._db: apsw.Connection | None = None
         self._next_seq = 0
+        self._has_state = False  # whether any session has state (skip the lookup if not)
         self._reader: apsw.Connection | None = None  # trio thread only
         # Set once, by whoever sees the store fail first; later calls fail fast.
         self._failure: BaseException | None = None
@@ -435,9 +489,10 @@ class Store:
             raise StoreError(f"cannot use WAL journal mode on {self.path!r} (got {mode!r})")
         _one(db, f"PRAGMA synchronous = {'FULL' if self._durability == 'full' else 'NORMAL'}")
         with db:
-            if version == 0:
-                for statement in _SCHEMA:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target]:
                     db.execute(statement)
+            if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             # The process died: whatever was in flight goes back at once.
             # The attempt stays counted (the outcome is unknown), and the
@@ -448,6 +503,7 @@ class Store:
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
         self._next_seq = max(int(stored), int(top) + 1)
+        self._has_state = bool(_one(db, "SELECT EXISTS (SELECT 1 FROM state)"))
         pending = _one(db, "SELECT count(*) FROM messages WHERE state < 2")
         dead = _one(db, "SELECT count(*) FROM messages WHERE state = 2")
         return Opened(pending=pending, dead=dead, recovered=recovered)
@@ -467,18 +523,31 @@ class Store:
         enqueued: Sequence[float],
         not_before: Sequence[float | None] | None,
         claimed: frozenset[int] = frozenset(),
-    ) -> int:
-        """Insert a batch in order; returns the first id (ids are consecutive).
+        keys: Sequence[str | None] | None = None,
+        key_retention: float = 0.0,
+    ) -> tuple[int, dict[int, int] | None]:
+        """Insert a batch in order; returns the first id and the duplicates.
 
-        Rows at the indices in ``claimed`` are inserted already claimed (in
-        flight, attempt 1): each goes straight to an idle actor that has
-        nothing else to do (claim on delivery, see Router), so its claim is
-        durable in the same transaction as the message itself.
+        Ids are ``first + index``. Rows at the indices in ``claimed`` are
+        inserted already claimed (in flight, attempt 1): each goes straight
+        to an idle actor that has nothing else to do (claim on delivery, see
+        Router), so its claim is durable in the same transaction as the
+        message itself.
+
+        With ``keys``, an item whose (session, key) was sent before, and
+        whose message is still pending, in flight or dead, or was processed
+        less than ``key_retention`` seconds ago, is not inserted: the
+        returned dict maps its index to the first message's id (None when
+        there is no duplicate).
         """
         db = self._db
         assert db is not None
         first = self._next_seq
         self._next_seq += len(sessions)
+        if keys is not None:
+            return first, self._append_keyed(
+                first, sessions, bodies, enqueued, not_before, keys, key_retention
+            )
         if not_before is None and not claimed:
             db.executemany(
                 "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
@@ -509,12 +578,112 @@ class Store:
                     )
                 ),
             )
-        return first
+        return first, None
+
+    def _append_keyed(
+        self,
+        first: int,
+        sessions: Sequence[str],
+        bodies: Sequence[str | bytes],
+        enqueued: Sequence[float],
+        not_before: Sequence[float | None] | None,
+        keys: Sequence[str | None],
+        key_retention: float,
+    ) -> dict[int, int]:
+        # A batch with keys goes row by row: each key is looked up after the
+        # rows before it were inserted, so duplicates within a batch are
+        # found too. (Never claimed on delivery: the router leaves them out.)
+        db = self._db
+        assert db is not None
+        duplicates: dict[int, int] = {}
+        for i, session_id in enumerate(sessions):
+            key = keys[i]
+            msg_id = first + i
+            if key is not None:
+                row = db.execute(
+                    "SELECT message_id, done_at FROM keys WHERE session_id = ? AND key = ?",
+                    (session_id, key),
+                ).fetchone()
+                if row is not None and (row[1] is None or row[1] >= enqueued[i] - key_retention):
+                    duplicates[i] = int(row[0])
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO keys (session_id, key, message_id, done_at)"
+                    " VALUES (?, ?, ?, NULL)",
+                    (session_id, key, msg_id),
+                )
+            delay = not_before[i] if not_before is not None else None
+            db.execute(
+                "INSERT INTO messages"
+                " (id, session_id, seq, state, attempts, body, enqueued_at, not_before, key)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?, ?, ?)",
+                (
+                    msg_id,
+                    session_id,
+                    None if delay is not None else msg_id,
+                    bodies[i],
+                    enqueued[i],
+                    delay,
+                    key,
+                ),
+            )
+        return duplicates
+
+    def _apply_ack(self, ack: int | Ack, now: float) -> list[tuple[str, int]] | None:
+        """Delete the acked message, and write what its handler changed."""
+        db = self._db
+        assert db is not None
+        if type(ack) is int:
+            db.execute("DELETE FROM messages WHERE id = ?", (ack,))
+            return None
+        assert isinstance(ack, Ack)
+        db.execute("DELETE FROM messages WHERE id = ?", (ack.id,))
+        if ack.state is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO state (session_id, value, updated_at) VALUES (?, ?, ?)",
+                (ack.session_id, ack.state, now),
+            )
+            self._has_state = True
+        if ack.key is not None:
+            db.execute(
+                "UPDATE keys SET done_at = ? WHERE session_id = ? AND key = ? AND message_id = ?",
+                (now, ack.session_id, ack.key, ack.id),
+            )
+        if not ack.outbox:
+            return None
+        sent: list[tuple[str, int]] = []
+        for session_id, body, enqueued_at in ack.outbox:
+            seq = self._take_seq()
+            db.execute(
+                "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
+                " VALUES (?, ?, ?, 0, 0, ?, ?)",
+                (seq, session_id, seq, body, enqueued_at),
+            )
+            sent.append((session_id, seq))
+        return sent
+
+    def op_load_state(self, session_id: str) -> str | None:
+        """The session's state (JSON text), or None if it has none."""
+        db = self._db
+        assert db is not None
+        if not self._has_state:
+            return None
+        row = db.execute("SELECT value FROM state WHERE session_id = ?", (session_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def op_claim_next(
-        self, session_id: str, ack: int | None, now: float, max_attempts: int, alone: bool
+        self,
+        session_id: str,
+        ack: int | Ack | None,
+        now: float,
+        max_attempts: int,
+        alone: bool,
+        want_state: bool = False,
     ) -> Claim:
         """Ack ``ack`` (delete it), then claim the session's head message.
+
+        With ``want_state``, the claim also carries the session's state
+        (read after the ack's own write, so it is the latest).
 
         The claim counts the attempt (a delivery) durably before any handler
         runs. A head whose body cannot be decoded is dead-lettered here, and
@@ -534,8 +703,16 @@ class Store:
         """
         db = self._db
         assert db is not None
-        if ack is not None:
-            db.execute("DELETE FROM messages WHERE id = ?", (ack,))
+        sent = self._apply_ack(ack, now) if ack is not None else None
+        claim = self._claim(session_id, now, max_attempts, alone)
+        claim.sent = sent
+        if want_state:
+            claim.state = self.op_load_state(session_id)
+        return claim
+
+    def _claim(self, session_id: str, now: float, max_attempts: int, alone: bool) -> Claim:
+        db = self._db
+        assert db is not None
         dead: list[int] = []
         while True:
             row = db.execute(_HEAD, (session_id,)).fetchone()
@@ -551,6 +728,7 @@ class Store:
                 last_error,
                 crashed,
                 ran_alone,
+                key,
             ) = row
             if not_before is not None and not_before > now:
                 return Claim(None, seq, not_before, tuple(dead))
@@ -600,13 +778,24 @@ class Store:
                 body=body,
                 attempt=attempts + 1,
                 enqueued_at=enqueued_at,
+                key=key,
             )
             return Claim(message, seq, None, tuple(dead))
 
-    def op_ack(self, message_id: int) -> None:
-        """Delete a processed message."""
-        assert self._db is not None
-        self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+    def op_ack(self, ack: int | Ack, now: float = 0.0) -> list[tuple[str, int]] | None:
+        """Delete a processed message (and write its Ack); returns the outbox's (session, seq)."""
+        return self._apply_ack(ack, now)
+
+    def op_sweep_keys(self, before: float, limit: int) -> int:
+        """Forget idempotency keys whose message was processed before ``before``."""
+        db = self._db
+        assert db is not None
+        db.execute(
+            "DELETE FROM keys WHERE (session_id, key) IN"
+            " (SELECT session_id, key FROM keys WHERE done_at < ? LIMIT ?)",
+            (before, limit),
+        )
+        return int(db.changes())
 
     def op_fail(
         self, message_id: int, error: str, retry_at: float, max_attempts: int
@@ -750,12 +939,17 @@ class Store:
         db = self._db
         assert db is not None
         row = db.execute(
-            "SELECT state, session_id FROM messages WHERE id = ?", (message_id,)
+            "SELECT state, session_id, key FROM messages WHERE id = ?", (message_id,)
         ).fetchone()
         if row is None:
             return None
         if row[0] != IN_FLIGHT:
             db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            if row[2] is not None:  # a later send with that key is new work
+                db.execute(
+                    "DELETE FROM keys WHERE session_id = ? AND key = ? AND message_id = ?",
+                    (row[1], row[2], message_id),
+                )
         return int(row[0]), str(row[1])
 
     # -- reads on the trio thread ---------------------------------------

@@ -27,10 +27,12 @@ import trio
 from ._actor import Actor, Exit, SessionActor
 from ._clock import Clock
 from ._config import Config
-from ._errors import StoreError
+from ._errors import ActorKilledError, DeadLetteredError, StoreError
 from ._policy import RestartTracker
 from ._records import Message
+from ._reply import Reply
 from ._store import Store
+from ._streams import Events, Outputs, StatusEvent
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -162,6 +164,15 @@ class Supervisor:
         self.failed_attempts = 0
         self.dead_lettered = 0
         self.restart_count = 0
+        self.outbox_sent = 0  # messages committed by ctx.send with their ack
+        # {message id: the reply an ask() waits for}; an entry leaves when
+        # it is answered, or when its asker stops waiting.
+        self.replies: dict[int, Reply] = {}
+        self.outputs = Outputs()  # System.subscribe
+        # Called after each successful handler with (message, seconds the
+        # handler ran); None (the default) costs one test per message.
+        self.observer: Callable[[Message, float], None] | None = None
+        self.events = Events()  # System.events
 
     # -- the supervisor task --------------------------------------------
 
@@ -353,6 +364,8 @@ class Supervisor:
         elif outcome is Exit.YIELD and not self.stopping:
             self._queue(actor.session_id)
         log.debug("actor of %r left (%s)", actor.session_id, outcome.value)
+        if self.events.active:
+            self.emit("actor_stopped", actor.session_id, detail=outcome.value)
         self._after_leave()
         return True
 
@@ -363,21 +376,50 @@ class Supervisor:
             self.watchdog.forget(actor)
             self._after_leave()
 
+    def emit(self, kind: str, session_id: str | None = None, **fields: object) -> None:
+        """Publish a status event (cheap when nobody listens: check ``events.active`` first)."""
+        self.events.emit(StatusEvent(kind, self.clock.now(), session_id, **fields))  # type: ignore[arg-type]
+
     def on_actor_started(self, actor: SessionActor) -> None:
         log.debug("actor of %r started", actor.session_id)
+        if self.events.active:
+            self.emit("actor_started", actor.session_id)
 
     def on_acked(self) -> None:
         self.processed += 1
         self.outstanding.add(-1)
 
-    def on_ack_committed(self, _result: object) -> None:
+    def on_ack_committed(self, sent: list[tuple[str, int]] | None) -> None:
         self.on_acked()
+        if sent:
+            self.on_sent(sent)
 
-    def on_dead_lettered(self, session_id: str, count: int) -> None:
+    def on_sent(self, sent: list[tuple[str, int]]) -> None:
+        """Messages of an outbox (ctx.send) committed with their ack: deliver them."""
+        self.outbox_sent += len(sent)
+        self.outstanding.add(len(sent))
+        for session_id, seq in sent:
+            self.ensure(session_id, seq)
+
+    def on_dead_lettered(
+        self, session_id: str, count: int, ids: tuple[int, ...] = (), reason: str = ""
+    ) -> None:
         self.dead_lettered += count
         self.dead += count
         self.outstanding.add(-count)
         log.error("%d message(s) of session %r moved to dead letters", count, session_id)
+        for msg_id in ids:
+            reply = self.replies.pop(msg_id, None)
+            if reply is not None:
+                reply.set_error(DeadLetteredError(msg_id, reason or "its attempts ran out"))
+            if self.events.active:
+                self.emit("dead_lettered", session_id, message_id=msg_id, detail=reason)
+
+    def answer(self, msg_id: int, result: object) -> None:
+        """The handler of ``msg_id`` returned ``result``: answer its asker, if any."""
+        reply = self.replies.pop(msg_id, None)
+        if reply is not None:
+            reply.set_result(result)
 
     def on_attempt_failed(
         self, session_id: str, msg: Message, failure: BaseException, dead: bool
@@ -390,8 +432,14 @@ class Supervisor:
             session_id,
             failure,
         )
+        if self.replies and not isinstance(failure, ActorKilledError):
+            # The handler's own outcome (it raised, or timed out) answers an
+            # asker; a kill does not: the message is tried again.
+            reply = self.replies.pop(msg.id, None)
+            if reply is not None:
+                reply.set_error(failure)
         if dead:
-            self.on_dead_lettered(session_id, 1)
+            self.on_dead_lettered(session_id, 1, (msg.id,), repr(failure))
 
     def on_restart(self, actor: SessionActor, failure: BaseException) -> tuple[float, bool]:
         """Count a crash; returns (seconds before the restart, whether suspended)."""
@@ -405,6 +453,10 @@ class Supervisor:
                 self.config.restart_policy.window,
                 delay,
             )
+        if self.events.active:
+            self.emit("actor_restarted", actor.session_id, detail=repr(failure), delay=delay)
+            if suspended:
+                self.emit("session_suspended", actor.session_id, delay=delay)
         return delay, suspended
 
     # -- slots ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import AsyncIterator, Iterable
@@ -9,18 +10,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+from trio_util import periodic
 
 from ._actor import actor_factory
+from ._bridge import Bridge
 from ._clock import Clock
-from ._codec import check_session_id, encode_body
+from ._codec import check_key, check_session_id, encode_body
 from ._config import Config, finite_delay
-from ._errors import StoreError, SystemClosedError
+from ._errors import AskTimeoutError, StoreError, SystemClosedError
 from ._lock import DatabaseLock
 from ._records import DeadLetter, SystemStatistics
+from ._reply import Reply
 from ._router import Batch, Router
 from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
+from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._timer import Timer
+
+KEY_SWEEP_LIMIT = 10_000  # keys forgotten per sweep transaction
 
 
 class System:
@@ -56,17 +63,45 @@ class System:
             rng=rng,
         )
         self._timer.supervisor = self._sup
-        self._router = Router(store, self._sup, self._timer)
+        self._router = Router(store, self._sup, self._timer, config.key_retention)
         self._closed = False
+        self._nursery: trio.Nursery | None = None
         self.recovered = opened.recovered
 
     # -- lifecycle (run_system) -------------------------------------------
 
     async def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
         await nursery.start(self._sup.run)
         nursery.start_soon(self._router.run, name="actors.router")
         nursery.start_soon(self._timer.run, name="actors.timer")
         nursery.start_soon(self._watch_store, name="actors.store-watch")
+        nursery.start_soon(self._sweep_keys, name="actors.key-sweep")
+        nursery.start_soon(self._report_backlog, name="actors.backlog")
+
+    async def _sweep_keys(self) -> None:
+        # Forget idempotency keys a retention window after their message
+        # was processed, so the keys table does not grow without bound.
+        retention = self.config.key_retention
+        period = min(3600.0, max(1.0, retention / 4))
+        store = self._store
+        async for _ in periodic(period):
+            before = self._clock.now() - retention
+            while await store.call(store.op_sweep_keys, before, KEY_SWEEP_LIMIT) >= KEY_SWEEP_LIMIT:
+                pass
+
+    async def _report_backlog(self) -> None:
+        # "backlog" events, only while someone subscribes to events().
+        events = self._sup.events
+        while True:
+            await events.subscribed.wait()
+            async for _ in periodic(self.config.status_interval):
+                if not events.active:
+                    break
+                stats = self.statistics()
+                self._sup.emit(
+                    "backlog", pending=stats.pending, in_flight=stats.in_flight, dead=stats.dead
+                )
 
     async def _watch_store(self) -> None:
         # A failure that no task waits for (a submitted ack) still stops the system.
@@ -88,13 +123,27 @@ class System:
 
     # -- sending ------------------------------------------------------------
 
-    async def send(self, session_id: str, body: Any, *, delay: float | None = None) -> int:
+    async def send(
+        self,
+        session_id: str,
+        body: Any,
+        *,
+        delay: float | None = None,
+        key: str | None = None,
+    ) -> int:
         """Persist a message for ``session_id``; return its id once it is durable.
 
         ``body`` is any JSON-compatible value, or ``bytes``. The handler
         receives the JSON round trip of it (tuples arrive as lists, dict keys
         as strings). With ``delay`` (seconds), the message enters the
         session's queue that much later; it is on disk now.
+
+        With ``key`` (an idempotency key, a str of up to 256 characters), a
+        send whose session and key were sent before persists nothing and
+        returns the first message's id, as long as that message is pending,
+        in flight or dead, or was processed less than ``key_retention``
+        seconds ago (an option of ``run_system``, one day by default). A
+        producer that retries after a timeout causes no duplicate work.
 
         Raises:
           TypeError: ``session_id`` is not a str, or ``body`` cannot be
@@ -113,12 +162,66 @@ class System:
             raise SystemClosedError("the system is shutting down and accepts no more messages")
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
+        if key is not None:
+            key = check_key(key)
         now = self._clock.now()
         seconds = finite_delay(delay)
-        batch, index = self._router.add(session_id, data, now, now + seconds if seconds else None)
+        batch, index = self._router.add(
+            session_id, data, now, now + seconds if seconds else None, key
+        )
         await batch.wait()
         self._check(batch)
+        if batch.duplicates is not None:
+            return batch.message_id(index)
         return batch.first_id + index
+
+    async def ask(self, session_id: str, body: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """Send ``body`` to ``session_id`` and wait for its handler's outcome.
+
+        Returns what the handler returned for this message. If the handler
+        raises (or outlives ``handler_timeout``), ``ask`` raises that
+        exception; the message itself follows the usual retry policy, and
+        a later attempt's outcome is not reported. A kill of the actor is
+        not an outcome: ``ask`` waits for the next attempt. The message is
+        durable like any other (``send`` semantics).
+
+        If the process dies, the reply is lost with the asker; the message is
+        processed after the restart, like any message. ``timeout`` (seconds,
+        None for no limit) covers the whole call.
+
+        Raises:
+          AskTimeoutError (a TimeoutError): no outcome within ``timeout``.
+            The message is still processed; its reply is dropped.
+          DeadLetteredError: the message ran out of attempts without the
+            handler raising (kills, crashes of the process).
+          TypeError / ValueError / SystemClosedError / StoreError: as
+            :meth:`send`.
+        """
+        if self._closed:
+            raise SystemClosedError("the system is shutting down and accepts no more messages")
+        session_id = check_session_id(session_id)
+        data = encode_body(body, self.config.max_message_bytes)
+        seconds = None if timeout is None else finite_delay(timeout)
+        reply = Reply()
+        msg_id: int | None = None
+        with trio.move_on_after(math.inf if seconds is None else seconds) as scope:
+            try:
+                batch, index = self._router.add(
+                    session_id, data, self._clock.now(), None, None, reply
+                )
+                await batch.wait()
+                self._check(batch)
+                msg_id = batch.message_id(index)
+                await reply.done.wait()
+            finally:
+                if not reply.done.is_set() and msg_id is not None:
+                    self._sup.replies.pop(msg_id, None)
+        if scope.cancelled_caught:
+            where = "" if msg_id is None else f" (message {msg_id} is still processed)"
+            raise AskTimeoutError(f"no reply from session {session_id!r} within {timeout}s{where}")
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
 
     async def send_many(self, items: Iterable[tuple[str, Any]]) -> list[int]:
         """Persist many ``(session_id, body)`` messages in one transaction.
@@ -159,6 +262,43 @@ class System:
             raise StoreError(
                 f"message not acknowledged (it may or may not be on disk): {batch.error}"
             ) from batch.error
+
+    # -- streams and other threads -------------------------------------------
+
+    def subscribe(self, session_id: str, *, buffer: int = 16) -> Subscription[Any]:
+        """Stream ``session_id``'s outputs: ``async for value in system.subscribe(s)``.
+
+        Outputs are what the session's handler returns (other than None) and
+        what it passes to ``ctx.emit(value)``, from the moment of this call,
+        in order. With backpressure: while this subscriber's ``buffer`` is
+        full, the session's actor waits (its handler's ``emit``, or the
+        step after its return). Outputs are live, not durable: a message
+        redelivered after a crash produces its outputs again.
+
+        The iteration ends when the system stops. Close the subscription
+        (``aclose()``, ``async with``, or just ``break`` and drop it) to
+        stop holding the session back.
+        """
+        session_id = check_session_id(session_id)
+        return self._sup.outputs.subscribe(session_id, buffer)
+
+    def events(self, *, buffer: int = 1000) -> Subscription[StatusEvent]:
+        """Stream status events: ``async for event in system.events()``.
+
+        Actors started, stopped and restarted, sessions suspended by the
+        restart policy, messages dead-lettered, and every
+        ``status_interval`` seconds a ``"backlog"`` snapshot (see
+        StatusEvent). Never slows the system: if this subscriber's
+        ``buffer`` is full, an event is dropped for it and counted in its
+        ``dropped``. Ends when the system stops.
+        """
+        return self._sup.events.subscribe(buffer)
+
+    def bridge(self) -> Bridge:
+        """A thread-safe client for code outside the trio thread (see Bridge)."""
+        if self._nursery is None:  # pragma: no cover - always set once running
+            raise SystemClosedError("the system is not running")
+        return Bridge(self, trio.lowlevel.current_trio_token(), self._nursery)
 
     # -- waiting and chaos ----------------------------------------------------
 
@@ -316,6 +456,7 @@ async def run_system(
         store, opened = await Store.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout
         )
+        system_ref: list[System] = []
         try:
             async with _single_error(), trio.open_nursery() as nursery:
                 system = System(
@@ -326,6 +467,7 @@ async def run_system(
                     handler=handler,
                     rng=rng,
                 )
+                system_ref.append(system)
                 await system._start(nursery)
                 try:
                     yield system
@@ -335,6 +477,9 @@ async def run_system(
                     raise
                 await system._shutdown(nursery)
         finally:
+            if system_ref:
+                system_ref[0]._sup.outputs.close()
+                system_ref[0]._sup.events.close()
             await store.aclose()
     finally:
         lock.release()

@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 
-from actors._store import _SCHEMA
+from actors._store import _SCHEMA_V1, _SCHEMA_V2
 
 _INSERT = (
     "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
@@ -50,7 +50,7 @@ def run(params: dict[str, Any], path: str) -> dict[str, Any]:
     assert mode == "wal", mode
     db.execute(f"PRAGMA synchronous = {sync}")
     with db:
-        for statement in _SCHEMA:
+        for statement in _SCHEMA_V1 + _SCHEMA_V2:
             db.execute(statement)
     execute = db.execute
     in_flight: dict[str, int] = {}

@@ -84,7 +84,7 @@ async def test_handoff_to_an_actor_that_is_gone_gives_the_claim_back(
         stranger.reserved = True
         sup.reserved.add(1)
         # The row as the router would have inserted it: claimed, attempt 1.
-        first = await system._store.call(
+        first, _ = await system._store.call(
             system._store.op_append, ["s"], ["7"], [0.0], None, frozenset({0})
         )
         sup.outstanding.add(1)

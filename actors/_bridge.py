@@ -1,0 +1,218 @@
+"""The bridge: a running system, used from other threads and from asyncio.
+
+Every call is carried to the trio thread with ``TrioToken.run_sync_soon``
+and runs there as a task in the system's nursery; its outcome comes back
+through a ``concurrent.futures.Future``. Blocking methods wait on that
+future (from a plain thread); the ``*_async`` methods wrap it for asyncio
+(``asyncio.wrap_future``), so an asyncio application's event loop keeps
+running while the message is persisted.
+
+Calls from the trio thread itself are refused: they would block the very
+loop that has to answer them. Use the System's own methods there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from ._errors import SystemClosedError
+
+if TYPE_CHECKING:
+    from ._streams import Subscription
+    from ._system import System
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class BridgeStatistics:
+    """Calls carried by one bridge since it was made."""
+
+    calls: int  # calls handed to the trio thread
+    running: int  # calls whose task has not finished yet
+
+
+class Bridge:
+    """Thread-safe client of a running :class:`System` (``system.bridge()``).
+
+    From a thread::
+
+        message_id = bridge.send("session-1", {"kind": "observation"})
+
+    From an asyncio application (its loop runs in another thread)::
+
+        message_id = await bridge.send_async("session-1", {"kind": "observation"})
+
+    Each call is durable exactly as the System's own method is: when
+    ``send`` returns, the message is on disk. A bridge is valid while its
+    system runs; afterwards calls raise SystemClosedError.
+    """
+
+    def __init__(self, system: System, token: trio.lowlevel.TrioToken, nursery: trio.Nursery):
+        self._system = system
+        self._token = token
+        self._nursery = nursery
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._running = 0
+
+    def statistics(self) -> BridgeStatistics:
+        """Calls so far, and calls still running."""
+        with self._lock:
+            return BridgeStatistics(calls=self._calls, running=self._running)
+
+    # -- blocking calls (plain threads) ---------------------------------------
+
+    def send(
+        self,
+        session_id: str,
+        body: Any,
+        *,
+        delay: float | None = None,
+        key: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """``System.send`` from another thread; returns the id once durable.
+
+        ``timeout`` bounds the wait here (``concurrent.futures.TimeoutError``);
+        the send itself goes on, and may or may not commit.
+        """
+        self._refuse_trio_thread()
+        future = self._submit(lambda: self._system.send(session_id, body, delay=delay, key=key))
+        return future.result(timeout)
+
+    def ask(self, session_id: str, body: Any, *, timeout: float | None = None) -> Any:
+        """``System.ask`` from another thread."""
+        self._refuse_trio_thread()
+        return self._submit(lambda: self._system.ask(session_id, body, timeout)).result()
+
+    def subscribe(self, session_id: str, *, buffer: int = 16) -> BlockingSubscription:
+        """``System.subscribe`` as a blocking iterator, for a consumer thread.
+
+        ``for value in bridge.subscribe(s):`` ends when the system stops;
+        ``close()`` it (or use ``with``) to stop earlier. Backpressure holds:
+        a consumer that reads slowly slows the session.
+        """
+        self._refuse_trio_thread()
+        sub = self._submit(
+            _sync_to_async(lambda: self._system.subscribe(session_id, buffer=buffer))
+        )
+        return BlockingSubscription(self, sub.result())
+
+    # -- asyncio --------------------------------------------------------------
+
+    async def send_async(
+        self,
+        session_id: str,
+        body: Any,
+        *,
+        delay: float | None = None,
+        key: str | None = None,
+    ) -> int:
+        """``System.send`` from an asyncio event loop in another thread."""
+        future = self._submit(lambda: self._system.send(session_id, body, delay=delay, key=key))
+        return await asyncio.wrap_future(future)
+
+    async def ask_async(self, session_id: str, body: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
+        """``System.ask`` from an asyncio event loop in another thread."""
+        future = self._submit(lambda: self._system.ask(session_id, body, timeout))
+        return await asyncio.wrap_future(future)
+
+    # -- the carrying ---------------------------------------------------------
+
+    def _refuse_trio_thread(self) -> None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return
+        if token is self._token:
+            raise RuntimeError(
+                "Bridge blocking calls cannot run in the system's own trio thread "
+                "(they would block the loop that answers them); await the System's methods"
+            )
+
+    def _submit(self, call: Callable[[], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        system = self._system
+
+        async def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = await call()
+            except trio.Cancelled:
+                future.set_exception(SystemClosedError("the system stopped during this call"))
+                raise
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+        def start() -> None:
+            if system.closed:
+                future.set_exception(SystemClosedError("the system is shutting down"))
+                return
+            try:
+                self._nursery.start_soon(run, name="actors.bridge-call")
+            except RuntimeError:  # the nursery closed
+                future.set_exception(SystemClosedError("the system has stopped"))
+                return
+            with self._lock:
+                self._running += 1
+
+        with self._lock:
+            self._calls += 1
+        try:
+            self._token.run_sync_soon(start)
+        except trio.RunFinishedError:
+            raise SystemClosedError("the system has stopped") from None
+        return future
+
+
+def _sync_to_async(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    async def call() -> T:
+        return fn()
+
+    return call
+
+
+class BlockingSubscription:
+    """A session's outputs for a plain thread: ``for value in subscription``."""
+
+    def __init__(self, bridge: Bridge, subscription: Subscription[Any]) -> None:
+        self._bridge = bridge
+        self._sub = subscription
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        future = self._bridge._submit(self._sub.__anext__)
+        try:
+            return future.result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+        except SystemClosedError:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Unregister (from any thread)."""
+        with contextlib.suppress(trio.RunFinishedError):
+            self._bridge._token.run_sync_soon(self._sub.close)
+
+    def __enter__(self) -> BlockingSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,312 @@
+"""Live streams out of a running system: a session's outputs, and status events.
+
+Both are built on trio memory channels, not async generators (an async
+generator must not yield inside a nursery or cancel scope). A
+:class:`Subscription` is registered the moment it is created, so nothing
+published after ``subscribe()`` / ``events()`` returns is missed, and it
+unregisters itself when it is closed, when its ``async with`` ends, or when
+it is garbage collected (a ``break`` out of ``async for`` drops the last
+reference), so an abandoned subscriber never holds anything up for long.
+
+The two hubs differ in what a slow consumer does:
+
+* :class:`Outputs` (``system.subscribe``) applies backpressure: publishing
+  waits while a subscriber's buffer is full, so the session's actor slows
+  to the pace of its consumer.
+* :class:`Events` (``system.events``) never blocks the runtime: an event
+  that finds a subscriber's buffer full is dropped for that subscriber and
+  counted in its ``dropped``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar
+
+import attrs
+import trio
+
+T = TypeVar("T")
+
+EventKind = Literal[
+    "actor_started",
+    "actor_stopped",
+    "actor_restarted",
+    "session_suspended",
+    "dead_lettered",
+    "backlog",
+]
+
+
+@attrs.frozen
+class StatusEvent:
+    """One thing that happened in a running system (``System.events()``).
+
+    Attributes:
+      kind: ``"actor_started"``, ``"actor_stopped"`` (it passivated, yielded
+        its slot, or the system stopped; ``detail`` says which),
+        ``"actor_restarted"`` (after a crash; ``detail`` is the error),
+        ``"session_suspended"`` (the restart policy holds the session for
+        ``delay`` seconds), ``"dead_lettered"`` (``message_id`` moved to dead
+        letters; ``detail`` is the reason) or ``"backlog"`` (a periodic
+        snapshot: ``pending``, ``in_flight``, ``dead``).
+      at: when it happened, seconds since the epoch.
+      session_id: the session concerned, or None for ``"backlog"``.
+      message_id: the message concerned, if any.
+      detail: a short human-readable explanation ("" if none).
+      delay: seconds before the restart, for ``"actor_restarted"`` and
+        ``"session_suspended"``.
+      pending, in_flight, dead: counts, for ``"backlog"``.
+    """
+
+    kind: EventKind
+    at: float
+    session_id: str | None = None
+    message_id: int | None = None
+    detail: str = ""
+    delay: float | None = None
+    pending: int | None = None
+    in_flight: int | None = None
+    dead: int | None = None
+
+
+@attrs.frozen
+class SubscriptionStatistics:
+    """One subscription right now."""
+
+    buffered: int  # items waiting to be read
+    buffer_size: int
+    dropped: int  # events dropped because the buffer was full (events only)
+    closed: bool
+
+
+class Subscription(Generic[T]):
+    """An async iterator over a live stream; also an async context manager.
+
+    ``async for item in subscription`` ends when the system stops (or the
+    subscription is closed). ``aclose()`` (or leaving ``async with``)
+    unregisters it at once.
+    """
+
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[T],
+        unregister: Callable[[], None],
+        buffer_size: int,
+    ) -> None:
+        self._receive = receive
+        self._unregister: Callable[[], None] | None = unregister
+        self._buffer_size = buffer_size
+        self.dropped = 0  # maintained by the Events hub
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def receive_nowait(self) -> T:
+        """The next buffered item, or raise ``trio.WouldBlock``.
+
+        Raises ``trio.EndOfChannel`` once the stream ended and is empty.
+        """
+        return self._receive.receive_nowait()
+
+    def close(self) -> None:
+        """Unregister and stop the iteration (idempotent)."""
+        unregister, self._unregister = self._unregister, None
+        if unregister is not None:
+            unregister()
+            self._receive.close()
+
+    async def aclose(self) -> None:
+        """As :meth:`close`, with a checkpoint."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> Subscription[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A consumer that broke out of its loop without closing.
+        if self._unregister is not None:
+            self.close()
+
+    def statistics(self) -> SubscriptionStatistics:
+        """Buffered items, buffer size, dropped events, and whether it is closed."""
+        stats = self._receive.statistics()
+        return SubscriptionStatistics(
+            buffered=stats.current_buffer_used,
+            buffer_size=self._buffer_size,
+            dropped=self.dropped,
+            closed=self._unregister is None,
+        )
+
+
+def _check_buffer(buffer: int) -> int:
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
+    return buffer
+
+
+@attrs.frozen
+class OutputsStatistics:
+    """The outputs hub right now."""
+
+    sessions: int  # sessions with at least one subscriber
+    subscribers: int
+    published: int  # outputs handed to subscribers since start
+
+
+class Outputs:
+    """Each session's subscribers (``System.subscribe``), with backpressure.
+
+    Invariant: ``_subs`` holds only sessions with at least one open
+    subscriber, so ``publish`` costs one dict lookup when nobody listens.
+    """
+
+    def __init__(self) -> None:
+        self._subs: dict[str, list[trio.MemorySendChannel[Any]]] = {}
+        self._closed = False
+        self.published = 0
+
+    def subscribe(self, session_id: str, buffer: int) -> Subscription[Any]:
+        buffer = _check_buffer(buffer)
+        send, receive = trio.open_memory_channel[Any](buffer)
+        if self._closed:
+            send.close()
+        else:
+            self._subs.setdefault(session_id, []).append(send)
+
+        def unregister() -> None:
+            self._remove(session_id, send)
+
+        return Subscription(receive, unregister, buffer)
+
+    def _remove(self, session_id: str, send: trio.MemorySendChannel[Any]) -> None:
+        channels = self._subs.get(session_id)
+        if channels is not None and send in channels:
+            channels.remove(send)
+            if not channels:
+                del self._subs[session_id]
+        send.close()
+
+    def listening(self, session_id: str) -> bool:
+        """Whether ``session_id`` has a subscriber."""
+        return session_id in self._subs
+
+    async def publish(self, session_id: str, value: Any) -> None:
+        """Give ``value`` to each of the session's subscribers, waiting while one is full."""
+        channels = self._subs.get(session_id)
+        if not channels:
+            await trio.lowlevel.checkpoint()
+            return
+        for send in list(channels):
+            try:
+                await send.send(value)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._remove(session_id, send)  # its consumer went away
+            else:
+                self.published += 1
+
+    def close(self) -> None:
+        """End every subscription (the system stops)."""
+        self._closed = True
+        for channels in self._subs.values():
+            for send in channels:
+                send.close()
+        self._subs.clear()
+
+    def statistics(self) -> OutputsStatistics:
+        """Sessions listened to, subscribers, outputs published."""
+        return OutputsStatistics(
+            sessions=len(self._subs),
+            subscribers=sum(len(c) for c in self._subs.values()),
+            published=self.published,
+        )
+
+
+@attrs.frozen
+class EventsStatistics:
+    """The events hub right now."""
+
+    subscribers: int
+    emitted: int  # events emitted while someone listened
+    dropped: int  # deliveries dropped because a subscriber's buffer was full
+
+
+class Events:
+    """Subscribers to status events (``System.events``); never blocks the emitter.
+
+    Invariant: ``active`` is true exactly while someone subscribes, so the
+    runtime builds no event when nobody listens.
+    """
+
+    def __init__(self) -> None:
+        self._subs: list[tuple[trio.MemorySendChannel[StatusEvent], Subscription[Any]]] = []
+        self._closed = False
+        self.active = False
+        self.subscribed = trio.Event()  # set while someone subscribes
+        self.emitted = 0
+        self.dropped = 0
+
+    def subscribe(self, buffer: int) -> Subscription[StatusEvent]:
+        buffer = _check_buffer(buffer)
+        send, receive = trio.open_memory_channel[StatusEvent](buffer)
+        entry: list[Any] = []
+
+        def unregister() -> None:
+            if entry and entry[0] in self._subs:
+                self._subs.remove(entry[0])
+                self.active = bool(self._subs)
+                if not self.active:
+                    self.subscribed = trio.Event()
+            send.close()
+
+        sub: Subscription[StatusEvent] = Subscription(receive, unregister, buffer)
+        if self._closed:
+            send.close()
+        else:
+            entry.append((send, sub))
+            self._subs.append(entry[0])
+            self.active = True
+            self.subscribed.set()
+        return sub
+
+    def emit(self, event: StatusEvent) -> None:
+        """Offer ``event`` to every subscriber; a full one misses it (counted)."""
+        self.emitted += 1
+        for send, sub in list(self._subs):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                sub.dropped += 1
+                self.dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sub.close()
+
+    def close(self) -> None:
+        """End every subscription (the system stops)."""
+        self._closed = True
+        for send, _sub in self._subs:
+            send.close()
+        self._subs.clear()
+        self.active = False
+
+    def statistics(self) -> EventsStatistics:
+        """Subscribers, events emitted and deliveries dropped."""
+        return EventsStatistics(
+            subscribers=len(self._subs), emitted=self.emitted, dropped=self.dropped
+        )
+
+
+def finite_or_none(value: float) -> float | None:
+    """A delay for an event: None when there is none to report."""
+    return value if math.isfinite(value) and value > 0 else None
