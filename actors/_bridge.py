@@ -17,7 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -88,6 +88,17 @@ class Bridge:
         self._refuse_trio_thread()
         future = self._submit(lambda: self._system.send(session_id, body, delay=delay, key=key))
         return future.result(timeout)
+
+    def send_many(
+        self,
+        items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]],
+        *,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """``System.send_many`` from another thread: one transaction for all."""
+        self._refuse_trio_thread()
+        batch = list(items)  # read here, in the caller's thread
+        return self._submit(lambda: self._system.send_many(batch)).result(timeout)
 
     def ask(self, session_id: str, body: Any, *, timeout: float | None = None) -> Any:
         """``System.ask`` from another thread."""

@@ -14,6 +14,7 @@ gets one or waits for a slot.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from ._codec import decode_body
 from ._errors import StoreError, SystemClosedError
 from ._records import Message
 from ._store import Store
+
+log = logging.getLogger("actors.router")
 
 if TYPE_CHECKING:
     from ._reply import Reply
@@ -233,6 +236,7 @@ class Router:
                         self._key_retention,
                     )
                 except StoreError as exc:
+                    log.error("a batch of %d send(s) failed to commit: %s", len(batch), exc)
                     self._fail(batch, exc)
                     raise
                 batch.first_id = first
@@ -243,6 +247,9 @@ class Router:
                 self.handoffs += len(handoffs)
                 if duplicates:
                     self.duplicates += len(duplicates)
+                    log.debug(
+                        "%d keyed send(s) were duplicates: nothing persisted", len(duplicates)
+                    )
                 if batch.replies is not None:
                     # Before any delivery: the handler may answer at once.
                     replies = self._sup.replies

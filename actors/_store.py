@@ -500,6 +500,11 @@ class Store:
             # is settled.
             db.execute("UPDATE messages SET state = 0, crashed = 1 WHERE state = 1")
             recovered = db.changes()
+            if recovered:
+                log.warning(
+                    "%d message(s) were in flight when the last process died; back to pending",
+                    recovered,
+                )
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
         self._next_seq = max(int(stored), int(top) + 1)

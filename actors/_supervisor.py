@@ -374,6 +374,8 @@ class Supervisor:
         if self._actors.get(actor.session_id) is actor:
             del self._actors[actor.session_id]
             self.watchdog.forget(actor)
+            if self.events.active:
+                self.emit("actor_stopped", actor.session_id, detail="cancelled")
             self._after_leave()
 
     def emit(self, kind: str, session_id: str | None = None, **fields: object) -> None:

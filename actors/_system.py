@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -26,6 +27,8 @@ from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._timer import Timer
+
+log = logging.getLogger("actors.system")
 
 KEY_SWEEP_LIMIT = 10_000  # keys forgotten per sweep transaction
 
@@ -72,6 +75,13 @@ class System:
 
     async def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        log.info(
+            "system started on %r: %d pending, %d dead, %d recovered from a previous crash",
+            self.path,
+            self._sup.outstanding.value,
+            self._sup.dead,
+            self.recovered,
+        )
         await nursery.start(self._sup.run)
         nursery.start_soon(self._router.run, name="actors.router")
         nursery.start_soon(self._timer.run, name="actors.timer")
@@ -107,6 +117,7 @@ class System:
         # A failure that no task waits for (a submitted ack) still stops the system.
         await self._store.failed.wait()
         failure = self._store.failure
+        log.error("the database failed; stopping the system: %s", failure)
         raise StoreError(f"the database failed: {failure}") from failure
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
@@ -114,6 +125,14 @@ class System:
         self._router.close()
         await self._router.finished.wait()
         await self._sup.stop(self.config.shutdown_timeout)
+        stats = self.statistics()
+        log.info(
+            "system on %r stopped: %d processed, %d pending left, %d dead",
+            self.path,
+            stats.processed,
+            stats.pending + stats.in_flight,
+            stats.dead,
+        )
         nursery.cancel_scope.cancel()
 
     @property
@@ -223,21 +242,31 @@ class System:
             raise reply.error
         return reply.value
 
-    async def send_many(self, items: Iterable[tuple[str, Any]]) -> list[int]:
+    async def send_many(
+        self, items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
+    ) -> list[int]:
         """Persist many ``(session_id, body)`` messages in one transaction.
 
-        All are validated first: if any is invalid, none is persisted and the
-        error names its index. Returns the ids in the order given.
-        Raises as :meth:`send` does.
+        An item may also be ``(session_id, body, key)``: an idempotency key
+        as in :meth:`send` (None for none). All are validated first: if any
+        is invalid, none is persisted and the error names its index.
+        Returns the ids in the order given (a duplicate's id is the first
+        message's). Raises as :meth:`send` does.
         """
         if self._closed:
             raise SystemClosedError("the system is shutting down and accepts no more messages")
-        encoded: list[tuple[str, str | bytes]] = []
+        encoded: list[tuple[str, str | bytes, str | None]] = []
         limit = self.config.max_message_bytes
         for i, item in enumerate(items):
             try:
-                session_id, body = item
-                encoded.append((check_session_id(session_id), encode_body(body, limit)))
+                session_id, body, *rest = item
+                if len(rest) > 1:
+                    raise ValueError(
+                        f"expected (session_id, body) or (session_id, body, key), "
+                        f"got {len(rest) + 2} values"
+                    )
+                key = check_key(rest[0]) if rest and rest[0] is not None else None
+                encoded.append((check_session_id(session_id), encode_body(body, limit), key))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"item {i}: {exc}") from None
         if not encoded:
@@ -246,11 +275,13 @@ class System:
         now = self._clock.now()
         add = self._router.add
         # No checkpoint between the adds: they all land in one open batch.
-        batch, first_index = add(encoded[0][0], encoded[0][1], now, None)
-        for session_id, data in encoded[1:]:
-            add(session_id, data, now, None)
+        batch, first_index = add(encoded[0][0], encoded[0][1], now, None, encoded[0][2])
+        for session_id, data, key in encoded[1:]:
+            add(session_id, data, now, None, key)
         await batch.wait()
         self._check(batch)
+        if batch.duplicates is not None:
+            return [batch.message_id(first_index + j) for j in range(len(encoded))]
         first = batch.first_id + first_index
         return list(range(first, first + len(encoded)))
 

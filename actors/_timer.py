@@ -8,6 +8,7 @@ into their sessions' queues and wakes the sessions whose retry wait ended.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ import trio
 
 from ._clock import Clock
 from ._store import Store
+
+log = logging.getLogger("actors.timer")
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -86,6 +89,12 @@ class Timer:
                     store.op_collect_due, self._horizon, now, PROMOTE_BATCH
                 )
                 self.fired += len(promoted) + len(sessions)
+                if promoted or sessions:
+                    log.debug(
+                        "%d delayed message(s) due, %d session(s) done waiting for a retry",
+                        len(promoted),
+                        len(sessions),
+                    )
                 for session_id, seq in promoted:
                     sup.ensure(session_id, seq)
                 for session_id in sessions:

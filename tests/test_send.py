@@ -239,3 +239,42 @@ async def test_a_cancelled_sender_stops_waiting_and_the_others_are_answered(db_p
     # The cancelled send may or may not have been persisted; the others were.
     assert sorted(b for b in seen if b != 99) == list(range(10))
     assert seen.count(99) <= 1
+
+
+async def test_send_many_with_keys_dedups_against_the_database_and_within_the_call(
+    db_path: str,
+) -> None:
+    seen: list[object] = []
+
+    async def record(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append(msg.body)
+
+    async with actors.run_system(db_path, handler=record) as system:
+        first = await system.send("s", "a", key="k-a")
+        ids = await system.send_many(
+            [("s", "a again", "k-a"), ("s", "b", "k-b"), ("s", "b again", "k-b"), ("t", "c")]
+        )
+        assert ids[0] == first  # the key was sent before
+        assert ids[2] == ids[1]  # the same key twice in one call
+        assert len({first, ids[1], ids[3]}) == 3
+        await system.drain()
+        assert system._router.statistics().duplicates == 2
+    assert sorted(map(str, seen)) == ["a", "b", "c"]
+    assert count_rows(db_path) == 0
+
+
+@pytest.mark.parametrize(
+    ("item", "error"),
+    [
+        (("s", 1, 2), TypeError),  # a key that is not a str
+        (("s", 1, ""), ValueError),
+        (("s", 1, "k", "extra"), ValueError),
+    ],
+)
+async def test_send_many_rejects_bad_keys_and_persists_nothing(
+    db_path: str, item: tuple[object, ...], error: type[Exception]
+) -> None:
+    async with actors.run_system(db_path, handler=noop) as system:
+        with pytest.raises(error, match="item 1"):
+            await system.send_many([("s", 0), item])  # type: ignore[list-item]
+    assert count_rows(db_path) == 0
