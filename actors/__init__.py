@@ -24,6 +24,7 @@ from ._errors import (
     StoreError,
     SystemClosedError,
 )
+from ._health import Health
 from ._policy import Backoff, RestartPolicy
 from ._records import DeadLetter, Message, SystemStatistics
 from ._streams import StatusEvent, Subscription, SubscriptionStatistics
@@ -44,6 +45,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetteredError",
     "HandlerTimeoutError",
+    "Health",
     "Message",
     "MessageTooLargeError",
     "RestartPolicy",

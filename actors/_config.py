@@ -65,7 +65,11 @@ class Config:
       remembered after its message was processed; while the message is
       pending, in flight or dead it is always remembered.
     status_interval: seconds between the ``"backlog"`` events of
-      ``System.events()`` (only while someone subscribes).
+      ``System.events()`` (only while someone subscribes), and between
+      the heartbeats the system writes for ``actors health``.
+    control_interval: seconds between the system's looks at the control
+      table, where ``actors retry / abort / purge`` leave their requests
+      while the system runs.
     """
 
     max_attempts: int = attrs.field(default=4, validator=_positive_int)
@@ -88,6 +92,7 @@ class Config:
     busy_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
     key_retention: float = attrs.field(default=86400.0, validator=_non_negative_seconds)
     status_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
+    control_interval: float = attrs.field(default=0.5, validator=_positive_seconds)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Config:

@@ -1,4 +1,4 @@
-"""``python -m actors demo``: a chaos workload that checks its own result.
+"""``actors demo`` (also ``python -m actors demo``): a chaos workload that checks its own result.
 
 Many sessions send concurrently into a system on a local SQLite file. The
 handler sleeps a few milliseconds, sometimes raises, rarely hangs past
@@ -23,6 +23,10 @@ from itertools import pairwise
 
 import attrs
 import trio
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 import actors
 
@@ -85,8 +89,9 @@ class Report:
             self.out_of_order or self.overlapping or self.dishonest_attempts
         )
 
-    def table(self) -> str:
-        rows = [
+    def rows(self) -> list[tuple[str, int, str]]:
+        """(check, count, meaning) for each line of the verification table."""
+        return [
             ("sent", self.sent, "ids returned by send()"),
             ("processed", self.processed, "distinct ids the handler completed"),
             ("retried", self.retried, "failed attempts (raised, timed out, killed)"),
@@ -102,9 +107,38 @@ class Report:
                 "first delivery not attempt 1, or a redelivery not counted up",
             ),
         ]
+
+    def table(self) -> str:
+        """The verification as plain text (one line per check)."""
         lines = [f"  {'check':<20}{'count':>8}  meaning", "  " + "-" * 74]
-        lines += [f"  {name:<20}{value:>8}  {meaning}" for name, value, meaning in rows]
+        lines += [f"  {name:<20}{value:>8}  {meaning}" for name, value, meaning in self.rows()]
         return "\n".join(lines)
+
+
+@attrs.frozen(kw_only=True)
+class Snapshot:
+    """The demo's progress at one moment (for the live display)."""
+
+    seconds: float
+    sent: int
+    total: int
+    processed: int  # distinct ids the handler completed
+    in_flight: int
+    pending: int
+    retried: int
+    dead: int
+    dead_lettered: int  # in this run
+    restarts: int
+    kills: int
+
+    def line(self) -> str:
+        """One line of text, for a log or a terminal without a live display."""
+        return (
+            f"[{self.seconds:5.1f}s] sent {self.sent:>6}/{self.total}"
+            f"  processed {self.processed:>6}  in flight {self.in_flight:>4}"
+            f"  pending {self.pending:>6}  retried {self.retried:>5}"
+            f"  dead {self.dead:>4}  restarts {self.restarts:>5}  kills {self.kills:>5}"
+        )
 
 
 def count_lost(sent: Iterable[int], completed: set[int], dead: set[int]) -> int:
@@ -165,15 +199,28 @@ def make_handler(
     return handle
 
 
-async def run_demo(options: DemoOptions, out: Callable[[str], None] = print) -> Report:
-    """Run the workload on ``options.db`` and return the verification."""
+async def run_demo(
+    options: DemoOptions,
+    out: Callable[[str], None] = print,
+    show: Callable[[Snapshot], None] | None = None,
+) -> Report:
+    """Run the workload on ``options.db`` and return the verification.
+
+    Every ``progress_interval`` seconds the progress goes to ``show``, or
+    as a line of text to ``out`` without one.
+    """
     if options.db is not None:
-        return await _run(options, options.db, out)
+        return await _run(options, options.db, out, show)
     with tempfile.TemporaryDirectory(prefix="actors-demo-") as tmp:
-        return await _run(options, os.path.join(tmp, "demo.db"), out)
+        return await _run(options, os.path.join(tmp, "demo.db"), out, show)
 
 
-async def _run(options: DemoOptions, db: str, out: Callable[[str], None]) -> Report:
+async def _run(
+    options: DemoOptions,
+    db: str,
+    out: Callable[[str], None],
+    show: Callable[[Snapshot], None] | None,
+) -> Report:
     rng = random.Random(options.seed)
     recorder = Recorder()
     sent: list[int] = []
@@ -194,16 +241,29 @@ async def _run(options: DemoOptions, db: str, out: Callable[[str], None]) -> Rep
             if recorder.busy and system.kill(rng.choice(sorted(recorder.busy))):
                 kills += 1
 
+    def snapshot() -> Snapshot:
+        s = system.statistics()
+        return Snapshot(
+            seconds=time.monotonic() - started,
+            sent=len(sent),
+            total=total,
+            processed=len(recorder.completed),
+            in_flight=s.in_flight,
+            pending=s.pending,
+            retried=s.failed_attempts,
+            dead=s.dead,
+            dead_lettered=s.dead_lettered,
+            restarts=s.restarts,
+            kills=kills,
+        )
+
     async def progress() -> None:
         while True:
             await trio.sleep(options.progress_interval)
-            s = system.statistics()
-            out(
-                f"[{time.monotonic() - started:5.1f}s] sent {len(sent):>6}/{total}"
-                f"  processed {len(recorder.completed):>6}  in flight {s.in_flight:>4}"
-                f"  pending {s.pending:>6}  retried {s.failed_attempts:>5}"
-                f"  dead {s.dead:>4}  restarts {s.restarts:>5}  kills {kills:>5}"
-            )
+            if show is not None:
+                show(snapshot())
+            else:
+                out(snapshot().line())
 
     out(
         f"demo: {options.sessions} sessions x {options.messages} messages on {db}\n"
@@ -239,6 +299,8 @@ async def _run(options: DemoOptions, db: str, out: Callable[[str], None]) -> Rep
             with trio.move_on_after(options.timeout) as waited:
                 await system.drain()
             nursery.cancel_scope.cancel()
+        if show is not None:
+            show(snapshot())  # the final state
         stats = system.statistics()
         if waited.cancelled_caught:
             out(
@@ -260,3 +322,42 @@ async def _run(options: DemoOptions, db: str, out: Callable[[str], None]) -> Rep
         dishonest_attempts=count_dishonest(sent, recorder.attempts),
         seconds=time.monotonic() - started,
     )
+
+
+class LiveDisplay:
+    """The demo's progress as a live rich display: two bars and the counts.
+
+    ``with LiveDisplay(console, total) as display: run_demo(..., show=display.update)``
+    """
+
+    def __init__(self, console: Console, total: int) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._sent = self._progress.add_task("sent", total=total)
+        self._done = self._progress.add_task("finished", total=total)
+        self._counts = Text()
+        self._live = Live(
+            Group(self._progress, self._counts), console=console, refresh_per_second=10
+        )
+
+    def __enter__(self) -> LiveDisplay:
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._live.stop()
+
+    def update(self, snap: Snapshot) -> None:
+        """Show ``snap`` (finished: completed by the handler or dead-lettered)."""
+        self._progress.update(self._sent, completed=snap.sent)
+        finished = min(snap.processed + snap.dead_lettered, snap.total)
+        self._progress.update(self._done, completed=finished)
+        self._counts.plain = (
+            f"in flight {snap.in_flight}   pending {snap.pending}   retried {snap.retried}"
+            f"   dead {snap.dead}   restarts {snap.restarts}   kills {snap.kills}"
+        )

@@ -431,6 +431,9 @@ class Store:
                 group[0].error = exc
                 return
             # Isolate: one failing operation must not fail its neighbours.
+            log.warning(
+                "a group of %d operations failed (%s); running them one at a time", len(group), exc
+            )
             for op in group:
                 try:
                     self._transaction([op])
@@ -490,6 +493,8 @@ class Store:
         _one(db, f"PRAGMA synchronous = {'FULL' if self._durability == 'full' else 'NORMAL'}")
         with db:
             for target in range(version + 1, SCHEMA_VERSION + 1):
+                if version:
+                    log.info("migrating %r to schema version %d", self.path, target)
                 for statement in _MIGRATIONS[target]:
                     db.execute(statement)
             if version != SCHEMA_VERSION:
@@ -956,6 +961,96 @@ class Store:
                     (row[1], row[2], message_id),
                 )
         return int(row[0]), str(row[1])
+
+    def op_purge(
+        self, session_id: str | None, dead_only: bool, before: float | None, limit: int
+    ) -> tuple[int, int]:
+        """Delete up to ``limit`` messages that are not in flight; returns (pending, dead).
+
+        Pending (delayed and retry-waiting included) and dead messages, or
+        only dead ones with ``dead_only``; only ``session_id``'s if given;
+        only those sent before epoch time ``before`` if given. The keys of
+        deleted keyed messages are forgotten, as in ``op_abort``.
+        """
+        db = self._db
+        assert db is not None
+        where = "state = 2" if dead_only else "state != 1"
+        params: tuple[Any, ...] = ()
+        if session_id is not None:
+            where += " AND session_id = ?"
+            params += (session_id,)
+        if before is not None:
+            where += " AND enqueued_at < ?"
+            params += (before,)
+        rows = db.execute(
+            f"SELECT id, session_id, state, key FROM messages WHERE {where} ORDER BY id LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        db.executemany("DELETE FROM messages WHERE id = ?", ((row[0],) for row in rows))
+        db.executemany(
+            "DELETE FROM keys WHERE session_id = ? AND key = ? AND message_id = ?",
+            ((s, k, i) for i, s, _, k in rows if k is not None),
+        )
+        dead = sum(1 for row in rows if row[2] == DEAD)
+        return len(rows) - dead, dead
+
+    def op_oldest_due(self, now: float) -> float | None:
+        """The ``enqueued_at`` of the oldest message that is due or in flight.
+
+        Due: pending and not waiting for a delay or a retry deadline. None
+        when there is none. Reads every queued row (System.health only).
+        """
+        db = self._db
+        assert db is not None
+        oldest = _one(
+            db,
+            "SELECT min(enqueued_at) FROM messages WHERE state < 2 AND seq IS NOT NULL"
+            " AND (not_before IS NULL OR not_before <= ?)",
+            (now,),
+        )
+        return None if oldest is None else float(oldest)
+
+    def op_heartbeat(self, value: str) -> None:
+        """Write the running system's heartbeat (JSON) into ``meta``."""
+        assert self._db is not None
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('heartbeat', ?)", (value,)
+        )
+
+    def op_take_control(self, limit: int) -> list[tuple[int, str, str]]:
+        """The open control requests, oldest first: (id, command, args JSON).
+
+        Marks them taken (``result`` = ``{"status": "applying"}``), so that
+        a command line that gave up waiting can withdraw only a request
+        nobody has taken. A request taken by a system that then died is
+        taken again by the next one.
+        """
+        db = self._db
+        assert db is not None
+        rows = db.execute(
+            "SELECT id, command, args FROM control WHERE done_at IS NULL ORDER BY id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        taken: list[tuple[int, str, str]] = []
+        for request_id, command, args in rows:
+            assert isinstance(request_id, int)
+            db.execute(
+                'UPDATE control SET result = \'{"status": "applying"}\' WHERE id = ?',
+                (request_id,),
+            )
+            taken.append((request_id, str(command), str(args)))
+        return taken
+
+    def op_finish_control(
+        self, request_id: int, done_at: float, result: str, forget_before: float
+    ) -> None:
+        """Write a control request's outcome; forget requests done before ``forget_before``."""
+        db = self._db
+        assert db is not None
+        db.execute(
+            "UPDATE control SET done_at = ?, result = ? WHERE id = ?", (done_at, result, request_id)
+        )
+        db.execute("DELETE FROM control WHERE done_at < ?", (forget_before,))
 
     # -- reads on the trio thread ---------------------------------------
 

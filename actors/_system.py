@@ -18,7 +18,9 @@ from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
 from ._config import Config, finite_delay
-from ._errors import AskTimeoutError, StoreError, SystemClosedError
+from ._control import Control, check_seconds, purge_batches, purge_scope
+from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
+from ._health import Health, HealthMonitor
 from ._lock import DatabaseLock
 from ._records import DeadLetter, SystemStatistics
 from ._reply import Reply
@@ -70,6 +72,10 @@ class System:
         self._closed = False
         self._nursery: trio.Nursery | None = None
         self.recovered = opened.recovered
+        self._health = HealthMonitor(self.statistics, self._clock)
+        self._control = Control(
+            self, store, self._clock.now, config.control_interval, config.busy_timeout
+        )
 
     # -- lifecycle (run_system) -------------------------------------------
 
@@ -88,6 +94,10 @@ class System:
         nursery.start_soon(self._watch_store, name="actors.store-watch")
         nursery.start_soon(self._sweep_keys, name="actors.key-sweep")
         nursery.start_soon(self._report_backlog, name="actors.backlog")
+        nursery.start_soon(
+            self._health.run, self._store, self.config.status_interval, name="actors.heartbeat"
+        )
+        nursery.start_soon(self._control.run, name="actors.control")
 
     async def _sweep_keys(self) -> None:
         # Forget idempotency keys a retention window after their message
@@ -325,6 +335,21 @@ class System:
         """
         return self._sup.events.subscribe(buffer)
 
+    def _close_streams(self) -> None:
+        # The system stopped: end every subscription, and answer every ask
+        # still waiting (its message stays pending for the next start).
+        sup = self._sup
+        sup.outputs.close()
+        sup.events.close()
+        replies, sup.replies = sup.replies, {}
+        for msg_id, reply in replies.items():
+            reply.set_error(
+                SystemClosedError(
+                    f"the system stopped before message {msg_id} was answered "
+                    "(it stays pending for the next start)"
+                )
+            )
+
     def bridge(self) -> Bridge:
         """A thread-safe client for code outside the trio thread (see Bridge)."""
         if self._nursery is None:  # pragma: no cover - always set once running
@@ -420,6 +445,11 @@ class System:
         sup.outstanding.add(len(requeued))
         for session_id, seq in requeued:
             sup.ensure(session_id, seq)
+        log.info(
+            "retry_dead(%s): %d dead letter(s) requeued",
+            "all" if message_id is None else message_id,
+            len(requeued),
+        )
         return len(requeued)
 
     async def abort(self, message_id: int) -> bool:
@@ -435,12 +465,80 @@ class System:
         state, session_id = found
         if state == IN_FLIGHT:
             raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
+        log.info(
+            "abort(%d): %s message of session %r deleted",
+            message_id,
+            "dead" if state == DEAD else "pending",
+            session_id,
+        )
+        reply = self._sup.replies.pop(message_id, None)
+        if reply is not None:  # an ask waits for it: it will never run now
+            reply.set_error(ActorsError(f"message {message_id} was aborted before it ran"))
         if state == DEAD:
             self._sup.dead -= 1
         else:
             self._sup.outstanding.add(-1)
             self._sup.ensure(session_id)  # its successor may be ready now
         return True
+
+    async def purge(
+        self, *, session_id: str | None = None, dead: bool = False, older_than: float | None = None
+    ) -> int:
+        """Delete messages for good, never one in flight; returns how many.
+
+        ``purge(session_id=s)`` deletes the session's pending messages
+        (delayed and retry-waiting ones included) and its dead letters; a
+        message its handler runs now is left to finish. ``purge(dead=True)``
+        deletes dead letters, only ``session_id``'s if given, only those
+        sent more than ``older_than`` seconds ago if given. Idempotency keys
+        of deleted messages are forgotten.
+
+        Raises:
+          ValueError: neither ``session_id`` nor ``dead=True``; ``older_than``
+            without ``dead=True``, negative or not finite; an invalid
+            ``session_id`` (TypeError for a wrong type).
+          SystemClosedError: the system is shutting down.
+          StoreError: the database failed.
+        """
+        self._check_open()
+        session_id, before = purge_scope(session_id, dead, older_than, self._clock.now())
+        sup = self._sup
+
+        def deleted(pending: int, dead_count: int) -> None:
+            sup.dead -= dead_count
+            sup.outstanding.add(-pending)
+
+        count = await purge_batches(self._store, session_id, dead, before, deleted)
+        log.info(
+            "purge(session_id=%r, dead=%s, older_than=%s): %d message(s) deleted",
+            session_id,
+            dead,
+            older_than,
+            count,
+        )
+        return count
+
+    async def health(self, *, stall_after: float = 60.0) -> Health:
+        """Whether the system makes progress (see Health).
+
+        Unhealthy when a due message (pending and not waiting for a delay
+        or a retry, or in flight) has waited more than ``stall_after``
+        seconds and no message was acknowledged or dead-lettered within the
+        last ``stall_after`` seconds; also once the system is shutting
+        down. While work is outstanding, reads the oldest due message
+        through the store (a scan of the queued messages).
+
+        Raises:
+          TypeError / ValueError: ``stall_after`` is not a number > 0.
+          StoreError: the database failed.
+        """
+        stall_after = check_seconds("stall_after", stall_after, positive=True)
+        oldest = None
+        if self._closed or not self._sup.outstanding.value:
+            await trio.lowlevel.checkpoint()
+        else:
+            oldest = await self._store.call(self._store.op_oldest_due, self._clock.now())
+        return self._health.check(stall_after, oldest, closed=self._closed)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -509,8 +607,7 @@ async def run_system(
                 await system._shutdown(nursery)
         finally:
             if system_ref:
-                system_ref[0]._sup.outputs.close()
-                system_ref[0]._sup.events.close()
+                system_ref[0]._close_streams()
             await store.aclose()
     finally:
         lock.release()

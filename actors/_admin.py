@@ -1,0 +1,416 @@
+"""Read-only views of a database for the command line: status, sessions, dead letters.
+
+Everything here reads through a read-only connection of its own, with a
+busy timeout. The database is in WAL mode, so a reader never blocks the
+running system's writer and the writer never blocks a reader: reads work
+while a system runs, and neither makes the other fail with "database is
+locked". Each view reads in one transaction (a consistent snapshot) and
+returns plain frozen records, which the command line prints as tables or
+as JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import apsw
+import attrs
+
+from ._health import HEARTBEAT_KEY, Health, Heartbeat, judge, seconds_text
+from ._records import DeadLetter
+from ._store import SCHEMA_VERSION, Store, database_path
+
+
+def _int(value: object) -> int:
+    assert isinstance(value, int), value
+    return value
+
+
+def _age(now: float, value: object) -> float:
+    assert isinstance(value, int | float), value
+    return max(now - value, 0.0)
+
+
+class AdminError(Exception):
+    """The database cannot be used: missing, not an actors database, or too new."""
+
+
+def open_readonly(path: str, busy_timeout: float = 5.0) -> apsw.Connection:
+    """Open an existing actors database read-only.
+
+    Raises:
+      AdminError: no such file, not an SQLite database, no actors schema,
+        or a schema newer than this version of actors.
+    """
+    if not os.path.isfile(path):
+        raise AdminError(f"no database file at {path!r}")
+    try:
+        db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error as exc:
+        raise AdminError(f"cannot open {path!r}: {exc}") from exc
+    try:
+        db.set_busy_timeout(int(busy_timeout * 1000))
+        version = db.execute("PRAGMA user_version").fetchall()[0][0]
+        tables = {
+            str(name)
+            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+    except apsw.Error as exc:
+        db.close()
+        raise AdminError(f"{path!r} is not an actors database: {exc}") from exc
+    if not isinstance(version, int) or version < 1 or "messages" not in tables:
+        db.close()
+        raise AdminError(f"{path!r} is not an actors database (it has no actors schema)")
+    if version > SCHEMA_VERSION:
+        db.close()
+        raise AdminError(
+            f"{path!r} has schema version {version}, newer than this version of actors"
+            f" understands ({SCHEMA_VERSION}); upgrade actors"
+        )
+    return db
+
+
+@contextmanager
+def snapshot(db: apsw.Connection) -> Iterator[apsw.Connection]:
+    """One read transaction: every query inside sees the same state."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        db.execute("ROLLBACK")
+
+
+def lock_path(path: str) -> str:
+    """The lock file a running system holds (see DatabaseLock)."""
+    return database_path(path) + ".lock"
+
+
+def is_running(path: str) -> bool:
+    """Whether a system holds the database's lock right now.
+
+    Tries a shared ``flock`` without waiting and drops it at once. (For
+    that instant a system starting on the same file would find the file
+    in use; the read commands never ask, only ``health`` does.)
+    """
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no system ever ran here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return False
+
+
+def read_heartbeat(db: apsw.Connection) -> Heartbeat | None:
+    """The last heartbeat a running system wrote, if any."""
+    rows = db.execute("SELECT value FROM meta WHERE key = ?", (HEARTBEAT_KEY,)).fetchall()
+    return Heartbeat.from_json(rows[0][0]) if rows else None
+
+
+STALE_FLOOR = 10.0  # seconds: a heartbeat younger than this is never stale
+
+
+def default_stale_after(heartbeat: Heartbeat) -> float:
+    """The default age at which a heartbeat means the system is stuck:
+    the larger of 10 s and 5 heartbeat intervals."""
+    return max(STALE_FLOOR, 5 * heartbeat.interval)
+
+
+def oldest_due(db: apsw.Connection, now: float) -> float | None:
+    """Age of the oldest message that is due (pending, not waiting for a delay
+    or a retry) or in flight; None if there is none. As Store.op_oldest_due."""
+    rows = db.execute(
+        "SELECT min(enqueued_at) FROM messages WHERE state < 2 AND seq IS NOT NULL"
+        " AND (not_before IS NULL OR not_before <= ?)",
+        (now,),
+    ).fetchall()
+    oldest = rows[0][0]
+    return None if oldest is None else _age(now, oldest)
+
+
+@attrs.frozen(kw_only=True)
+class SessionRow:
+    """One session's messages by state (``actors sessions``, ``actors status``).
+
+    ``oldest_age``: seconds since its oldest pending or in-flight message was
+    sent (None if it has none); ``max_attempts``: the most attempts any of
+    them has used.
+    """
+
+    session_id: str
+    pending: int
+    in_flight: int
+    dead: int
+    oldest_age: float | None
+    max_attempts: int
+
+
+@attrs.frozen(kw_only=True)
+class InFlightRow:
+    """A message a handler runs now; ``age``: seconds since it was sent."""
+
+    id: int
+    session_id: str
+    attempt: int
+    age: float
+
+
+@attrs.frozen(kw_only=True)
+class Status:
+    """The state of a database (``actors status``).
+
+    ``pending`` counts every pending message; of them ``delayed`` wait for
+    their delay, ``retry_waiting`` for a retry deadline, and the rest are
+    due. ``oldest_pending_age`` is as in Health. ``attempts`` maps an
+    attempt count to how many pending or in-flight messages have used that
+    many (a message with 2 or more has been retried). ``sessions`` are the
+    deepest queues, at most the limit asked for, of ``session_count``.
+    ``heartbeat`` is the last one a running system wrote (it may be old).
+    """
+
+    path: str
+    checked_at: float
+    schema_version: int
+    pending: int
+    delayed: int
+    retry_waiting: int
+    in_flight: int
+    dead: int
+    oldest_pending_age: float | None
+    attempts: dict[int, int]
+    session_count: int
+    sessions: list[SessionRow]
+    in_flight_messages: list[InFlightRow]
+    open_requests: int
+    heartbeat: Heartbeat | None
+
+
+_SESSIONS = (
+    "SELECT session_id, sum(state = 0), sum(state = 1), sum(state = 2),"
+    " min(CASE WHEN state < 2 THEN enqueued_at END), max(attempts)"
+    " FROM messages{where} GROUP BY session_id"
+    " ORDER BY sum(state < 2) DESC, sum(state = 2) DESC, session_id LIMIT ?"
+)
+
+
+def _sessions(
+    db: apsw.Connection, now: float, limit: int, session_id: str | None = None
+) -> list[SessionRow]:
+    where, params = ("", ()) if session_id is None else (" WHERE session_id = ?", (session_id,))
+    out = []
+    for session, pending, in_flight, dead, oldest, attempts in db.execute(
+        _SESSIONS.format(where=where), (*params, limit)
+    ):
+        out.append(
+            SessionRow(
+                session_id=str(session),
+                pending=_int(pending),
+                in_flight=_int(in_flight),
+                dead=_int(dead),
+                oldest_age=None if oldest is None else _age(now, oldest),
+                max_attempts=_int(attempts),
+            )
+        )
+    return out
+
+
+def _tables(db: apsw.Connection) -> set[str]:
+    return {
+        str(name) for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+
+
+def status(db: apsw.Connection, path: str, now: float, *, limit: int = 20) -> Status:
+    """Read the database's state in one snapshot (the deepest ``limit`` sessions)."""
+    with snapshot(db):
+        version = _int(db.execute("PRAGMA user_version").fetchall()[0][0])
+        counts: dict[int, tuple[int, int, int]] = {
+            _int(state): (_int(n), _int(delayed), _int(waiting))
+            for state, n, delayed, waiting in db.execute(
+                "SELECT state, count(*), count(CASE WHEN seq IS NULL THEN 1 END),"
+                " count(CASE WHEN seq IS NOT NULL AND not_before > ? THEN 1 END)"
+                " FROM messages GROUP BY state",
+                (now,),
+            )
+        }
+        attempts = {
+            _int(a): _int(n)
+            for a, n in db.execute(
+                "SELECT attempts, count(*) FROM messages WHERE state < 2 AND attempts > 0"
+                " GROUP BY attempts ORDER BY attempts"
+            )
+        }
+        session_count = _int(
+            db.execute("SELECT count(DISTINCT session_id) FROM messages").fetchall()[0][0]
+        )
+        in_flight = [
+            InFlightRow(
+                id=_int(i),
+                session_id=str(s),
+                attempt=_int(a),
+                age=_age(now, t),
+            )
+            for i, s, a, t in db.execute(
+                "SELECT id, session_id, attempts, enqueued_at FROM messages WHERE state = 1"
+                " ORDER BY id LIMIT ?",
+                (limit,),
+            )
+        ]
+        open_requests = 0
+        if "control" in _tables(db):
+            open_requests = _int(
+                db.execute("SELECT count(*) FROM control WHERE done_at IS NULL").fetchall()[0][0]
+            )
+        pending = counts.get(0, (0, 0, 0))
+        return Status(
+            path=path,
+            checked_at=now,
+            schema_version=version,
+            pending=pending[0],
+            delayed=pending[1],
+            retry_waiting=pending[2],
+            in_flight=counts.get(1, (0, 0, 0))[0],
+            dead=counts.get(2, (0, 0, 0))[0],
+            oldest_pending_age=oldest_due(db, now),
+            attempts=attempts,
+            session_count=session_count,
+            sessions=_sessions(db, now, limit),
+            in_flight_messages=in_flight,
+            open_requests=open_requests,
+            heartbeat=read_heartbeat(db),
+        )
+
+
+def sessions(
+    db: apsw.Connection, now: float, *, limit: int = 100, session_id: str | None = None
+) -> list[SessionRow]:
+    """Sessions with messages, deepest queue first (only ``session_id`` if given)."""
+    with snapshot(db):
+        return _sessions(db, now, limit, session_id)
+
+
+def dead_letters(
+    db: apsw.Connection, session_id: str | None = None, limit: int | None = None
+) -> list[DeadLetter]:
+    """Dead letters, oldest first: the same reader as ``System.dead_letters()``."""
+    return Store._read_dead_letters(db, session_id, limit)
+
+
+def counts(db: apsw.Connection) -> dict[str, int]:
+    """Messages by state: ``{"pending": n, "in_flight": n, "dead": n}``."""
+    found = {
+        _int(s): _int(n)
+        for s, n in db.execute("SELECT state, count(*) FROM messages GROUP BY state")
+    }
+    return {"pending": found.get(0, 0), "in_flight": found.get(1, 0), "dead": found.get(2, 0)}
+
+
+def to_plain(value: Any) -> Any:
+    """A record (or list of them) as JSON-ready data; bytes bodies as ``{"base64": ...}``."""
+    if attrs.has(type(value)):
+        return {k: to_plain(v) for k, v in attrs.asdict(value, recurse=False).items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class HealthReport:
+    """The verdict of ``actors health`` and what it rests on.
+
+    ``running``: a system holds the database's lock. ``heartbeat_age``:
+    seconds since its last heartbeat (None without one). ``health``: the
+    judgement from that heartbeat and the database (None when there is no
+    fresh heartbeat to judge by).
+    """
+
+    path: str
+    running: bool
+    healthy: bool
+    reason: str
+    heartbeat_age: float | None
+    stale_after: float | None
+    health: Health | None
+
+
+def check_health(
+    db: apsw.Connection,
+    path: str,
+    now: float,
+    *,
+    running: bool,
+    stall_after: float,
+    stale_after: float | None = None,
+) -> HealthReport:
+    """Judge a database's system: not running, stuck (stale heartbeat), stalled, or healthy.
+
+    The rule is ``judge``'s, as in ``System.health()``: the oldest due
+    message is read from the database now, the last progress from the
+    heartbeat.
+    """
+    with snapshot(db):
+        heartbeat = read_heartbeat(db)
+        age = None if heartbeat is None else max(now - heartbeat.at, 0.0)
+        stale = None
+        if heartbeat is not None:
+            stale = stale_after if stale_after is not None else default_stale_after(heartbeat)
+
+        def verdict(healthy: bool, reason: str, health: Health | None = None) -> HealthReport:
+            return HealthReport(
+                path=path,
+                running=running,
+                healthy=healthy,
+                reason=reason,
+                heartbeat_age=age,
+                stale_after=stale,
+                health=health,
+            )
+
+        if not running:
+            last = "" if age is None else f" (last heartbeat {seconds_text(age)} ago)"
+            return verdict(False, f"no system is running on {path}{last}")
+        if heartbeat is None or age is None or stale is None:
+            return verdict(False, "the running system has written no heartbeat yet")
+        if age > stale:
+            return verdict(
+                False,
+                f"stuck: the last heartbeat is {seconds_text(age)} old (more than"
+                f" {seconds_text(stale)}): the system's loop or its database writer is not"
+                " running",
+            )
+        oldest = oldest_due(db, now)
+        progress_age = max(now - heartbeat.last_progress_at, 0.0)
+        healthy, reason = judge(
+            oldest_pending_age=oldest, last_progress_age=progress_age, stall_after=stall_after
+        )
+        found = counts(db)
+        return verdict(
+            healthy,
+            reason,
+            Health(
+                healthy=healthy,
+                reason=reason,
+                checked_at=now,
+                stall_after=stall_after,
+                oldest_pending_age=oldest,
+                last_progress_age=progress_age,
+                pending=found["pending"],
+                in_flight=found["in_flight"],
+                dead=found["dead"],
+                processed=heartbeat.processed,
+                dead_lettered=heartbeat.dead_lettered,
+            ),
+        )

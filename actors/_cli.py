@@ -1,0 +1,550 @@
+"""The ``actors`` command (also ``python -m actors``): demo, inspect, operate, health.
+
+Read commands (``status``, ``sessions``, ``dead``, ``health``) open the
+database read-only; they work while a system runs and never disturb it.
+Mutating commands (``retry``, ``abort``, ``purge``) ask a running system
+through the control table and wait for its answer, or, with no system
+running, take the database's lock and act directly (see ``_control``).
+
+Exit codes, for scripts and probes:
+
+- 0: done; healthy.
+- 1: unhealthy; a command refused (no such message, in flight, ...); the
+  demo found a message lost or out of order.
+- 2: usage error; no database at the path, or not an actors database.
+- 3: ``health`` only: no system is running on the database.
+- 4: a running system did not answer a request within ``--wait``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import apsw
+import click
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from . import _admin
+from ._control import DirectTarget, RequestTimeoutError, apply, request
+from ._demo import DemoOptions, LiveDisplay, run_demo
+from ._errors import DatabaseInUseError, StoreError
+from ._health import Health, seconds_text
+from ._lock import DatabaseLock
+from ._store import Store, database_path
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_TIMEOUT = 4
+
+
+class DatabaseError(click.ClickException):
+    """No usable actors database at the path given (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds, or a number with a unit: ``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w``.
+
+    Raises:
+      ValueError: not a duration.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 12h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(_admin.to_plain(value), indent=2, allow_nan=False))
+
+
+def _path(db: str) -> str:
+    try:
+        return database_path(db)
+    except ValueError as exc:
+        raise DatabaseError(str(exc)) from None
+
+
+def _open(path: str) -> apsw.Connection:
+    try:
+        return _admin.open_readonly(path)
+    except _admin.AdminError as exc:
+        raise DatabaseError(str(exc)) from None
+
+
+def _read(path: str, read: Callable[[apsw.Connection], Any]) -> Any:
+    conn = _open(path)
+    try:
+        return read(conn)
+    except apsw.Error as exc:
+        raise click.ClickException(f"cannot read {path!r}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else seconds_text(seconds)
+
+
+def _one_line(error: str, width: int = 72) -> str:
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= width else last[: width - 1] + "…"
+
+
+db_argument = click.argument("db", metavar="DB")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+wait_option = click.option(
+    "--wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a running system to apply the request (exit 4 after).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Embedded, durable, per-key actors for trio on SQLite.
+
+    DB is the database file of a system. Read commands work while it runs;
+    retry, abort and purge are applied by the running system (or directly
+    when none runs). Exit codes: 0 ok, 1 unhealthy or refused, 2 usage
+    error or no actors database, 3 no system running (health), 4 no answer
+    from the running system within --wait.
+    """
+
+
+# -- demo -------------------------------------------------------------------------
+
+_DEMO = DemoOptions()
+
+
+@cli.command()
+@click.option(
+    "--db",
+    metavar="PATH",
+    help="SQLite file to use (kept afterwards; default: a fresh file in a temporary "
+    "directory, deleted at the end). Reuse a file after killing a run to see recovery.",
+)
+@click.option("--sessions", type=click.IntRange(min=1), default=_DEMO.sessions, show_default=True)
+@click.option(
+    "--messages",
+    type=click.IntRange(min=1),
+    default=_DEMO.messages,
+    show_default=True,
+    help="Messages per session.",
+)
+@click.option("--seed", type=int, help="Seed for the workload's randomness.")
+@click.option(
+    "--fail-rate",
+    type=click.FloatRange(0, 1),
+    default=_DEMO.fail_rate,
+    show_default=True,
+    help="Chance that an attempt raises.",
+)
+@click.option(
+    "--poison-rate",
+    type=click.FloatRange(0, 1),
+    default=_DEMO.poison_rate,
+    show_default=True,
+    help="Chance that a message fails on every attempt.",
+)
+@click.option(
+    "--kill-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEMO.kill_interval,
+    show_default=True,
+    metavar="SECONDS",
+    help="Mean time between kills of a busy actor.",
+)
+@click.option("--verbose", is_flag=True, help="Show the library's log (every failed attempt).")
+def demo(
+    db: str | None,
+    sessions: int,
+    messages: int,
+    seed: int | None,
+    fail_rate: float,
+    poison_rate: float,
+    kill_interval: float,
+    verbose: bool,
+) -> None:
+    """Run a chaos workload and verify that nothing was lost.
+
+    Many sessions send concurrently; the handler sleeps, sometimes fails,
+    rarely hangs; random busy actors are killed mid-message. At the end
+    every id that send() returned must have been processed or
+    dead-lettered. Exit status 1 if anything was lost or an ordering check
+    failed.
+    """
+    # The demo fails on purpose; without --verbose keep the library's log quiet.
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.CRITICAL,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    console = _console()
+    live = console.is_terminal and not verbose
+    options = DemoOptions(
+        db=db,
+        sessions=sessions,
+        messages=messages,
+        seed=seed,
+        fail_rate=fail_rate,
+        poison_rate=poison_rate,
+        kill_interval=kill_interval,
+        progress_interval=0.1 if live else _DEMO.progress_interval,
+    )
+    try:
+        if live:
+
+            def out(text: str) -> None:
+                console.print(text, markup=False, soft_wrap=True)
+
+            with LiveDisplay(console, sessions * messages) as display:
+                report = trio.run(run_demo, options, out, display.update)
+        else:
+            report = trio.run(run_demo, options, click.echo)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: unfinished messages stay in the database (see --db)")
+        sys.exit(130)
+    click.echo(f"\nverification after {report.seconds:.1f}s")
+    if live:
+        table = Table("check", "count", "meaning")
+        table.columns[1].justify = "right"
+        for name, value, meaning in report.rows():
+            bad = value and name in ("lost", "out of order", "overlapping", "dishonest attempts")
+            table.add_row(name, f"[red]{value}[/]" if bad else str(value), meaning)
+        console.print(table)
+    else:
+        click.echo(report.table())
+    if report.ok:
+        click.echo("\nOK: every acknowledged message was processed or dead-lettered, in order.")
+        sys.exit(EXIT_OK)
+    click.echo("\nFAILED: see the non-zero checks above.")
+    sys.exit(EXIT_FAILED)
+
+
+# -- reading ----------------------------------------------------------------------
+
+
+def _system_line(heartbeat: Any, now: float) -> str:
+    if heartbeat is None:
+        return "no heartbeat: no system has run on this database since it had one"
+    age = now - heartbeat.at
+    who = f"pid {heartbeat.pid} on {heartbeat.host}"
+    if age > _admin.default_stale_after(heartbeat):
+        return f"last heartbeat {seconds_text(age)} ago from {who}: no system seems to be running"
+    up = seconds_text(max(now - heartbeat.started_at, 0.0))
+    return (
+        f"heartbeat {seconds_text(age)} ago from {who}, up {up};"
+        f" {heartbeat.processed} processed, last progress"
+        f" {seconds_text(max(now - heartbeat.last_progress_at, 0.0))} ago"
+    )
+
+
+def _sessions_table(rows: Sequence[_admin.SessionRow], title: str) -> Table:
+    table = Table("session", "pending", "in flight", "dead", "oldest", "attempts", title=title)
+    for column in table.columns[1:]:
+        column.justify = "right"
+    for row in rows:
+        table.add_row(
+            row.session_id,
+            str(row.pending),
+            str(row.in_flight),
+            str(row.dead),
+            _age(row.oldest_age),
+            str(row.max_attempts),
+        )
+    return table
+
+
+@cli.command()
+@db_argument
+@json_option
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Sessions and in-flight messages to list.",
+)
+def status(db: str, as_json: bool, limit: int) -> None:
+    """Queue depth by session and state, oldest due message, in flight, retries."""
+    path = _path(db)
+    now = time.time()
+    st: _admin.Status = _read(path, lambda conn: _admin.status(conn, path, now, limit=limit))
+    if as_json:
+        _echo_json(st)
+        return
+    console = _console()
+    due = st.pending - st.delayed - st.retry_waiting
+    attempts = ", ".join(f"{n} with {a}" for a, n in st.attempts.items())
+    oldest = st.oldest_pending_age
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(no_wrap=True)
+    summary.add_column(overflow="fold")
+    summary.add_row("database", f"{st.path} (schema {st.schema_version})")
+    summary.add_row("system", _system_line(st.heartbeat, now))
+    summary.add_row(
+        "pending",
+        f"{st.pending} ({due} due, {st.delayed} delayed, {st.retry_waiting} waiting for a retry)",
+    )
+    summary.add_row("in flight", str(st.in_flight))
+    summary.add_row("dead", str(st.dead))
+    summary.add_row(
+        "oldest",
+        "no message is due" if oldest is None else f"a due message has waited {_age(oldest)}",
+    )
+    summary.add_row(
+        "attempts",
+        f"pending or in flight, by attempts used: {attempts}" if attempts else "none used yet",
+    )
+    summary.add_row("requests", f"{st.open_requests} control request(s) waiting for the system")
+    console.print(summary)
+    if st.sessions:
+        title = f"sessions: the {len(st.sessions)} deepest of {st.session_count}"
+        console.print(_sessions_table(st.sessions, title))
+    if st.in_flight_messages:
+        table = Table("id", "session", "attempt", "age", title=f"in flight: {st.in_flight}")
+        for m in st.in_flight_messages:
+            table.add_row(str(m.id), m.session_id, str(m.attempt), seconds_text(m.age))
+        console.print(table)
+
+
+@cli.command()
+@db_argument
+@json_option
+@click.option("--session", "session_id", metavar="S", help="Only this session.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+def sessions(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
+    """Sessions with messages, deepest queue first: pending, in flight, dead."""
+    path = _path(db)
+    now = time.time()
+    rows: list[_admin.SessionRow] = _read(
+        path, lambda conn: _admin.sessions(conn, now, limit=limit, session_id=session_id)
+    )
+    if as_json:
+        _echo_json(rows)
+        return
+    _console().print(_sessions_table(rows, f"sessions: {len(rows)}"))
+
+
+@cli.command()
+@db_argument
+@json_option
+@click.option("--session", "session_id", metavar="S", help="Only this session.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
+    """Dead letters, oldest first, with their last error (in full with --json)."""
+    path = _path(db)
+    now = time.time()
+    letters = _read(path, lambda conn: _admin.dead_letters(conn, session_id, limit))
+    if as_json:
+        _echo_json(letters)
+        return
+    table = Table("id", "session", "attempts", "sent", "last error", title=f"dead: {len(letters)}")
+    for d in letters:
+        table.add_row(
+            str(d.id),
+            d.session_id,
+            str(d.attempts),
+            seconds_text(max(now - d.enqueued_at, 0.0)) + " ago",
+            _one_line(d.last_error),
+        )
+    _console().print(table)
+
+
+@cli.command()
+@db_argument
+@json_option
+@click.option(
+    "--stall-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Unhealthy when a due message waited this long and nothing completed for this long.",
+)
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Unhealthy when the heartbeat is older than this "
+    "(default: the larger of 10 s and 5 x the system's status_interval).",
+)
+def health(db: str, as_json: bool, stall_after: float, stale_after: float | None) -> None:
+    """Whether the system on DB makes progress. Exit 0 healthy, 1 not, 3 none running."""
+    path = _path(db)
+    _open(path).close()  # exit 2 first if there is no actors database
+    running = _admin.is_running(path)
+    now = time.time()
+    report: _admin.HealthReport = _read(
+        path,
+        lambda conn: _admin.check_health(
+            conn, path, now, running=running, stall_after=stall_after, stale_after=stale_after
+        ),
+    )
+    code = EXIT_OK if report.healthy else EXIT_FAILED if report.running else EXIT_NOT_RUNNING
+    if as_json:
+        _echo_json({**_admin.to_plain(report), "exit_code": code})
+    else:
+        verdict = "healthy" if report.healthy else "unhealthy" if report.running else "not running"
+        click.echo(f"{verdict}: {report.reason}")
+        if report.health is not None:
+            click.echo(_health_details(report.health))
+    sys.exit(code)
+
+
+def _health_details(h: Health) -> str:
+    return (
+        f"  oldest due message {_age(h.oldest_pending_age)}, last progress"
+        f" {seconds_text(h.last_progress_age)} ago; pending {h.pending}, in flight"
+        f" {h.in_flight}, dead {h.dead}; {h.processed} processed and {h.dead_lettered}"
+        " dead-lettered since the system started"
+    )
+
+
+# -- changing ---------------------------------------------------------------------
+
+
+async def _apply_directly(path: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    store, _ = await Store.open(path, durability="full", busy_timeout=5.0)
+    try:
+        return await apply(DirectTarget(store), command, json.dumps(args))
+    finally:
+        await store.aclose()
+
+
+def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: bool) -> NoReturn:
+    """Apply a command through the running system, or directly if none runs; exit."""
+    path = _path(db)
+    _open(path).close()  # exit 2 if there is no actors database (never create one)
+    lock = DatabaseLock(path)
+    try:
+        lock.acquire()
+    except DatabaseInUseError:
+        applied_by = "running system"
+        try:
+            outcome = request(path, command, args, wait=wait)
+        except RequestTimeoutError as exc:
+            if as_json:
+                _echo_json({"ok": False, "error": str(exc), "withdrawn": exc.withdrawn})
+            else:
+                click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_TIMEOUT)
+        except apsw.Error as exc:
+            raise click.ClickException(f"cannot write the request into {path!r}: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+    else:
+        applied_by = "command line"
+        try:
+            outcome = trio.run(_apply_directly, path, command, args)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            lock.release()
+    where = (
+        "by the running system"
+        if applied_by == "running system"
+        else "directly: no system is running"
+    )
+    if as_json:
+        _echo_json({**outcome, "applied_by": applied_by})
+    elif outcome["ok"]:
+        click.echo(f"{outcome['detail']} (applied {where})")
+    else:
+        click.echo(f"error: {outcome['error']} (answered {where})", err=True)
+    sys.exit(EXIT_OK if outcome["ok"] else EXIT_FAILED)
+
+
+@cli.command()
+@db_argument
+@click.option("--id", "message_id", type=int, help="The dead letter to requeue.")
+@click.option("--all", "retry_all", is_flag=True, help="Requeue every dead letter.")
+@wait_option
+@json_option
+def retry(db: str, message_id: int | None, retry_all: bool, wait: float, as_json: bool) -> None:
+    """Requeue a dead letter (--id N) or all of them (--all) with fresh attempts."""
+    if (message_id is None) == (not retry_all):
+        raise click.UsageError("give exactly one of --id N and --all")
+    args: dict[str, Any] = {"all": True} if retry_all else {"id": message_id}
+    _mutate(db, "retry", args, wait, as_json)
+
+
+@cli.command()
+@db_argument
+@click.option("--id", "message_id", type=int, required=True, help="The message to delete.")
+@wait_option
+@json_option
+def abort(db: str, message_id: int, wait: float, as_json: bool) -> None:
+    """Delete a pending or dead message (refused while a handler runs it)."""
+    _mutate(db, "abort", {"id": message_id}, wait, as_json)
+
+
+@cli.command()
+@db_argument
+@click.option("--session", "session_id", metavar="S", help="Purge this session's messages.")
+@click.option("--dead", is_flag=True, help="Purge dead letters only.")
+@click.option(
+    "--older-than",
+    callback=_duration_option,
+    metavar="DURATION",
+    help="With --dead: only those sent longer ago than this (90s, 15m, 12h, 7d, 2w).",
+)
+@wait_option
+@json_option
+def purge(
+    db: str,
+    session_id: str | None,
+    dead: bool,
+    older_than: float | None,
+    wait: float,
+    as_json: bool,
+) -> None:
+    """Delete messages for good: a session's pending and dead ones, or dead letters.
+
+    --session S deletes S's pending and dead messages (not one in flight);
+    --dead deletes dead letters (of S only with --session), and with
+    --older-than only those sent longer ago than that.
+    """
+    if older_than is not None and not dead:
+        raise click.UsageError("--older-than applies to dead letters: add --dead")
+    if session_id is None and not dead:
+        raise click.UsageError("give --session S, or --dead (with --older-than DURATION)")
+    args = {"session": session_id, "dead": dead, "older_than": older_than}
+    _mutate(db, "purge", args, wait, as_json)
+
+
+def main(argv: Sequence[str] | None = None, prog_name: str = "actors") -> None:
+    """Run the command line (exits the process with its exit code)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name=prog_name)

@@ -1,0 +1,373 @@
+"""Changes asked for from outside the running system: the ``control`` table.
+
+The command line (``actors retry / abort / purge``) must not write to the
+messages of a database that a running system owns: the system keeps counts
+in memory (what ``drain()`` waits for, ``statistics()``) and actors that
+read their queues from the database, and a change behind its back would
+make them wrong. So, while a system runs, the command line *asks*: it
+inserts a row into ``control`` (command, arguments as JSON) and waits. The
+system's :class:`Control` task looks for open requests every
+``control_interval`` seconds, applies each, oldest first, through the
+system's own methods (``retry_dead``, ``abort``, ``purge``), which keep its
+counts right, and writes the outcome (``done_at``, ``result`` as JSON).
+
+With no system running, the command line takes the database's lock itself
+(so none can start meanwhile) and applies the same command through
+:class:`DirectTarget`, on the same store operations. Either way one function,
+:func:`apply`, reads the arguments and words the outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import apsw
+import attrs
+import trio
+from trio_util import periodic
+
+from ._codec import check_session_id
+from ._errors import StoreError
+from ._store import IN_FLIGHT, Store
+
+log = logging.getLogger("actors.control")
+
+COMMANDS = ("abort", "purge", "retry")
+TAKE_LIMIT = 100  # requests taken per look
+PURGE_LIMIT = 10_000  # messages deleted per purge transaction
+CONTROL_RETENTION = 7 * 86400.0  # seconds a finished request stays in the table
+
+
+class Target(Protocol):
+    """What a control command acts on: a running System, or a DirectTarget."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def retry_dead(self, message_id: int | None = None) -> int: ...
+
+    async def abort(self, message_id: int) -> bool: ...
+
+    async def purge(
+        self, *, session_id: str | None = None, dead: bool = False, older_than: float | None = None
+    ) -> int: ...
+
+
+# -- arguments and outcome (both sides) --------------------------------------
+
+
+def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite number of seconds, >= 0 (or > 0 with ``positive``).
+
+    Raises:
+      TypeError: not a number. ValueError: out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return float(value)
+
+
+def purge_scope(
+    session_id: str | None, dead: bool, older_than: float | None, now: float
+) -> tuple[str | None, float | None]:
+    """Validate ``purge``'s arguments; returns (session_id, before).
+
+    Raises:
+      ValueError: neither a session nor ``dead=True``; ``older_than``
+        without ``dead=True``; ``older_than`` out of range.
+      TypeError: a session id or ``older_than`` of the wrong type.
+    """
+    if session_id is not None:
+        session_id = check_session_id(session_id)
+    elif not dead:
+        raise ValueError("purge needs a session_id, or dead=True (dead letters of every session)")
+    if older_than is None:
+        return session_id, None
+    if not dead:
+        raise ValueError("older_than applies to dead letters only: pass dead=True")
+    return session_id, now - check_seconds("older_than", older_than)
+
+
+async def purge_batches(
+    store: Store,
+    session_id: str | None,
+    dead_only: bool,
+    before: float | None,
+    deleted: Callable[[int, int], None],
+) -> int:
+    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead)`` after each batch.
+
+    Batches keep each transaction short, so the writer stays responsive.
+    """
+    total = 0
+    while True:
+        pending: int
+        dead: int
+        pending, dead = await store.call(store.op_purge, session_id, dead_only, before, PURGE_LIMIT)
+        deleted(pending, dead)
+        total += pending + dead
+        if pending + dead < PURGE_LIMIT:
+            return total
+
+
+def _message_id(args: dict[str, Any]) -> int:
+    value = args.get("id")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"'id' must be an integer message id, got {value!r}")
+    return value
+
+
+async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
+    """Apply one command; returns its outcome as a JSON-ready dict.
+
+    ``{"ok": True, "count": n, "detail": text}``, or ``{"ok": False,
+    "error": text}`` for an unknown command, bad arguments, or a command
+    that found nothing to do to the message it names. Never raises for
+    those; a StoreError (the database failed) propagates.
+    """
+    try:
+        args = json.loads(args_json)
+        if not isinstance(args, dict):
+            raise TypeError("the arguments must be a JSON object")
+        if command == "retry":
+            if args.get("all") is True:
+                count = await target.retry_dead()
+                return {"ok": True, "count": count, "detail": f"requeued {count} dead letter(s)"}
+            message_id = _message_id(args)
+            count = await target.retry_dead(message_id)
+            if not count:
+                return {"ok": False, "error": f"message {message_id} is not a dead letter"}
+            return {"ok": True, "count": count, "detail": f"requeued dead letter {message_id}"}
+        if command == "abort":
+            message_id = _message_id(args)
+            if not await target.abort(message_id):
+                return {"ok": False, "error": f"no pending or dead message {message_id}"}
+            return {"ok": True, "count": 1, "detail": f"aborted message {message_id}"}
+        if command == "purge":
+            dead = args.get("dead", False)
+            if not isinstance(dead, bool):
+                raise TypeError(f"'dead' must be true or false, got {dead!r}")
+            count = await target.purge(
+                session_id=args.get("session"), dead=dead, older_than=args.get("older_than")
+            )
+            return {"ok": True, "count": count, "detail": f"purged {count} message(s)"}
+        known = ", ".join(COMMANDS)
+        return {"ok": False, "error": f"unknown command {command!r} (known: {known})"}
+    except StoreError:
+        raise
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+# -- with no system running ---------------------------------------------------
+
+
+class DirectTarget:
+    """Applies commands straight to a store that no system runs on.
+
+    The caller holds the database's lock. Same semantics as the System's
+    methods: opening the store recovered whatever a dead process left in
+    flight, so nothing here is in flight.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    async def retry_dead(self, message_id: int | None = None) -> int:
+        return len(await self._store.call(self._store.op_retry_dead, message_id))
+
+    async def abort(self, message_id: int) -> bool:
+        found = await self._store.call(self._store.op_abort, message_id)
+        if found is None:
+            return False
+        if found[0] == IN_FLIGHT:  # pragma: no cover - recovery on open leaves none
+            raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
+        return True
+
+    async def purge(
+        self, *, session_id: str | None = None, dead: bool = False, older_than: float | None = None
+    ) -> int:
+        session_id, before = purge_scope(session_id, dead, older_than, time.time())
+        return await purge_batches(self._store, session_id, dead, before, lambda _p, _d: None)
+
+
+# -- the running system's side ----------------------------------------------------
+
+
+@attrs.frozen
+class ControlStatistics:
+    """The control task since the system started."""
+
+    looks: int  # reads of the control table
+    applied: int  # requests applied (their outcome written)
+    refused: int  # of those, how many had an error outcome
+
+
+class Control:
+    """The running system's task that applies requests from the control table.
+
+    It looks through a read-only connection of its own (a cheap indexed
+    read that never blocks the writer and costs no transaction), and only
+    when a request is open does it go through the store: take the open
+    requests, apply each through the system, write each outcome.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        store: Store,
+        now: Callable[[], float],
+        interval: float,
+        busy_timeout: float,
+    ) -> None:
+        self._target = target
+        self._store = store
+        self._now = now
+        self._interval = interval
+        self._busy_ms = int(busy_timeout * 1000)
+        self._reader: apsw.Connection | None = None
+        self._looks = 0
+        self._applied = 0
+        self._refused = 0
+        self._warned = False
+
+    async def run(self) -> None:
+        """Look every ``interval`` seconds until cancelled."""
+        try:
+            async for _ in periodic(self._interval):
+                # A stopping system takes no more requests: they wait for
+                # the next start (or their command line withdraws them).
+                if not self._target.closed and self._has_open_requests():
+                    await self.serve()
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def _has_open_requests(self) -> bool:
+        self._looks += 1
+        try:
+            if self._reader is None:
+                self._reader = apsw.Connection(self._store.path, flags=apsw.SQLITE_OPEN_READONLY)
+                self._reader.set_busy_timeout(self._busy_ms)
+            rows = self._reader.execute(
+                "SELECT EXISTS (SELECT 1 FROM control WHERE done_at IS NULL)"
+            ).fetchall()
+        except apsw.Error as exc:
+            # Never fail the system for this: say so once, look again later.
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot read the control table of %r: %s", self._store.path, exc)
+            return False
+        return bool(rows[0][0])
+
+    async def serve(self) -> None:
+        """Take the open requests and apply them, oldest first."""
+        store = self._store
+        for request_id, command, args in await store.call(store.op_take_control, TAKE_LIMIT):
+            # Apply and record as one unit: a stop of the system in between
+            # would apply the request again at the next start.
+            with trio.CancelScope(shield=True):
+                outcome = await apply(self._target, command, args)
+                now = self._now()
+                await store.call(
+                    store.op_finish_control,
+                    request_id,
+                    now,
+                    json.dumps(outcome),
+                    now - CONTROL_RETENTION,
+                )
+            self._applied += 1
+            if not outcome["ok"]:
+                self._refused += 1
+            log.info("control request %d (%s %s): %s", request_id, command, args, outcome)
+
+    def statistics(self) -> ControlStatistics:
+        """Looks, applied and refused requests since start."""
+        return ControlStatistics(looks=self._looks, applied=self._applied, refused=self._refused)
+
+
+# -- the command line's side ------------------------------------------------------
+
+
+class RequestTimeoutError(Exception):
+    """The running system did not answer a control request in time.
+
+    ``withdrawn`` says whether the request was taken back (nothing was
+    changed) or had already been taken by the system (it will be applied).
+    """
+
+    def __init__(self, request_id: int, waited: float, withdrawn: bool) -> None:
+        self.request_id = request_id
+        self.withdrawn = withdrawn
+        if withdrawn:
+            what = "withdrawn: nothing was changed"
+        else:
+            what = "the system took it and will finish it; check again later"
+        super().__init__(f"no answer to control request {request_id} within {waited:g}s ({what})")
+
+
+def request(
+    path: str,
+    command: str,
+    args: dict[str, Any],
+    *,
+    wait: float,
+    poll: float = 0.05,
+    busy_timeout: float = 5.0,
+) -> dict[str, Any]:
+    """Ask the system running on ``path`` to apply a command; return its outcome.
+
+    Blocks (polling every ``poll`` seconds) until the system wrote the
+    outcome, at most ``wait`` seconds.
+
+    Raises:
+      RequestTimeoutError: no outcome within ``wait``.
+      apsw.Error: the database cannot be written.
+    """
+    db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+    try:
+        db.set_busy_timeout(int(busy_timeout * 1000))
+        db.execute(
+            "INSERT INTO control (command, args, requested_at) VALUES (?, ?, ?)",
+            (command, json.dumps(args), time.time()),
+        )
+        request_id = db.last_insert_rowid()
+
+        def withdraw() -> bool:
+            # Only a request no system has taken: one statement decides.
+            db.execute(
+                "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
+                (request_id,),
+            )
+            return db.changes() == 1
+
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                rows = db.execute(
+                    "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
+                ).fetchall()
+                if rows and rows[0][0] is not None:
+                    outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+                    return outcome
+                if time.monotonic() >= deadline:
+                    raise RequestTimeoutError(request_id, wait, withdrawn=withdraw())
+                time.sleep(poll)
+        except KeyboardInterrupt:
+            withdraw()
+            raise
+    finally:
+        db.close()
