@@ -461,15 +461,23 @@ class SessionActor:
                 instance = sup.factory()
                 if type(instance).started is not Actor.started:
                     # started() may read the state: load it now (a function
-                    # handler gets it with its first claim instead).
+                    # handler gets it with its first claim instead). What
+                    # started() changes is not committed (no message acks
+                    # it): the handlers see the state as it was loaded.
                     store = sup.store
-                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
-                await instance.started(ctx)
+                    loaded = await store.call(store.op_load_state, self.session_id)
+                    ctx._load_state(loaded)
+                    await instance.started(ctx)
+                    ctx._load_state(loaded)
+                    ctx._state_used = False
+                else:
+                    await instance.started(ctx)
                 sup.on_actor_started(self)
                 outcome = await self._serve(instance, ctx)
             except StoreError:
                 raise
             except Exception as exc:  # the factory or started() failed: a crash
+                log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
                 self._failure = exc
                 outcome = Exit.CRASH
             else:
@@ -565,13 +573,14 @@ class SessionActor:
                 )
                 # Committed: the ack (if any) and the claim (if any). Record
                 # both before the next checkpoint, so a kill sees the truth.
+                # (The ack's outbox first: drain() must not see zero between.)
+                if claim.sent:
+                    sup.on_sent(claim.sent)
                 if ack is not None:
                     sup.on_acked()
                     ack = None
                 self.in_flight = claim.message
                 self.handler_started = False
-                if claim.sent:
-                    sup.on_sent(claim.sent)
                 if claim.dead:
                     sup.on_dead_lettered(
                         self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
@@ -671,9 +680,9 @@ class SessionActor:
             sup = self._sup
             sent = await sup.store.call(sup.store.op_ack, ack, sup.clock.now())
             self.in_flight = None
-            sup.on_acked()
-            if sent:
+            if sent:  # first: drain() must not see zero between
                 sup.on_sent(sent)
+            sup.on_acked()
 
     async def _wait_for_notice(self, seconds: float) -> bool:
         """Wait for work beyond what was claimed, or a handoff.

@@ -150,7 +150,12 @@ class Bridge:
                 "(they would block the loop that answers them); await the System's methods"
             )
 
-    def _submit(self, call: Callable[[], Awaitable[T]]) -> concurrent.futures.Future[T]:
+    def _submit(
+        self, call: Callable[[], Awaitable[T]], *, while_stopping: bool = False
+    ) -> concurrent.futures.Future[T]:
+        # while_stopping: run even once the system began to stop, as long as
+        # its nursery takes tasks (a subscription's next output: handlers
+        # may still emit during the shutdown grace period).
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         system = self._system
 
@@ -171,7 +176,7 @@ class Bridge:
                     self._running -= 1
 
         def start() -> None:
-            if system.closed:
+            if system.closed and not while_stopping:
                 future.set_exception(SystemClosedError("the system is shutting down"))
                 return
             try:
@@ -191,6 +196,9 @@ class Bridge:
         return future
 
 
+_END = object()  # BlockingSubscription: nothing more is buffered
+
+
 def _sync_to_async(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
     async def call() -> T:
         return fn()
@@ -199,7 +207,14 @@ def _sync_to_async(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
 
 
 class BlockingSubscription:
-    """A session's outputs for a plain thread: ``for value in subscription``."""
+    """A session's outputs for a plain thread: ``for value in subscription``.
+
+    The iteration goes on while the system stops (handlers may still emit
+    during the shutdown grace period), gives the outputs still buffered once
+    it has stopped (even after its trio run returned), then ends; it also
+    ends after ``close()``. Iterating in the system's own trio thread raises
+    RuntimeError, as every blocking bridge call does.
+    """
 
     def __init__(self, bridge: Bridge, subscription: Subscription[Any]) -> None:
         self._bridge = bridge
@@ -209,13 +224,36 @@ class BlockingSubscription:
         return self
 
     def __next__(self) -> Any:
-        future = self._bridge._submit(self._sub.__anext__)
+        self._bridge._refuse_trio_thread()
         try:
-            return future.result()
+            # _submit itself raises SystemClosedError once the trio run is over
+            # (a consumer thread that outlives it).
+            return self._bridge._submit(self._sub.__anext__, while_stopping=True).result()
         except StopAsyncIteration:
             raise StopIteration from None
         except SystemClosedError:
-            raise StopIteration from None
+            pass
+        # The system has stopped. Outputs it published before are still this
+        # consumer's, as they are for an async subscriber: hand them out, then end.
+        value = self._take_buffered()
+        if value is _END:
+            raise StopIteration
+        return value
+
+    def _take_buffered(self) -> Any:
+        taken: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                taken.set_result(self._sub.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                taken.set_result(_END)
+
+        try:
+            self._bridge._token.run_sync_soon(take)  # on the trio thread, if it still runs
+        except trio.RunFinishedError:
+            take()  # the trio run is over: no other thread uses the channel now
+        return taken.result()
 
     def close(self) -> None:
         """Unregister (from any thread)."""

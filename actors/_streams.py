@@ -6,7 +6,9 @@ generator must not yield inside a nursery or cancel scope). A
 published after ``subscribe()`` / ``events()`` returns is missed, and it
 unregisters itself when it is closed, when its ``async with`` ends, or when
 it is garbage collected (a ``break`` out of ``async for`` drops the last
-reference), so an abandoned subscriber never holds anything up for long.
+reference; collected in another thread, it is closed in the trio thread),
+so an abandoned subscriber never holds anything up for long. The hubs hold
+the events subscriptions weakly for that reason.
 
 The two hubs differ in what a slow consumer does:
 
@@ -20,7 +22,9 @@ The two hubs differ in what a slow consumer does:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
@@ -99,6 +103,9 @@ class Subscription(Generic[T]):
         self._unregister: Callable[[], None] | None = unregister
         self._buffer_size = buffer_size
         self.dropped = 0  # maintained by the Events hub
+        # The run the hubs live in: a subscription collected in another thread
+        # (a BlockingSubscription its consumer thread dropped) is closed there.
+        self._token = _current_token()
 
     def __aiter__(self) -> Subscription[T]:
         return self
@@ -136,8 +143,16 @@ class Subscription(Generic[T]):
 
     def __del__(self) -> None:
         # A consumer that broke out of its loop without closing.
-        if self._unregister is not None:
+        if self._unregister is None:
+            return
+        if self._token is None or _current_token() is self._token:
             self.close()
+        else:
+            # Not the trio thread: the hubs and channels may only be touched
+            # there (closing wakes an actor waiting for room). Once the run is
+            # over, there is nothing left to release.
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self.close)
 
     def statistics(self) -> SubscriptionStatistics:
         """Buffered items, buffer size, dropped events, and whether it is closed."""
@@ -148,6 +163,13 @@ class Subscription(Generic[T]):
             dropped=self.dropped,
             closed=self._unregister is None,
         )
+
+
+def _current_token() -> trio.lowlevel.TrioToken | None:
+    try:
+        return trio.lowlevel.current_trio_token()
+    except RuntimeError:  # not in a trio thread
+        return None
 
 
 def _check_buffer(buffer: int) -> int:
@@ -250,7 +272,11 @@ class Events:
     """
 
     def __init__(self) -> None:
-        self._subs: list[tuple[trio.MemorySendChannel[StatusEvent], Subscription[Any]]] = []
+        # (channel, subscription): weakly, so that an abandoned subscription
+        # is collected, and unregisters itself, as an output one does.
+        self._subs: list[
+            tuple[trio.MemorySendChannel[StatusEvent], weakref.ref[Subscription[Any]]]
+        ] = []
         self._closed = False
         self.active = False
         self.subscribed = trio.Event()  # set while someone subscribes
@@ -274,7 +300,7 @@ class Events:
         if self._closed:
             send.close()
         else:
-            entry.append((send, sub))
+            entry.append((send, weakref.ref(sub)))
             self._subs.append(entry[0])
             self.active = True
             self.subscribed.set()
@@ -283,14 +309,18 @@ class Events:
     def emit(self, event: StatusEvent) -> None:
         """Offer ``event`` to every subscriber; a full one misses it (counted)."""
         self.emitted += 1
-        for send, sub in list(self._subs):
+        for send, ref in list(self._subs):
             try:
                 send.send_nowait(event)
             except trio.WouldBlock:
-                sub.dropped += 1
+                sub = ref()
+                if sub is not None:
+                    sub.dropped += 1
                 self.dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                sub.close()
+                sub = ref()
+                if sub is not None:
+                    sub.close()
 
     def close(self) -> None:
         """End every subscription (the system stops)."""

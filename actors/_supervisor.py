@@ -392,9 +392,9 @@ class Supervisor:
         self.outstanding.add(-1)
 
     def on_ack_committed(self, sent: list[tuple[str, int]] | None) -> None:
-        self.on_acked()
-        if sent:
+        if sent:  # first: outstanding must not touch zero in between (drain)
             self.on_sent(sent)
+        self.on_acked()
 
     def on_sent(self, sent: list[tuple[str, int]]) -> None:
         """Messages of an outbox (ctx.send) committed with their ack: deliver them."""
@@ -409,7 +409,12 @@ class Supervisor:
         self.dead_lettered += count
         self.dead += count
         self.outstanding.add(-count)
-        log.error("%d message(s) of session %r moved to dead letters", count, session_id)
+        log.error(
+            "%d message(s) of session %r moved to dead letters%s",
+            count,
+            session_id,
+            f": {reason.splitlines()[0]}" if reason else "",
+        )
         for msg_id in ids:
             reply = self.replies.pop(msg_id, None)
             if reply is not None:
@@ -455,6 +460,8 @@ class Supervisor:
                 self.config.restart_policy.window,
                 delay,
             )
+        elif delay > 0:
+            log.info("restarting the actor of session %r in %.2fs", actor.session_id, delay)
         if self.events.active:
             self.emit("actor_restarted", actor.session_id, detail=repr(failure), delay=delay)
             if suspended:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from typing import TYPE_CHECKING
 
 import attrs
@@ -20,6 +21,8 @@ import trio
 
 if TYPE_CHECKING:
     from ._actor import SessionActor
+
+log = logging.getLogger("actors.watchdog")
 
 
 @attrs.frozen
@@ -88,6 +91,12 @@ class Watchdog:
                 elif actor.handler_deadline <= now:
                     actor.watched = False
                     self.timeouts += 1
+                    in_flight = actor.in_flight
+                    log.warning(
+                        "handler of session %r (message %s) outlived handler_timeout: cancelled",
+                        actor.session_id,
+                        in_flight.id if in_flight is not None else "?",
+                    )
                     actor.time_out()
                 else:  # a later handler of the same actor: wait for its deadline
                     heapq.heappush(heap, (actor.handler_deadline, next(self._tie), actor))
