@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from progress import Log  # the script's own folder
+from progress import Log, Room  # the script's own folder
 
 import actors
 import actors.testing
@@ -55,23 +55,24 @@ FIRST_HOPS = COUNTERS + [f"a{i}" for i in range(CHAINS)]
 NEXT_HOP = {"a": "b", "b": "z"}
 
 
-class Room:
-    """Senders wait here while the backlog is over its limit; handler starts poke it."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def poke(self) -> None:
-        self._event.set()
-
-    async def wait(self, system: actors.System, limit: int) -> None:
-        while system.statistics().pending > limit:
-            if self._event.is_set():
-                self._event = trio.Event()
-            await self._event.wait()
-
-
 room = Room()
+
+
+def apply(ctx: actors.Context, msg: actors.Message) -> None:
+    """The workload's changes: count (and forward) the message, or record its uid."""
+    state = ctx.state
+    session = ctx.session_id
+    kind = session[0]
+    if kind == "c":
+        state["total"] = state.get("total", 0) + msg.body["v"]
+        state["n"] = state.get("n", 0) + 1
+    elif kind in NEXT_HOP:
+        state["n"] = state.get("n", 0) + 1
+        ctx.send(NEXT_HOP[kind] + session[1:], msg.body)
+    else:
+        seen = state.setdefault("seen", {})
+        uid = msg.body["u"]
+        seen[uid] = seen.get(uid, 0) + 1
 
 
 def make_handler(
@@ -83,17 +84,7 @@ def make_handler(
         session = ctx.session_id
         # Killed here: nothing was applied.
         await trio.sleep(rng.uniform(0, latency))
-        state = ctx.state
-        kind = session[0]
-        if kind == "c":
-            state["total"] = state.get("total", 0) + msg.body["v"]
-            state["n"] = state.get("n", 0) + 1
-        elif kind in NEXT_HOP:
-            state["n"] = state.get("n", 0) + 1
-            ctx.send(NEXT_HOP[kind] + session[1:], msg.body)
-        else:
-            seen = state.setdefault("seen", {})
-            seen[uid] = seen.get(uid, 0) + 1
+        apply(ctx, msg)
         log.write("applied", session, uid, msg.attempt)
         # Killed here: applied in memory, not committed. The redelivery must
         # apply it to the committed state, which does not have it.

@@ -15,7 +15,12 @@ import selectors
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    import actors
 
 ENV = "ACTORS_TEST_PROGRESS_FD"
 
@@ -101,3 +106,19 @@ class Log:
     def write(self, *fields: object) -> None:
         os.write(self._fd, (" ".join(map(str, fields)) + "\n").encode())
         signal_progress(self._progress)
+
+
+class Room:
+    """Senders wait here while the backlog is over its limit; handler starts poke it."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def poke(self) -> None:
+        self._event.set()
+
+    async def wait(self, system: actors.System, limit: int) -> None:
+        while system.statistics().pending > limit:
+            if self._event.is_set():
+                self._event = trio.Event()
+            await self._event.wait()

@@ -35,7 +35,7 @@ import sys
 import zlib
 
 import trio
-from progress import Log  # the script's own folder
+from progress import Log, Room  # the script's own folder
 
 import actors
 
@@ -55,22 +55,6 @@ def kind_of(session: str, index: int) -> str:
 
 class Boom(Exception):
     pass
-
-
-class Room:
-    """Senders wait here while the backlog is over its limit; handler starts poke it."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def poke(self) -> None:
-        self._event.set()
-
-    async def wait(self, system: actors.System, limit: int) -> None:
-        while system.statistics().pending > limit:
-            if self._event.is_set():
-                self._event = trio.Event()
-            await self._event.wait()
 
 
 room = Room()

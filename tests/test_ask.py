@@ -24,14 +24,6 @@ class Refused(Exception):
     pass
 
 
-@pytest.fixture(params=["mock", "real"])
-def clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """Run the test on an autojumping MockClock (SQLite inline) or the real one (writer thread)."""
-    if request.param == "mock":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
-
-
 async def test_ask_returns_the_handlers_return_value(db_path: str, clock: object) -> None:
     async def handler(ctx: actors.Context, msg: actors.Message) -> Any:
         ctx.state["total"] = ctx.state.get("total", 0) + msg.body.get("add", 0)

@@ -49,6 +49,7 @@ import apsw
 import pytest
 import trio
 import trio.testing
+from exactly_once_child import apply
 from progress import ProgressPipe
 
 import actors
@@ -56,15 +57,6 @@ from actors.testing import chaos, fast_options, quiescent
 
 COUNTERS = [f"c{i}" for i in range(4)]
 CHAINS = 2
-NEXT_HOP = {"a": "b", "b": "z"}
-
-
-@pytest.fixture(params=["mock", "real"])
-def clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """Run the test on an autojumping MockClock (SQLite inline) or the real one (writer thread)."""
-    if request.param == "mock":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
 
 
 # -- reading and checking a database -------------------------------------------------
@@ -174,17 +166,7 @@ class Workload:
         uid = msg.body["u"]
         session = ctx.session_id
         await trio.sleep(self.rng.uniform(0, self.latency))
-        state = ctx.state
-        kind = session[0]
-        if kind == "c":
-            state["total"] = state.get("total", 0) + msg.body["v"]
-            state["n"] = state.get("n", 0) + 1
-        elif kind in NEXT_HOP:
-            state["n"] = state.get("n", 0) + 1
-            ctx.send(NEXT_HOP[kind] + session[1:], msg.body)
-        else:
-            seen = state.setdefault("seen", {})
-            seen[uid] = seen.get(uid, 0) + 1
+        apply(ctx, msg)
         self.applied[session, uid] += 1
         await trio.sleep(self.rng.uniform(0, self.latency))
 

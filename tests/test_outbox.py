@@ -25,14 +25,6 @@ class Boom(Exception):
     pass
 
 
-@pytest.fixture(params=["mock", "real"])
-def clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """Run the test on an autojumping MockClock (SQLite inline) or the real one (writer thread)."""
-    if request.param == "mock":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
-
-
 def rows(db_path: str) -> list[tuple[int, str, Any]]:
     conn = apsw.Connection(db_path)
     try:

@@ -35,14 +35,6 @@ class Boom(Exception):
     pass
 
 
-@pytest.fixture(params=["mock", "real"])
-def clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """Run the test on an autojumping MockClock (SQLite inline) or the real one (writer thread)."""
-    if request.param == "mock":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
-
-
 def stored_state(db_path: str) -> dict[str, tuple[Any, float]]:
     """``{session: (state, updated_at)}`` as committed in the database."""
     conn = apsw.Connection(db_path)
