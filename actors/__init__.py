@@ -10,7 +10,7 @@ actor or the whole process dies.
 """
 
 from ._actor import Actor, Context
-from ._bridge import BlockingSubscription, Bridge, BridgeStatistics
+from ._bridge import AsyncioSubscription, BlockingSubscription, Bridge, BridgeStatistics
 from ._config import Config
 from ._errors import (
     ActorKilledError,
@@ -35,6 +35,7 @@ __all__ = [
     "ActorKilledError",
     "ActorsError",
     "AskTimeoutError",
+    "AsyncioSubscription",
     "Backoff",
     "BlockingSubscription",
     "Bridge",

@@ -120,6 +120,16 @@ class Bridge:
 
     # -- asyncio --------------------------------------------------------------
 
+    def subscribe_async(self, session_id: str, *, buffer: int = 16) -> AsyncioSubscription:
+        """``System.subscribe`` for an asyncio consumer in another thread.
+
+        ``async for value in bridge.subscribe_async(s):`` in the asyncio
+        application; the same semantics as :meth:`subscribe` (backpressure,
+        ends when the system stops, ``close()`` to stop earlier). Creating it
+        waits briefly for the trio thread to register the subscription.
+        """
+        return AsyncioSubscription(self.subscribe(session_id, buffer=buffer))
+
     async def send_async(
         self,
         session_id: str,
@@ -264,4 +274,40 @@ class BlockingSubscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncioSubscription:
+    """A session's outputs for asyncio: ``async for value in subscription``.
+
+    Each step is carried to the trio thread and awaited with
+    ``asyncio.wrap_future``, so the asyncio loop runs on while it waits.
+    """
+
+    def __init__(self, blocking: BlockingSubscription) -> None:
+        self._blocking = blocking
+
+    def __aiter__(self) -> AsyncioSubscription:
+        return self
+
+    async def __anext__(self) -> Any:
+        blocking = self._blocking
+        try:
+            future = blocking._bridge._submit(blocking._sub.__anext__, while_stopping=True)
+            return await asyncio.wrap_future(future)
+        except SystemClosedError:
+            pass
+        value = blocking._take_buffered()  # the system stopped: what it published, then end
+        if value is _END:
+            raise StopAsyncIteration
+        return value
+
+    def close(self) -> None:
+        """Unregister (from any thread)."""
+        self._blocking.close()
+
+    async def __aenter__(self) -> AsyncioSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
