@@ -101,9 +101,9 @@ async def purge_batches(
     session_id: str | None,
     dead_only: bool,
     before: float | None,
-    deleted: Callable[[int, int], None],
+    deleted: Callable[[int, int, list[int]], None],
 ) -> int:
-    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead)`` after each batch.
+    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
 
     Batches keep each transaction short, so the writer stays responsive.
     """
@@ -111,8 +111,11 @@ async def purge_batches(
     while True:
         pending: int
         dead: int
-        pending, dead = await store.call(store.op_purge, session_id, dead_only, before, PURGE_LIMIT)
-        deleted(pending, dead)
+        ids: list[int]
+        pending, dead, ids = await store.call(
+            store.op_purge, session_id, dead_only, before, PURGE_LIMIT
+        )
+        deleted(pending, dead, ids)
         total += pending + dead
         if pending + dead < PURGE_LIMIT:
             return total
@@ -200,7 +203,7 @@ class DirectTarget:
         self, *, session_id: str | None = None, dead: bool = False, older_than: float | None = None
     ) -> int:
         session_id, before = purge_scope(session_id, dead, older_than, time.time())
-        return await purge_batches(self._store, session_id, dead, before, lambda _p, _d: None)
+        return await purge_batches(self._store, session_id, dead, before, lambda _p, _d, _ids: None)
 
 
 # -- the running system's side ----------------------------------------------------

@@ -964,8 +964,8 @@ class Store:
 
     def op_purge(
         self, session_id: str | None, dead_only: bool, before: float | None, limit: int
-    ) -> tuple[int, int]:
-        """Delete up to ``limit`` messages that are not in flight; returns (pending, dead).
+    ) -> tuple[int, int, list[int]]:
+        """Delete up to ``limit`` messages that are not in flight; returns (pending, dead, ids).
 
         Pending (delayed and retry-waiting included) and dead messages, or
         only dead ones with ``dead_only``; only ``session_id``'s if given;
@@ -992,7 +992,7 @@ class Store:
             ((s, k, i) for i, s, _, k in rows if k is not None),
         )
         dead = sum(1 for row in rows if row[2] == DEAD)
-        return len(rows) - dead, dead
+        return len(rows) - dead, dead, [int(str(row[0])) for row in rows]
 
     def op_oldest_due(self, now: float) -> float | None:
         """The ``enqueued_at`` of the oldest message that is due or in flight.

@@ -197,7 +197,8 @@ class Supervisor:
         """Stop gracefully: no new claims, running handlers get ``grace`` seconds.
 
         Then whatever still runs is cancelled; messages it held go back to
-        pending without using up an attempt.
+        pending, their attempt counted if their handler had started (a claim
+        whose handler never started gives its attempt back).
         """
         self.stopping = True
         self._waiting.clear()

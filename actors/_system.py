@@ -223,6 +223,8 @@ class System:
             The message is still processed; its reply is dropped.
           DeadLetteredError: the message ran out of attempts without the
             handler raising (kills, crashes of the process).
+          ActorsError: the message was deleted by ``abort`` or ``purge``
+            before it ran.
           TypeError / ValueError / SystemClosedError / StoreError: as
             :meth:`send`.
         """
@@ -504,9 +506,14 @@ class System:
         session_id, before = purge_scope(session_id, dead, older_than, self._clock.now())
         sup = self._sup
 
-        def deleted(pending: int, dead_count: int) -> None:
+        def deleted(pending: int, dead_count: int, ids: list[int]) -> None:
             sup.dead -= dead_count
             sup.outstanding.add(-pending)
+            if sup.replies:
+                for msg_id in ids:
+                    reply = sup.replies.pop(msg_id, None)
+                    if reply is not None:  # an ask waits for it: it will never run now
+                        reply.set_error(ActorsError(f"message {msg_id} was purged before it ran"))
 
         count = await purge_batches(self._store, session_id, dead, before, deleted)
         log.info(

@@ -150,8 +150,10 @@ def intercept(handler: type[Actor] | Handler, middleware: Middleware) -> type[Ac
 
     ``middleware`` is ``async def middleware(ctx, msg, proceed)``; it runs in
     the handler's place, under its timeout, and ``await proceed()`` runs the
-    wrapped handler once. Raise to fail the attempt; don't call ``proceed``
-    to skip the handler. :func:`flaky`, :func:`slow`, :func:`hang` and
+    wrapped handler once and returns what it returned. The middleware's own
+    return value is the handler's outcome (what ``ask`` gets and subscribers
+    see): return ``proceed()``'s to pass it on. Raise to fail the attempt;
+    don't call ``proceed`` to skip the handler. :func:`flaky`, :func:`slow`, :func:`hang` and
     :meth:`Recorder.wrap` are built on it.
 
     ``handler`` is either spelling that ``run_system`` takes, and so is the
@@ -169,8 +171,8 @@ def intercept(handler: type[Actor] | Handler, middleware: Middleware) -> type[Ac
     if isinstance(handler, type):
         base: type[Actor] = handler
 
-        async def handle(self: Actor, ctx: Context, msg: Message) -> None:
-            await middleware(ctx, msg, functools.partial(base.handle, self, ctx, msg))
+        async def handle(self: Actor, ctx: Context, msg: Message) -> Any:
+            return await middleware(ctx, msg, functools.partial(base.handle, self, ctx, msg))
 
         namespace = {
             "handle": handle,
@@ -182,8 +184,8 @@ def intercept(handler: type[Actor] | Handler, middleware: Middleware) -> type[Ac
 
     fn: Handler = handler
 
-    async def wrapper(ctx: Context, msg: Message) -> None:
-        await middleware(ctx, msg, functools.partial(fn, ctx, msg))
+    async def wrapper(ctx: Context, msg: Message) -> Any:
+        return await middleware(ctx, msg, functools.partial(fn, ctx, msg))
 
     for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
         if hasattr(fn, attribute):
@@ -252,14 +254,15 @@ def flaky(
     seed = _check_seed(seed)
     _check_when(when)
 
-    async def middleware(ctx: Context, msg: Message, proceed: Proceed) -> None:
+    async def middleware(ctx: Context, msg: Message, proceed: Proceed) -> Any:
         fail = _draw("flaky", seed, msg).random() < rate
         what = f"of message {msg.id} (session {msg.session_id!r}, attempt {msg.attempt})"
         if fail and when == "before":
             raise exception(f"flaky: injected failure {what}, before its handler ran")
-        await proceed()
+        result = await proceed()
         if fail:
             raise exception(f"flaky: injected failure {what}, after its handler ran")
+        return result
 
     return intercept(handler, middleware)
 
@@ -316,11 +319,11 @@ def slow(
     rate = _check_rate("rate", rate)
     seed = _check_seed(seed)
 
-    async def middleware(ctx: Context, msg: Message, proceed: Proceed) -> None:
+    async def middleware(ctx: Context, msg: Message, proceed: Proceed) -> Any:
         rng = _draw("slow", seed, msg)
         if rng.random() < rate:
             await trio.sleep(rng.uniform(min_delay, max_delay))
-        await proceed()
+        return await proceed()
 
     return intercept(handler, middleware)
 
@@ -359,13 +362,14 @@ def hang(
     seed = _check_seed(seed)
     _check_when(when)
 
-    async def middleware(ctx: Context, msg: Message, proceed: Proceed) -> None:
+    async def middleware(ctx: Context, msg: Message, proceed: Proceed) -> Any:
         stuck = _draw("hang", seed, msg).random() < rate
         if stuck and when == "before":
             await trio.sleep_forever()
-        await proceed()
+        result = await proceed()
         if stuck:
             await trio.sleep_forever()
+        return result
 
     return intercept(handler, middleware)
 
@@ -658,10 +662,10 @@ class Recorder:
         """
         return intercept(handler, self._middleware)
 
-    async def _middleware(self, ctx: Context, msg: Message, proceed: Proceed) -> None:
+    async def _middleware(self, ctx: Context, msg: Message, proceed: Proceed) -> Any:
         self.record_start(msg.session_id, msg.id, msg.attempt)
         try:
-            await proceed()
+            result = await proceed()
         except BaseException as exc:
             if _is_cancellation(exc):
                 self.record_end(msg.session_id, msg.id, msg.attempt, "cancelled")
@@ -669,6 +673,7 @@ class Recorder:
                 self.record_end(msg.session_id, msg.id, msg.attempt, "failed", exc)
             raise
         self.record_end(msg.session_id, msg.id, msg.attempt, "completed")
+        return result
 
     def record_start(self, session_id: str, message_id: int, attempt: int) -> None:
         """Note that a handler call for this message and attempt began."""

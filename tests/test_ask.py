@@ -299,3 +299,62 @@ async def test_ask_of_an_aborted_message_raises_at_once(
     assert len(outcome) == 1
     assert not isinstance(outcome[0], actors.AskTimeoutError)
     assert "aborted" in str(outcome[0])
+
+
+async def test_ask_of_a_purged_message_raises_at_once(
+    db_path: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """Purging the message an ask waits for answers the asker, as abort does."""
+    # As in the abort test: virtual time moves only after half a real second
+    # with every task blocked, so a regression ends in the ask's timeout.
+    mock_clock.autojump_threshold = 0.5
+    release = trio.Event()
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> Any:
+        if msg.body == "block":
+            await release.wait()
+        return msg.body
+
+    outcome: list[BaseException] = []
+
+    async def asker(system: actors.System) -> None:
+        try:
+            await system.ask("s", "behind", timeout=3)
+        except actors.ActorsError as exc:
+            outcome.append(exc)
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        await system.send("s", "block")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(asker, system)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(system._sup.replies) == 1  # queued behind the blocked message
+            assert await system.purge(session_id="s") == 1  # the blocked one is in flight
+            release.set()
+        await system.drain()
+        assert system.statistics().processed == 1  # the purged message never ran
+    assert len(outcome) == 1
+    assert not isinstance(outcome[0], actors.AskTimeoutError), outcome[0]
+
+
+async def test_ask_through_a_testing_wrapper_returns_the_handlers_value(
+    db_path: str, autojump_clock: object
+) -> None:
+    import actors.testing
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> Any:
+        return {"echo": msg.body}
+
+    class Echo(actors.Actor):
+        async def handle(self, ctx: actors.Context, msg: actors.Message) -> Any:
+            return {"echo": msg.body}
+
+    recorder = actors.testing.Recorder()
+    for wrapped in (
+        recorder.wrap(handler),
+        actors.testing.flaky(handler, rate=0.0, seed=1),
+        actors.testing.slow(handler, max_delay=0.01, seed=1),
+        recorder.wrap(Echo),
+    ):
+        async with actors.run_system(db_path, handler=wrapped) as system:
+            assert await system.ask("s", 1, timeout=5) == {"echo": 1}, wrapped

@@ -150,6 +150,37 @@ async def test_ask_from_a_thread(db_path: str) -> None:
     assert stats.processed == 3  # the refused one on its retry, the slow one after all
 
 
+async def test_invalid_calls_from_a_thread_raise_there_and_persist_nothing(
+    db_path: str,
+) -> None:
+    log = Log()
+    async with actors.run_system(db_path, handler=log.handler) as system:
+        bridge = system.bridge()
+
+        def produce() -> list[tuple[type[BaseException], str]]:
+            raised = []
+            for call in (
+                lambda: bridge.send(42, "not a session"),  # type: ignore[arg-type]
+                lambda: bridge.send("s", {1, 2}),
+                lambda: bridge.send("s", 1, key=""),
+                lambda: bridge.send_many([("s", 1), ("s", object())]),
+                lambda: bridge.ask("", 1),
+            ):
+                try:
+                    call()
+                except (TypeError, ValueError) as exc:
+                    raised.append((type(exc), str(exc)))
+            return raised
+
+        raised = await trio.to_thread.run_sync(produce)
+        assert system.statistics().sends == 0
+        await system.send("s", "valid")
+        await system.drain()
+    assert [kind for kind, _ in raised] == [TypeError, TypeError, ValueError, TypeError, ValueError]
+    assert raised[3][1].startswith("item 1:")  # send_many names the bad item
+    assert [body for _, _, body in log.calls] == ["valid"]
+
+
 # -- asyncio ------------------------------------------------------------------------
 
 
@@ -440,23 +471,29 @@ async def test_a_blocking_subscription_dropped_by_its_thread_releases_the_sessio
         return msg.body
 
     subscribed = trio.Event()
+    got_one = trio.Event()
     drop = threading.Event()
     got: list[int] = []
     async with actors.run_system(db_path, handler=handler) as system:
         bridge = system.bridge()
 
         def consume() -> None:
-            for value in bridge.subscribe("s", buffer=1):
+            values = bridge.subscribe("s", buffer=1)
+            trio.from_thread.run_sync(subscribed.set)
+            for value in values:
                 got.append(value)
                 if len(got) == 1:
-                    trio.from_thread.run_sync(subscribed.set)
+                    trio.from_thread.run_sync(got_one.set)
                     drop.wait()
                     break
+            del values  # the only reference: the thread drops it here
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, consume)
-            await system.send_many([("s", n) for n in range(5)])
+            # Registered before anything is sent: no output can be missed.
             await subscribed.wait()
+            await system.send_many([("s", n) for n in range(5)])
+            await got_one.wait()
             await returning.wait()  # message 2 returned: its output waits for room
             await trio.testing.wait_all_tasks_blocked()
             assert system.busy_sessions() == ["s"]

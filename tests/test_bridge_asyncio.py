@@ -32,16 +32,19 @@ def consume(bridge: actors.Bridge, ready: threading.Event, got: list[Any], stop_
 async def test_asyncio_consumer_gets_outputs_in_order_until_the_system_stops(db_path: str) -> None:
     ready = threading.Event()
     got: list[Any] = []
-    async with trio.open_nursery() as nursery:
-        async with actors.run_system(db_path, handler=times_ten) as system:
-            bridge = system.bridge()
-            nursery.start_soon(trio.to_thread.run_sync, consume, bridge, ready, got, 0)
-            await trio.to_thread.run_sync(ready.wait)
-            for i in range(5):
-                await system.send("s", i)
-            await system.send("other", 99)  # another session's output is not streamed
-            await system.drain()
-        # Leaving the block stopped the system: the consumer's loop ended by itself.
+    # The system's block is inside the nursery: leaving it stops the system,
+    # and the nursery then waits for the consumer, whose loop ends by itself.
+    async with (
+        trio.open_nursery() as nursery,
+        actors.run_system(db_path, handler=times_ten) as system,
+    ):
+        bridge = system.bridge()
+        nursery.start_soon(trio.to_thread.run_sync, consume, bridge, ready, got, 0)
+        await trio.to_thread.run_sync(ready.wait)
+        for i in range(5):
+            await system.send("s", i)
+        await system.send("other", 99)  # another session's output is not streamed
+        await system.drain()
     assert got == [0, 10, 20, 30, 40]
 
 

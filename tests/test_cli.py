@@ -25,8 +25,9 @@ from click.testing import CliRunner, Result
 from rich.console import Console
 
 import actors
-from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli, parse_duration
+from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, cli, parse_duration
 from actors._demo import DemoOptions, LiveDisplay, run_demo
+from actors._lock import DatabaseLock
 
 
 def invoke(*args: str) -> Result:
@@ -218,20 +219,48 @@ async def test_changes_without_a_running_system_are_applied_directly(db_path: st
     assert sorted(done) == [first_dead, second_dead]
 
 
-def test_usage_errors_exit_2(db_path: str) -> None:
-    for args in (
-        ["retry", db_path],
-        ["retry", db_path, "--id", "1", "--all"],
-        ["abort", db_path],
-        ["purge", db_path],
-        ["purge", db_path, "--session", "s", "--older-than", "7d"],
-        ["purge", db_path, "--dead", "--older-than", "soon"],
-        ["status", db_path, "--limit", "0"],
-        ["retry", db_path, "--all", "--wait", "0"],
+async def test_usage_errors_exit_2(db_path: str) -> None:
+    # On a real database with a dead letter, so that only the usage check can
+    # refuse (a missing database exits 2 as well), and nothing is changed.
+    ids = await fill(db_path)
+    before = sql(db_path, "SELECT id, state, attempts FROM messages ORDER BY id")
+    for args, says in (
+        (["retry", db_path], "give exactly one of --id N and --all"),
+        (["retry", db_path, "--id", "1", "--all"], "give exactly one of --id N and --all"),
+        (["abort", db_path], "Missing option '--id'"),
+        (["purge", db_path], "give --session S, or --dead"),
+        (["purge", db_path, "--session", "s", "--older-than", "7d"], "add --dead"),
+        (["purge", db_path, "--dead", "--older-than", "soon"], "is not a duration"),
+        (["status", db_path, "--limit", "0"], "--limit"),
+        (["retry", db_path, "--all", "--wait", "0"], "--wait"),
+        (["abort", db_path, "--id", "one"], "--id"),
     ):
-        result = invoke(*args)
+        result = await ainvoke(*args)
         assert result.exit_code == EXIT_USAGE, (args, result.output)
-        assert "Error:" in result.output
+        assert "Error:" in result.output and says in result.output, (args, result.output)
+    assert sql(db_path, "SELECT id, state, attempts FROM messages ORDER BY id") == before
+    assert sql(db_path, "SELECT count(*) FROM control") == [(0,)]
+    assert len(ids["dead"]) == 2
+
+
+async def test_a_running_system_that_does_not_answer_exits_4(db_path: str) -> None:
+    ids = await fill(db_path)
+    lock = DatabaseLock(db_path)  # stands for a running system that never looks
+    lock.acquire()
+    try:
+        result = await ainvoke("retry", db_path, "--all", "--wait", "0.05", "--json")
+        assert result.exit_code == EXIT_TIMEOUT, result.output
+        outcome = json.loads(result.output)
+        assert outcome["ok"] is False and outcome["withdrawn"] is True
+        assert "withdrawn: nothing was changed" in outcome["error"]
+        human = await ainvoke("abort", db_path, "--id", str(ids["dead"][0]), "--wait", "0.05")
+        assert human.exit_code == EXIT_TIMEOUT
+        assert "no answer to control request" in human.output
+    finally:
+        lock.release()
+    # Both requests were taken back: nothing is left for a system to apply.
+    assert sql(db_path, "SELECT count(*) FROM control") == [(0,)]
+    assert [r[0] for r in sql(db_path, "SELECT id FROM messages WHERE state = 2")] == ids["dead"]
 
 
 # -- the demo ---------------------------------------------------------------------------

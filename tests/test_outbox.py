@@ -99,6 +99,32 @@ async def test_a_failed_attempt_sends_nothing_and_its_retry_sends_once(
     assert stats.failed_attempts == 1 and stats.processed == 2
 
 
+async def test_a_message_that_ends_in_dead_letters_sends_nothing(
+    db_path: str, autojump_clock: object
+) -> None:
+    received: list[Any] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        if ctx.session_id == "b":
+            received.append(msg.body)
+            return
+        ctx.send("b", [msg.body, msg.attempt])
+        if msg.body == "poison":
+            raise Boom("every attempt fails after ctx.send")
+
+    async with actors.run_system(
+        db_path, handler=handler, **fast_options(max_attempts=3)
+    ) as system:
+        poison = await system.send("a", "poison")
+        await system.send("a", "fine")
+        stats = await quiescent(system)
+        assert [d.id for d in system.dead_letters()] == [poison]
+    # Three attempts called ctx.send; none was acked, so none sent.
+    assert received == [["fine", 1]]
+    assert (stats.failed_attempts, stats.dead, stats.processed) == (3, 1, 2)
+    assert rows(db_path) == [(poison, "a", "poison")]
+
+
 async def test_await_ctx_send_and_plain_ctx_send_both_send(
     db_path: str, autojump_clock: object
 ) -> None:

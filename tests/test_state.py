@@ -317,6 +317,34 @@ async def test_changes_made_in_started_are_not_committed(
     assert states(db_path) == {}
 
 
+async def test_changes_made_in_started_or_stopped_are_neither_seen_nor_committed(
+    db_path: str, autojump_clock: object
+) -> None:
+    # A handler that writes the state too: the hooks' changes must not ride
+    # along with its ack, nor be visible to it.
+    seen: list[dict[str, Any]] = []
+
+    class Hooks(actors.Actor):
+        async def started(self, ctx: actors.Context) -> None:
+            ctx.state["from_started"] = True
+
+        async def handle(self, ctx: actors.Context, msg: actors.Message) -> None:
+            seen.append(copy.deepcopy(ctx.state))
+            ctx.state["n"] = ctx.state.get("n", 0) + 1
+
+        async def stopped(self, ctx: actors.Context) -> None:
+            ctx.state["from_stopped"] = True
+
+    for _ in range(2):  # the second run loads what the first committed
+        async with actors.run_system(db_path, handler=Hooks, idle_timeout=1) as system:
+            await system.send("s", 1)
+            await system.drain()
+            await trio.sleep(2)  # passivate: stopped() runs
+            assert not system.is_active("s")
+    assert seen == [{}, {"n": 1}]
+    assert states(db_path) == {"s": {"n": 2}}
+
+
 async def test_state_outside_a_handler_before_it_is_loaded_raises(db_path: str) -> None:
     ctx = actors.Context("s", None)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"ctx\.state"):
