@@ -171,7 +171,7 @@ class Context:
         outbox, self._outbox = self._outbox, None
         if state_json is None and outbox is None and msg.key is None:
             return msg.id
-        return Ack(msg.id, self.session_id, state_json, outbox, msg.key)
+        return Ack(msg.id, self.session_id, state_json, outbox, msg.key, self.system._clock.now())
 
 
 class _Queued:
@@ -557,7 +557,7 @@ class SessionActor:
                 # already this actor's in_flight (Supervisor.hand_over).
                 self.handed = None
                 if ack is not None:
-                    store.submit(store.op_ack, ack, sup.clock.now(), done=sup.on_ack_committed)
+                    store.submit(store.op_ack, ack, done=sup.on_ack_committed)
                     ack = None
                 seq = msg.id
             else:
@@ -629,7 +629,14 @@ class SessionActor:
             started_at = trio.current_time() if observer is not None else 0.0
             try:
                 result = await handle(ctx, msg)
-                done = ctx._ack(msg)  # raises if the state cannot be committed
+                # What the ack writes: the id alone unless the handler touched
+                # state or the outbox, or the message has a key (then an Ack;
+                # raises if the state cannot be committed).
+                done = (
+                    ctx._ack(msg)
+                    if ctx._state_used or ctx._outbox is not None or msg.key is not None
+                    else msg.id
+                )
             except Exception as exc:
                 self.handler_running = False
                 ctx._message = None
@@ -661,7 +668,7 @@ class SessionActor:
                 # work. The store commits operations in order, so any later
                 # claim of this session commits after this ack.
                 self.in_flight = None
-                store.submit(store.op_ack, ack, sup.clock.now(), done=sup.on_ack_committed)
+                store.submit(store.op_ack, ack, done=sup.on_ack_committed)
                 ack = None
                 leave = await self._await_work()
                 if leave is not None:
@@ -678,7 +685,7 @@ class SessionActor:
     async def _flush_ack(self, ack: int | Ack | None) -> None:
         if ack is not None:
             sup = self._sup
-            sent = await sup.store.call(sup.store.op_ack, ack, sup.clock.now())
+            sent = await sup.store.call(sup.store.op_ack, ack)
             self.in_flight = None
             if sent:  # first: drain() must not see zero between
                 sup.on_sent(sent)

@@ -168,7 +168,7 @@ class Ack:
     transaction as the deletion, or not at all (effectively-once).
     """
 
-    __slots__ = ("id", "key", "outbox", "session_id", "state")
+    __slots__ = ("at", "id", "key", "outbox", "session_id", "state")
 
     def __init__(
         self,
@@ -177,7 +177,9 @@ class Ack:
         state: str | None,
         outbox: list[tuple[str, str | bytes, float]] | None,
         key: str | None,
+        at: float,
     ) -> None:
+        self.at = at  # when the handler finished (epoch): state and key times
         self.id = message_id
         self.session_id = session_id
         self.state = state  # the new state's JSON, or None if unchanged
@@ -639,14 +641,11 @@ class Store:
             )
         return duplicates
 
-    def _apply_ack(self, ack: int | Ack, now: float) -> list[tuple[str, int]] | None:
+    def _apply_ack(self, ack: Ack) -> list[tuple[str, int]] | None:
         """Delete the acked message, and write what its handler changed."""
         db = self._db
         assert db is not None
-        if type(ack) is int:
-            db.execute("DELETE FROM messages WHERE id = ?", (ack,))
-            return None
-        assert isinstance(ack, Ack)
+        now = ack.at
         db.execute("DELETE FROM messages WHERE id = ?", (ack.id,))
         if ack.state is not None:
             db.execute(
@@ -713,7 +712,13 @@ class Store:
         """
         db = self._db
         assert db is not None
-        sent = self._apply_ack(ack, now) if ack is not None else None
+        sent = None
+        if ack is not None:
+            if type(ack) is int:
+                db.execute("DELETE FROM messages WHERE id = ?", (ack,))
+            else:
+                assert isinstance(ack, Ack)
+                sent = self._apply_ack(ack)
         claim = self._claim(session_id, now, max_attempts, alone)
         claim.sent = sent
         if want_state:
@@ -792,9 +797,14 @@ class Store:
             )
             return Claim(message, seq, None, tuple(dead))
 
-    def op_ack(self, ack: int | Ack, now: float = 0.0) -> list[tuple[str, int]] | None:
+    def op_ack(self, ack: int | Ack) -> list[tuple[str, int]] | None:
         """Delete a processed message (and write its Ack); returns the outbox's (session, seq)."""
-        return self._apply_ack(ack, now)
+        if type(ack) is int:
+            assert self._db is not None
+            self._db.execute("DELETE FROM messages WHERE id = ?", (ack,))
+            return None
+        assert isinstance(ack, Ack)
+        return self._apply_ack(ack)
 
     def op_sweep_keys(self, before: float, limit: int) -> int:
         """Forget idempotency keys whose message was processed before ``before``."""
