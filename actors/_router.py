@@ -131,6 +131,7 @@ class Router:
         self._sup = supervisor
         self._timer = timer
         self._open: Batch | None = None  # filling; taken whole by the router task
+        self._committing: Batch | None = None  # taken, its store operation running
         self._wakeup = trio.Event()  # set when a batch opens or the router closes
         self._closed = False
         self._failure: BaseException | None = None
@@ -186,6 +187,13 @@ class Router:
             self._wakeup.set()
         return batch
 
+    async def flushed(self) -> None:
+        """Return once every send added before this call has committed (or failed)."""
+        for batch in (self._committing, self._open):
+            if batch is not None:
+                await batch.wait()
+        await trio.lowlevel.checkpoint()
+
     def statistics(self) -> RouterStatistics:
         """Counters since start, and the size of the batch being filled."""
         return RouterStatistics(
@@ -215,6 +223,7 @@ class Router:
                     self._wakeup = trio.Event()
                     continue
                 self._open = None
+                self._committing = batch
                 # Claim on delivery: the first message of each session whose
                 # actor is idle with nothing else to do is inserted claimed and
                 # handed to the actor, which then needs no claim of its own.
@@ -242,6 +251,7 @@ class Router:
                 batch.first_id = first
                 batch.duplicates = duplicates
                 batch.finish()
+                self._committing = None
                 self.batches += 1
                 self.sends += len(batch) - (len(duplicates) if duplicates else 0)
                 self.handoffs += len(handoffs)

@@ -23,6 +23,7 @@ The two hubs differ in what a slow consumer does:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import weakref
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import attrs
 import trio
+
+log = logging.getLogger("actors.streams")
 
 T = TypeVar("T")
 
@@ -315,6 +318,12 @@ class Events:
             except trio.WouldBlock:
                 sub = ref()
                 if sub is not None:
+                    if not sub.dropped:
+                        log.warning(
+                            "an events() subscriber's buffer is full: events are dropped "
+                            "for it (counted in its statistics().dropped; read faster or "
+                            "use a larger buffer)"
+                        )
                     sub.dropped += 1
                 self.dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -248,7 +248,11 @@ class System:
                 if not reply.done.is_set() and msg_id is not None:
                     self._sup.replies.pop(msg_id, None)
         if scope.cancelled_caught:
-            where = "" if msg_id is None else f" (message {msg_id} is still processed)"
+            where = (
+                " (the message may or may not have been persisted: the timeout came first)"
+                if msg_id is None
+                else f" (message {msg_id} is still processed)"
+            )
             raise AskTimeoutError(f"no reply from session {session_id!r} within {timeout}s{where}")
         if reply.error is not None:
             raise reply.error
@@ -364,8 +368,12 @@ class System:
         """Return once nothing is pending or in flight.
 
         Delayed messages and messages waiting for a retry count as pending;
-        dead letters do not. Sends made while draining are waited for too.
+        dead letters do not. Sends already made (even if their ``send()`` has
+        not returned yet), and sends made while draining, are waited for too.
         """
+        # Sends whose batch is committing count too: their messages enter
+        # the outstanding count only once durable.
+        await self._router.flushed()
         await self._sup.outstanding.wait_zero()
 
     def kill(self, session_id: str) -> bool:

@@ -10,6 +10,7 @@ threads set with ``trio.from_thread.run_sync``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -502,3 +503,37 @@ async def test_a_blocking_subscription_dropped_by_its_thread_releases_the_sessio
             await system.drain()
         assert system._sup.outputs.statistics().subscribers == 0
     assert got == [0]
+
+
+async def test_a_blocking_send_with_a_timeout_stops_waiting_and_the_send_goes_on(
+    db_path: str,
+) -> None:
+    """``Bridge.send(timeout=...)`` bounds the caller's wait, not the send."""
+    done: list[int] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        done.append(msg.body)
+
+    gate = threading.Event()
+    async with actors.run_system(db_path, handler=handler) as system:
+        store = system._store
+        original = store.op_append
+
+        def held(*args: Any) -> Any:
+            gate.wait()  # in the writer thread: the batch cannot commit yet
+            return original(*args)
+
+        store.op_append = held  # type: ignore[method-assign]
+        bridge = system.bridge()
+
+        def call() -> None:
+            try:
+                with pytest.raises(concurrent.futures.TimeoutError):
+                    bridge.send("s", 7, timeout=0.05)
+            finally:
+                gate.set()
+
+        await trio.to_thread.run_sync(call)
+        await system.drain()  # the send went on and committed after all
+        assert system.statistics().processed == 1
+    assert done == [7]
