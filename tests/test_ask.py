@@ -263,12 +263,14 @@ async def test_ask_waiting_when_the_system_stops_raises_system_closed_error(
     assert len(outcome) == 1
 
 
-async def test_ask_of_an_aborted_message_raises_at_once(
-    db_path: str, mock_clock: trio.testing.MockClock
+@pytest.mark.parametrize("delete", ["abort", "purge"])
+async def test_ask_of_a_deleted_message_raises_at_once(
+    db_path: str, mock_clock: trio.testing.MockClock, delete: str
 ) -> None:
-    """Aborting the message an ask waits for answers the asker: it will never run."""
+    """Deleting the message an ask waits for (abort, purge) answers the asker:
+    it will never run."""
     # Virtual time moves only after half a real second with every task
-    # blocked: long after the abort, but a regression ends in the ask's
+    # blocked: long after the deletion, but a regression ends in the ask's
     # timeout instead of hanging.
     mock_clock.autojump_threshold = 0.5
     release = trio.Event()
@@ -292,49 +294,16 @@ async def test_ask_of_an_aborted_message_raises_at_once(
             nursery.start_soon(asker, system)
             await trio.testing.wait_all_tasks_blocked()
             (msg_id,) = system._sup.replies  # queued behind the blocked message
-            assert await system.abort(msg_id)
+            if delete == "abort":
+                assert await system.abort(msg_id)
+            else:  # the blocked message is in flight: only the asked one goes
+                assert await system.purge(session_id="s") == 1
         release.set()
         await system.drain()
-        assert system.statistics().processed == 1  # the aborted message never ran
-    assert len(outcome) == 1
-    assert not isinstance(outcome[0], actors.AskTimeoutError)
-    assert "aborted" in str(outcome[0])
-
-
-async def test_ask_of_a_purged_message_raises_at_once(
-    db_path: str, mock_clock: trio.testing.MockClock
-) -> None:
-    """Purging the message an ask waits for answers the asker, as abort does."""
-    # As in the abort test: virtual time moves only after half a real second
-    # with every task blocked, so a regression ends in the ask's timeout.
-    mock_clock.autojump_threshold = 0.5
-    release = trio.Event()
-
-    async def handler(ctx: actors.Context, msg: actors.Message) -> Any:
-        if msg.body == "block":
-            await release.wait()
-        return msg.body
-
-    outcome: list[BaseException] = []
-
-    async def asker(system: actors.System) -> None:
-        try:
-            await system.ask("s", "behind", timeout=3)
-        except actors.ActorsError as exc:
-            outcome.append(exc)
-
-    async with actors.run_system(db_path, handler=handler) as system:
-        await system.send("s", "block")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(asker, system)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(system._sup.replies) == 1  # queued behind the blocked message
-            assert await system.purge(session_id="s") == 1  # the blocked one is in flight
-            release.set()
-        await system.drain()
-        assert system.statistics().processed == 1  # the purged message never ran
+        assert system.statistics().processed == 1  # the deleted message never ran
     assert len(outcome) == 1
     assert not isinstance(outcome[0], actors.AskTimeoutError), outcome[0]
+    assert ("aborted" if delete == "abort" else "purged") in str(outcome[0])
 
 
 async def test_ask_through_a_testing_wrapper_returns_the_handlers_value(
