@@ -712,13 +712,7 @@ class Store:
         """
         db = self._db
         assert db is not None
-        sent = None
-        if ack is not None:
-            if type(ack) is int:
-                db.execute("DELETE FROM messages WHERE id = ?", (ack,))
-            else:
-                assert isinstance(ack, Ack)
-                sent = self._apply_ack(ack)
+        sent = self.op_ack(ack) if ack is not None else None
         claim = self._claim(session_id, now, max_attempts, alone)
         claim.sent = sent
         if want_state:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
@@ -344,8 +343,3 @@ class Events:
         return EventsStatistics(
             subscribers=len(self._subs), emitted=self.emitted, dropped=self.dropped
         )
-
-
-def finite_or_none(value: float) -> float | None:
-    """A delay for an event: None when there is none to report."""
-    return value if math.isfinite(value) and value > 0 else None
