@@ -21,6 +21,7 @@ import enum
 import inspect
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -282,8 +283,9 @@ class SessionActorStatistics:
     caught_up: bool
     claimed_seq: int
     notified_seq: int
+    handed: int  # messages claimed on delivery, queued behind the one in flight
     turn: int  # messages processed in this activation
-    mailbox: trio.MemoryChannelStatistics
+    parked: bool  # waiting for work (its task parked until someone brings it)
 
 
 class SessionActor:
@@ -292,9 +294,6 @@ class SessionActor:
     def __init__(self, session_id: str, supervisor: Supervisor) -> None:
         self.session_id = session_id
         self._sup = supervisor
-        self._notices_in: trio.MemorySendChannel[int]
-        self._notices: trio.MemoryReceiveChannel[int]
-        self._notices_in, self._notices = trio.open_memory_channel(supervisor.config.mailbox_size)
         # The claimed message a handler is (about to be) running, until its
         # ack commits. Set and cleared only right after a store call returns,
         # so it always agrees with the database: whatever ends the
@@ -309,22 +308,37 @@ class SessionActor:
         self._scope: trio.CancelScope | None = None
         self._killed = False
         self._failure: BaseException | None = None
-        # Cancelled to cut an idle or backoff wait short (stop, a waiter, a wake-up).
+        # Cancelled to cut a backoff wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
+        # The task, while it waits for work (parked: no cancel scope, no
+        # channel); unpark() reschedules it. The IdleWatch ends the wait at
+        # idle_deadline.
+        self._parked: trio.lowlevel.Task | None = None
+        self.idle_deadline = math.inf
+        self.idle_watched = False
         self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
         self.notified_seq = 0  # highest seq the router announced
         # Whether every message of the session in the database up to
         # claimed_seq is known to be handled: false until a claim found no
         # head in this incarnation (a new incarnation knows nothing).
         self.caught_up = False
-        # Claim on delivery: reserved while the router commits a message
-        # inserted claimed for this actor; handed once committed, until the
-        # actor takes it (it is then in_flight already). While either is
-        # set the actor does not leave the registry.
+        # Claim on delivery: reserved while the router commits messages
+        # inserted claimed for this actor; handed once committed, in seq
+        # order, until the actor takes each in turn. While either is set the
+        # actor does not leave the registry. Invariant: handed messages are
+        # in flight in the database and come after every message of the
+        # session this actor has not handled yet; whatever ends an
+        # incarnation gives them back (_release_handed) before any claim.
         self.reserved = False
-        self.handed: Message | None = None
-        self._handoff = trio.Event()  # set by take_handoff()
-        self._waiting_notice = False
+        self.handed: deque[Message] = deque()
+        self._handoff = trio.Event()  # set when a reservation is settled
+        # Whether the serve loop runs and may take handoffs (not during a
+        # claim from the database, which would find them in flight).
+        self._serving = False
+        self._claiming = False
+        # This actor's slot in the start table (see _starts.py).
+        starts = supervisor.store.starts
+        self.slot = starts.acquire() if starts is not None else -1
         # handler_timeout (see Watchdog): set around each handler call.
         self.handler_running = False
         self.handler_deadline = math.inf
@@ -343,8 +357,9 @@ class SessionActor:
             caught_up=self.caught_up,
             claimed_seq=self.claimed_seq,
             notified_seq=self.notified_seq,
+            handed=len(self.handed),
             turn=self.turn,
-            mailbox=self._notices.statistics(),
+            parked=self._parked is not None,
         )
 
     @property
@@ -363,27 +378,41 @@ class SessionActor:
     def notify(self, seq: int) -> None:
         """Work up to ``seq`` is committed. Never blocks.
 
-        A busy actor will claim again when its handler returns, so only an
-        actor waiting on its mailbox is sent the notice; ``notified_seq``
-        keeps the highest one either way. A full mailbox drops the notice:
-        the actor claims from the database until it finds nothing before it
-        waits again.
+        A busy actor will claim again when its handler returns, so only a
+        parked actor is woken, and only for work beyond what it claimed;
+        ``notified_seq`` keeps the highest seq either way.
         """
         if seq > self.notified_seq:
             self.notified_seq = seq
-        if self._wait_scope is not None:
-            with contextlib.suppress(trio.WouldBlock):
-                self._notices_in.send_nowait(seq)
+            if self._parked is not None and seq > self.claimed_seq:
+                self.unpark()
 
     def wake(self) -> None:
         """Cut an idle or backoff wait short, so the actor looks again."""
-        if self._wait_scope is not None:
+        if self._parked is not None:
+            self.unpark()
+        elif self._wait_scope is not None:
             self._wait_scope.cancel()
+
+    @property
+    def parked(self) -> bool:
+        """Waiting for work."""
+        return self._parked is not None
+
+    def unpark(self) -> None:
+        """End the wait for work; the actor looks at what it has."""
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            self._sup.idle_actors.discard(self)
+            trio.lowlevel.reschedule(task)
 
     @property
     def idle(self) -> bool:
         """Waiting for work (not running a handler, not between incarnations)."""
-        return self._wait_scope is not None and self.in_flight is None
+        return (self._parked is not None or self._wait_scope is not None) and (
+            self.in_flight is None
+        )
 
     def time_out(self) -> None:
         """The running handler passed its deadline (Watchdog): cancel it."""
@@ -400,15 +429,7 @@ class SessionActor:
 
     def has_new_work(self) -> bool:
         """Consume the mailbox; True if it announced work beyond what was claimed."""
-        if self.reserved or self.handed is not None or self.notified_seq > self.claimed_seq:
-            return True
-        while True:
-            try:
-                seq = self._notices.receive_nowait()
-            except trio.WouldBlock:
-                return False
-            if seq > self.claimed_seq:
-                return True
+        return bool(self.reserved or self.handed or self.notified_seq > self.claimed_seq)
 
     # -- the actor's task ---------------------------------------------------
 
@@ -505,9 +526,14 @@ class SessionActor:
         # message's way through the actor).
         with trio.CancelScope() as deadline:
             self._timeout_scope = deadline
+            self._serving = True
             try:
                 outcome = await self._serve_loop(instance, ctx, deadline)
             finally:
+                # No more handoffs: whatever comes next claims from the
+                # database (handed messages are given back first).
+                self._serving = False
+                self.caught_up = False
                 self.handler_running = False
                 self._timeout_scope = None
         if deadline.cancelled_caught or outcome is Exit.TIMEOUT:
@@ -526,6 +552,7 @@ class SessionActor:
         timeout = config.handler_timeout
         handle = instance._fn if isinstance(instance, _FunctionActor) else instance.handle
         watchdog = sup.watchdog
+        starts = store.starts if self.slot >= 0 else None
         ack: int | Ack | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
@@ -533,7 +560,12 @@ class SessionActor:
                 await self._flush_ack(ack)
                 await self._release_in_flight()
                 return Exit.STOP
-            if ack is not None and self.turn >= config.fair_share and sup.has_waiters:
+            if (
+                ack is not None
+                and not self.handed
+                and self.turn >= config.fair_share
+                and sup.has_waiters
+            ):
                 await self._flush_ack(ack)
                 return Exit.YIELD
             if alone and ack is not None:  # the suspect ran: let the others go on
@@ -544,33 +576,45 @@ class SessionActor:
             if sup.isolating is not None and sup.isolating is not self:
                 await self._flush_ack(ack)
                 ack = None
+                # Nothing of ours may be in flight while a suspect runs
+                # alone: give handed messages back (reserve() refuses now).
+                if self.reserved:
+                    await self._handoff.wait()
+                await self._release_handed()
                 await sup.wait_isolation(self)
                 continue
             if self.reserved:
-                # A message is being inserted claimed for this actor: a claim
-                # now would find it in flight. Wait until it is handed over.
+                # Messages are being inserted claimed for this actor: a claim
+                # now would find them in flight. Wait until they are handed.
                 await self._handoff.wait()
                 continue
-            msg = self.handed
-            if msg is not None:
+            if self.handed:
                 # Claimed on delivery: committed with the message itself, and
-                # already this actor's in_flight (Supervisor.hand_over).
-                self.handed = None
+                # nothing of the session in the database comes before it.
                 if ack is not None:
                     store.submit(store.op_ack, ack, done=sup.on_ack_committed)
                     ack = None
+                if ctx._state is None:  # handed before this incarnation's first claim
+                    self.in_flight = self.handed[0]
+                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
+                msg = self.handed.popleft()
+                self.in_flight = msg
                 seq = msg.id
             else:
                 announced = self.notified_seq  # committed before this claim runs
-                claim = await store.call(
-                    store.op_claim_next,
-                    self.session_id,
-                    ack,
-                    sup.clock.now(),
-                    config.max_attempts,
-                    alone,
-                    ctx._state is None,
-                )
+                self._claiming = True
+                try:
+                    claim = await store.call(
+                        store.op_claim_next,
+                        self.session_id,
+                        ack,
+                        sup.clock.now(),
+                        config.max_attempts,
+                        alone,
+                        ctx._state is None,
+                    )
+                finally:
+                    self._claiming = False
                 # Committed: the ack (if any) and the claim (if any). Record
                 # both before the next checkpoint, so a kill sees the truth.
                 # (The ack's outbox first: drain() must not see zero between.)
@@ -611,6 +655,10 @@ class SessionActor:
                         return leave
                     continue
                 seq = claim.seq
+                # Nothing queued behind it: once it is handled, everything of
+                # the session up to here is, and the router's notices tell
+                # of anything later (so handoffs may start).
+                self.caught_up = not claim.more
             self.handler_started = False
             self.claimed_seq = max(self.claimed_seq, seq)
             if sup.stopping:
@@ -618,6 +666,8 @@ class SessionActor:
                 return Exit.STOP
             await trio.lowlevel.checkpoint_if_cancelled()
             self.handler_started = True
+            if starts is not None:
+                starts.mark(self.slot, msg.id)  # before the handler: survives a crash
             if timeout is not None:
                 self.handler_deadline = trio.current_time() + timeout
                 watchdog.watch(self)
@@ -670,6 +720,11 @@ class SessionActor:
                 self.in_flight = None
                 store.submit(store.op_ack, ack, done=sup.on_ack_committed)
                 ack = None
+                if self.handed and not sup.stopping:
+                    # The next message is here already: no wait, and no
+                    # checkpoint (the queue is bounded, and the router only
+                    # refills it when this task yields).
+                    continue
                 leave = await self._await_work()
                 if leave is not None:
                     return leave
@@ -696,43 +751,44 @@ class SessionActor:
 
         False on timeout, or when wake() cut the wait short with nothing new.
         """
-        if self.handed is not None or self.notified_seq > self.claimed_seq:
+        if self.handed or self.notified_seq > self.claimed_seq:
             await trio.lowlevel.checkpoint()
             return True
         if self._sup.stopping:  # stop() may have woken us before we got here
             await trio.lowlevel.checkpoint()
             return False
-        idle = self._sup.idle_actors
-        with trio.CancelScope(deadline=trio.current_time() + seconds) as scope:
-            self._wait_scope = scope
-            self._waiting_notice = True
-            idle.add(self)
-            try:
-                while True:
-                    seq = await self._notices.receive()
-                    if seq > self.claimed_seq:
-                        return True
-            finally:
-                idle.discard(self)
-                self._waiting_notice = False
-                self._wait_scope = None
-        return self.handed is not None or self.notified_seq > self.claimed_seq
+        sup = self._sup
+        self.idle_deadline = trio.current_time() + seconds
+        sup.idle_watch.watch(self)
+        self._parked = trio.lowlevel.current_task()
+        sup.idle_actors.add(self)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            # Cancelled (a kill, or the system stopping hard).
+            self._parked = None
+            sup.idle_actors.discard(self)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        return bool(self.handed) or self.notified_seq > self.claimed_seq
 
     # -- claim on delivery (Supervisor.reserve / hand_over) ---------------
 
     def can_take_handoff(self) -> bool:
-        """Idle, caught up, nothing held: the router may insert its next message claimed."""
+        """Serving: the router may insert this session's next messages claimed.
+
+        Busy, idle or claiming alike: handed messages queue behind the one in
+        flight (up to ``mailbox_size``). A claim under way was queued in the
+        store before the insert, so it cannot see them; and the store inserts
+        them claimed only if nothing of the session is pending, so they never
+        overtake a message in the database (Store._drop_overtaking).
+        """
         return (
-            self._waiting_notice
-            and self.caught_up
-            and not self.reserved
-            and self.handed is None
-            and self._in_flight is None
-            and self.notified_seq <= self.claimed_seq
+            self._serving and not self.reserved and len(self.handed) < self._sup.config.mailbox_size
         )
 
     def reserve(self) -> None:
-        """A claimed message is on its way: do not leave before it comes.
+        """Claimed messages are on their way: do not leave before they come.
 
         (The idle wait may still time out meanwhile: the actor then finds
         itself reserved, and retire() refuses to let it go.)
@@ -740,28 +796,40 @@ class SessionActor:
         self.reserved = True
         self._handoff = trio.Event()
 
-    def take_handoff(self, msg: Message) -> bool:
-        """Receive the message inserted claimed for this actor, and wake up."""
+    def take_handoff(self, msgs: list[Message]) -> bool:
+        """Receive the messages inserted claimed for this actor, and wake up.
+
+        False if the actor stopped serving since the reservation (it crashed,
+        or is leaving): the caller gives the claims back.
+        """
         if not self.reserved:
             return False
         self.reserved = False
-        self.handed = msg
-        self.in_flight = msg
         self._handoff.set()
-        if self._waiting_notice:
-            # Wake it through its mailbox: a receive that returns is far
-            # cheaper than cancelling the wait's scope (an exception, its
-            # unwinding, and trio's cancel bookkeeping: a fifth of the loop's
-            # time per message, measured). The notice's seq is the message's,
-            # beyond anything claimed, so the wait returns; if it is read
-            # later instead, it is stale and ignored.
-            try:
-                self._notices_in.send_nowait(msg.id)
-            except trio.WouldBlock:
-                self.wake()
-        else:
-            self.wake()
+        if not msgs:
+            return True  # none was inserted claimed after all
+        if not self._serving:
+            return False
+        self.handed.extend(msgs)
+        self.claimed_seq = max(self.claimed_seq, msgs[-1].id)
+        if self._parked is not None:
+            # Rescheduling a parked task is far cheaper than cancelling a
+            # wait's scope (an exception, its unwinding, and trio's cancel
+            # bookkeeping: a fifth of the loop's time per message, measured).
+            self.unpark()
         return True
+
+    async def _release_handed(self) -> None:
+        """Give back every handed message (they were never started)."""
+        if not self.handed:
+            return
+        ids = [m.id for m in self.handed]
+        self.handed.clear()
+        self.caught_up = False
+        # If the store failed, the rows stay in flight and are recovered
+        # (attempt given back: never started) at the next start.
+        with contextlib.suppress(StoreError):
+            await self._sup.store.call(self._sup.store.op_release_many, ids)
 
     async def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds unless woken (stop, a waiter, an abort)."""
@@ -781,6 +849,7 @@ class SessionActor:
         config = sup.config
         failure = self._failure or ActorKilledError("actor crashed")
         delay, _suspended = sup.on_restart(self, failure)
+        await self._release_handed()
         msg = self.in_flight
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
@@ -800,13 +869,13 @@ class SessionActor:
         return delay
 
     async def _release_in_flight(self, *, crashed: bool = False) -> None:
-        """Put the held message back; its attempt is given back if no handler started."""
+        """Put the held messages back; an attempt is given back if no handler started."""
+        self._serving = False
+        await self._release_handed()
         msg = self.in_flight
         if msg is None:
             return
         self.in_flight = None
-        if self.handed is msg:
-            self.handed = None
         uncount = not self.handler_started
         # If the store failed, the row stays in flight and is recovered at the next start.
         with contextlib.suppress(StoreError):

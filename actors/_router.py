@@ -224,14 +224,18 @@ class Router:
                     continue
                 self._open = None
                 self._committing = batch
-                # Claim on delivery: the first message of each session whose
-                # actor is idle with nothing else to do is inserted claimed and
-                # handed to the actor, which then needs no claim of its own.
-                # (Not with keys: a duplicate is not inserted at all.)
+                # Claim on delivery: the messages of each session whose actor
+                # is caught up (busy or idle) are inserted claimed and handed
+                # to the actor, which then needs no claim of its own. (Not
+                # with keys: a duplicate is not inserted at all.)
                 handoffs = (
                     {}
                     if batch.delayed or batch.keys is not None
                     else self._sup.reserve(batch.sessions)
+                )
+                # (op_append narrows it: see _drop_overtaking.)
+                claimed: set[int] = (
+                    {i for indices in handoffs.values() for i in indices} if handoffs else set()
                 )
                 try:
                     first, duplicates = await store.call(
@@ -240,7 +244,7 @@ class Router:
                         batch.bodies,
                         batch.enqueued,
                         batch.not_before if batch.delayed else None,
-                        frozenset(handoffs.values()),
+                        claimed,
                         batch.keys,
                         self._key_retention,
                     )
@@ -254,7 +258,7 @@ class Router:
                 self._committing = None
                 self.batches += 1
                 self.sends += len(batch) - (len(duplicates) if duplicates else 0)
-                self.handoffs += len(handoffs)
+                self.handoffs += len(claimed)
                 if duplicates:
                     self.duplicates += len(duplicates)
                     log.debug(
@@ -265,16 +269,22 @@ class Router:
                     replies = self._sup.replies
                     for index, reply in batch.replies.items():
                         replies[batch.message_id(index)] = reply
-                for actor, index in handoffs.items():
+                bodies, enqueued = batch.bodies, batch.enqueued
+                for actor, indices in handoffs.items():
+                    session_id = actor.session_id
                     self._sup.hand_over(
                         actor,
-                        Message(
-                            id=first + index,
-                            session_id=batch.sessions[index],
-                            body=decode_body(batch.bodies[index]),
-                            attempt=1,
-                            enqueued_at=batch.enqueued[index],
-                        ),
+                        [
+                            Message(
+                                id=first + i,
+                                session_id=session_id,
+                                body=decode_body(bodies[i]),
+                                attempt=1,
+                                enqueued_at=enqueued[i],
+                            )
+                            for i in indices
+                            if i in claimed
+                        ],
                     )
                 self._deliver(batch, first)
         finally:

@@ -28,7 +28,7 @@ import queue
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from typing import Any, Literal
 
 import apsw
@@ -38,6 +38,7 @@ import trio
 from ._codec import decode_body
 from ._errors import SchemaVersionError, StoreError
 from ._records import DeadLetter, Message
+from ._starts import StartTable, database_identity, read_marks
 
 log = logging.getLogger("actors.store")
 
@@ -106,6 +107,10 @@ _HEAD = (
     " FROM messages"
     " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
 )
+# Whether a session has a message waiting in the database (not claimed).
+_PENDING = "SELECT 1 FROM messages WHERE session_id = ? AND state = 0 AND seq IS NOT NULL LIMIT 1"
+# The head and whether anything follows it.
+_HEAD2 = _HEAD[: -len("1")] + "2"
 
 
 @attrs.frozen
@@ -138,7 +143,7 @@ class Claim:
     attempts were used up, or they could not be decoded).
     """
 
-    __slots__ = ("alone", "dead", "message", "sent", "seq", "state", "wait_until")
+    __slots__ = ("alone", "dead", "message", "more", "sent", "seq", "state", "wait_until")
 
     def __init__(
         self,
@@ -153,6 +158,9 @@ class Claim:
         self.wait_until = wait_until
         self.dead = dead
         self.alone = alone
+        # Whether another message of the session was queued behind the
+        # claimed one (False: the claimer is caught up once it is handled).
+        self.more = False
         # Filled in by op_claim_next: the session's state (JSON) when asked
         # for, and the (session, seq) of messages the ack's outbox inserted.
         self.state: str | None = None
@@ -222,6 +230,8 @@ class Store:
 
     def __init__(self, path: str, durability: str, busy_timeout_ms: int) -> None:
         self.path = path
+        self.starts_path = path + ".starts"
+        self.starts: StartTable | None = None  # created once the database is open
         self._durability = durability
         self._busy_ms = busy_timeout_ms
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -305,6 +315,9 @@ class Store:
         if self._reader is not None:
             self._close_quietly(self._reader)
             self._reader = None
+        if self.starts is not None:
+            self.starts.close()
+            self.starts = None
 
     def _close_quietly(self, db: apsw.Connection) -> None:
         # Everything acknowledged is committed by now; a failure here (the
@@ -489,6 +502,8 @@ class Store:
                 f"{self.path!r} is an SQLite database of another application "
                 "(it has tables, but no actors schema); refusing to change it"
             )
+        identity = database_identity(self.path)
+        marks = read_marks(self.starts_path, identity)
         mode = _one(db, "PRAGMA journal_mode = WAL")
         if mode != "wal":
             raise StoreError(f"cannot use WAL journal mode on {self.path!r} (got {mode!r})")
@@ -501,24 +516,59 @@ class Store:
                     db.execute(statement)
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # The process died: whatever was in flight goes back at once.
-            # The attempt stays counted (the outcome is unknown), and the
-            # row is marked crashed: see op_claim_next for how the blame
-            # is settled.
-            db.execute("UPDATE messages SET state = 0, crashed = 1 WHERE state = 1")
-            recovered = db.changes()
-            if recovered:
-                log.warning(
-                    "%d message(s) were in flight when the last process died; back to pending",
-                    recovered,
-                )
+            recovered = self._recover(db, marks)
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
         self._next_seq = max(int(stored), int(top) + 1)
         self._has_state = bool(_one(db, "SELECT EXISTS (SELECT 1 FROM state)"))
+        try:
+            self.starts = StartTable(self.starts_path, identity)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.starts_path!r}: {exc}") from exc
         pending = _one(db, "SELECT count(*) FROM messages WHERE state < 2")
         dead = _one(db, "SELECT count(*) FROM messages WHERE state = 2")
         return Opened(pending=pending, dead=dead, recovered=recovered)
+
+    def _recover(self, db: apsw.Connection, marks: list[int] | None) -> int:
+        """The process died: put whatever was in flight back to pending at once.
+
+        A message whose handler had started keeps its attempt counted (the
+        outcome is unknown) and is marked crashed: see op_claim_next for how
+        the blame is settled. One claimed but still waiting in its actor's
+        queue gets its attempt back. The start table (``marks``, see
+        _starts.py) says which: per session, every claimed message up to the
+        last one whose handler started. Without it (no file, or not this
+        database's), every claimed message counts as started.
+        """
+        if marks is None:
+            db.execute("UPDATE messages SET state = 0, crashed = 1 WHERE state = 1")
+            started, waiting = db.changes(), 0
+        else:
+            started = 0
+            for message_id in marks:
+                row = db.execute(
+                    "SELECT session_id, seq FROM messages WHERE id = ? AND state = 1",
+                    (message_id,),
+                ).fetchone()
+                if row is not None:
+                    db.execute(
+                        "UPDATE messages SET state = 0, crashed = 1"
+                        " WHERE session_id = ? AND state = 1 AND seq <= ?",
+                        row,
+                    )
+                    started += db.changes()
+            db.execute(
+                "UPDATE messages SET state = 0, attempts = max(attempts - 1, 0) WHERE state = 1"
+            )
+            waiting = db.changes()
+        if started or waiting:
+            log.warning(
+                "%d message(s) were in flight when the last process died; back to pending"
+                " (%d had not started: their attempt is given back)",
+                started + waiting,
+                waiting,
+            )
+        return started + waiting
 
     def _take_seq(self) -> int:
         seq = self._next_seq
@@ -534,7 +584,7 @@ class Store:
         bodies: Sequence[str | bytes],
         enqueued: Sequence[float],
         not_before: Sequence[float | None] | None,
-        claimed: frozenset[int] = frozenset(),
+        claimed: Set[int] = frozenset(),
         keys: Sequence[str | None] | None = None,
         key_retention: float = 0.0,
     ) -> tuple[int, dict[int, int] | None]:
@@ -542,9 +592,12 @@ class Store:
 
         Ids are ``first + index``. Rows at the indices in ``claimed`` are
         inserted already claimed (in flight, attempt 1): each goes straight
-        to an idle actor that has nothing else to do (claim on delivery, see
-        Router), so its claim is durable in the same transaction as the
-        message itself.
+        to its session's actor (claim on delivery, see Router), so its claim
+        is durable in the same transaction as the message itself. Only if
+        nothing of that session is pending, though: a claimed message must
+        never overtake one that waits in the database. ``claimed`` is then a
+        mutable set, and the indices of such sessions are removed from it
+        (they are inserted pending; the actor claims them in order).
 
         With ``keys``, an item whose (session, key) was sent before, and
         whose message is still pending, in flight or dead, or was processed
@@ -560,6 +613,8 @@ class Store:
             return first, self._append_keyed(
                 first, sessions, bodies, enqueued, not_before, keys, key_retention
             )
+        if claimed:
+            self._drop_overtaking(sessions, claimed)
         if not_before is None and not claimed:
             db.executemany(
                 "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
@@ -591,6 +646,18 @@ class Store:
                 ),
             )
         return first, None
+
+    def _drop_overtaking(self, sessions: Sequence[str], claimed: Set[int]) -> None:
+        """Remove from ``claimed`` the indices of sessions that have pending messages."""
+        assert isinstance(claimed, set), "claimed must be a mutable set to be narrowed"
+        db = self._db
+        assert db is not None
+        busy: list[str] = []
+        for session_id in {sessions[i] for i in claimed}:
+            if db.execute(_PENDING, (session_id,)).fetchall():
+                busy.append(session_id)
+        if busy:
+            claimed.difference_update([i for i in claimed if sessions[i] in busy])
 
     def _append_keyed(
         self,
@@ -724,9 +791,10 @@ class Store:
         assert db is not None
         dead: list[int] = []
         while True:
-            row = db.execute(_HEAD, (session_id,)).fetchone()
-            if row is None:
+            rows: list[Any] = db.execute(_HEAD2, (session_id,)).fetchall()
+            if not rows:
                 return Claim(None, 0, None, tuple(dead))
+            row = rows[0]
             (
                 msg_id,
                 seq,
@@ -789,7 +857,9 @@ class Store:
                 enqueued_at=enqueued_at,
                 key=key,
             )
-            return Claim(message, seq, None, tuple(dead))
+            claim = Claim(message, seq, None, tuple(dead))
+            claim.more = len(rows) > 1
+            return claim
 
     def op_ack(self, ack: int | Ack) -> list[tuple[str, int]] | None:
         """Delete a processed message (and write its Ack); returns the outbox's (session, seq)."""
@@ -847,6 +917,18 @@ class Store:
             " WHERE id = ? AND state = 1",
             (1 if uncount else 0, 1 if crashed else 0, message_id),
         )
+
+    def op_release_many(self, message_ids: list[int]) -> None:
+        """Give back claims whose handler never started (claimed on delivery, unused)."""
+        assert self._db is not None
+        self._db.executemany(
+            "UPDATE messages SET state = 0, attempts = max(attempts - 1, 0)"
+            " WHERE id = ? AND state = 1",
+            ((i,) for i in message_ids),
+        )
+
+    def op_nothing(self) -> None:
+        """Write nothing: its completion says every operation before it committed."""
 
     def op_defer_head(self, session_id: str, until: float) -> bool:
         """Hold the session's head until ``until`` (a suspended session). False if no head."""
@@ -944,11 +1026,13 @@ class Store:
             requeued.append((session_id, seq))
         return requeued
 
-    def op_abort(self, message_id: int) -> tuple[int, str] | None:
+    def op_abort(self, message_id: int, unstarted: bool = False) -> tuple[int, str] | None:
         """Delete a pending or dead message; returns its former state and session.
 
         Returns None if there is no such message, and ``IN_FLIGHT`` (deleting
-        nothing) if a handler is running it.
+        nothing) if a handler is running it. With ``unstarted``, the message
+        was claimed on delivery and taken back from its actor before it ran:
+        it is deleted, and reported as pending.
         """
         db = self._db
         assert db is not None
@@ -957,6 +1041,8 @@ class Store:
         ).fetchone()
         if row is None:
             return None
+        if unstarted and row[0] == IN_FLIGHT:
+            row = (PENDING, *row[1:])
         if row[0] != IN_FLIGHT:
             db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
             if row[2] is not None:  # a later send with that key is new work

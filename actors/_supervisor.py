@@ -33,7 +33,7 @@ from ._records import Message
 from ._reply import Reply
 from ._store import Store
 from ._streams import Events, Outputs, StatusEvent
-from ._watchdog import Watchdog
+from ._watchdog import IdleWatch, Watchdog
 
 if TYPE_CHECKING:
     from ._system import System
@@ -126,6 +126,7 @@ class Supervisor:
         self.rng = rng
         self.restarts = RestartTracker(config.restart_policy, rng)
         self.watchdog = Watchdog()
+        self.idle_watch = IdleWatch()  # idle_timeout of actors waiting for work
         # {session_id: its live actor}; at most one per session, ever: an
         # actor is registered before its task starts and removed only by
         # retire()/forget() in the same step that ends it.
@@ -182,6 +183,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._refill_loop)
+                nursery.start_soon(self.idle_watch.run, name="actors.idle")
                 if self.config.handler_timeout is not None:
                     nursery.start_soon(self.watchdog.run, name="actors.watchdog")
                 self._want_refill()
@@ -311,37 +313,87 @@ class Supervisor:
 
     # -- claim on delivery (see Router.run) ---------------------------------
 
-    def reserve(self, sessions: list[str]) -> dict[SessionActor, int]:
-        """Pick the idle actors that will be handed their session's next message.
+    def reserve(self, sessions: list[str]) -> dict[SessionActor, list[int]]:
+        """Pick the caught-up actors that will be handed their sessions' messages.
 
-        Returns {actor: index in ``sessions`` of the message it gets}. An
-        actor qualifies when it waits for work, has claimed everything it
-        knows of (caught up), and nothing runs alone. A reserved actor does
-        not time out or leave until hand_over() (it counts in ``reserved``,
+        Returns {actor: indices in ``sessions`` of the messages it gets, in
+        order}. An actor qualifies when it serves, has claimed everything it
+        knows of (caught up), is not claiming from the database, and nothing
+        runs alone; busy or idle (handed messages queue behind the one in
+        flight, up to ``mailbox_size``). Not one that used its fair share
+        while others wait for a slot: it should finish and leave. A reserved
+        actor does not leave until hand_over() (it counts in ``reserved``,
         which isolation waits for too).
         """
         if self.stopping or self.isolating is not None:
             return {}
-        picked: dict[SessionActor, int] = {}
+        picked: dict[SessionActor, list[int]] = {}
+        refused: set[str] = set()
         actors = self._actors
+        room = self.config.mailbox_size
+        fair_share = self.config.fair_share if self.has_waiters else None
         for index, session_id in enumerate(sessions):
             actor = actors.get(session_id)
-            if actor is not None and actor not in picked and actor.can_take_handoff():
+            if actor is None:
+                continue
+            indices = picked.get(actor)
+            if indices is None:
+                if session_id in refused:
+                    continue
+                if not actor.can_take_handoff() or (
+                    fair_share is not None and actor.turn >= fair_share
+                ):
+                    refused.add(session_id)
+                    continue
                 actor.reserve()
-                picked[actor] = index
+                picked[actor] = [index]
+            elif len(indices) + len(actor.handed) < room:
+                indices.append(index)
+            # else full: this one and every later one of the session stay
+            # pending; the router's notice makes the actor claim them, in
+            # order, once its handed messages are done.
         if picked:
             self.reserved.add(len(picked))
         return picked
 
-    def hand_over(self, actor: SessionActor, msg: Message) -> None:
-        """Give a reserved actor the message that was inserted claimed for it."""
+    def hand_over(self, actor: SessionActor, msgs: list[Message]) -> None:
+        """Give a reserved actor the messages that were inserted claimed for it.
+
+        ``msgs`` is empty when none was (the session had pending messages):
+        that only ends the reservation.
+        """
         self.reserved.add(-1)
-        if self._actors.get(actor.session_id) is actor and actor.take_handoff(msg):
+        if self._actors.get(actor.session_id) is actor and actor.take_handoff(msgs):
             return
-        # The actor is gone (a hard stop): give the claim back.
+        if not msgs:
+            return
+        # The actor crashed, is leaving, or is gone: give the claims back.
         with contextlib.suppress(StoreError):
-            self.store.submit(self.store.op_release, msg.id, True, False, done=_ignore)
+            self.store.submit(self.store.op_release_many, [m.id for m in msgs], done=_ignore)
         self.ensure(actor.session_id)
+
+    def unhand(self, *, message_id: int | None = None, session_id: str | None = None) -> list[int]:
+        """Take messages out of actors' handed queues; returns their ids.
+
+        Claimed on delivery but not started, they are in flight in the
+        database and no actor will run them now: ``abort`` and ``purge``
+        may delete them. ``message_id``: that one, wherever it waits;
+        ``session_id``: every one of that session.
+        """
+        if session_id is not None:
+            actor = self._actors.get(session_id)
+            actors = [actor] if actor is not None else []
+        else:
+            actors = [a for a in self._actors.values() if a.handed]
+        taken: list[int] = []
+        for actor in actors:
+            take = {m.id for m in actor.handed if message_id is None or m.id == message_id}
+            if take:
+                kept = [m for m in actor.handed if m.id not in take]
+                actor.handed.clear()
+                actor.handed.extend(kept)
+                taken.extend(sorted(take))
+        return taken
 
     # -- what actors call -------------------------------------------------
 
@@ -353,13 +405,15 @@ class Supervisor:
         arrived before (the actor goes on) or finds no actor (a new one
         starts). No message is stranded by a passivation.
         """
-        if outcome is not Exit.STOP and (actor.reserved or actor.handed is not None):
-            return False  # a message claimed on delivery is on its way or here
+        if outcome is not Exit.STOP and (actor.reserved or actor.handed):
+            return False  # messages claimed on delivery are on their way or here
         if outcome is Exit.IDLE and not self.stopping and actor.has_new_work():
             return False
         assert self._actors.get(actor.session_id) is actor
         del self._actors[actor.session_id]
         self.watchdog.forget(actor)
+        self.idle_watch.forget(actor)
+        self._free_slot(actor)
         if outcome is Exit.WAIT and actor.wait_until is not None:
             self.timer.schedule(actor.wait_until, actor.session_id)
         elif outcome is Exit.YIELD and not self.stopping:
@@ -375,9 +429,25 @@ class Supervisor:
         if self._actors.get(actor.session_id) is actor:
             del self._actors[actor.session_id]
             self.watchdog.forget(actor)
+            self.idle_watch.forget(actor)
+            self._free_slot(actor)
             if self.events.active:
                 self.emit("actor_stopped", actor.session_id, detail="cancelled")
             self._after_leave()
+
+    def _free_slot(self, actor: SessionActor) -> None:
+        """Free the actor's start-table slot once its submitted acks have committed.
+
+        (Until then its mark must stay: a crash would otherwise redeliver a
+        handled message with its attempt given back. The store commits
+        operations in order, so a no-op's commit comes after theirs.)
+        """
+        slot, actor.slot = actor.slot, -1
+        starts = self.store.starts
+        if slot < 0 or starts is None:
+            return
+        with contextlib.suppress(StoreError):
+            self.store.submit(self.store.op_nothing, done=lambda _: starts.release(slot))
 
     def emit(self, kind: str, session_id: str | None = None, **fields: object) -> None:
         """Publish a status event (cheap when nobody listens: check ``events.active`` first)."""

@@ -469,7 +469,9 @@ class System:
           ValueError: the message is in flight (a handler runs it now).
         """
         self._check_open()
-        found = await self._store.call(self._store.op_abort, message_id)
+        # Claimed on delivery but not started: taken from its actor, it may go.
+        taken = bool(self._sup.unhand(message_id=message_id))
+        found = await self._store.call(self._store.op_abort, message_id, taken)
         if found is None:
             return False
         state, session_id = found
@@ -523,6 +525,11 @@ class System:
                     if reply is not None:  # an ask waits for it: it will never run now
                         reply.set_error(ActorsError(f"message {msg_id} was purged before it ran"))
 
+        if session_id is not None and not dead:
+            # Claimed on delivery but not started: back to pending, they may go.
+            taken = sup.unhand(session_id=session_id)
+            if taken:
+                await self._store.call(self._store.op_release_many, taken)
         count = await purge_batches(self._store, session_id, dead, before, deleted)
         log.info(
             "purge(session_id=%r, dead=%s, older_than=%s): %d message(s) deleted",

@@ -1,4 +1,4 @@
-"""The watchdog: ``handler_timeout`` for every actor, with one task and one heap.
+"""Deadlines of actors, with one task and one heap: ``handler_timeout`` and ``idle_timeout``.
 
 Moving a cancel scope's deadline around every handler call costs trio a
 deadline-heap update each time, which was a tenth of the loop's time per
@@ -33,43 +33,61 @@ class WatchdogStatistics:
     timeouts: int
 
 
-class Watchdog:
-    """Cancels handlers that outlive their deadline."""
+class DeadlineWatch:
+    """A deadline per actor, with one task and one heap of at most one entry per actor.
+
+    Subclasses say where the actor keeps its flag and its current deadline,
+    and what happens when it passes. An actor's entry is re-armed to its
+    current deadline when the old one comes due, so moving a deadline costs
+    one attribute write, not a heap update.
+    """
 
     def __init__(self) -> None:
         # (deadline, tie-breaker, actor); at most one entry per actor, the
-        # ones whose `watched` is True.
+        # ones whose flag is set.
         self._heap: list[tuple[float, int, SessionActor]] = []
         self._tie = itertools.count()
         self._armed = trio.Event()  # set when the heap gets its first entry
         self._compact_at = 64  # heap size at which stale entries are dropped
-        self.timeouts = 0
 
-    def statistics(self) -> WatchdogStatistics:
-        return WatchdogStatistics(watched=len(self._heap), timeouts=self.timeouts)
+    # -- what subclasses define --------------------------------------------
 
-    def watch(self, actor: SessionActor) -> None:
-        """``actor`` started a handler with ``actor.handler_deadline`` set."""
-        if actor.watched:
+    def _flag(self, actor: SessionActor) -> bool:
+        raise NotImplementedError
+
+    def _set_flag(self, actor: SessionActor, value: bool) -> None:
+        raise NotImplementedError
+
+    def _deadline(self, actor: SessionActor) -> float | None:
+        """The actor's current deadline, or None if it no longer waits for one."""
+        raise NotImplementedError
+
+    def _expire(self, actor: SessionActor) -> None:
+        raise NotImplementedError
+
+    # -- the heap ---------------------------------------------------------
+
+    def _push(self, actor: SessionActor, deadline: float) -> None:
+        if self._flag(actor):
             return  # its entry will be re-armed to the new deadline when it comes due
-        actor.watched = True
+        self._set_flag(actor, True)
         heap = self._heap
         if len(heap) >= self._compact_at:
             self._compact()
-        heapq.heappush(heap, (actor.handler_deadline, next(self._tie), actor))
+        heapq.heappush(heap, (deadline, next(self._tie), actor))
         if len(heap) == 1:
             self._armed.set()
 
     def forget(self, actor: SessionActor) -> None:
         """``actor`` left the registry; its entry goes at the next compaction."""
-        actor.watched = False
+        self._set_flag(actor, False)
 
     def _compact(self) -> None:
-        # Entries of actors that left (or stopped running handlers) would
-        # otherwise stay up to a whole timeout, holding the actor objects:
-        # memory must follow the active actors, not the activations. Keep
-        # the live ones; amortised O(1) per push, since the bound doubles.
-        self._heap[:] = [entry for entry in self._heap if entry[2].watched]
+        # Entries of actors that left (or stopped waiting) would otherwise
+        # stay up to a whole timeout, holding the actor objects: memory must
+        # follow the active actors, not the activations. Keep the live ones;
+        # amortised O(1) per push, since the bound doubles.
+        self._heap[:] = [entry for entry in self._heap if self._flag(entry[2])]
         heapq.heapify(self._heap)
         self._compact_at = max(64, 2 * len(self._heap))
 
@@ -84,19 +102,71 @@ class Watchdog:
             now = trio.current_time()
             while heap and heap[0][0] <= now:
                 _, _, actor = heapq.heappop(heap)
-                if not actor.watched:
+                if not self._flag(actor):
                     continue  # left the registry: forgotten
-                if not actor.handler_running:
-                    actor.watched = False
-                elif actor.handler_deadline <= now:
-                    actor.watched = False
-                    self.timeouts += 1
-                    in_flight = actor.in_flight
-                    log.warning(
-                        "handler of session %r (message %s) outlived handler_timeout: cancelled",
-                        actor.session_id,
-                        in_flight.id if in_flight is not None else "?",
-                    )
-                    actor.time_out()
-                else:  # a later handler of the same actor: wait for its deadline
-                    heapq.heappush(heap, (actor.handler_deadline, next(self._tie), actor))
+                deadline = self._deadline(actor)
+                if deadline is None:
+                    self._set_flag(actor, False)
+                elif deadline <= now:
+                    self._set_flag(actor, False)
+                    self._expire(actor)
+                else:  # a later wait of the same actor: re-arm to its deadline
+                    heapq.heappush(heap, (deadline, next(self._tie), actor))
+
+
+class Watchdog(DeadlineWatch):
+    """Cancels handlers that outlive their deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts = 0
+
+    def statistics(self) -> WatchdogStatistics:
+        return WatchdogStatistics(watched=len(self._heap), timeouts=self.timeouts)
+
+    def watch(self, actor: SessionActor) -> None:
+        """``actor`` started a handler with ``actor.handler_deadline`` set."""
+        self._push(actor, actor.handler_deadline)
+
+    def _flag(self, actor: SessionActor) -> bool:
+        return actor.watched
+
+    def _set_flag(self, actor: SessionActor, value: bool) -> None:
+        actor.watched = value
+
+    def _deadline(self, actor: SessionActor) -> float | None:
+        return actor.handler_deadline if actor.handler_running else None
+
+    def _expire(self, actor: SessionActor) -> None:
+        self.timeouts += 1
+        in_flight = actor.in_flight
+        log.warning(
+            "handler of session %r (message %s) outlived handler_timeout: cancelled",
+            actor.session_id,
+            in_flight.id if in_flight is not None else "?",
+        )
+        actor.time_out()
+
+
+class IdleWatch(DeadlineWatch):
+    """Ends the idle waits of actors that had no work for ``idle_timeout``.
+
+    An idle actor parks its task (no cancel scope, no channel): whoever
+    brings work reschedules it, and this watch does when the wait is over.
+    """
+
+    def watch(self, actor: SessionActor) -> None:
+        """``actor`` parked with ``actor.idle_deadline`` set."""
+        self._push(actor, actor.idle_deadline)
+
+    def _flag(self, actor: SessionActor) -> bool:
+        return actor.idle_watched
+
+    def _set_flag(self, actor: SessionActor, value: bool) -> None:
+        actor.idle_watched = value
+
+    def _deadline(self, actor: SessionActor) -> float | None:
+        return actor.idle_deadline if actor.parked else None
+
+    def _expire(self, actor: SessionActor) -> None:
+        actor.unpark()

@@ -84,13 +84,11 @@ async def test_handoff_to_an_actor_that_is_gone_gives_the_claim_back(
         stranger.reserved = True
         sup.reserved.add(1)
         # The row as the router would have inserted it: claimed, attempt 1.
-        first, _ = await system._store.call(
-            system._store.op_append, ["s"], ["7"], [0.0], None, frozenset({0})
-        )
+        first, _ = await system._store.call(system._store.op_append, ["s"], ["7"], [0.0], None, {0})
         sup.outstanding.add(1)
         sup.hand_over(
             stranger,
-            actors.Message(id=first, session_id="s", body=7, attempt=1, enqueued_at=0.0),
+            [actors.Message(id=first, session_id="s", body=7, attempt=1, enqueued_at=0.0)],
         )
         assert sup.reserved.value == 0
         await system.drain()  # released, then claimed by a real actor

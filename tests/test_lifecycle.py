@@ -5,6 +5,7 @@ from __future__ import annotations
 import apsw
 import pytest
 import trio
+from deadprocess import mark_in_flight_started
 
 import actors
 
@@ -20,6 +21,7 @@ async def left_by_a_dead_process(db_path: str, insert: str) -> None:
     conn = apsw.Connection(db_path)
     conn.execute(insert)
     conn.close()
+    mark_in_flight_started(db_path)  # their handlers had started
 
 
 def rows(db_path: str, sql: str) -> list[tuple[object, ...]]:

@@ -440,7 +440,7 @@ class QueueMachine(RuleBasedStateMachine):
         )
         self._dir.mkdir(parents=True, exist_ok=True)
         self.db_path = str(self._dir / "model.db")
-        for suffix in ("", "-wal", "-shm", ".lock"):
+        for suffix in ("", "-wal", "-shm", ".lock", ".starts"):
             Path(self.db_path + suffix).unlink(missing_ok=True)
         COVERAGE["examples"] += 1
         self.model = QueueModel()
@@ -455,7 +455,7 @@ class QueueMachine(RuleBasedStateMachine):
                 self.host.call(self.host.stop_system)
         finally:
             self.host.close()
-            for suffix in ("", "-wal", "-shm", ".lock"):
+            for suffix in ("", "-wal", "-shm", ".lock", ".starts"):
                 Path(self.db_path + suffix).unlink(missing_ok=True)
             self._dir.rmdir()
 
@@ -567,9 +567,20 @@ class QueueMachine(RuleBasedStateMachine):
     @invariant()
     def same_rows(self) -> None:
         COVERAGE["states compared"] += 1
-        rows = self.reader.execute(
-            "SELECT id, session_id, state, attempts FROM messages ORDER BY id"
-        ).fetchall()
+
+        async def handed() -> set[int]:
+            return {m.id for a in self.system._sup._actors.values() for m in a.handed}
+
+        # Claimed on delivery but not started (queued behind a hanging
+        # handler) is, to everyone but the store, pending with its attempt
+        # not counted: the same as after a restart (see Store._recover).
+        queued = self.host.call(handed)
+        rows = [
+            (i, s, PENDING, a - 1) if i in queued and st == IN_FLIGHT else (i, s, st, a)
+            for i, s, st, a in self.reader.execute(
+                "SELECT id, session_id, state, attempts FROM messages ORDER BY id"
+            )
+        ]
         assert rows == self.model.rows()
 
     @invariant()

@@ -35,7 +35,8 @@ async def test_component_statistics_follow_the_work(db_path: str, autojump_clock
         actor = system._sup._actors["a"].statistics()
         assert actor.session_id == "a" and actor.handler_running
         assert actor.in_flight is not None
-        assert actor.mailbox.max_buffer_size == system.config.mailbox_size
+        assert actor.handed == 1  # "after": claimed on delivery, queued behind "block"
+        assert not actor.parked
 
         timer = system._timer.statistics()
         assert timer.fired == 0
