@@ -592,7 +592,7 @@ class SessionActor:
                 # Claimed on delivery: committed with the message itself, and
                 # nothing of the session in the database comes before it.
                 if ack is not None:
-                    store.submit(store.op_ack, ack, done=sup.on_ack_committed)
+                    store.ack_soon(ack, sup.on_acks_committed)
                     ack = None
                 if ctx._state is None:  # handed before this incarnation's first claim
                     self.in_flight = self.handed[0]
@@ -718,7 +718,7 @@ class SessionActor:
                 # work. The store commits operations in order, so any later
                 # claim of this session commits after this ack.
                 self.in_flight = None
-                store.submit(store.op_ack, ack, done=sup.on_ack_committed)
+                store.ack_soon(ack, sup.on_acks_committed)
                 ack = None
                 if self.handed and not sup.stopping:
                     # The next message is here already: no wait, and no

@@ -7,6 +7,7 @@ column's own type says how to decode it and no flag column is needed.
 from __future__ import annotations
 
 import json
+import json.scanner
 from typing import Any
 
 from ._errors import MessageTooLargeError
@@ -15,6 +16,26 @@ MAX_SESSION_ID_LENGTH = 256
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _decoder = json.JSONDecoder()
+
+# The C halves of the two, built once: JSONEncoder.encode builds a C encoder
+# per call (a third of a small body's cost), and JSONDecoder.decode wraps the
+# scanner in Python. Without the circular check, a cycle ends in a
+# RecursionError, which encode_body reports like the check's ValueError.
+_c_encode: Any = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)
+_c_make_scanner: Any = getattr(json.scanner, "c_make_scanner", None)
+_scan_once: Any = _c_make_scanner(_decoder) if _c_make_scanner is not None else None
+
+
+def _encode_json(value: Any) -> str:
+    if _c_encode is None:  # pragma: no cover - CPython always has the C encoder
+        return _encoder.encode(value)
+    return "".join(_c_encode(value, 0))
 
 
 def check_session_id(session_id: object) -> str:
@@ -86,7 +107,7 @@ def encode_body(body: Any, max_bytes: int) -> str | bytes:
         size = len(data)
     else:
         try:
-            text = _encoder.encode(body)
+            text = _encode_json(body)
         except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(f"message body is not JSON-compatible: {exc}") from None
         size = len(text)
@@ -108,6 +129,16 @@ def decode_body(raw: object) -> Any:
     if isinstance(raw, bytes):
         return raw
     if isinstance(raw, str):
+        if _scan_once is not None:
+            # What encode_body wrote has no surrounding whitespace: the bare
+            # scanner reads it; anything else takes the full decoder's path.
+            try:
+                value, end = _scan_once(raw, 0)
+            except (StopIteration, json.JSONDecodeError):
+                pass
+            else:
+                if end == len(raw):
+                    return value
         try:
             return _decoder.decode(raw)
         except json.JSONDecodeError as exc:

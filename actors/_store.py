@@ -213,6 +213,20 @@ class _Op:
         self.error: BaseException | None = None
 
 
+class _AckBox:
+    """Acks submitted without waiting, written by one operation (``Store.ack_soon``).
+
+    The trio thread appends until the writer thread seals the box (under
+    ``Store._ack_lock``) as it runs the operation; later acks start a new box.
+    """
+
+    __slots__ = ("acks", "sealed")
+
+    def __init__(self, ack: int | Ack) -> None:
+        self.acks: list[int | Ack] = [ack]
+        self.sealed = False
+
+
 def _abort_failed(_: object) -> trio.lowlevel.Abort:
     # An operation in the writer thread cannot be taken back: its caller
     # waits for the outcome (as if shielded) and sees any cancellation at
@@ -250,6 +264,8 @@ class Store:
         self._largest_group = 0
         self._queued = 0
         self._inline = False  # run operations on the trio thread (MockClock)
+        self._ack_box: _AckBox | None = None  # the open box of ack_soon()
+        self._ack_lock = threading.Lock()
         # Set when an operation fails: the system watches it, so that a
         # failure nobody waits for (a submitted ack) still stops the system.
         self.failed = trio.Event()
@@ -387,6 +403,26 @@ class Store:
             self._complete([op])
         else:
             self._queue.put(op)
+
+    def ack_soon(self, ack: int | Ack, done: Callable[[tuple[int, Any]], None]) -> None:
+        """Queue an ack without waiting; acks queued close together share one operation.
+
+        ``done((count, sent))`` runs after the commit, once per operation:
+        ``count`` acks, and the (session, seq) of the messages their outboxes
+        inserted (or None). An ack joins the open box, which sits in the
+        queue where its first ack was queued, so it may commit before
+        operations queued after that one but before it: never before an
+        operation the acking actor queued earlier, which is what order per
+        session needs.
+        """
+        box = self._ack_box
+        if box is not None:
+            with self._ack_lock:
+                if not box.sealed:
+                    box.acks.append(ack)
+                    return
+        box = self._ack_box = _AckBox(ack)
+        self.submit(self.op_ack_box, box, done=done)
 
     def _complete(self, ops: list[_Op]) -> None:
         # Runs on the trio thread (run_sync_soon), once per group.
@@ -869,6 +905,26 @@ class Store:
             return None
         assert isinstance(ack, Ack)
         return self._apply_ack(ack)
+
+    def op_ack_box(self, box: _AckBox) -> tuple[int, list[tuple[str, int]] | None]:
+        """Write a box of acks (see ack_soon); returns (count, the outboxes' (session, seq))."""
+        db = self._db
+        assert db is not None
+        with self._ack_lock:
+            box.sealed = True
+            acks = box.acks
+        plain = [(a,) for a in acks if type(a) is int]
+        if plain:
+            db.executemany("DELETE FROM messages WHERE id = ?", plain)
+        sent: list[tuple[str, int]] | None = None
+        if len(plain) != len(acks):
+            for ack in acks:
+                if type(ack) is not int:
+                    assert isinstance(ack, Ack)
+                    more = self._apply_ack(ack)
+                    if more:
+                        sent = (sent or []) + more
+        return len(acks), sent
 
     def op_sweep_keys(self, before: float, limit: int) -> int:
         """Forget idempotency keys whose message was processed before ``before``."""

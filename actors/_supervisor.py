@@ -462,10 +462,13 @@ class Supervisor:
         self.processed += 1
         self.outstanding.add(-1)
 
-    def on_ack_committed(self, sent: list[tuple[str, int]] | None) -> None:
+    def on_acks_committed(self, result: tuple[int, list[tuple[str, int]] | None]) -> None:
+        """A box of acks committed (Store.ack_soon)."""
+        count, sent = result
         if sent:  # first: outstanding must not touch zero in between (drain)
             self.on_sent(sent)
-        self.on_acked()
+        self.processed += count
+        self.outstanding.add(-count)
 
     def on_sent(self, sent: list[tuple[str, int]]) -> None:
         """Messages of an outbox (ctx.send) committed with their ack: deliver them."""
