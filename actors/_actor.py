@@ -560,13 +560,9 @@ class SessionActor:
                 await self._flush_ack(ack)
                 await self._release_in_flight()
                 return Exit.STOP
-            if (
-                ack is not None
-                and not self.handed
-                and self.turn >= config.fair_share
-                and sup.has_waiters
-            ):
+            if ack is not None and self.turn >= config.fair_share and sup.has_waiters:
                 await self._flush_ack(ack)
+                await self._release_handed()  # not started: the next activation claims them
                 return Exit.YIELD
             if alone and ack is not None:  # the suspect ran: let the others go on
                 await self._flush_ack(ack)
@@ -612,6 +608,7 @@ class SessionActor:
                         config.max_attempts,
                         alone,
                         ctx._state is None,
+                        self._bulk(alone),
                     )
                 finally:
                     self._claiming = False
@@ -655,6 +652,10 @@ class SessionActor:
                         return leave
                     continue
                 seq = claim.seq
+                if claim.extra:
+                    # Claimed with it, and before anything handed meanwhile
+                    # (a handoff's insert was queued after this claim).
+                    self.handed.extendleft(reversed(claim.extra))
                 # Nothing queued behind it: once it is handled, everything of
                 # the session up to here is, and the router's notices tell
                 # of anything later (so handoffs may start).
@@ -728,6 +729,15 @@ class SessionActor:
                 leave = await self._await_work()
                 if leave is not None:
                     return leave
+
+    def _bulk(self, alone: bool) -> int:
+        """How many messages behind the head a claim may take too (see Store._claim_following)."""
+        if alone:
+            return 0  # a crash suspect runs alone: nothing else of ours in flight
+        sup = self._sup
+        if sup.has_waiters:  # no more than this turn will run before it yields
+            return max(0, min(sup.config.mailbox_size, sup.config.fair_share - self.turn - 1))
+        return sup.config.mailbox_size
 
     async def _await_work(self) -> Exit | None:
         """Nothing to do: wait for work. Returns how to leave instead, if the

@@ -237,6 +237,22 @@ class Router:
                 claimed: set[int] = (
                     {i for indices in handoffs.values() for i in indices} if handoffs else set()
                 )
+
+                def committed(
+                    result: tuple[int, dict[int, int] | None], batch: Batch = batch
+                ) -> None:
+                    # Before any task resumes: a claim in the same transaction
+                    # may have taken a message of the batch, and its actor may
+                    # answer an ask, or ack, as soon as it runs.
+                    batch.first_id, duplicates = result
+                    batch.duplicates = duplicates
+                    sup = self._sup
+                    sup.outstanding.add(len(batch) - (len(duplicates) if duplicates else 0))
+                    if batch.replies is not None:
+                        replies = sup.replies
+                        for index, reply in batch.replies.items():
+                            replies[batch.message_id(index)] = reply
+
                 try:
                     first, duplicates = await store.call(
                         store.op_append,
@@ -247,6 +263,7 @@ class Router:
                         claimed,
                         batch.keys,
                         self._key_retention,
+                        committed=committed,
                     )
                 except StoreError as exc:
                     log.error("a batch of %d send(s) failed to commit: %s", len(batch), exc)
@@ -264,11 +281,6 @@ class Router:
                     log.debug(
                         "%d keyed send(s) were duplicates: nothing persisted", len(duplicates)
                     )
-                if batch.replies is not None:
-                    # Before any delivery: the handler may answer at once.
-                    replies = self._sup.replies
-                    for index, reply in batch.replies.items():
-                        replies[batch.message_id(index)] = reply
                 bodies, enqueued = batch.bodies, batch.enqueued
                 for actor, indices in handoffs.items():
                     session_id = actor.session_id
@@ -310,7 +322,6 @@ class Router:
     def _deliver(self, batch: Batch, first: int) -> None:
         sup = self._sup
         dups = batch.duplicates
-        sup.outstanding.add(len(batch) - (len(dups) if dups else 0))
         # One notice per session per batch: the highest seq is enough, since
         # an actor claims everything up to it in order from the database.
         last: dict[str, int] = {}

@@ -109,6 +109,11 @@ _HEAD = (
 )
 # Whether a session has a message waiting in the database (not claimed).
 _PENDING = "SELECT 1 FROM messages WHERE session_id = ? AND state = 0 AND seq IS NOT NULL LIMIT 1"
+# The fresh messages behind a claimed head, in order (see _claim_following).
+_FOLLOWING = (
+    "SELECT id, seq, state, attempts, body, enqueued_at, crashed, key FROM messages"
+    " WHERE session_id = ? AND state < 2 AND seq > ? ORDER BY seq LIMIT ?"
+)
 # The head and whether anything follows it.
 _HEAD2 = _HEAD[: -len("1")] + "2"
 
@@ -143,7 +148,17 @@ class Claim:
     attempts were used up, or they could not be decoded).
     """
 
-    __slots__ = ("alone", "dead", "message", "more", "sent", "seq", "state", "wait_until")
+    __slots__ = (
+        "alone",
+        "dead",
+        "extra",
+        "message",
+        "more",
+        "sent",
+        "seq",
+        "state",
+        "wait_until",
+    )
 
     def __init__(
         self,
@@ -161,6 +176,8 @@ class Claim:
         # Whether another message of the session was queued behind the
         # claimed one (False: the claimer is caught up once it is handled).
         self.more = False
+        # Fresh messages queued right behind it, claimed with it (op_claim_next's bulk).
+        self.extra: list[Message] = []
         # Filled in by op_claim_next: the session's state (JSON) when asked
         # for, and the (session, seq) of messages the ack's outbox inserted.
         self.state: str | None = None
@@ -360,12 +377,19 @@ class Store:
 
     # -- the trio side --------------------------------------------------
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        committed: Callable[[Any], None] | None = None,
+    ) -> Any:
         """Run ``fn(*args)`` in the writer thread, in the next group transaction.
 
         Waits for the commit even if the calling task is cancelled meanwhile
         (shielded): the caller always learns what was written, and a
-        cancellation is delivered at its next checkpoint.
+        cancellation is delivered at its next checkpoint. ``committed(result)``,
+        if given, runs on the trio thread as the commit is reported, before
+        any task waiting on that transaction resumes (the caller included).
 
         Raises:
           StoreError: the transaction failed, or the store failed earlier.
@@ -376,12 +400,12 @@ class Store:
             raise StoreError("the store is closed")
         self._queued += 1
         if self._inline:
-            op = _Op(fn, args, None)
+            op = _Op(fn, args, None, committed)
             self._run_group([op])
             self._complete([op])
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            op = _Op(fn, args, trio.lowlevel.current_task())
+            op = _Op(fn, args, trio.lowlevel.current_task(), committed)
             self._queue.put(op)
             await trio.lowlevel.wait_task_rescheduled(_abort_failed)
         if op.error is not None:
@@ -791,6 +815,7 @@ class Store:
         max_attempts: int,
         alone: bool,
         want_state: bool = False,
+        bulk: int = 0,
     ) -> Claim:
         """Ack ``ack`` (delete it), then claim the session's head message.
 
@@ -816,13 +841,15 @@ class Store:
         db = self._db
         assert db is not None
         sent = self.op_ack(ack) if ack is not None else None
-        claim = self._claim(session_id, now, max_attempts, alone)
+        claim = self._claim(session_id, now, max_attempts, alone, bulk)
         claim.sent = sent
         if want_state:
             claim.state = self.op_load_state(session_id)
         return claim
 
-    def _claim(self, session_id: str, now: float, max_attempts: int, alone: bool) -> Claim:
+    def _claim(
+        self, session_id: str, now: float, max_attempts: int, alone: bool, bulk: int = 0
+    ) -> Claim:
         db = self._db
         assert db is not None
         dead: list[int] = []
@@ -895,7 +922,50 @@ class Store:
             )
             claim = Claim(message, seq, None, tuple(dead))
             claim.more = len(rows) > 1
+            if claim.more and bulk > 0:
+                self._claim_following(claim, session_id, seq, bulk)
             return claim
+
+    def _claim_following(self, claim: Claim, session_id: str, after: int, limit: int) -> None:
+        """Claim up to ``limit`` fresh messages queued right behind the head just claimed.
+
+        Honest because of the start table: a claimed message whose handler
+        never started gets its attempt back after a crash. Only first
+        deliveries qualify (never delivered, not crash suspects, decodable);
+        the first that does not stops the run, and it and the rest are
+        claimed one at a time, in order. Sets ``claim.extra``, ``claim.seq``
+        (the last one's) and ``claim.more`` (whether more wait behind them).
+        """
+        db = self._db
+        assert db is not None
+        rows: list[Any] = db.execute(_FOLLOWING, (session_id, after, limit + 1)).fetchall()
+        extra = claim.extra
+        claim.more = len(rows) > limit
+        for msg_id, seq, state, attempts, raw, enqueued_at, crashed, key in rows[:limit]:
+            if state or attempts or crashed:
+                claim.more = True
+                break
+            try:
+                body = decode_body(raw)
+            except ValueError:
+                claim.more = True
+                break
+            claim.seq = seq
+            extra.append(
+                Message(
+                    id=msg_id,
+                    session_id=session_id,
+                    body=body,
+                    attempt=1,
+                    enqueued_at=enqueued_at,
+                    key=key,
+                )
+            )
+        if extra:
+            db.executemany(
+                "UPDATE messages SET state = 1, attempts = 1 WHERE id = ?",
+                [(m.id,) for m in extra],
+            )
 
     def op_ack(self, ack: int | Ack) -> list[tuple[str, int]] | None:
         """Delete a processed message (and write its Ack); returns the outbox's (session, seq)."""
