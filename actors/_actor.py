@@ -1,17 +1,24 @@
 """One session's actor: claim the head message, run the handler, ack / retry / dead.
 
 A :class:`SessionActor` lives in the supervisor's registry while its session
-is active. It owns the session's mailbox (a trio memory channel of delivery
-notices from the router) and runs *incarnations* one after another: each
-incarnation is a fresh instance of the user's actor, so a crash never leaks
-state into the next attempt.
+is active. It runs *incarnations* one after another: each incarnation is a
+fresh instance of the user's actor, so a crash never leaks state into the
+next attempt.
 
-The database is the source of truth for order. Every claim reads the
-session's head from the store in the same transaction that counts the
-attempt, so no in-memory queue can disagree with what is durable. The
-mailbox only says "work arrived up to seq N"; when it is full the router
-drops the notice and the actor finds the work in the database anyway,
-because it only waits on the mailbox after a claim found nothing.
+The database is the source of truth for order. Every message reaches the
+handler claimed in the database, its attempt counted: either by the actor's
+own claim, which reads the session's head (and, in bulk, the fresh messages
+queued right behind it) in the transaction that counts the attempts, or
+inserted claimed by the router and handed to the actor (claim on delivery,
+only when nothing of the session waits in the database). Both kinds wait in
+the ``handed`` queue (bulk-claimed ones at its front), at most
+``mailbox_size`` of each, in seq order; whatever ends an incarnation gives
+back those not started, so no in-memory queue can disagree with what is
+durable. A notice is an integer (``notified_seq``: "work committed up to
+seq N"); an actor with nothing to do parks until a notice beyond what it
+claimed, a handoff or a wake-up reschedules it. Acks are pipelined: the
+next handed message runs while the previous ack commits (acks commit in
+order; the start table keeps recovery honest).
 """
 
 from __future__ import annotations
@@ -289,7 +296,7 @@ class SessionActorStatistics:
 
 
 class SessionActor:
-    """A session's slot in the registry: its mailbox and its incarnations."""
+    """A session's slot in the registry: its handed messages and its incarnations."""
 
     def __init__(self, session_id: str, supervisor: Supervisor) -> None:
         self.session_id = session_id
@@ -428,7 +435,7 @@ class SessionActor:
         return True
 
     def has_new_work(self) -> bool:
-        """Consume the mailbox; True if it announced work beyond what was claimed."""
+        """True if work came beyond what was claimed: handed, reserved or announced."""
         return bool(self.reserved or self.handed or self.notified_seq > self.claimed_seq)
 
     # -- the actor's task ---------------------------------------------------

@@ -57,8 +57,9 @@ class Config:
     max_message_bytes: largest encoded body ``send()`` accepts.
     shutdown_timeout: on leaving ``async with``, how long running handlers
       may take to finish before they are cancelled.
-    mailbox_size: delivery notices buffered per actor; beyond it, work waits
-      in the database and the actor reads it from there.
+    mailbox_size: messages handed to, or claimed in bulk for, one actor
+      ahead of the one it runs; beyond it, work waits in the database and
+      the actor claims it from there.
     busy_timeout: seconds SQLite waits for a lock held by another connection
       (a CLI reader, a backup) before it reports the database busy.
     key_retention: seconds an idempotency key (``send(key=...)``) is
@@ -88,7 +89,7 @@ class Config:
     )
     max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive_int)
     shutdown_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
-    mailbox_size: int = attrs.field(default=64, validator=_positive_int)
+    mailbox_size: int = attrs.field(default=256, validator=_positive_int)
     busy_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
     key_retention: float = attrs.field(default=86400.0, validator=_non_negative_seconds)
     status_interval: float = attrs.field(default=1.0, validator=_positive_seconds)

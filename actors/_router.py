@@ -1,4 +1,4 @@
-"""The router: intake of sends, group commit, delivery to mailboxes.
+"""The router: intake of sends, group commit, delivery to actors.
 
 ``send()`` appends to the open batch and waits for it. The router task takes
 the whole open batch, persists it in one store operation (which the store
@@ -7,9 +7,15 @@ sender of the batch at once and tells the supervisor about the new work.
 While one batch commits, the next one fills: the more senders, the larger
 the batches, and the fewer commits per message.
 
-Delivery never blocks on a slow session: a full mailbox drops the notice
-(the actor finds the work in the database), and a session without an actor
-gets one or waits for a slot.
+The batch's ``ask`` replies and the outstanding count (``drain()``) are
+registered as its commit is reported, before any task resumes
+(``Store.call(committed=...)``): a claim in the same transaction may take a
+message of the batch, and its handler may answer as soon as its actor runs.
+
+Delivery never blocks on a slow session: a notice only raises an integer
+(the actor claims the work from the database when it is ready), messages
+are handed (inserted claimed) only to an actor with room (``mailbox_size``),
+and a session without an actor gets one or waits for a slot.
 """
 
 from __future__ import annotations

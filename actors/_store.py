@@ -138,14 +138,18 @@ class Opened:
 
 
 class Claim:
-    """The answer to ``claim_next``.
+    """The answer to ``op_claim_next``.
 
     ``message`` is the claimed message, or None. Without a message,
     ``wait_until`` is the epoch time at which the head may be retried, or
     None when the session has no ready work; ``alone`` says the head may
     only run alone (nothing else in flight in the system) and was not
     claimed. ``dead`` lists the messages dead-lettered on the way (their
-    attempts were used up, or they could not be decoded).
+    attempts were used up, or they could not be decoded). With a message,
+    ``extra`` lists the fresh messages queued right behind it that were
+    claimed with it (``bulk``, in order: see _claim_following), ``seq`` is
+    the seq of the last message claimed, and ``more`` says whether another
+    message of the session waits behind that one.
     """
 
     __slots__ = (
@@ -294,8 +298,12 @@ class Store:
         """Open (or create) the database, migrate it and recover it.
 
         Recovery puts every message left in flight by a dead process back to
-        pending at once; its attempt stays counted, so a message that kills
-        the process every time still ends in dead letters.
+        pending at once. Its attempt stays counted (and it is marked crashed)
+        only if its handler had started, as the start table
+        (``<database>.starts``) says, or for every one when there is no
+        matching table: a message that kills the process every time still
+        ends in dead letters. One claimed but not started (handed, or claimed
+        in bulk, still waiting in its actor's queue) gets its attempt back.
 
         Raises:
           StoreError: the file is not a usable database.
@@ -820,16 +828,19 @@ class Store:
         """Ack ``ack`` (delete it), then claim the session's head message.
 
         With ``want_state``, the claim also carries the session's state
-        (read after the ack's own write, so it is the latest).
+        (read after the ack's own write, so it is the latest). With ``bulk``,
+        up to that many fresh messages queued right behind the head are
+        claimed too (``Claim.extra``, see _claim_following).
 
         The claim counts the attempt (a delivery) durably before any handler
         runs. A head whose body cannot be decoded is dead-lettered here, and
         the next one is tried.
 
-        Blame for a dead process: every message in flight when the process
-        died is marked ``crashed``, its attempt counted. The poison message
-        among them cannot be told from its bystanders, so a crashed message
-        whose next attempt is its last runs *alone* (``alone=True``: the
+        Blame for a dead process: every message in flight whose handler had
+        started when the process died is marked ``crashed``, its attempt
+        counted (see _recover). The poison message among them cannot be
+        told from its bystanders, so a crashed message whose next attempt
+        is its last runs *alone* (``alone=True``: the
         supervisor holds every other handler back). A message that kills the
         process every time thus ends in dead letters after ``max_attempts``
         deaths, the last one alone, and one that merely shared crashes with
@@ -932,8 +943,8 @@ class Store:
         Honest because of the start table: a claimed message whose handler
         never started gets its attempt back after a crash. Only first
         deliveries qualify (never delivered, not crash suspects, decodable);
-        the first that does not stops the run, and it and the rest are
-        claimed one at a time, in order. Sets ``claim.extra``, ``claim.seq``
+        the first that does not stops the run, and a later claim takes it as
+        its head. Sets ``claim.extra``, ``claim.seq``
         (the last one's) and ``claim.more`` (whether more wait behind them).
         """
         db = self._db

@@ -314,16 +314,16 @@ class Supervisor:
     # -- claim on delivery (see Router.run) ---------------------------------
 
     def reserve(self, sessions: list[str]) -> dict[SessionActor, list[int]]:
-        """Pick the caught-up actors that will be handed their sessions' messages.
+        """Pick the actors that will be handed their sessions' messages.
 
         Returns {actor: indices in ``sessions`` of the messages it gets, in
-        order}. An actor qualifies when it serves, has claimed everything it
-        knows of (caught up), is not claiming from the database, and nothing
-        runs alone; busy or idle (handed messages queue behind the one in
-        flight, up to ``mailbox_size``). Not one that used its fair share
-        while others wait for a slot: it should finish and leave. A reserved
-        actor does not leave until hand_over() (it counts in ``reserved``,
-        which isolation waits for too).
+        order}. An actor qualifies when it serves (SessionActor.can_take_handoff:
+        idle, busy or claiming, with room for them) and nothing runs alone;
+        whether they are then inserted claimed is the store's decision (not
+        while the session has pending messages: Store._drop_overtaking). Not
+        one that used its fair share while others wait for a slot: it should
+        finish and leave. A reserved actor does not leave until hand_over()
+        (it counts in ``reserved``, which isolation waits for too).
         """
         if self.stopping or self.isolating is not None:
             return {}
@@ -400,10 +400,11 @@ class Supervisor:
     def retire(self, actor: SessionActor, outcome: Exit) -> bool:
         """Let ``actor`` leave after ``outcome``; False if it must go on working.
 
-        Synchronous on purpose: between the last look at the mailbox and the
-        removal from the registry there is no checkpoint, so a notice either
-        arrived before (the actor goes on) or finds no actor (a new one
-        starts). No message is stranded by a passivation.
+        Synchronous on purpose: between the last look at its notices and
+        handed messages and the removal from the registry there is no
+        checkpoint, so a notice either arrived before (the actor goes on) or
+        finds no actor (a new one starts). No message is stranded by a
+        passivation.
         """
         if outcome is not Exit.STOP and (actor.reserved or actor.handed):
             return False  # messages claimed on delivery are on their way or here

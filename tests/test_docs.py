@@ -146,7 +146,7 @@ def test_reference_lists_every_config_option_with_its_default() -> None:
         ("durability", "normal", '"normal"'),
         ("max_message_bytes", 1 << 20, "1048576"),
         ("shutdown_timeout", 10.0, "10.0"),
-        ("mailbox_size", 64, "64"),
+        ("mailbox_size", 256, "256"),
         ("busy_timeout", 5.0, "5.0"),
     ]:
         assert getattr(actors.Config(), name) == value, name
