@@ -401,6 +401,12 @@ class SessionActor:
         elif self._wait_scope is not None:
             self._wait_scope.cancel()
 
+    def _abort_park(self, _: object) -> trio.lowlevel.Abort:
+        # The parked task is cancelled (a kill, or the system stopping hard).
+        self._parked = None
+        self._sup.idle_actors.discard(self)
+        return trio.lowlevel.Abort.SUCCEEDED
+
     @property
     def parked(self) -> bool:
         """Waiting for work."""
@@ -779,14 +785,7 @@ class SessionActor:
         sup.idle_watch.watch(self)
         self._parked = trio.lowlevel.current_task()
         sup.idle_actors.add(self)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            # Cancelled (a kill, or the system stopping hard).
-            self._parked = None
-            sup.idle_actors.discard(self)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(self._abort_park)
         return bool(self.handed) or self.notified_seq > self.claimed_seq
 
     # -- claim on delivery (Supervisor.reserve / hand_over) ---------------

@@ -344,8 +344,7 @@ class Router:
                     earliest = min(earliest, nb)
             if math.isfinite(earliest):
                 self._timer.schedule(earliest)
-        else:
-            for i, session_id in enumerate(batch.sessions):
-                last[session_id] = first + i
+        else:  # (a later send of a session overwrites its earlier seq)
+            last = dict(zip(batch.sessions, range(first, first + len(batch)), strict=True))
         for session_id, seq in last.items():
             sup.ensure(session_id, seq)

@@ -108,7 +108,13 @@ _HEAD = (
     " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
 )
 # Whether a session has a message waiting in the database (not claimed).
-_PENDING = "SELECT 1 FROM messages WHERE session_id = ? AND state = 0 AND seq IS NOT NULL LIMIT 1"
+# (The terms of messages_queue's WHERE are spelled out, so that SQLite uses
+# that partial index: it does not see that state = 0 implies state < 2, and
+# would scan the whole table.)
+_PENDING = (
+    "SELECT 1 FROM messages WHERE session_id = ? AND state < 2 AND seq IS NOT NULL"
+    " AND state = 0 LIMIT 1"
+)
 # The fresh messages behind a claimed head, in order (see _claim_following).
 _FOLLOWING = (
     "SELECT id, seq, state, attempts, body, enqueued_at, crashed, key FROM messages"

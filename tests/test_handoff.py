@@ -11,6 +11,10 @@ import actors
 from actors._actor import SessionActor
 
 
+async def noop(ctx: actors.Context, msg: actors.Message) -> None:
+    pass
+
+
 async def test_idle_actor_is_handed_messages_claimed_at_insert(
     db_path: str, autojump_clock: object
 ) -> None:
@@ -93,3 +97,25 @@ async def test_handoff_to_an_actor_that_is_gone_gives_the_claim_back(
         assert sup.reserved.value == 0
         await system.drain()  # released, then claimed by a real actor
     assert seen == [(7, 1)]  # the attempt was given back: it never ran
+
+
+@pytest.mark.parametrize("query", ["_HEAD", "_HEAD2", "_PENDING", "_FOLLOWING"])
+async def test_per_message_queries_search_the_queue_index(db_path: str, query: str) -> None:
+    """The queries run per claim or per handoff read a session's queue through
+    its partial index, never the whole table. (SQLite uses a partial index only
+    when the query's WHERE spells out the index's terms: ``state = 0`` alone
+    made _PENDING scan every row, and a growing backlog slowed each batch.)"""
+    import apsw
+
+    from actors import _store
+
+    async with actors.run_system(db_path, handler=noop):
+        pass
+    sql: str = getattr(_store, query)
+    conn = apsw.Connection(db_path)
+    try:
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {sql}", (None,) * sql.count("?")).fetchall()
+    finally:
+        conn.close()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX messages_queue" in details and "SCAN" not in details, details
