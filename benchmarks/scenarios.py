@@ -74,8 +74,8 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                 },
             )
         )
-        # One session: one commit (and at FULL one fsync) per message, by design of the
-        # per-session claim; 100,000 at FULL would take minutes per round.
+        # One session, 100 producers: their sends share commits, and the session's
+        # actor is handed them at insert. (100,000 at FULL would take long per round.)
         per = _scaled(100_000 if durability == "normal" else 20_000, scale, 100)
         out.append(
             Scenario(
