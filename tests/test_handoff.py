@@ -119,3 +119,59 @@ async def test_per_message_queries_search_the_queue_index(db_path: str, query: s
         conn.close()
     details = " ".join(str(row[-1]) for row in plan)
     assert "USING INDEX messages_queue" in details and "SCAN" not in details, details
+
+
+async def test_a_session_with_pending_messages_is_not_handed_newer_ones(
+    db_path: str, autojump_clock: object
+) -> None:
+    """Handed messages never overtake one waiting in the database: while the
+    session has pending messages, the store inserts newer ones pending too,
+    even though the actor has room for them (Store._drop_overtaking)."""
+    release = trio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        if msg.body == 1:
+            await release.wait()
+        seen.append((msg.body, msg.attempt))
+
+    async with actors.run_system(db_path, handler=handler, mailbox_size=2) as system:
+        await system.send("s", 0)
+        await system.drain()  # the actor is idle now
+        await system.send_many([("s", i) for i in range(1, 6)])  # 1, 2 handed; 3-5 pending
+        await trio.testing.wait_all_tasks_blocked()  # 1 runs (blocked), 2 waits handed
+        actor = system._sup._actors["s"]
+        assert [m.body for m in actor.handed] == [2]
+        handoffs = system._router.handoffs
+        await system.send("s", 6)  # room for it, but 3-5 are pending: not handed
+        assert system._router.handoffs == handoffs
+        assert [m.body for m in actor.handed] == [2]
+        release.set()
+        await system.drain()
+    assert seen == [(i, 1) for i in range(7)]
+
+
+async def test_handed_messages_go_back_unstarted_when_the_handler_fails(
+    db_path: str, autojump_clock: object
+) -> None:
+    """A failure gives back what was handed behind the failed message: their
+    attempt is not counted, and they run after its retry, in order."""
+    release = trio.Event()
+    seen: list[tuple[int, int]] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        if msg.body == 0 and msg.attempt == 1:
+            await release.wait()
+            raise RuntimeError("first attempt fails")
+        seen.append((msg.body, msg.attempt))
+
+    async with actors.run_system(
+        db_path, handler=handler, retry_backoff=actors.Backoff(initial=1.0, jitter=0.0)
+    ) as system:
+        await system.send("s", 0)
+        await trio.testing.wait_all_tasks_blocked()
+        await system.send_many([("s", i) for i in range(1, 4)])
+        assert [m.body for m in system._sup._actors["s"].handed] == [1, 2, 3]
+        release.set()
+        await system.drain()
+    assert seen == [(0, 2), (1, 1), (2, 1), (3, 1)]
