@@ -275,9 +275,7 @@ class Router:
                     log.error("a batch of %d send(s) failed to commit: %s", len(batch), exc)
                     self._fail(batch, exc)
                     raise
-                batch.first_id = first
-                batch.duplicates = duplicates
-                batch.finish()
+                batch.finish()  # (first_id and duplicates were set by committed())
                 self._committing = None
                 self.batches += 1
                 self.sends += len(batch) - (len(duplicates) if duplicates else 0)
