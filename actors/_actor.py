@@ -350,6 +350,9 @@ class SessionActor:
         self.handler_running = False
         self.handler_deadline = math.inf
         self.watched = False  # the watchdog's heap has an entry for this actor
+        # Set with the cancel of the incarnation's timeout scope (time_out()):
+        # a plain flag is cheaper to test after every handler than the scope.
+        self.timed_out = False
         self._timeout_scope: trio.CancelScope | None = None
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
@@ -430,6 +433,7 @@ class SessionActor:
     def time_out(self) -> None:
         """The running handler passed its deadline (Watchdog): cancel it."""
         if self.handler_running and self._timeout_scope is not None:
+            self.timed_out = True
             self._timeout_scope.cancel()
 
     def kill(self) -> bool:
@@ -539,6 +543,7 @@ class SessionActor:
         # message's way through the actor).
         with trio.CancelScope() as deadline:
             self._timeout_scope = deadline
+            self.timed_out = False
             self._serving = True
             try:
                 outcome = await self._serve_loop(instance, ctx, deadline)
@@ -566,6 +571,7 @@ class SessionActor:
         handle = instance._fn if isinstance(instance, _FunctionActor) else instance.handle
         watchdog = sup.watchdog
         starts = store.starts if self.slot >= 0 else None
+        now = trio.lowlevel.current_clock().current_time  # = trio.current_time, two calls fewer
         ack: int | Ack | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
@@ -607,7 +613,9 @@ class SessionActor:
                     self.in_flight = self.handed[0]
                     ctx._load_state(await store.call(store.op_load_state, self.session_id))
                 msg = self.handed.popleft()
-                self.in_flight = msg
+                if self._in_flight is None:  # (the in_flight setter, inline: per message)
+                    sup.busy.add(1)
+                self._in_flight = msg
                 seq = msg.id
             else:
                 announced = self.notified_seq  # committed before this claim runs
@@ -682,15 +690,17 @@ class SessionActor:
             self.handler_started = True
             if starts is not None:
                 starts.mark(self.slot, msg.id)  # before the handler: survives a crash
-            if timeout is not None:
-                self.handler_deadline = trio.current_time() + timeout
-                watchdog.watch(self)
+            observer = sup.observer
+            if timeout is not None or observer is not None:
+                started_at = now()
+                self.handler_deadline = started_at + timeout if timeout is not None else math.inf
+                if timeout is not None:
+                    watchdog.watch(self)
             else:
+                started_at = 0.0
                 self.handler_deadline = math.inf
             self.handler_running = True
             ctx._message = msg
-            observer = sup.observer
-            started_at = trio.current_time() if observer is not None else 0.0
             try:
                 result = await handle(ctx, msg)
                 # What the ack writes: the id alone unless the handler touched
@@ -704,7 +714,7 @@ class SessionActor:
             except Exception as exc:
                 self.handler_running = False
                 ctx._message = None
-                if deadline.cancel_called:
+                if self.timed_out:
                     return Exit.TIMEOUT  # the watchdog cancelled it as it raised
                 self._failure = exc
                 await self._stop_instance(instance, ctx)
@@ -712,7 +722,7 @@ class SessionActor:
             ctx._message = None
             # (A Cancelled from the watchdog propagates to _serve's scope.)
             self.handler_running = False
-            if deadline.cancel_called:
+            if self.timed_out:
                 # The watchdog cancelled it just as it returned: it did
                 # outlive handler_timeout, and the scope is spent.
                 return Exit.TIMEOUT
@@ -731,7 +741,9 @@ class SessionActor:
                 # for it (no claim that would find nothing), and wait for
                 # work. The store commits operations in order, so any later
                 # claim of this session commits after this ack.
-                self.in_flight = None
+                if self._in_flight is not None:  # (the in_flight setter, inline)
+                    sup.busy.add(-1)
+                    self._in_flight = None
                 store.ack_soon(ack, sup.on_acks_committed)
                 ack = None
                 if self.handed and not sup.stopping:

@@ -291,13 +291,8 @@ class Router:
                     self._sup.hand_over(
                         actor,
                         [
-                            Message(
-                                id=first + i,
-                                session_id=session_id,
-                                body=decode_body(bodies[i]),
-                                attempt=1,
-                                enqueued_at=enqueued[i],
-                            )
+                            # (id, session_id, body, attempt, enqueued_at)
+                            Message(first + i, session_id, decode_body(bodies[i]), 1, enqueued[i])
                             for i in indices
                             if i in claimed
                         ],
