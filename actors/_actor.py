@@ -343,6 +343,13 @@ class SessionActor:
         # claim from the database, which would find them in flight).
         self._serving = False
         self._claiming = False
+        # Serving periods (one per _serve call) and the one a reservation was
+        # made in. A handoff is taken only in the period it was reserved in:
+        # the store judged "nothing of the session pending" at insert time,
+        # and a crash since (the message in flight failed back to pending)
+        # may have made that false.
+        self._serve_gen = 0
+        self._reserve_gen = -1
         # This actor's slot in the start table (see _starts.py).
         starts = supervisor.store.starts
         self.slot = starts.acquire() if starts is not None else -1
@@ -551,6 +558,7 @@ class SessionActor:
                 # No more handoffs: whatever comes next claims from the
                 # database (handed messages are given back first).
                 self._serving = False
+                self._serve_gen += 1
                 self.caught_up = False
                 self.handler_running = False
                 self._timeout_scope = None
@@ -822,6 +830,7 @@ class SessionActor:
         itself reserved, and retire() refuses to let it go.)
         """
         self.reserved = True
+        self._reserve_gen = self._serve_gen
         self._handoff = trio.Event()
 
     def take_handoff(self, msgs: list[Message]) -> bool:
@@ -836,8 +845,8 @@ class SessionActor:
         self._handoff.set()
         if not msgs:
             return True  # none was inserted claimed after all
-        if not self._serving:
-            return False
+        if not self._serving or self._reserve_gen != self._serve_gen:
+            return False  # it stopped serving since: they may overtake a failed message
         self.handed.extend(msgs)
         self.claimed_seq = max(self.claimed_seq, msgs[-1].id)
         if self._parked is not None:

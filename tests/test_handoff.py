@@ -175,3 +175,49 @@ async def test_handed_messages_go_back_unstarted_when_the_handler_fails(
         release.set()
         await system.drain()
     assert seen == [(0, 2), (1, 1), (2, 1), (3, 1)]
+
+
+async def test_a_handoff_settled_after_a_crash_does_not_overtake_the_failed_message(
+    db_path: str, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reserved while "stuck" ran (in flight, so nothing was pending and "next"
+    was inserted claimed), settled only after "stuck" failed back to pending
+    and a new incarnation serves: "next" must not run before "stuck"."""
+    from actors._supervisor import Supervisor
+
+    release = trio.Event()
+    seen: list[str] = []
+    held: list[tuple[Supervisor, SessionActor, list[actors.Message]]] = []
+    original = Supervisor.hand_over
+
+    def hold_next(self: Supervisor, actor: SessionActor, msgs: list[actors.Message]) -> None:
+        if msgs and msgs[0].body == "next":
+            held.append((self, actor, msgs))
+        else:
+            original(self, actor, msgs)
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        if msg.body == "stuck":
+            await release.wait()
+            raise RuntimeError("always")
+        seen.append(msg.body)
+
+    monkeypatch.setattr(Supervisor, "hand_over", hold_next)
+    async with actors.run_system(
+        db_path,
+        handler=handler,
+        retry_backoff=actors.Backoff(initial=1000, jitter=0),
+        idle_timeout=10,
+    ) as system:
+        stuck = await system.send("s", "stuck")
+        await trio.testing.wait_all_tasks_blocked()
+        await system.send("s", "next")  # inserted claimed; its handoff is held
+        assert len(held) == 1 and system._router.handoffs == 1
+        release.set()  # "stuck" fails: back to pending, waiting for its retry
+        await trio.testing.wait_all_tasks_blocked()  # a new incarnation waits for the handoff
+        original(*held[0])  # the handoff is settled now
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == []  # "next" waits behind "stuck"
+        assert await system.abort(stuck)
+        await system.drain()
+    assert seen == ["next"]
