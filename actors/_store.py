@@ -102,11 +102,12 @@ _SCHEMA_V2 = (
 
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
-_HEAD = (
+_QUEUE = (
     "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error, crashed, alone, key"
     " FROM messages"
-    " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT 1"
+    " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq"
 )
+_HEAD = _QUEUE + " LIMIT 1"
 # Whether a session has a message waiting in the database (not claimed).
 # (The terms of messages_queue's WHERE are spelled out, so that SQLite uses
 # that partial index: it does not see that state = 0 implies state < 2, and
@@ -121,7 +122,7 @@ _FOLLOWING = (
     " WHERE session_id = ? AND state < 2 AND seq > ? ORDER BY seq LIMIT ?"
 )
 # The head and whether anything follows it.
-_HEAD2 = _HEAD[: -len("1")] + "2"
+_HEAD2 = _QUEUE + " LIMIT 2"
 
 
 @attrs.frozen
@@ -726,10 +727,7 @@ class Store:
         assert isinstance(claimed, set), "claimed must be a mutable set to be narrowed"
         db = self._db
         assert db is not None
-        busy: list[str] = []
-        for session_id in {sessions[i] for i in claimed}:
-            if db.execute(_PENDING, (session_id,)).fetchall():
-                busy.append(session_id)
+        busy = {s for s in {sessions[i] for i in claimed} if db.execute(_PENDING, (s,)).fetchall()}
         if busy:
             claimed.difference_update([i for i in claimed if sessions[i] in busy])
 
