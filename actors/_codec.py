@@ -32,7 +32,8 @@ _c_make_scanner: Any = getattr(json.scanner, "c_make_scanner", None)
 _scan_once: Any = _c_make_scanner(_decoder) if _c_make_scanner is not None else None
 
 
-def _encode_json(value: Any) -> str:
+def encode_json(value: Any) -> str:
+    """``value`` as compact JSON, through the C encoder built once (no checks)."""
     if _c_encode is None:  # pragma: no cover - CPython always has the C encoder
         return _encoder.encode(value)
     return "".join(_c_encode(value, 0))
@@ -107,7 +108,7 @@ def encode_body(body: Any, max_bytes: int) -> str | bytes:
         size = len(data)
     else:
         try:
-            text = _encode_json(body)
+            text = encode_json(body)
         except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(f"message body is not JSON-compatible: {exc}") from None
         size = len(text)

@@ -105,7 +105,7 @@ async def purge_batches(
 ) -> int:
     """Run ``op_purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
 
-    Batches keep each transaction short, so the writer stays responsive.
+    Batches keep each transaction short, so other work runs between them.
     """
     total = 0
     while True:

@@ -11,7 +11,7 @@ completing is a stall.
 The running system also writes a :class:`Heartbeat` into the ``meta`` table
 every ``status_interval`` seconds, through the store (so it rides in a group
 commit), for the command line in another process: a heartbeat that stopped
-coming means the system's loop or its writer is stuck.
+coming means the system's loop or its store is stuck.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Heartbeat:
 
     Times are seconds since the epoch. ``interval`` is the system's
     ``status_interval``: a heartbeat much older than that means the system's
-    loop or its writer thread is stuck.
+    loop or its store is stuck.
     """
 
     at: float

@@ -81,3 +81,38 @@ class SystemStatistics:
     restarts: int
     sends: int
     commits: int
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_new_object = object.__new__
+_set_id, _set_session, _set_body, _set_attempt, _set_enqueued, _set_key = _slot_setters(
+    Message, ("id", "session_id", "body", "attempt", "enqueued_at", "key")
+)
+
+
+def new_message(
+    id: int,
+    session_id: str,
+    body: Any,
+    attempt: int,
+    enqueued_at: float,
+    key: str | None = None,
+) -> Message:
+    """``Message(...)``, for the per-message paths: the same frozen object, built faster.
+
+    attrs' frozen ``__init__`` sets each slot through ``object.__setattr__``
+    (about 1 us for six fields, a tenth of ``send_many``'s loop time per
+    message, measured); the slots' own setters, bound once, do the same in
+    about half.
+    """
+    msg: Message = _new_object(Message)
+    _set_id(msg, id)
+    _set_session(msg, session_id)
+    _set_body(msg, body)
+    _set_attempt(msg, attempt)
+    _set_enqueued(msg, enqueued_at)
+    _set_key(msg, key)
+    return msg

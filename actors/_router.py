@@ -29,7 +29,7 @@ import trio
 
 from ._codec import decode_body
 from ._errors import StoreError, SystemClosedError
-from ._records import Message
+from ._records import new_message
 from ._store import Store
 
 log = logging.getLogger("actors.router")
@@ -292,7 +292,9 @@ class Router:
                         actor,
                         [
                             # (id, session_id, body, attempt, enqueued_at)
-                            Message(first + i, session_id, decode_body(bodies[i]), 1, enqueued[i])
+                            new_message(
+                                first + i, session_id, decode_body(bodies[i]), 1, enqueued[i]
+                            )
                             for i in indices
                             if i in claimed
                         ],

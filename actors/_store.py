@@ -1,11 +1,34 @@
-"""The store: the database, all of its SQL, and the thread that runs it.
+"""The store: the database, all of its SQL, and the task that commits it.
 
-One writer thread owns the SQLite connection. Trio tasks submit operations
-(append a batch, claim the next message, record a failure, ...); the thread
-takes every operation that is queued when it wakes and runs them all in one
-transaction (group commit), so one commit, and with ``durability="full"``
-one fsync, serves many messages from many tasks. apsw releases the GIL while
-SQLite works, so the trio loop keeps running meanwhile.
+Trio tasks submit operations (append a batch, claim the next message, record
+a failure, ...); one committer task takes every operation queued by then and
+runs them all in one transaction (group commit), so one commit, and with
+``durability="full"`` one fsync, serves many messages from many tasks.
+
+Where a transaction runs (measured, see docs/performance.md):
+
+- With ``durability="normal"``, on the trio thread, once the loop has
+  nothing else to run (trio's ``wait_all_tasks_blocked``), or after
+  ``IDLE_WAIT`` if it never gets there. A transaction of a hundred messages
+  is a few hundred microseconds of SQLite's own work. A writer thread would
+  pay for the GIL instead: each SQLite call releases it, and getting it back
+  from a busy loop takes until the loop blocks (or 5 ms), so the thread's
+  work did not overlap the loop's anyway, and added hand-offs to it.
+- With ``durability="full"``, the same, except the COMMIT: it runs in a
+  thread of its own (``_SyncThread``), so that the loop runs while the
+  fsync waits on the disk.
+- Whatever may wait goes to a worker thread: opening and recovery, WAL
+  checkpoints (taken out of the COMMIT, see ``_on_wal``), closing, and a
+  group that finds the database locked by another connection (it then
+  waits up to ``busy_timeout`` there, not on the loop).
+
+The connection is used by one of them at a time: the committer waits for
+the other thread before it runs the next group.
+
+Hot statements are set-based: a batch is inserted by multi-row ``VALUES``
+statements, a box of acks deleted by one statement over a JSON array, and
+the pending check of a batch's sessions is one query, so a transaction is a
+handful of SQLite calls, not a few per message.
 
 Rows live in one table. A message is *pending* (``state`` 0), *in flight*
 (1) or *dead* (2); processed messages are deleted, so nothing piles up.
@@ -15,9 +38,9 @@ delay ends or a dead letter is retried, so the session's order is the order
 in which messages entered its queue. Ids and seqs come from one counter that
 is never reused, even after the newest rows are deleted.
 
-Every operation here runs in the writer thread and must be safe to run
-twice: if a group transaction fails, the thread rolls back and runs each of
-its operations again alone, so that one failure does not fail the others.
+Every operation here runs in the committer's transaction and must be safe
+to run twice: if a group transaction fails, it is rolled back and each of its
+operations runs again alone, so that one failure does not fail the others.
 """
 
 from __future__ import annotations
@@ -28,7 +51,7 @@ import queue
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Awaitable, Callable, Sequence, Set
 from typing import Any, Literal
 
 import apsw
@@ -36,13 +59,42 @@ import attrs
 import trio
 
 from ._codec import decode_body
+from ._codec import encode_json as _json_array
 from ._errors import SchemaVersionError, StoreError
-from ._records import DeadLetter, Message
+from ._records import DeadLetter, Message, new_message
 from ._starts import StartTable, database_identity, read_marks
 
 log = logging.getLogger("actors.store")
 
 SCHEMA_VERSION = 2
+
+# The longest a transaction waits for the loop to have nothing else to run.
+IDLE_WAIT = 0.002
+
+
+def _idle_waiter() -> Callable[[], Awaitable[None]]:
+    """``trio.testing.wait_all_tasks_blocked``, without importing trio.testing.
+
+    (trio.testing imports pytest: 70 ms, and pytest in every program that
+    runs actors.) trio.testing only re-exports the function of trio's core;
+    the fallback keeps working should a later trio move it.
+    """
+    try:
+        from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]
+
+        return wait_all_tasks_blocked
+    except ImportError:  # pragma: no cover - a trio that moved it
+        import trio.testing
+
+        return trio.testing.wait_all_tasks_blocked
+
+
+# WAL pages after which the committer checkpoints, between two transactions
+# (SQLite's autocheckpoint default). A checkpoint costs about 4 us per WAL
+# frame here, and no commit runs meanwhile: 4-7 ms at 1,000 pages. Smaller
+# and more frequent ones hold the commits less long (100 pages: under 1 ms)
+# but cost 2-4% of the throughput, measured (docs/performance.md).
+CHECKPOINT_PAGES = 1000
 
 PENDING, IN_FLIGHT, DEAD = 0, 1, 2
 
@@ -108,14 +160,15 @@ _QUEUE = (
     " WHERE session_id = ? AND state < 2 AND seq IS NOT NULL ORDER BY seq"
 )
 _HEAD = _QUEUE + " LIMIT 1"
-# Whether a session has a message waiting in the database (not claimed).
-# (The terms of messages_queue's WHERE are spelled out, so that SQLite uses
-# that partial index: it does not see that state = 0 implies state < 2, and
-# would scan the whole table.)
-_PENDING = (
-    "SELECT 1 FROM messages WHERE session_id = ? AND state < 2 AND seq IS NOT NULL"
-    " AND state = 0 LIMIT 1"
+# Which sessions of a batch (a JSON array) have a message waiting in the
+# database (not claimed). The terms of messages_queue's WHERE are spelled
+# out, so that SQLite uses that partial index: it does not see that
+# state = 0 implies state < 2, and would scan the whole table.
+_PENDING_ANY = (
+    "SELECT value FROM json_each(?) WHERE EXISTS (SELECT 1 FROM messages"
+    " WHERE session_id = value AND state < 2 AND seq IS NOT NULL AND state = 0)"
 )
+_DELETE_IDS = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
 # The fresh messages behind a claimed head, in order (see _claim_following).
 _FOLLOWING = (
     "SELECT id, seq, state, attempts, body, enqueued_at, crashed, key FROM messages"
@@ -133,6 +186,8 @@ class StoreStatistics:
     operations: int
     largest_group: int
     queued_operations: int
+    checkpoints: int  # WAL checkpoints run (between transactions)
+    wal_pages: int  # pages in the WAL after the last commit
 
 
 @attrs.frozen
@@ -244,8 +299,9 @@ class _Op:
 class _AckBox:
     """Acks submitted without waiting, written by one operation (``Store.ack_soon``).
 
-    The trio thread appends until the writer thread seals the box (under
-    ``Store._ack_lock``) as it runs the operation; later acks start a new box.
+    Tasks append until the operation runs and seals the box (under
+    ``Store._ack_lock``: that may be in a worker thread, after a failed group);
+    later acks start a new box.
     """
 
     __slots__ = ("acks", "sealed")
@@ -255,8 +311,82 @@ class _AckBox:
         self.sealed = False
 
 
+_INSERT_COLUMNS = 7
+_INSERT_SQL: dict[int, str] = {}
+# Rows per INSERT statement: a batch is cut greedily into these, so that
+# only five statements are ever prepared (and stay in apsw's cache).
+_INSERT_CHUNKS = (256, 64, 16, 4, 1)
+
+
+def _insert_sql(rows: int) -> str:
+    sql = _INSERT_SQL.get(rows)
+    if sql is None:
+        sql = _INSERT_SQL[rows] = (
+            "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
+            " VALUES " + ",".join(["(?,?,?,?,?,?,?)"] * rows)
+        )
+    return sql
+
+
+def _insert_rows(db: apsw.Connection, values: list[Any]) -> None:
+    """Insert rows given flat, ``_INSERT_COLUMNS`` values each, a few statements in all."""
+    rows = len(values) // _INSERT_COLUMNS
+    at = 0
+    for chunk in _INSERT_CHUNKS:
+        while rows - at >= chunk:
+            db.execute(
+                _insert_sql(chunk),
+                values[at * _INSERT_COLUMNS : (at + chunk) * _INSERT_COLUMNS],
+            )
+            at += chunk
+
+
+class _SyncThread:
+    """A thread for the COMMITs that fsync (durability "full"), so the loop runs meanwhile.
+
+    ``await run(fn)`` runs ``fn()`` there and returns its result (or raises
+    its exception). Cheaper per call than ``trio.to_thread.run_sync`` (no
+    limiter, no thread cache, no context copy): measured, that cost the loop
+    about 5 us per message at full durability. Not cancellable: the caller
+    always learns the outcome.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], trio.lowlevel.Task, list[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        box: list[Any] = []  # [result, error]
+        self._jobs.put((fn, trio.lowlevel.current_task(), box))
+        await trio.lowlevel.wait_task_rescheduled(_abort_failed)
+        result, error = box
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Let the thread end (after any job under way)."""
+        self._jobs.put(None)
+
+    def _main(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, task, box = job
+            try:
+                box += (fn(), None)
+            except BaseException as exc:  # handed to the waiting task
+                box += (None, exc)
+            try:
+                self._token.run_sync_soon(trio.lowlevel.reschedule, task)
+            except trio.RunFinishedError:  # pragma: no cover - the loop is gone
+                return
+
+
 def _abort_failed(_: object) -> trio.lowlevel.Abort:
-    # An operation in the writer thread cannot be taken back: its caller
+    # An operation queued for the committer cannot be taken back: its caller
     # waits for the outcome (as if shielded) and sees any cancellation at
     # its next checkpoint.
     return trio.lowlevel.Abort.FAILED
@@ -276,10 +406,16 @@ class Store:
         self.starts: StartTable | None = None  # created once the database is open
         self._durability = durability
         self._busy_ms = busy_timeout_ms
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._token = trio.lowlevel.current_trio_token()
-        # Owned by the writer thread once it runs.
+        # Operations waiting for the committer's next transaction, in order.
+        self._pending: list[_Op] = []
+        self._work = trio.Event()  # set when _pending gets its first operation
+        self._committer_done = trio.Event()
+        # COMMIT (its fsync) runs in a worker thread: durability "full".
+        # The COMMITs of durability "full" run there (created by open()).
+        self._sync_thread: _SyncThread | None = None
+        self._wal_pages = 0  # pages in the WAL after the last commit (_on_wal)
+        self._checkpoints = 0
+        # Used by the committer, or by the worker thread it waits for.
         self._db: apsw.Connection | None = None
         self._next_seq = 0
         self._has_state = False  # whether any session has state (skip the lookup if not)
@@ -327,39 +463,47 @@ class Store:
                 raise
             except Exception as exc:
                 raise StoreError(f"cannot open database {path!r}: {exc}") from exc
-        ready: trio.Event = trio.Event()
-        outcome: list[Any] = []
-
-        def started(result: Any) -> None:
-            outcome.append(result)
-            ready.set()
-
-        store._thread = threading.Thread(
-            target=store._thread_main, args=(started,), name=f"actors-store:{path}", daemon=True
-        )
-        store._thread.start()
-        with trio.CancelScope(shield=True):
-            await ready.wait()
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            await trio.to_thread.run_sync(store._thread.join)
-            if isinstance(result, StoreError):
-                raise result
-            raise StoreError(f"cannot open database {path!r}: {result}") from result
-        return store, result
+        try:
+            # (Not cancellable: the thread runs to the end either way.)
+            opened = await trio.to_thread.run_sync(store._open_db)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot open database {path!r}: {exc}") from exc
+        db = store._db
+        assert db is not None
+        # On the loop, a lock held by another connection must not be waited
+        # for: such a group goes to a worker thread instead.
+        db.set_busy_timeout(0)
+        # Checkpoints leave the commit (the hook replaces autocheckpoint).
+        db.set_wal_hook(store._on_wal)
+        if durability == "full":
+            store._sync_thread = _SyncThread(f"actors-sync:{path}")
+        trio.lowlevel.spawn_system_task(store._commit_loop, name=f"actors-store:{path}")
+        return store, opened
 
     async def aclose(self) -> None:
-        """Stop the writer thread after the queued operations, and close."""
+        """Let the committer finish the queued operations, then close the database."""
         if self._closed:
             return
         self._closed = True
         if self._inline and self._db is not None:
             self._close_quietly(self._db)
             self._db = None
-        self._queue.put(None)
-        if self._thread is not None:
+        elif self._db is not None:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._thread.join)
+                self._work.set()
+                if not self._committer_done.is_set():
+                    await self._committer_done.wait()
+                if self._pending:  # the committer was cancelled (the run is ending)
+                    group, self._pending = self._pending, []
+                    await trio.to_thread.run_sync(self._run_group_waiting, group, False)
+                    self._complete(group)
+                db, self._db = self._db, None
+                if self._sync_thread is not None:
+                    self._sync_thread.close()
+                # (Closing checkpoints the WAL: that is disk work.)
+                await trio.to_thread.run_sync(self._close_quietly, db)
         if self._reader is not None:
             self._close_quietly(self._reader)
             self._reader = None
@@ -383,6 +527,8 @@ class Store:
             operations=self._operations,
             largest_group=self._largest_group,
             queued_operations=self._queued,
+            checkpoints=self._checkpoints,
+            wal_pages=self._wal_pages,
         )
 
     @property
@@ -398,7 +544,7 @@ class Store:
         *args: Any,
         committed: Callable[[Any], None] | None = None,
     ) -> Any:
-        """Run ``fn(*args)`` in the writer thread, in the next group transaction.
+        """Run ``fn(*args)`` in the committer's next group transaction.
 
         Waits for the commit even if the calling task is cancelled meanwhile
         (shielded): the caller always learns what was written, and a
@@ -421,7 +567,8 @@ class Store:
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             op = _Op(fn, args, trio.lowlevel.current_task(), committed)
-            self._queue.put(op)
+            self._pending.append(op)
+            self._work.set()
             await trio.lowlevel.wait_task_rescheduled(_abort_failed)
         if op.error is not None:
             raise StoreError(f"database operation failed: {op.error}") from op.error
@@ -441,7 +588,8 @@ class Store:
             self._run_group([op])
             self._complete([op])
         else:
-            self._queue.put(op)
+            self._pending.append(op)
+            self._work.set()
 
     def ack_soon(self, ack: int | Ack, done: Callable[[tuple[int, Any]], None]) -> None:
         """Queue an ack without waiting; acks queued close together share one operation.
@@ -452,7 +600,8 @@ class Store:
         queue where its first ack was queued, so it may commit before
         operations queued after that one but before it: never before an
         operation the acking actor queued earlier, which is what order per
-        session needs.
+        session needs. (The box is sealed when its operation runs, under
+        ``_ack_lock``: that may be in a worker thread.)
         """
         box = self._ack_box
         if box is not None:
@@ -464,7 +613,7 @@ class Store:
         self.submit(self.op_ack_box, box, done=done)
 
     def _complete(self, ops: list[_Op]) -> None:
-        # Runs on the trio thread (run_sync_soon), once per group.
+        # Runs on the trio thread, once per group, after its transaction.
         self._queued -= len(ops)
         for op in ops:
             if op.error is not None:
@@ -476,70 +625,149 @@ class Store:
             if op.task is not None:
                 trio.lowlevel.reschedule(op.task)
 
-    # -- the writer thread ----------------------------------------------
+    # -- the committer ----------------------------------------------------
 
-    def _thread_main(self, started: Callable[[Any], None]) -> None:
+    async def _commit_loop(self) -> None:
+        """Run the queued operations, a group transaction at a time, until closed.
+
+        A system task: it must not raise. A group that fails marks the
+        store failed (``_complete``), and the system stops on that.
+        """
+        wait_idle = _idle_waiter()
         try:
-            opened = self._open_db()
-        except BaseException as exc:
-            self._token.run_sync_soon(started, exc)
-            return
-        self._token.run_sync_soon(started, opened)
-        assert self._db is not None
-        stopping = False
-        while not stopping:
-            op = self._queue.get()
-            if op is None:
-                break
-            group = [op]
             while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                group.append(nxt)
-            self._run_group(group)
-            try:
-                self._token.run_sync_soon(self._complete, group)
-            except trio.RunFinishedError:  # pragma: no cover - loop gone
-                break
-        self._close_quietly(self._db)
-        self._db = None
+                if not self._pending:
+                    if self._closed:
+                        return
+                    self._work = trio.Event()
+                    await self._work.wait()
+                    continue
+                # Let the loop run what it has first: whatever it queues
+                # meanwhile joins this transaction, and SQLite never keeps a
+                # runnable task waiting for long.
+                with trio.move_on_after(IDLE_WAIT):
+                    await wait_idle()
+                group, self._pending = self._pending, []
+                await self._commit_group(group)
+                self._complete(group)
+                if self._wal_pages >= CHECKPOINT_PAGES:
+                    self._wal_pages = 0
+                    await trio.to_thread.run_sync(self._checkpoint)
+        finally:
+            self._committer_done.set()
 
-    def _run_group(self, group: list[_Op]) -> None:
+    async def _commit_group(self, group: list[_Op]) -> None:
+        """Run ``group`` in one transaction: on the loop, except what may wait.
+
+        The statements run on the trio thread; the COMMIT too, unless it
+        syncs (durability "full"). A worker thread takes the group when
+        another connection holds the write lock (it waits for it there), and
+        the operations of a group that failed (each alone, as _run_group).
+        """
         db = self._db
         assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except apsw.BusyError:
+            await trio.to_thread.run_sync(self._run_group_waiting, group, False)
+            return
+        self._count_group(group)
+        try:
+            self._apply(group)
+            if self._sync_thread is not None:
+                await self._sync_thread.run(self._commit)
+            else:
+                self._commit()
+        except Exception as exc:  # (rolled back)
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            log.warning(
+                "a group of %d operations failed (%s); running them one at a time", len(group), exc
+            )
+            await trio.to_thread.run_sync(self._run_group_waiting, group, True)
+
+    def _run_group_waiting(self, group: list[_Op], isolate: bool) -> None:
+        """In a worker thread: ``_run_group`` (or ``_isolate``), waiting for a lock if need be."""
+        db = self._db
+        assert db is not None
+        db.set_busy_timeout(self._busy_ms)
+        try:
+            if isolate:
+                self._isolate(group)
+            else:
+                self._run_group(group)
+        finally:
+            db.set_busy_timeout(0)
+
+    def _on_wal(self, db: apsw.Connection, name: str, pages: int) -> int:
+        # SQLite's WAL hook, after each commit: note the size; the committer
+        # then asks for a checkpoint (not inside the commit, on the loop).
+        self._wal_pages = pages
+        return apsw.SQLITE_OK
+
+    def _checkpoint(self) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except apsw.Error as exc:  # nothing is lost: the WAL stays, and is retried
+            log.warning("a WAL checkpoint of %r failed: %s", self.path, exc)
+        else:
+            self._checkpoints += 1
+
+    def _count_group(self, group: list[_Op]) -> None:
         self._operations += len(group)
         self._largest_group = max(self._largest_group, len(group))
+
+    def _run_group(self, group: list[_Op]) -> None:
+        self._count_group(group)
         try:
             self._transaction(group)
         except Exception as exc:
             if len(group) == 1:
                 group[0].error = exc
                 return
-            # Isolate: one failing operation must not fail its neighbours.
             log.warning(
                 "a group of %d operations failed (%s); running them one at a time", len(group), exc
             )
-            for op in group:
-                try:
-                    self._transaction([op])
-                except Exception as exc_one:
-                    op.error = exc_one
+            self._isolate(group)
+
+    def _isolate(self, group: list[_Op]) -> None:
+        """Run each operation of a failed group alone: one must not fail its neighbours."""
+        for op in group:
+            try:
+                self._transaction([op])
+            except Exception as exc:
+                op.error = exc
 
     def _transaction(self, ops: Sequence[_Op]) -> None:
         db = self._db
         assert db is not None
-        seq_before = self._next_seq
         db.execute("BEGIN IMMEDIATE")
+        self._apply(ops)
+        self._commit()
+
+    def _apply(self, ops: Sequence[_Op]) -> None:
+        """Run ``ops`` in the open transaction; on failure roll it back and raise."""
+        db = self._db
+        assert db is not None
+        seq_before = self._next_seq
         try:
             for op in ops:
                 op.result = op.fn(*op.args)
             if self._next_seq != seq_before:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (self._next_seq,))
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _commit(self) -> None:
+        """Commit the open transaction; on failure roll it back and raise."""
+        db = self._db
+        assert db is not None
+        try:
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -650,7 +878,7 @@ class Store:
         self._next_seq += 1
         return seq
 
-    # -- operations (writer thread) -------------------------------------
+    # -- operations (in the committer's transaction) ---------------------
     # Each returns plain data; none raises for an ordinary outcome.
 
     def op_append(
@@ -690,24 +918,18 @@ class Store:
             )
         if claimed:
             self._drop_overtaking(sessions, claimed)
-        if not_before is None and not claimed:
-            db.executemany(
-                "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
-                " VALUES (?, ?, ?, 0, 0, ?, ?)",
-                (
-                    (first + i, s, first + i, b, t)
-                    for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True))
-                ),
-            )
-        elif not_before is None:
-            db.executemany(
-                "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (first + i, s, first + i, int(i in claimed), int(i in claimed), b, t)
-                    for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True))
-                ),
-            )
+        if not_before is None:
+            # (id, session_id, seq, state, attempts, body, enqueued_at), flat:
+            # claimed rows are in flight with their first attempt counted.
+            values: list[Any] = []
+            if claimed:
+                for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True)):
+                    c = 1 if i in claimed else 0
+                    values += (first + i, s, first + i, c, c, b, t)
+            else:
+                for i, (s, b, t) in enumerate(zip(sessions, bodies, enqueued, strict=True)):
+                    values += (first + i, s, first + i, 0, 0, b, t)
+            _insert_rows(db, values)
         else:
             db.executemany(
                 "INSERT INTO messages"
@@ -727,7 +949,8 @@ class Store:
         assert isinstance(claimed, set), "claimed must be a mutable set to be narrowed"
         db = self._db
         assert db is not None
-        busy = {s for s in {sessions[i] for i in claimed} if db.execute(_PENDING, (s,)).fetchall()}
+        wanted = list({sessions[i] for i in claimed})
+        busy = {row[0] for row in db.execute(_PENDING_ANY, (_json_array(wanted),))}
         if busy:
             claimed.difference_update([i for i in claimed if sessions[i] in busy])
 
@@ -967,7 +1190,7 @@ class Store:
                 break
             claim.seq = seq
             extra.append(
-                Message(
+                new_message(
                     id=msg_id,
                     session_id=session_id,
                     body=body,
@@ -998,9 +1221,9 @@ class Store:
         with self._ack_lock:
             box.sealed = True
             acks = box.acks
-        plain = [(a,) for a in acks if type(a) is int]
+        plain = [a for a in acks if type(a) is int]
         if plain:
-            db.executemany("DELETE FROM messages WHERE id = ?", plain)
+            db.execute(_DELETE_IDS, (_json_array(plain),))
         sent: list[tuple[str, int]] | None = None
         if len(plain) != len(acks):
             for ack in acks:

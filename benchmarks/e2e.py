@@ -32,9 +32,11 @@ def _rss_mb() -> float:
 def _thread_cpu() -> tuple[float, float]:
     """CPU seconds so far of (this thread, the other threads of the process), from /proc.
 
-    The main thread runs the trio loop; the others are the store's writer
-    thread (and any worker thread). Clock-tick resolution (10 ms), so use it
-    over spans of seconds. (0, 0) where /proc is missing.
+    The main thread runs the trio loop, and with it the store's
+    transactions; the others are the store's sync thread (durability
+    "full": the COMMIT and its fsync) and worker threads. Clock-tick
+    resolution (10 ms), so use it over spans of seconds. (0, 0) where /proc
+    is missing.
     """
     main = other = 0.0
     tick = os.sysconf("SC_CLK_TCK")
@@ -136,6 +138,7 @@ async def _throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
         msg_per_s=total / elapsed,
         cpu_us_per_msg=cpu / total * 1e6,
         cpu_loop_us_per_msg=(threads1[0] - threads0[0]) / total * 1e6,
+        # (The other threads; the key is named for the writer thread it once was.)
         cpu_store_us_per_msg=(threads1[1] - threads0[1]) / total * 1e6,
         msgs_per_commit=total / commits if commits else None,
     )

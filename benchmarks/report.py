@@ -154,12 +154,13 @@ def table(
     label_w = max(len(s.label) for s in scenarios) + 2
     head = (
         f"{'scenario':<{width}}{'what':<{label_w}}{'msg/s median [min-max]':<30}"
-        f"{'CPU us/msg median [min-max]':<30}{'loop / store':>14}{'msgs/commit':>13}"
+        f"{'CPU us/msg median [min-max]':<30}{'loop / other':>14}{'msgs/commit':>13}"
         f"{'load':>7}"
     )
     lines += [
         "Throughput (each figure: median of the rounds, [min-max]; CPU: whole process, and"
-        " split between the trio loop thread and the store's writer thread; load: the"
+        " split between the trio loop thread and the other threads (the sync thread of"
+        " durability full, worker threads); load: the"
         " 1-minute load average when the runs ended, median)",
         head,
         "-" * len(head),

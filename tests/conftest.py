@@ -17,8 +17,9 @@ def db_path(tmp_path: Path) -> str:
 
 @pytest.fixture(params=["mock", "real"])
 def clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """Run the test twice: on an autojumping MockClock (the store runs SQLite
-    inline, on the trio thread) and on the real clock (the writer thread)."""
+    """Run the test twice: on an autojumping MockClock (the store runs each
+    operation inline, on the trio thread) and on the real clock (the store's
+    committer, group transactions)."""
     if request.param == "mock":
         return trio.testing.MockClock(autojump_threshold=0)
     return None

@@ -54,8 +54,9 @@ the previous default VFS is the default again::
 
 ``injected`` counts the faults injected, by kind (``"write"``, ``"sync"``,
 ``"full"``); ``calls`` counts the operations seen, by ``(operation, target)``.
-Both are safe to read from the trio thread while the store's writer thread
-runs SQLite: the VFS is called from whichever thread runs SQLite.
+Both are safe to read from the trio thread while another thread (the
+store's sync thread, a worker thread) runs SQLite: the VFS is called from
+whichever thread runs SQLite.
 """
 
 from __future__ import annotations

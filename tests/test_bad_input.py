@@ -52,7 +52,7 @@ HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
 
 @pytest.fixture(params=["inline", "threaded"])
 def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the writer thread)."""
+    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
     if request.param == "inline":
         return trio.testing.MockClock(autojump_threshold=0)
     return None

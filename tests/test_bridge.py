@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from dblock import WriteLock
 
 import actors
 from actors.testing import fast_options, quiescent
@@ -514,16 +515,9 @@ async def test_a_blocking_send_with_a_timeout_stops_waiting_and_the_send_goes_on
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
         done.append(msg.body)
 
-    gate = threading.Event()
     async with actors.run_system(db_path, handler=handler) as system:
-        store = system._store
-        original = store.op_append
-
-        def held(*args: Any) -> Any:
-            gate.wait()  # in the writer thread: the batch cannot commit yet
-            return original(*args)
-
-        store.op_append = held  # type: ignore[method-assign]
+        # Another connection holds the write lock: the batch cannot commit yet.
+        lock = WriteLock(db_path)
         bridge = system.bridge()
 
         def call() -> None:
@@ -531,7 +525,7 @@ async def test_a_blocking_send_with_a_timeout_stops_waiting_and_the_send_goes_on
                 with pytest.raises(concurrent.futures.TimeoutError):
                     bridge.send("s", 7, timeout=0.05)
             finally:
-                gate.set()
+                lock.release()
 
         await trio.to_thread.run_sync(call)
         await system.drain()  # the send went on and committed after all

@@ -3,8 +3,8 @@
 Everything runs on trio's MockClock (``autojump_clock``): handler latency,
 the monkey's pauses, retry backoffs and restart delays cost no real time, so
 thousands of kills fit in a few seconds. Randomness comes from one seeded
-``random.Random``; trio's scheduler and the store's writer thread still add
-some nondeterminism, so a seed fixes the workload, not the exact interleaving.
+``random.Random``; trio's scheduler still adds some nondeterminism, so a
+seed fixes the workload, not the exact interleaving.
 
 What each run checks, against the invariants of DESIGN.md:
   1. nothing acknowledged is lost: every id ``send()`` returned completes,

@@ -338,7 +338,7 @@ async def test_the_command_against_a_running_system(db_path: str) -> None:
         await holding.wait()
 
         async def keep_writing(task_status: trio.TaskStatus[None]) -> None:
-            # The writer stays busy while the command line reads.
+            # The system keeps writing while the command line reads.
             task_status.started()
             n = 0
             while True:

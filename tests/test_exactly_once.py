@@ -15,10 +15,10 @@ matters: the message runs again, and at-least-once delivery would count it
 twice. The proof is that it never does:
 
 1. in process, the chaos monkey kills busy actors hundreds of times (on the
-   real clock, with SQLite in its writer thread; and on the MockClock, with
-   SQLite inline, for many more kills): every counter's total is the exact
-   sum of what was sent to it, and every chain delivers every message to
-   its end exactly once;
+   real clock, with the store's committer grouping transactions; and on the
+   MockClock, with SQLite inline, for many more kills): every counter's
+   total is the exact sum of what was sent to it, and every chain delivers
+   every message to its end exactly once;
 2. across processes, the child is SIGKILLed at random moments and started
    again on the same file. After every kill the database itself is checked:
    each counter's state holds exactly the messages whose keys are marked

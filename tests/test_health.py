@@ -255,7 +255,7 @@ async def test_cli_health_of_a_running_system(db_path: str) -> None:
         assert str(report["reason"]).startswith("stalled: ")
         assert health_cli(db_path, "--stall-after", "900")[0] == EXIT_OK
 
-        # The heartbeat stopped: the loop or the writer is stuck.
+        # The heartbeat stopped: the loop or the store is stuck.
         write_heartbeat(db_path, age=60)
         code, report = health_cli(db_path)
         assert code == EXIT_FAILED

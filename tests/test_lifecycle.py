@@ -344,9 +344,9 @@ async def test_suspect_that_ran_alone_and_died_is_dead_lettered(db_path: str) ->
 async def test_stop_is_not_missed_by_an_actor_restarting_at_that_moment(db_path: str) -> None:
     """An actor inside a claim when stop() wakes everyone must still stop at once.
 
-    Real clock and writer thread (the race needs a claim in flight in the
-    thread); a hang would last the whole 60 s grace period, far past the
-    fail_after that catches it.
+    Real clock and the store's committer (the race needs a claim in flight,
+    queued for its transaction while other tasks run); a hang would last the
+    whole 60 s grace period, far past the fail_after that catches it.
     """
 
     async def always_fails(ctx: actors.Context, msg: actors.Message) -> None:

@@ -281,39 +281,29 @@ async def test_send_many_rejects_bad_keys_and_persists_nothing(
 
 
 async def test_drain_waits_for_a_send_whose_batch_is_still_committing(db_path: str) -> None:
-    import threading
-
     import trio.testing
+    from dblock import WriteLock
 
-    gate = threading.Event()
     seen: list[object] = []
 
     async def record(ctx: actors.Context, msg: actors.Message) -> None:
         seen.append(msg.body)
 
     async with actors.run_system(db_path, handler=record) as system:
-        original = system._store.op_append
-
-        def held(*args: object) -> object:
-            gate.wait()  # in the writer thread: the batch cannot commit yet
-            return original(*args)
-
-        system._store.op_append = held  # type: ignore[method-assign]
         drained = trio.Event()
 
         async def drain() -> None:
             await system.drain()
             drained.set()
 
-        try:
+        # Another connection holds the write lock: the batch cannot commit yet.
+        with WriteLock(db_path) as lock:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(system.send, "s", "in flight")
                 await trio.testing.wait_all_tasks_blocked()  # its batch is committing
                 nursery.start_soon(drain)
                 await trio.testing.wait_all_tasks_blocked()
                 assert not drained.is_set()  # the send is not durable yet: not drained
-                gate.set()
-        finally:
-            gate.set()  # a failed check must not leave the writer thread stuck
+                lock.release()
         assert drained.is_set()
         assert seen == ["in flight"]  # drain returned only after it was processed

@@ -7,9 +7,9 @@ message, and the retry applies the message once. The state survives
 passivation and a restart of the system, and an ``Actor``'s ``started()``
 sees it.
 
-Tests that depend on which thread runs SQLite (inline on the trio thread
-under ``MockClock``, a writer thread on the real clock) run on both clocks
-(the ``clock`` fixture).
+Tests that depend on how the store runs SQLite (each operation inline
+under ``MockClock``, group transactions by the store's committer on the
+real clock) run on both clocks (the ``clock`` fixture).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Storage faults: failing writes, failing fsync and a full disk, injected by a VFS.
 
-Every test runs on both store paths: ``inline`` (a MockClock, SQLite on the
-trio thread) and ``threaded`` (the real clock, SQLite in the writer thread).
+Every test runs on both store paths: ``inline`` (a MockClock, each operation
+alone on the trio thread) and ``threaded`` (the real clock: the store's
+committer, with worker threads and the sync thread of durability full).
 A fault stays armed until ``run_system`` has exited, as a broken disk would,
 then it is cleared and the tests check that:
 
@@ -63,7 +64,7 @@ FAULT_PARAMS = [pytest.param(fault, id=name) for name, fault in FAULT_KINDS.item
 
 @pytest.fixture(params=["inline", "threaded"])
 def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the writer thread)."""
+    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
     if request.param == "inline":
         return trio.testing.MockClock(autojump_threshold=0)
     return None
@@ -78,7 +79,7 @@ def vfs(tmp_path: Path) -> Iterator[FaultVFS]:
 
 @pytest.fixture
 def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
-    """Exceptions that ended a thread (the store's writer thread) unhandled."""
+    """Exceptions that ended a thread (the store's sync thread, a worker thread) unhandled."""
     errors: list[BaseException] = []
 
     def hook(args: threading.ExceptHookArgs) -> None:
@@ -479,7 +480,7 @@ async def test_fault_in_the_checkpoint_at_close(
     work is safe. apsw raises the VFS's exception from ``close()`` (see
     faultvfs), so this is where the store's handling of a failing close
     shows: it may end ``run_system`` with a StoreError, or let it end
-    normally, but nothing else may escape, not even from its writer thread.
+    normally, but nothing else may escape, not even from a worker thread.
     """
     ledger = Ledger()
     closed_with: BaseException | None = None

@@ -1,0 +1,154 @@
+"""Where the store's transactions run (see actors/_store.py, "Where a transaction runs").
+
+Real clock: under a MockClock the store runs each operation inline, and none
+of this applies. Each test tries to break one rule of the committer:
+
+- a group runs on the trio thread once the loop has nothing else to run, or
+  after ``IDLE_WAIT`` if it never gets there (a loop that is never idle
+  still commits);
+- a lock held by another connection is waited for in a worker thread, never
+  on the loop;
+- the COMMIT of ``durability="full"`` (its fsync) runs in the sync thread;
+- WAL checkpoints run between transactions, in a worker thread, and keep
+  the WAL small.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+import trio.testing
+from dblock import WriteLock
+
+import actors
+from actors import _store
+
+HANG = 10.0  # seconds of real time after which a wait is a hang
+
+
+async def noop(ctx: actors.Context, msg: actors.Message) -> None:
+    pass
+
+
+async def test_a_group_commits_on_the_trio_thread_once_the_loop_is_idle(db_path: str) -> None:
+    threads: list[int] = []
+    async with actors.run_system(db_path, handler=noop) as system:
+        store = system._store
+        original = store._commit
+
+        def commit() -> None:
+            threads.append(threading.get_ident())
+            original()
+
+        store._commit = commit  # type: ignore[method-assign]
+        with trio.fail_after(HANG):
+            await system.send("s", 1)
+            await system.drain()
+    assert threads and set(threads) == {threading.get_ident()}
+
+
+async def test_a_loop_that_is_never_idle_still_commits(db_path: str) -> None:
+    """A task that always has more to run keeps the loop from ever being idle:
+    the committer must not wait for that, only for ``IDLE_WAIT``."""
+    spins = 0
+    stop = False
+
+    async def busy() -> None:
+        nonlocal spins
+        while not stop:
+            spins += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()  # runnable again at once
+
+    async with actors.run_system(db_path, handler=noop) as system:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(busy)
+            try:
+                with trio.fail_after(HANG):
+                    for n in range(20):
+                        await system.send("s", n)
+                    await system.drain()
+            finally:
+                stop = True
+        assert system.statistics().processed == 20
+    assert spins > 0  # the busy task did run throughout
+
+
+async def test_a_lock_held_by_another_connection_is_waited_for_off_the_loop(
+    db_path: str,
+) -> None:
+    """With the write lock taken elsewhere, the batch waits in a worker thread
+    (up to busy_timeout) while the loop goes on; if the store waited on the
+    loop, this task could not run to release the lock, and the send would
+    fail with a busy error after busy_timeout instead."""
+    # (busy_timeout well under HANG: a store that waited on the loop fails
+    # the send with a busy error after it, rather than hang the test.)
+    async with actors.run_system(db_path, handler=noop, busy_timeout=3.0) as system:
+        result: list[int] = []
+
+        async def send() -> None:
+            result.append(await system.send("s", "waited"))
+
+        with WriteLock(db_path) as lock, trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                await trio.testing.wait_all_tasks_blocked()
+                for _ in range(3):  # the loop runs: timers fire, tasks run
+                    await trio.sleep(0.01)
+                    assert result == []  # still waiting for the lock
+                lock.release()
+        assert len(result) == 1
+        with trio.fail_after(HANG):
+            await system.drain()
+        assert system.statistics().processed == 1
+
+
+@pytest.mark.parametrize(("durability", "on_loop"), [("normal", True), ("full", False)])
+async def test_the_commit_of_full_durability_runs_in_the_sync_thread(
+    db_path: str, durability: str, on_loop: bool
+) -> None:
+    threads: list[int] = []
+    async with actors.run_system(db_path, handler=noop, durability=durability) as system:
+        store = system._store
+        original = store._commit
+
+        def commit() -> None:
+            threads.append(threading.get_ident())
+            original()
+
+        store._commit = commit  # type: ignore[method-assign]
+        with trio.fail_after(HANG):
+            for n in range(5):
+                await system.send("s", n)
+            await system.drain()
+    assert threads
+    assert (set(threads) == {threading.get_ident()}) is on_loop
+    assert (threading.get_ident() in threads) is on_loop
+
+
+async def test_checkpoints_run_between_transactions_off_the_loop(db_path: str) -> None:
+    """Past CHECKPOINT_PAGES the committer checkpoints in a worker thread, and
+    the next commit starts the WAL over: it stays small however much is sent."""
+    threads: list[int] = []
+    async with actors.run_system(db_path, handler=noop) as system:
+        store = system._store
+        original = store._checkpoint
+
+        def checkpoint() -> None:
+            threads.append(threading.get_ident())
+            original()
+
+        store._checkpoint = checkpoint  # type: ignore[method-assign]
+        body = "x" * 2000  # about half a page per message
+        with trio.fail_after(60):
+            for first in range(0, 6000, 500):
+                await system.send_many((f"s{i % 50}", body) for i in range(first, first + 500))
+            await system.drain()
+        stats = store.statistics()
+        assert stats.checkpoints >= 2, stats
+        assert stats.wal_pages < _store.CHECKPOINT_PAGES + 500, stats
+    assert threads and threading.get_ident() not in threads
+    # Reused from the start: far smaller than the 6,000 x 2 KB written.
+    wal = trio.Path(db_path + "-wal")
+    assert not await wal.exists() or (await wal.stat()).st_size < 8 * 1024 * 1024
