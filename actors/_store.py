@@ -410,8 +410,7 @@ class Store:
         self._pending: list[_Op] = []
         self._work = trio.Event()  # set when _pending gets its first operation
         self._committer_done = trio.Event()
-        # COMMIT (its fsync) runs in a worker thread: durability "full".
-        # The COMMITs of durability "full" run there (created by open()).
+        # The COMMITs of durability "full" (their fsync) run there; open() makes it.
         self._sync_thread: _SyncThread | None = None
         self._wal_pages = 0  # pages in the WAL after the last commit (_on_wal)
         self._checkpoints = 0

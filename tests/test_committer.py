@@ -32,17 +32,23 @@ async def noop(ctx: actors.Context, msg: actors.Message) -> None:
     pass
 
 
-async def test_a_group_commits_on_the_trio_thread_once_the_loop_is_idle(db_path: str) -> None:
+def threads_running(system: actors.System, method: str) -> list[int]:
+    """Wrap the store's ``method`` to record the thread of each call (in the list returned)."""
     threads: list[int] = []
+    store = system._store
+    original = getattr(store, method)
+
+    def recorded() -> None:
+        threads.append(threading.get_ident())
+        original()
+
+    setattr(store, method, recorded)
+    return threads
+
+
+async def test_a_group_commits_on_the_trio_thread_once_the_loop_is_idle(db_path: str) -> None:
     async with actors.run_system(db_path, handler=noop) as system:
-        store = system._store
-        original = store._commit
-
-        def commit() -> None:
-            threads.append(threading.get_ident())
-            original()
-
-        store._commit = commit  # type: ignore[method-assign]
+        threads = threads_running(system, "_commit")
         with trio.fail_after(HANG):
             await system.send("s", 1)
             await system.drain()
@@ -108,16 +114,8 @@ async def test_a_lock_held_by_another_connection_is_waited_for_off_the_loop(
 async def test_the_commit_of_full_durability_runs_in_the_sync_thread(
     db_path: str, durability: str, on_loop: bool
 ) -> None:
-    threads: list[int] = []
     async with actors.run_system(db_path, handler=noop, durability=durability) as system:
-        store = system._store
-        original = store._commit
-
-        def commit() -> None:
-            threads.append(threading.get_ident())
-            original()
-
-        store._commit = commit  # type: ignore[method-assign]
+        threads = threads_running(system, "_commit")
         with trio.fail_after(HANG):
             for n in range(5):
                 await system.send("s", n)
@@ -130,16 +128,9 @@ async def test_the_commit_of_full_durability_runs_in_the_sync_thread(
 async def test_checkpoints_run_between_transactions_off_the_loop(db_path: str) -> None:
     """Past CHECKPOINT_PAGES the committer checkpoints in a worker thread, and
     the next commit starts the WAL over: it stays small however much is sent."""
-    threads: list[int] = []
     async with actors.run_system(db_path, handler=noop) as system:
         store = system._store
-        original = store._checkpoint
-
-        def checkpoint() -> None:
-            threads.append(threading.get_ident())
-            original()
-
-        store._checkpoint = checkpoint  # type: ignore[method-assign]
+        threads = threads_running(system, "_checkpoint")
         body = "x" * 2000  # about half a page per message
         with trio.fail_after(60):
             for first in range(0, 6000, 500):
