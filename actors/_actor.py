@@ -801,7 +801,7 @@ class SessionActor:
             await trio.lowlevel.checkpoint()
             return False
         sup = self._sup
-        self.idle_deadline = trio.current_time() + seconds
+        self.idle_deadline = sup.clock.trio_time() + seconds
         sup.idle_watch.watch(self)
         self._parked = trio.lowlevel.current_task()
         sup.idle_actors.add(self)

@@ -17,11 +17,14 @@ class Clock:
     """Maps between epoch seconds and trio's clock for one run."""
 
     def __init__(self) -> None:
-        self._offset = time.time() - trio.current_time()
+        # The run's clock, read directly: trio.current_time() looks the
+        # runner up and calls this same method (a send reads it once).
+        self.trio_time = trio.lowlevel.current_clock().current_time
+        self._offset = time.time() - self.trio_time()
 
     def now(self) -> float:
         """Seconds since the epoch, as of trio's clock."""
-        return trio.current_time() + self._offset
+        return self.trio_time() + self._offset
 
     def to_trio(self, wall: float) -> float:
         """The trio deadline at which epoch time ``wall`` is reached."""
