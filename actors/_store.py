@@ -17,10 +17,13 @@ Where a transaction runs (measured, see docs/performance.md):
 - With ``durability="full"``, the same, except the COMMIT: it runs in a
   thread of its own (``_SyncThread``), so that the loop runs while the
   fsync waits on the disk.
-- Whatever may wait goes to a worker thread: opening and recovery, WAL
-  checkpoints (taken out of the COMMIT, see ``_on_wal``), closing, and a
-  group that finds the database locked by another connection (it then
-  waits up to ``busy_timeout`` there, not on the loop).
+- WAL checkpoints are out of the COMMIT (``_on_wal``): the bulk in a thread
+  of their own beside the commits (``_checkpointer.py``), then a short one
+  between two transactions.
+- Whatever may wait goes to a worker thread: opening and recovery, that
+  short checkpoint, closing, and a group that finds the database locked by
+  another connection (it then waits up to ``busy_timeout`` there, not on
+  the loop).
 
 The connection is used by one of them at a time: the committer waits for
 the other thread before it runs the next group.
@@ -58,6 +61,7 @@ import apsw
 import attrs
 import trio
 
+from ._checkpointer import Checkpointer
 from ._codec import decode_body
 from ._codec import encode_json as _json_array
 from ._errors import SchemaVersionError, StoreError
@@ -89,12 +93,12 @@ def _idle_waiter() -> Callable[[], Awaitable[None]]:
         return trio.testing.wait_all_tasks_blocked
 
 
-# WAL pages after which the committer checkpoints, between two transactions
-# (SQLite's autocheckpoint default). A checkpoint costs about 4 us per WAL
-# frame here, and no commit runs meanwhile: 4-7 ms at 1,000 pages. Smaller
-# and more frequent ones hold the commits less long (100 pages: under 1 ms)
-# but cost 2-4% of the throughput, measured (docs/performance.md).
+# WAL pages after which a checkpoint starts (SQLite's autocheckpoint
+# default): the bulk beside the commits (_checkpointer.py), then a short one
+# between two transactions. Past WAL_LIMIT_PAGES (the bulk could not keep
+# up) the committer checkpoints all of it with the commits held.
 CHECKPOINT_PAGES = 1000
+WAL_LIMIT_PAGES = 8 * CHECKPOINT_PAGES
 
 PENDING, IN_FLIGHT, DEAD = 0, 1, 2
 
@@ -186,7 +190,8 @@ class StoreStatistics:
     operations: int
     largest_group: int
     queued_operations: int
-    checkpoints: int  # WAL checkpoints run (between transactions)
+    checkpoints: int  # WAL checkpoints between transactions (short, or past the limit)
+    bulk_checkpoints: int  # WAL checkpoints beside the commits (_checkpointer.py)
     wal_pages: int  # pages in the WAL after the last commit
 
 
@@ -414,6 +419,8 @@ class Store:
         self._sync_thread: _SyncThread | None = None
         self._wal_pages = 0  # pages in the WAL after the last commit (_on_wal)
         self._checkpoints = 0
+        self._checkpointer: Checkpointer | None = None  # made by open()
+        self._bulk_seen = 0  # the checkpointer's passes already followed up
         # Used by the committer, or by the worker thread it waits for.
         self._db: apsw.Connection | None = None
         self._next_seq = 0
@@ -476,6 +483,7 @@ class Store:
         db.set_busy_timeout(0)
         # Checkpoints leave the commit (the hook replaces autocheckpoint).
         db.set_wal_hook(store._on_wal)
+        store._checkpointer = Checkpointer(path)
         if durability == "full":
             store._sync_thread = _SyncThread(f"actors-sync:{path}")
         trio.lowlevel.spawn_system_task(store._commit_loop, name=f"actors-store:{path}")
@@ -501,6 +509,8 @@ class Store:
                 db, self._db = self._db, None
                 if self._sync_thread is not None:
                     self._sync_thread.close()
+                if self._checkpointer is not None:
+                    await trio.to_thread.run_sync(self._checkpointer.close)
                 # (Closing checkpoints the WAL: that is disk work.)
                 await trio.to_thread.run_sync(self._close_quietly, db)
         if self._reader is not None:
@@ -527,6 +537,7 @@ class Store:
             largest_group=self._largest_group,
             queued_operations=self._queued,
             checkpoints=self._checkpoints,
+            bulk_checkpoints=self._checkpointer.finished if self._checkpointer else 0,
             wal_pages=self._wal_pages,
         )
 
@@ -650,8 +661,7 @@ class Store:
                 await self._commit_group(group)
                 self._complete(group)
                 if self._wal_pages >= CHECKPOINT_PAGES:
-                    self._wal_pages = 0
-                    await trio.to_thread.run_sync(self._checkpoint)
+                    await self._checkpoint_soon()
         finally:
             self._committer_done.set()
 
@@ -698,6 +708,23 @@ class Store:
                 self._run_group(group)
         finally:
             db.set_busy_timeout(0)
+
+    async def _checkpoint_soon(self) -> None:
+        """The WAL is past CHECKPOINT_PAGES: start the bulk, or finish after it.
+
+        The short checkpoint between transactions (in a worker thread, the
+        commits held) copies what the bulk did not: the frames committed
+        while it ran. Then nothing is left, and the next commit rewinds the
+        WAL. Past WAL_LIMIT_PAGES it copies everything, as a last resort.
+        """
+        ck = self._checkpointer
+        assert ck is not None
+        if ck.finished > self._bulk_seen or self._wal_pages >= WAL_LIMIT_PAGES:
+            self._bulk_seen = ck.finished
+            self._wal_pages = 0
+            await trio.to_thread.run_sync(self._checkpoint)
+        else:
+            ck.request()
 
     def _on_wal(self, db: apsw.Connection, name: str, pages: int) -> int:
         # SQLite's WAL hook, after each commit: note the size; the committer

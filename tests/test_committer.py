@@ -125,21 +125,52 @@ async def test_the_commit_of_full_durability_runs_in_the_sync_thread(
     assert (threading.get_ident() in threads) is on_loop
 
 
-async def test_checkpoints_run_between_transactions_off_the_loop(db_path: str) -> None:
-    """Past CHECKPOINT_PAGES the committer checkpoints in a worker thread, and
-    the next commit starts the WAL over: it stays small however much is sent."""
+async def send_pages(system: actors.System, messages: int) -> None:
+    """Send ``messages`` bodies of about half a WAL page each, and process them."""
+    body = "x" * 2000
+    with trio.fail_after(60):
+        for first in range(0, messages, 500):
+            await system.send_many((f"s{i % 50}", body) for i in range(first, first + 500))
+        await system.drain()
+
+
+async def wal_size(db_path: str) -> int:
+    wal = trio.Path(db_path + "-wal")
+    return (await wal.stat()).st_size if await wal.exists() else 0
+
+
+async def test_checkpoints_run_beside_the_commits_and_the_wal_starts_over(db_path: str) -> None:
+    """Past CHECKPOINT_PAGES the bulk of a checkpoint runs in the checkpoint
+    thread, then a short one between two transactions in a worker thread; the
+    next commit starts the WAL over: it stays small however much is sent."""
     async with actors.run_system(db_path, handler=noop) as system:
         store = system._store
         threads = threads_running(system, "_checkpoint")
-        body = "x" * 2000  # about half a page per message
-        with trio.fail_after(60):
-            for first in range(0, 6000, 500):
-                await system.send_many((f"s{i % 50}", body) for i in range(first, first + 500))
-            await system.drain()
+        await send_pages(system, 6000)
         stats = store.statistics()
+        assert stats.bulk_checkpoints >= 2, stats
         assert stats.checkpoints >= 2, stats
-        assert stats.wal_pages < _store.CHECKPOINT_PAGES + 500, stats
+        assert stats.wal_pages < _store.WAL_LIMIT_PAGES, stats
     assert threads and threading.get_ident() not in threads
     # Reused from the start: far smaller than the 6,000 x 2 KB written.
-    wal = trio.Path(db_path + "-wal")
-    assert not await wal.exists() or (await wal.stat()).st_size < 8 * 1024 * 1024
+    assert await wal_size(db_path) < 8 * 1024 * 1024
+
+
+async def test_the_wal_stays_bounded_when_the_checkpoint_thread_cannot_keep_up(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint thread never runs here: past WAL_LIMIT_PAGES the
+    committer checkpoints everything itself, the commits held, and the WAL
+    starts over all the same."""
+    from actors._checkpointer import Checkpointer
+
+    monkeypatch.setattr(Checkpointer, "request", lambda self: None)
+    monkeypatch.setattr(_store, "WAL_LIMIT_PAGES", 2 * _store.CHECKPOINT_PAGES)
+    async with actors.run_system(db_path, handler=noop) as system:
+        store = system._store
+        await send_pages(system, 8000)
+        stats = store.statistics()
+        assert stats.bulk_checkpoints == 0, stats
+        assert stats.checkpoints >= 1, stats
+        assert stats.wal_pages < 2 * _store.CHECKPOINT_PAGES + 500, stats
+    assert await wal_size(db_path) < 16 * 1024 * 1024  # 8,000 x 2 KB went through it
