@@ -338,7 +338,10 @@ class SessionActor:
         # incarnation gives them back (_release_handed) before any claim.
         self.reserved = False
         self.handed: deque[Message] = deque()
-        self._handoff = trio.Event()  # set when a reservation is settled
+        # Set when the reservation is settled; made only by a task that waits
+        # for that (_wait_handoff): most reservations are settled unwatched,
+        # and an Event per message was a few percent of the loop.
+        self._handoff: trio.Event | None = None
         # Whether the serve loop runs and may take handoffs (not during a
         # claim from the database, which would find them in flight).
         self._serving = False
@@ -602,14 +605,14 @@ class SessionActor:
                 # Nothing of ours may be in flight while a suspect runs
                 # alone: give handed messages back (reserve() refuses now).
                 if self.reserved:
-                    await self._handoff.wait()
+                    await self._wait_handoff()
                 await self._release_handed()
                 await sup.wait_isolation(self)
                 continue
             if self.reserved:
                 # Messages are being inserted claimed for this actor: a claim
                 # now would find them in flight. Wait until they are handed.
-                await self._handoff.wait()
+                await self._wait_handoff()
                 continue
             if self.handed:
                 # Claimed on delivery: committed with the message itself, and
@@ -831,7 +834,12 @@ class SessionActor:
         """
         self.reserved = True
         self._reserve_gen = self._serve_gen
-        self._handoff = trio.Event()
+
+    async def _wait_handoff(self) -> None:
+        """Wait until the reservation (``self.reserved``) is settled by take_handoff()."""
+        if self._handoff is None:
+            self._handoff = trio.Event()
+        await self._handoff.wait()
 
     def take_handoff(self, msgs: list[Message]) -> bool:
         """Receive the messages inserted claimed for this actor, and wake up.
@@ -842,7 +850,10 @@ class SessionActor:
         if not self.reserved:
             return False
         self.reserved = False
-        self._handoff.set()
+        handoff = self._handoff
+        if handoff is not None:
+            self._handoff = None
+            handoff.set()
         if not msgs:
             return True  # none was inserted claimed after all
         if not self._serving or self._reserve_gen != self._serve_gen:
