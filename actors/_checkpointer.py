@@ -28,7 +28,6 @@ class Checkpointer:
     def __init__(self, path: str) -> None:
         self.path = path
         self.finished = 0  # passes that ran to the end (read by the store)
-        self.failed = 0  # passes that found a checkpoint under way, or failed
         self._wake = threading.Event()
         self._stopping = False
         self._running = False  # a pass was requested and has not finished
@@ -67,7 +66,6 @@ class Checkpointer:
                         db.execute("SELECT count(*) FROM sqlite_master").fetchall()
                     db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
                 except apsw.Error as exc:  # nothing is lost: the pages stay in the WAL
-                    self.failed += 1
                     log.debug("a checkpoint of %r did not run: %s", self.path, exc)
                 else:
                     self.finished += 1

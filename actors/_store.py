@@ -688,13 +688,8 @@ class Store:
             else:
                 self._commit()
         except Exception as exc:  # (rolled back)
-            if len(group) == 1:
-                group[0].error = exc
-                return
-            log.warning(
-                "a group of %d operations failed (%s); running them one at a time", len(group), exc
-            )
-            await trio.to_thread.run_sync(self._run_group_waiting, group, True)
+            if self._group_failed(group, exc):
+                await trio.to_thread.run_sync(self._run_group_waiting, group, True)
 
     def _run_group_waiting(self, group: list[_Op], isolate: bool) -> None:
         """In a worker thread: ``_run_group`` (or ``_isolate``), waiting for a lock if need be."""
@@ -751,13 +746,22 @@ class Store:
         try:
             self._transaction(group)
         except Exception as exc:
-            if len(group) == 1:
-                group[0].error = exc
-                return
-            log.warning(
-                "a group of %d operations failed (%s); running them one at a time", len(group), exc
-            )
-            self._isolate(group)
+            if self._group_failed(group, exc):
+                self._isolate(group)
+
+    def _group_failed(self, group: list[_Op], exc: Exception) -> bool:
+        """A group's transaction failed (rolled back): True if its operations must run alone.
+
+        An operation alone gets the error; several are isolated (_isolate)
+        so that one failure does not fail the others.
+        """
+        if len(group) == 1:
+            group[0].error = exc
+            return False
+        log.warning(
+            "a group of %d operations failed (%s); running them one at a time", len(group), exc
+        )
+        return True
 
     def _isolate(self, group: list[_Op]) -> None:
         """Run each operation of a failed group alone: one must not fail its neighbours."""
