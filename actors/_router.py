@@ -1,11 +1,15 @@
 """The router: intake of sends, group commit, delivery to actors.
 
-``send()`` appends to the open batch and waits for it. The router task takes
-the whole open batch, persists it in one store operation (which the store
-may group with other operations into one transaction), then wakes every
-sender of the batch at once and tells the supervisor about the new work.
-While one batch commits, the next one fills: the more senders, the larger
-the batches, and the fewer commits per message.
+``send()`` appends to the open batch and waits for it. The router task
+submits the batch as one store operation, sealed as late as possible
+(``Store.call_sealed``): the batch is taken, and its actors' reservations
+made, only when the committer takes the group that writes it, right before
+the transaction. Every send made while the committer was busy or waited for
+the loop to be idle still joins it; taken at submission, as before, those
+waited for the next transaction, so a send could wait for two. Then the
+router wakes every sender of the batch at once and tells the supervisor
+about the new work. While one batch commits, the next one fills: the more
+senders, the larger the batches, and the fewer commits per message.
 
 The batch's ``ask`` replies and the outstanding count (``drain()``) are
 registered as its commit is reported, before any task resumes
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -35,6 +39,7 @@ from ._store import Store
 log = logging.getLogger("actors.router")
 
 if TYPE_CHECKING:
+    from ._actor import SessionActor
     from ._reply import Reply
     from ._supervisor import Supervisor
     from ._timer import Timer
@@ -137,7 +142,10 @@ class Router:
         self._sup = supervisor
         self._timer = timer
         self._open: Batch | None = None  # filling; taken whole by the router task
-        self._committing: Batch | None = None  # taken, its store operation running
+        self._committing: Batch | None = None  # sealed (_seal), its transaction running
+        # The reservations of the sealed batch, and the indices inserted claimed.
+        self._handoffs: dict[SessionActor, list[int]] = {}
+        self._claimed: set[int] = set()
         self._wakeup = trio.Event()  # set when a batch opens or the router closes
         self._closed = False
         self._failure: BaseException | None = None
@@ -221,62 +229,32 @@ class Router:
         store = self._store
         try:
             while True:
-                batch = self._open
-                if batch is None:
+                if self._open is None:
                     if self._closed:
                         return
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
                     continue
-                self._open = None
-                self._committing = batch
-                # Claim on delivery: the messages of each session whose actor
-                # is caught up (busy or idle) are inserted claimed and handed
-                # to the actor, which then needs no claim of its own. (Not
-                # with keys: a duplicate is not inserted at all.)
-                handoffs = (
-                    {}
-                    if batch.delayed or batch.keys is not None
-                    else self._sup.reserve(batch.sessions)
-                )
-                # (op_append narrows it: see _drop_overtaking.)
-                claimed: set[int] = (
-                    {i for indices in handoffs.values() for i in indices} if handoffs else set()
-                )
-
-                def committed(
-                    result: tuple[int, dict[int, int] | None], batch: Batch = batch
-                ) -> None:
-                    # Before any task resumes: a claim in the same transaction
-                    # may have taken a message of the batch, and its actor may
-                    # answer an ask, or ack, as soon as it runs.
-                    batch.first_id, duplicates = result
-                    batch.duplicates = duplicates
-                    sup = self._sup
-                    sup.outstanding.add(len(batch) - (len(duplicates) if duplicates else 0))
-                    if batch.replies is not None:
-                        replies = sup.replies
-                        for index, reply in batch.replies.items():
-                            replies[batch.message_id(index)] = reply
-
+                # The batch is taken by _seal(), as the committer starts the
+                # transaction: every send made until then joins it.
                 try:
-                    first, duplicates = await store.call(
-                        store.op_append,
-                        batch.sessions,
-                        batch.bodies,
-                        batch.enqueued,
-                        batch.not_before if batch.delayed else None,
-                        claimed,
-                        batch.keys,
-                        self._key_retention,
-                        committed=committed,
+                    first, duplicates = await store.call_sealed(
+                        store.op_append, self._seal, committed=self._committed
                     )
                 except StoreError as exc:
-                    log.error("a batch of %d send(s) failed to commit: %s", len(batch), exc)
-                    self._fail(batch, exc)
+                    failed = self._committing or self._open
+                    log.error(
+                        "a batch of %d send(s) failed to commit: %s",
+                        len(failed) if failed is not None else 0,
+                        exc,
+                    )
+                    self._fail(self._committing, exc)
                     raise
-                batch.finish()  # (first_id and duplicates were set by committed())
-                self._committing = None
+                batch, self._committing = self._committing, None
+                assert batch is not None
+                handoffs, claimed = self._handoffs, self._claimed
+                self._handoffs, self._claimed = {}, set()
+                batch.finish()  # (first_id and duplicates were set by _committed())
                 self.batches += 1
                 self.sends += len(batch) - (len(duplicates) if duplicates else 0)
                 self.handoffs += len(claimed)
@@ -311,7 +289,56 @@ class Router:
                 self._open = None
             self.finished.set()
 
-    def _fail(self, batch: Batch, exc: BaseException) -> None:
+    def _seal(self) -> tuple[Any, ...]:
+        """Take the open batch for the transaction starting now: op_append's arguments.
+
+        Run by the store on the trio thread as the committer takes the group
+        (Store.call_sealed), so the batch holds every send made until then,
+        and the reservations are made against the actors' state right
+        before the transaction. The operation runs last in its group: an
+        actor's claim queued earlier runs before the insert, and so cannot
+        see the messages inserted claimed for it.
+        """
+        batch = self._open
+        assert batch is not None, "the router seals only a batch it submitted"
+        self._open = None
+        self._committing = batch
+        # Claim on delivery: the messages of each session whose actor is
+        # caught up (busy or idle) are inserted claimed and handed to the
+        # actor, which then needs no claim of its own. (Not with keys: a
+        # duplicate is not inserted at all.)
+        handoffs = (
+            {} if batch.delayed or batch.keys is not None else self._sup.reserve(batch.sessions)
+        )
+        # (op_append narrows it: see _drop_overtaking.)
+        claimed = {i for indices in handoffs.values() for i in indices} if handoffs else set()
+        self._handoffs, self._claimed = handoffs, claimed
+        return (
+            batch.sessions,
+            batch.bodies,
+            batch.enqueued,
+            batch.not_before if batch.delayed else None,
+            claimed,
+            batch.keys,
+            self._key_retention,
+        )
+
+    def _committed(self, result: tuple[int, dict[int, int] | None]) -> None:
+        # Before any task resumes: a claim in the same transaction may have
+        # taken a message of the batch, and its actor may answer an ask, or
+        # ack, as soon as it runs.
+        batch = self._committing
+        assert batch is not None
+        batch.first_id, duplicates = result
+        batch.duplicates = duplicates
+        sup = self._sup
+        sup.outstanding.add(len(batch) - (len(duplicates) if duplicates else 0))
+        if batch.replies is not None:
+            replies = sup.replies
+            for index, reply in batch.replies.items():
+                replies[batch.message_id(index)] = reply
+
+    def _fail(self, batch: Batch | None, exc: BaseException) -> None:
         self._failure = exc
         self._closed = True
         for b in (batch, self._open):

@@ -284,7 +284,7 @@ class Ack:
 
 
 class _Op:
-    __slots__ = ("args", "done", "error", "fn", "result", "task")
+    __slots__ = ("args", "done", "error", "fn", "result", "seal", "task")
 
     def __init__(
         self,
@@ -299,6 +299,11 @@ class _Op:
         self.done = done  # or a callback, run on the trio thread with the result
         self.result: Any = None
         self.error: BaseException | None = None
+        self.seal: Callable[[], tuple[Any, ...]] | None = None  # see Store.call_sealed
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 class _AckBox:
@@ -413,7 +418,10 @@ class Store:
         self._busy_ms = busy_timeout_ms
         # Operations waiting for the committer's next transaction, in order.
         self._pending: list[_Op] = []
-        self._work = trio.Event()  # set when _pending gets its first operation
+        # Operations whose arguments are made as their group is taken
+        # (call_sealed); they run last in it. Trio thread only.
+        self._sealing: list[_Op] = []
+        self._work = trio.Event()  # set when _pending or _sealing gets an operation
         self._committer_done = trio.Event()
         # The COMMITs of durability "full" (their fsync) run there; open() makes it.
         self._sync_thread: _SyncThread | None = None
@@ -502,8 +510,10 @@ class Store:
                 self._work.set()
                 if not self._committer_done.is_set():
                     await self._committer_done.wait()
-                if self._pending:  # the committer was cancelled (the run is ending)
-                    group, self._pending = self._pending, []
+                if (
+                    self._pending or self._sealing
+                ):  # the committer was cancelled (the run is ending)
+                    group = self._take_group()
                     await trio.to_thread.run_sync(self._run_group_waiting, group, False)
                     self._complete(group)
                 db, self._db = self._db, None
@@ -584,6 +594,38 @@ class Store:
             raise StoreError(f"database operation failed: {op.error}") from op.error
         return op.result
 
+    async def call_sealed(
+        self,
+        fn: Callable[..., Any],
+        seal: Callable[[], tuple[Any, ...]],
+        *,
+        committed: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """As :meth:`call`, but the arguments are ``seal()``'s, made as late as possible.
+
+        ``seal()`` runs on the trio thread when the committer takes the group
+        that will run ``fn``, right before its transaction, and the operation
+        runs last in that group: after every operation queued before the
+        seal, as if it had been queued at that moment. The router seals its
+        batch this way, so that every send made while the committer waited
+        for the loop to be idle still joins this transaction.
+        """
+        if self._failure is not None:
+            raise StoreError(f"the database failed earlier: {self._failure}") from self._failure
+        if self._closed:
+            raise StoreError("the store is closed")
+        if self._inline:
+            return await self.call(fn, *seal(), committed=committed)
+        self._queued += 1
+        op = _Op(fn, (), trio.lowlevel.current_task(), committed)
+        op.seal = seal
+        self._sealing.append(op)
+        self._work.set()
+        await trio.lowlevel.wait_task_rescheduled(_abort_failed)
+        if op.error is not None:
+            raise StoreError(f"database operation failed: {op.error}") from op.error
+        return op.result
+
     def submit(self, fn: Callable[..., Any], *args: Any, done: Callable[[Any], None]) -> None:
         """Queue ``fn(*args)`` without waiting; ``done(result)`` runs after the commit.
 
@@ -646,7 +688,7 @@ class Store:
         wait_idle = _idle_waiter()
         try:
             while True:
-                if not self._pending:
+                if not self._pending and not self._sealing:
                     if self._closed:
                         return
                     self._work = trio.Event()
@@ -657,13 +699,28 @@ class Store:
                 # runnable task waiting for long.
                 with trio.move_on_after(IDLE_WAIT):
                     await wait_idle()
-                group, self._pending = self._pending, []
+                group = self._take_group()
                 await self._commit_group(group)
                 self._complete(group)
                 if self._wal_pages >= CHECKPOINT_PAGES:
                     await self._checkpoint_soon()
         finally:
             self._committer_done.set()
+
+    def _take_group(self) -> list[_Op]:
+        """Everything queued, the sealed operations last (their ``seal()`` runs now)."""
+        group, self._pending = self._pending, []
+        if self._sealing:
+            for op in self._sealing:
+                seal, op.seal = op.seal, None
+                assert seal is not None
+                try:
+                    op.args = seal()
+                except Exception as exc:  # a bug: fail the operation, not the committer
+                    op.fn, op.args = _reraise, (exc,)
+            group += self._sealing
+            self._sealing = []
+        return group
 
     async def _commit_group(self, group: list[_Op]) -> None:
         """Run ``group`` in one transaction: on the loop, except what may wait.

@@ -174,3 +174,115 @@ async def test_the_wal_stays_bounded_when_the_checkpoint_thread_cannot_keep_up(
         assert stats.checkpoints >= 1, stats
         assert stats.wal_pages < 2 * _store.CHECKPOINT_PAGES + 500, stats
     assert await wal_size(db_path) < 16 * 1024 * 1024  # 8,000 x 2 KB went through it
+
+
+# -- the router's batch is sealed as the committer takes its group --------
+
+
+def gate_commits(store: _store.Store) -> trio.Event:
+    """Hold the committer inside its next group until the returned Event is set."""
+    original = store._commit_group
+    gate = trio.Event()
+
+    async def gated(group: list[_store._Op]) -> None:
+        await gate.wait()
+        await original(group)
+
+    store._commit_group = gated  # type: ignore[method-assign]
+    return gate
+
+
+async def test_sends_made_while_the_committer_is_busy_join_the_next_transaction(
+    db_path: str,
+) -> None:
+    """The router's batch is sealed when the committer takes the group that
+    writes it, not when the router submits it: a send made after the
+    submission, while the committer is still busy with an earlier group,
+    commits in the same batch and transaction as the first one. (Sealed at
+    submission, as before, it waited for a transaction of its own.)"""
+    async with actors.run_system(db_path, handler=noop) as system:
+        store, router = system._store, system._router
+        with trio.fail_after(HANG):
+            await system.drain()
+            gate = gate_commits(store)
+            ids: dict[str, int] = {}
+
+            async def send(name: str) -> None:
+                ids[name] = await system.send("s", name)
+
+            async with trio.open_nursery() as nursery:
+                try:
+                    nursery.start_soon(store.call, store.op_nothing)  # the committer holds it
+                    await trio.testing.wait_all_tasks_blocked()
+                    batches, transactions = router.batches, store.statistics().transactions
+                    nursery.start_soon(send, "a")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert store._sealing, "the router submitted its batch"
+                    nursery.start_soon(send, "b")
+                    await trio.testing.wait_all_tasks_blocked()
+                finally:
+                    gate.set()
+            assert ids["b"] == ids["a"] + 1
+            assert router.batches == batches + 1
+            # One for the held group, one for both sends.
+            assert store.statistics().transactions == transactions + 2
+            await system.drain()
+        assert system.statistics().processed == 2
+
+
+async def test_a_sealed_operation_runs_after_everything_queued_before_its_seal(
+    db_path: str,
+) -> None:
+    """The invariant that keeps a handed message from being claimed twice: an
+    actor's claim queued before the batch is sealed (its reservation made)
+    must run before the insert of the messages handed to it, or the claim
+    would find them. So the sealed insert runs last in its group, even
+    behind an operation queued after the router submitted it."""
+    async with actors.run_system(db_path, handler=noop) as system:
+        store = system._store
+        order: list[str] = []
+        original_append = store.op_append
+
+        def append(*args: object) -> object:
+            order.append("append")
+            return original_append(*args)  # type: ignore[arg-type]
+
+        def queued_later() -> None:
+            order.append("queued later")
+
+        store.op_append = append  # type: ignore[method-assign]
+        with trio.fail_after(HANG):
+            await system.drain()
+            gate = gate_commits(store)
+            async with trio.open_nursery() as nursery:
+                try:
+                    nursery.start_soon(store.call, store.op_nothing)  # the committer holds it
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(system.send, "s", "m")
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(store.call, queued_later)
+                    await trio.testing.wait_all_tasks_blocked()
+                finally:
+                    gate.set()
+            await system.drain()
+        assert order == ["queued later", "append"]
+
+
+async def test_a_seal_that_fails_fails_its_operation_not_the_committer(db_path: str) -> None:
+    """seal() runs in the committer task, which must not raise: a bug there
+    fails the operation (and with it the store, which stops the system)."""
+    alive: list[bool] = []
+    with pytest.raises(actors.StoreError, match="a bug in seal"):
+        async with actors.run_system(db_path, handler=noop) as system:
+            store = system._store
+
+            def seal() -> tuple[object, ...]:
+                raise RuntimeError("a bug in seal()")
+
+            with trio.fail_after(HANG):
+                with pytest.raises(actors.StoreError, match="a bug in seal"):
+                    await store.call_sealed(store.op_nothing, seal)
+                # The committer ran the group and reported the error.
+                alive.append(not store._committer_done.is_set())
+                await trio.sleep_forever()  # until the system stops on the failure
+    assert alive == [True]
