@@ -205,6 +205,11 @@ def table(
             f"  {'pacing lag (due -> call)':<26} p99 {_fmt(lat['pacing_lag_p99_ms'], 2, ' ms')};"
             f"  CPU {_fmt(lat['cpu_us_per_msg'], 1, ' us/msg')}"
         )
+        if "loop_busy" in lat:
+            lines.append(
+                f"  {'trio loop busy':<26} {lat['loop_busy']['median']:.0%}; the harness alone"
+                f" (against a system that does nothing) {lat['harness_loop_busy']['median']:.0%}"
+            )
     elif "latency_half" in rounds:
         lines += ["", f"Latency: {_problem(rounds['latency_half']) or 'no result'}"]
     idle = summary.get("idle_100k", {})

@@ -77,6 +77,8 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
     for key in ("offered_rate", "send_p50_ms", "send_p99_ms", "start_p50_ms", "start_p99_ms"):
         assert latency[key] > 0, (key, latency)
     assert latency["send_p50_ms"] <= latency["send_p99_ms"]
+    # Shares of wall time: the harness alone must use less of the loop than with the system.
+    assert 0 < latency["harness_loop_busy"] < latency["loop_busy"] <= 1, latency
     assert doc["limits"]["normal"]["msg_per_s"] > 0
     assert doc["ratios"]["send_s100_normal / limit_normal"] > 0
     statuses = {t["target"]: t["status"] for t in doc["targets"]}
