@@ -210,6 +210,11 @@ def table(
                 f"  {'trio loop busy':<26} {lat['loop_busy']['median']:.0%}; the harness alone"
                 f" (against a system that does nothing) {lat['harness_loop_busy']['median']:.0%}"
             )
+        if "gc_full_collections" in lat:
+            lines.append(
+                f"  {'full GC collections':<26} {_fmt(lat['gc_full_collections'])} per run;"
+                f" longest GC pause {_fmt(lat['gc_longest_pause_ms'], 1, ' ms')}"
+            )
     elif "latency_half" in rounds:
         lines += ["", f"Latency: {_problem(rounds['latency_half']) or 'no result'}"]
     idle = summary.get("idle_100k", {})

@@ -175,7 +175,8 @@ def _brief(result: dict[str, Any]) -> str:
         return (
             f"send p50 {result['send_p50_ms']:.2f} p99 {result['send_p99_ms']:.2f} ms, "
             f"handler start p99 {result['start_p99_ms']:.2f} ms at "
-            f"{result['offered_rate']:,.0f} msg/s"
+            f"{result['offered_rate']:,.0f} msg/s, loop busy {result['loop_busy']:.0%}, "
+            f"{result['gc_full_collections']} full GC ({result['gc_longest_pause_ms']:.0f} ms)"
         )
     return f"{result['msg_per_s']:>10,.0f} msg/s {result['cpu_us_per_msg']:7.1f} us/msg"
 
