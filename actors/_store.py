@@ -306,6 +306,13 @@ def _reraise(exc: BaseException) -> None:
     raise exc
 
 
+def _result(op: _Op) -> Any:
+    """What a committed operation returned, or StoreError if it failed."""
+    if op.error is not None:
+        raise StoreError(f"database operation failed: {op.error}") from op.error
+    return op.result
+
+
 class _AckBox:
     """Acks submitted without waiting, written by one operation (``Store.ack_soon``).
 
@@ -575,24 +582,17 @@ class Store:
         Raises:
           StoreError: the transaction failed, or the store failed earlier.
         """
-        if self._failure is not None:
-            raise StoreError(f"the database failed earlier: {self._failure}") from self._failure
-        if self._closed:
-            raise StoreError("the store is closed")
-        self._queued += 1
+        self._check_usable()
         if self._inline:
+            self._queued += 1
             op = _Op(fn, args, None, committed)
             self._run_group([op])
             self._complete([op])
             await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
-            op = _Op(fn, args, trio.lowlevel.current_task(), committed)
-            self._pending.append(op)
-            self._work.set()
-            await trio.lowlevel.wait_task_rescheduled(_abort_failed)
-        if op.error is not None:
-            raise StoreError(f"database operation failed: {op.error}") from op.error
-        return op.result
+            return _result(op)
+        return await self._wait_for(
+            _Op(fn, args, trio.lowlevel.current_task(), committed), self._pending
+        )
 
     async def call_sealed(
         self,
@@ -610,21 +610,26 @@ class Store:
         batch this way, so that every send made while the committer waited
         for the loop to be idle still joins this transaction.
         """
+        self._check_usable()
+        if self._inline:
+            return await self.call(fn, *seal(), committed=committed)
+        op = _Op(fn, (), trio.lowlevel.current_task(), committed)
+        op.seal = seal
+        return await self._wait_for(op, self._sealing)
+
+    def _check_usable(self) -> None:
         if self._failure is not None:
             raise StoreError(f"the database failed earlier: {self._failure}") from self._failure
         if self._closed:
             raise StoreError("the store is closed")
-        if self._inline:
-            return await self.call(fn, *seal(), committed=committed)
+
+    async def _wait_for(self, op: _Op, queue: list[_Op]) -> Any:
+        """Queue ``op`` for the committer and wait, uncancellably, for its group."""
         self._queued += 1
-        op = _Op(fn, (), trio.lowlevel.current_task(), committed)
-        op.seal = seal
-        self._sealing.append(op)
+        queue.append(op)
         self._work.set()
         await trio.lowlevel.wait_task_rescheduled(_abort_failed)
-        if op.error is not None:
-            raise StoreError(f"database operation failed: {op.error}") from op.error
-        return op.result
+        return _result(op)
 
     def submit(self, fn: Callable[..., Any], *args: Any, done: Callable[[Any], None]) -> None:
         """Queue ``fn(*args)`` without waiting; ``done(result)`` runs after the commit.
