@@ -141,7 +141,7 @@ class Router:
         self._key_retention = key_retention
         self._sup = supervisor
         self._timer = timer
-        self._open: Batch | None = None  # filling; taken whole by the router task
+        self._open: Batch | None = None  # filling; taken whole by _seal()
         self._committing: Batch | None = None  # sealed (_seal), its transaction running
         # The reservations of the sealed batch, and the indices inserted claimed.
         self._handoffs: dict[SessionActor, list[int]] = {}

@@ -517,9 +517,8 @@ class Store:
                 self._work.set()
                 if not self._committer_done.is_set():
                     await self._committer_done.wait()
-                if (
-                    self._pending or self._sealing
-                ):  # the committer was cancelled (the run is ending)
+                # Left over if the committer was cancelled (the run is ending).
+                if self._pending or self._sealing:
                     group = self._take_group()
                     await trio.to_thread.run_sync(self._run_group_waiting, group, False)
                     self._complete(group)
