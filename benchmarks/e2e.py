@@ -316,7 +316,8 @@ async def _latency(params: dict[str, Any], path: str, busy: _LoopBusy) -> dict[s
     when it returns, ``start`` when the handler starts. The loop's busy share
     is measured over the run, and first, for one second, with the same
     harness against a system that does nothing (``_NullSystem``): the
-    harness's own share.
+    harness's own share. With ``gc_freeze``, ``gc.freeze()`` runs once the
+    system is up, as docs/howto-tuning.md suggests for latency.
     """
     rate: float = params["rate"]
     sessions = [f"s{i}" for i in range(params["sessions"])]
@@ -342,6 +343,8 @@ async def _latency(params: dict[str, Any], path: str, busy: _LoopBusy) -> dict[s
         await system.send_many((s, {"warm": True}) for s in sessions)
         await system.drain()
         gc.collect()
+        if params.get("gc_freeze"):
+            gc.freeze()  # (the recipe of docs/howto-tuning.md)
         c0 = time.process_time()
         t0, idle0 = perf(), busy.idle
         senders = _Senders(system.send, sessions)

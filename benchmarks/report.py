@@ -105,11 +105,13 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         "-" if times is None or best is None else f"{times:.1f}x {best[1]} ({best[0]:,.0f} msg/s)",
     )
     p99 = _median(summary, "latency_half", "send_p99_ms")
+    frozen = _median(summary, "latency_gcfreeze", "send_p99_ms")
     add(
         "send() p99 < 5 ms at half load",
         p99,
         None if p99 is None else p99 < 5,
-        "-" if p99 is None else f"{p99:.2f} ms",
+        ("-" if p99 is None else f"{p99:.2f} ms")
+        + ("" if frozen is None else f" (with gc.freeze(): {frozen:.2f} ms)"),
     )
     idle0 = _median(summary, "idle_0")
     idle1 = _median(summary, "idle_100k")
@@ -140,6 +142,40 @@ def _fmt(entry: dict[str, float] | None, digits: int = 0, unit: str = "") -> str
     if entry["n"] > 1:
         text += f" [{f.format(entry['min'])}-{f.format(entry['max'])}]"
     return text
+
+
+def _latency_lines(
+    s: Scenario, lat: dict[str, Any] | None, rounds: list[dict[str, Any]]
+) -> list[str]:
+    if not lat:
+        return ["", f"{s.name}: {_problem(rounds) or 'no result'}"] if rounds else []
+    lines = [
+        "",
+        f"Latency at a fixed offered rate of {lat['offered_rate']['median']:,.0f} msg/s "
+        f"(half of {LATENCY_BASE}), achieved {lat['achieved_rate']['median']:,.0f} msg/s, "
+        f"100 sessions: {s.name} ({s.label})",
+    ]
+    for what, key in (("send() call -> return", "send"), ("send() call -> handler", "start")):
+        lines.append(
+            f"  {what:<26} p50 {_fmt(lat[f'{key}_p50_ms'], 2, ' ms'):<28}"
+            f"p99 {_fmt(lat[f'{key}_p99_ms'], 2, ' ms'):<28}"
+            f"max {_fmt(lat[f'{key}_max_ms'], 2, ' ms')}"
+        )
+    lines.append(
+        f"  {'pacing lag (due -> call)':<26} p99 {_fmt(lat['pacing_lag_p99_ms'], 2, ' ms')};"
+        f"  CPU {_fmt(lat['cpu_us_per_msg'], 1, ' us/msg')}"
+    )
+    if "loop_busy" in lat:
+        lines.append(
+            f"  {'trio loop busy':<26} {lat['loop_busy']['median']:.0%}; the harness alone"
+            f" (against a system that does nothing) {lat['harness_loop_busy']['median']:.0%}"
+        )
+    if "gc_full_collections" in lat:
+        lines.append(
+            f"  {'full GC collections':<26} {_fmt(lat['gc_full_collections'])} per run;"
+            f" longest GC pause {_fmt(lat['gc_longest_pause_ms'], 1, ' ms')}"
+        )
+    return lines
 
 
 def table(
@@ -187,36 +223,9 @@ def table(
             f"{'-' if 'loadavg' not in sm else format(sm['loadavg']['median'], '.1f'):>7}"
             + (f"  ({note})" if note else "")
         )
-    lat = summary.get("latency_half")
-    if lat:
-        lines += [
-            "",
-            f"Latency at a fixed offered rate of {lat['offered_rate']['median']:,.0f} msg/s "
-            f"(half of {LATENCY_BASE}), achieved {lat['achieved_rate']['median']:,.0f} msg/s, "
-            f"normal, 100 sessions",
-        ]
-        for what, key in (("send() call -> return", "send"), ("send() call -> handler", "start")):
-            lines.append(
-                f"  {what:<26} p50 {_fmt(lat[f'{key}_p50_ms'], 2, ' ms'):<28}"
-                f"p99 {_fmt(lat[f'{key}_p99_ms'], 2, ' ms'):<28}"
-                f"max {_fmt(lat[f'{key}_max_ms'], 2, ' ms')}"
-            )
-        lines.append(
-            f"  {'pacing lag (due -> call)':<26} p99 {_fmt(lat['pacing_lag_p99_ms'], 2, ' ms')};"
-            f"  CPU {_fmt(lat['cpu_us_per_msg'], 1, ' us/msg')}"
-        )
-        if "loop_busy" in lat:
-            lines.append(
-                f"  {'trio loop busy':<26} {lat['loop_busy']['median']:.0%}; the harness alone"
-                f" (against a system that does nothing) {lat['harness_loop_busy']['median']:.0%}"
-            )
-        if "gc_full_collections" in lat:
-            lines.append(
-                f"  {'full GC collections':<26} {_fmt(lat['gc_full_collections'])} per run;"
-                f" longest GC pause {_fmt(lat['gc_longest_pause_ms'], 1, ' ms')}"
-            )
-    elif "latency_half" in rounds:
-        lines += ["", f"Latency: {_problem(rounds['latency_half']) or 'no result'}"]
+    for s in scenarios:
+        if s.kind == "latency":
+            lines += _latency_lines(s, summary.get(s.name), rounds.get(s.name, []))
     idle = summary.get("idle_100k", {})
     if "rss_idle_mb" in idle:
         lines += [

@@ -1,9 +1,9 @@
 """The scenarios: names (the keys of the JSON), what each measures, its sizes.
 
 Sizes are the full ones times ``scale`` (``--quick`` uses 0.05), with floors
-so that a tiny scale still exercises every code path. The latency scenario
-gets its offered rate at run time: half the median msg/s measured so far by
-``send_s100_normal``, which therefore always runs before it.
+so that a tiny scale still exercises every code path. The latency scenarios
+get their offered rate at run time: half the median msg/s measured so far by
+``send_s100_normal``, which therefore always runs before them.
 """
 
 from __future__ import annotations
@@ -125,12 +125,23 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                 },
             )
         )
+    duration = 1.0 if quick else 4.0
     out.append(
         Scenario(
             "latency_half",
             "latency",
             "actors send() at half of send_s100_normal's msg/s, normal",
-            {"sessions": 100, "duration": 1.0 if quick else 4.0, "durability": "normal"},
+            {"sessions": 100, "duration": duration, "durability": "normal"},
+        )
+    )
+    # The same, with gc.freeze() once the system is up (docs/howto-tuning.md):
+    # the objects alive then are left out of Python's later full collections.
+    out.append(
+        Scenario(
+            "latency_gcfreeze",
+            "latency",
+            "the same, with gc.freeze() after start",
+            {"sessions": 100, "duration": duration, "durability": "normal", "gc_freeze": True},
         )
     )
     for durability in DURABILITIES:
@@ -156,7 +167,7 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
 def select(scenarios: list[Scenario], only: list[str] | None) -> list[Scenario]:
     """The scenarios matching any of ``only`` (a name, a prefix or a glob).
 
-    The latency scenario pulls in the one that sets its rate.
+    A latency scenario pulls in the one that sets its rate.
     """
     if not only:
         return scenarios
@@ -165,6 +176,6 @@ def select(scenarios: list[Scenario], only: list[str] | None) -> list[Scenario]:
         return any(name.startswith(p) or fnmatch.fnmatchcase(name, p) for p in only)
 
     names = {s.name for s in scenarios if wanted(s.name)}
-    if "latency_half" in names:
+    if any(s.kind == "latency" and s.name in names for s in scenarios):
         names.add(LATENCY_BASE)
     return [s for s in scenarios if s.name in names]
