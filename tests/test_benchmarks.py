@@ -1,7 +1,8 @@
 """Smoke test of the benchmark harness: a tiny run, and the shape of its JSON.
 
 Not a performance test: it only makes sure ``python -m benchmarks`` still
-runs end to end and writes figures that are there and positive.
+runs end to end and writes figures that are there and positive, and that the
+latency harness's senders send each message once.
 """
 
 from __future__ import annotations
@@ -86,3 +87,31 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
     # Measured here: end to end, share of the limit, send_many, latency.
     assert sum(s != "n/a" for s in statuses.values()) == 4
+
+
+async def test_the_latency_harness_sends_each_message_once_and_its_senders_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The instrument itself: with far fewer senders than messages due at once
+    (the backlog path), every message is sent exactly once, its call and
+    return are stamped in order, and run() returns with every sender gone."""
+    import trio
+
+    from benchmarks import e2e
+
+    monkeypatch.setattr(e2e, "WORKERS", 8)
+    sent: list[int] = []
+
+    async def send(session_id: str, body: dict[str, int]) -> None:
+        sent.append(body["n"])
+        for _ in range(3):  # a send that takes a few scheduling rounds
+            await trio.lowlevel.checkpoint()
+
+    n = 2000
+    senders = e2e._Senders(send, ["a", "b", "c"])
+    with trio.fail_after(30):
+        due = await senders.run(1_000_000.0, n)  # all due within 2 ms: most wait in the backlog
+    assert sorted(sent) == list(range(n))
+    assert all(0 < d <= c <= r for d, c, r in zip(due, senders.call, senders.ret, strict=True))
+    # run() returned, so its nursery of senders closed: each took its None and left.
+    assert not senders._idle and not senders._backlog
