@@ -317,7 +317,7 @@ async def _latency(params: dict[str, Any], path: str, busy: _LoopBusy) -> dict[s
     is measured over the run, and first, for one second, with the same
     harness against a system that does nothing (``_NullSystem``): the
     harness's own share. With ``gc_freeze``, ``gc.freeze()`` runs once the
-    system is up, as docs/howto-tuning.md suggests for latency.
+    system is up (the recipe docs/howto-tuning.md describes, and measures).
     """
     rate: float = params["rate"]
     sessions = [f"s{i}" for i in range(params["sessions"])]
