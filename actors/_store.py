@@ -636,8 +636,7 @@ class Store:
         If the operation fails, ``done`` is not called; the store is marked
         failed (``failed`` is set) and later calls raise StoreError.
         """
-        if self._failure is not None or self._closed:
-            raise StoreError("the store failed or is closed") from self._failure
+        self._check_usable()
         op = _Op(fn, args, None, done)
         self._queued += 1
         if self._inline:
