@@ -39,6 +39,7 @@ from ._codec import _encoder, check_session_id, decode_body, encode_body
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
 from ._records import Message
 from ._store import Ack, format_error
+from ._wake import WOKEN
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -431,7 +432,7 @@ class SessionActor:
         if task is not None:
             self._parked = None
             self._sup.idle_actors.discard(self)
-            trio.lowlevel.reschedule(task)
+            trio.lowlevel.reschedule(task, WOKEN)
 
     @property
     def idle(self) -> bool:
@@ -583,6 +584,7 @@ class SessionActor:
         watchdog = sup.watchdog
         starts = store.starts if self.slot >= 0 else None
         now = sup.clock.trio_time  # = trio.current_time, two calls fewer
+        acked = sup.on_acks_committed  # (bound once: ack_soon takes it per message)
         ack: int | Ack | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
         while True:
@@ -618,7 +620,7 @@ class SessionActor:
                 # Claimed on delivery: committed with the message itself, and
                 # nothing of the session in the database comes before it.
                 if ack is not None:
-                    store.ack_soon(ack, sup.on_acks_committed)
+                    store.ack_soon(ack, acked)
                     ack = None
                 if ctx._state is None:  # handed before this incarnation's first claim
                     self.in_flight = self.handed[0]
@@ -693,7 +695,8 @@ class SessionActor:
                 # of anything later (so handoffs may start).
                 self.caught_up = not claim.more
             self.handler_started = False
-            self.claimed_seq = max(self.claimed_seq, seq)
+            if seq > self.claimed_seq:
+                self.claimed_seq = seq
             if sup.stopping:
                 await self._release_in_flight()
                 return Exit.STOP
@@ -755,7 +758,7 @@ class SessionActor:
                 if self._in_flight is not None:  # (the in_flight setter, inline)
                     sup.busy.add(-1)
                     self._in_flight = None
-                store.ack_soon(ack, sup.on_acks_committed)
+                store.ack_soon(ack, acked)
                 ack = None
                 if self.handed and not sup.stopping:
                     # The next message is here already: no wait, and no
@@ -857,7 +860,7 @@ class SessionActor:
         waiter = self._handoff_waiter
         if waiter is not None:
             self._handoff_waiter = None
-            trio.lowlevel.reschedule(waiter)
+            trio.lowlevel.reschedule(waiter, WOKEN)
         if not msgs:
             return True  # none was inserted claimed after all
         if not self._serving or self._reserve_gen != self._serve_gen:

@@ -35,6 +35,7 @@ from ._codec import decode_body
 from ._errors import StoreError, SystemClosedError
 from ._records import new_message
 from ._store import Store
+from ._wake import WOKEN
 
 log = logging.getLogger("actors.router")
 
@@ -116,7 +117,7 @@ class Batch:
         self.finished = True
         waiters, self.waiters = self.waiters, []
         for task in waiters:
-            trio.lowlevel.reschedule(task)
+            trio.lowlevel.reschedule(task, WOKEN)
 
 
 @attrs.frozen

@@ -67,6 +67,7 @@ from ._codec import encode_json as _json_array
 from ._errors import SchemaVersionError, StoreError
 from ._records import DeadLetter, Message, new_message
 from ._starts import StartTable, database_identity, read_marks
+from ._wake import WOKEN
 
 log = logging.getLogger("actors.store")
 
@@ -678,7 +679,7 @@ class Store:
             elif op.done is not None:
                 op.done(op.result)
             if op.task is not None:
-                trio.lowlevel.reschedule(op.task)
+                trio.lowlevel.reschedule(op.task, WOKEN)
 
     # -- the committer ----------------------------------------------------
 

@@ -194,12 +194,15 @@ class System:
         if key is not None:
             key = check_key(key)
         now = self._clock.now()
-        seconds = finite_delay(delay)
-        batch, index = self._router.add(
-            session_id, data, now, now + seconds if seconds else None, key
-        )
+        not_before = None
+        if delay is not None:
+            seconds = finite_delay(delay)
+            if seconds:
+                not_before = now + seconds
+        batch, index = self._router.add(session_id, data, now, not_before, key)
         await batch.wait()
-        self._check(batch)
+        if batch.error is not None:
+            self._check(batch)
         if batch.duplicates is not None:
             return batch.message_id(index)
         return batch.first_id + index

@@ -126,7 +126,8 @@ class Watchdog(DeadlineWatch):
 
     def watch(self, actor: SessionActor) -> None:
         """``actor`` started a handler with ``actor.handler_deadline`` set."""
-        self._push(actor, actor.handler_deadline)
+        if not actor.watched:  # (else its entry is re-armed when it comes due)
+            self._push(actor, actor.handler_deadline)
 
     def _flag(self, actor: SessionActor) -> bool:
         return actor.watched
@@ -157,7 +158,8 @@ class IdleWatch(DeadlineWatch):
 
     def watch(self, actor: SessionActor) -> None:
         """``actor`` parked with ``actor.idle_deadline`` set."""
-        self._push(actor, actor.idle_deadline)
+        if not actor.idle_watched:  # (else its entry is re-armed when it comes due)
+            self._push(actor, actor.idle_deadline)
 
     def _flag(self, actor: SessionActor) -> bool:
         return actor.idle_watched
