@@ -191,6 +191,34 @@ class Router:
             batch.replies[index] = reply
         return batch, index
 
+    def add_many(
+        self,
+        sessions: list[str],
+        bodies: list[str | bytes],
+        enqueued: float,
+        keys: list[str | None] | None,
+    ) -> tuple[Batch, int]:
+        """Append sends, all enqueued at ``enqueued`` and due at once, to the
+        open batch (contiguous); returns it and the first send's index.
+
+        ``keys``, if given, has one entry per send (None for none). Raises as
+        :meth:`add` does.
+        """
+        batch = self._batch()
+        index = len(batch.sessions)
+        count = len(sessions)
+        batch.sessions += sessions
+        batch.bodies += bodies
+        batch.enqueued += [enqueued] * count
+        batch.not_before += [None] * count
+        if keys is not None:
+            if batch.keys is None:
+                batch.keys = [None] * index
+            batch.keys += keys
+        elif batch.keys is not None:
+            batch.keys += [None] * count
+        return batch, index
+
     def _batch(self) -> Batch:
         if self._failure is not None:
             raise StoreError(f"the database failed: {self._failure}") from self._failure

@@ -274,35 +274,45 @@ class System:
         """
         if self._closed:
             raise SystemClosedError("the system is shutting down and accepts no more messages")
-        encoded: list[tuple[str, str | bytes, str | None]] = []
+        sessions: list[str] = []
+        bodies: list[str | bytes] = []
+        keys: list[str | None] | None = None  # once an item has a key
         limit = self.config.max_message_bytes
         for i, item in enumerate(items):
             try:
-                session_id, body, *rest = item
-                if len(rest) > 1:
-                    raise ValueError(
-                        f"expected (session_id, body) or (session_id, body, key), "
-                        f"got {len(rest) + 2} values"
-                    )
-                key = check_key(rest[0]) if rest and rest[0] is not None else None
-                encoded.append((check_session_id(session_id), encode_body(body, limit), key))
+                key = None
+                if type(item) is tuple and len(item) == 2:
+                    session_id, body = item
+                else:
+                    session_id, body, *rest = item
+                    if len(rest) > 1:
+                        raise ValueError(
+                            f"expected (session_id, body) or (session_id, body, key), "
+                            f"got {len(rest) + 2} values"
+                        )
+                    if rest and rest[0] is not None:
+                        key = check_key(rest[0])
+                sessions.append(check_session_id(session_id))
+                bodies.append(encode_body(body, limit))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"item {i}: {exc}") from None
-        if not encoded:
+            if key is not None:
+                if keys is None:
+                    keys = [None] * i
+                keys.append(key)
+            elif keys is not None:
+                keys.append(None)
+        if not sessions:
             await trio.lowlevel.checkpoint()
             return []
-        now = self._clock.now()
-        add = self._router.add
-        # No checkpoint between the adds: they all land in one open batch.
-        batch, first_index = add(encoded[0][0], encoded[0][1], now, None, encoded[0][2])
-        for session_id, data, key in encoded[1:]:
-            add(session_id, data, now, None, key)
+        # One add: the items land in one open batch, contiguous.
+        batch, first_index = self._router.add_many(sessions, bodies, self._clock.now(), keys)
         await batch.wait()
         self._check(batch)
         if batch.duplicates is not None:
-            return [batch.message_id(first_index + j) for j in range(len(encoded))]
+            return [batch.message_id(first_index + j) for j in range(len(sessions))]
         first = batch.first_id + first_index
-        return list(range(first, first + len(encoded)))
+        return list(range(first, first + len(sessions)))
 
     @staticmethod
     def _check(batch: Batch) -> None:

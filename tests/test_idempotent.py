@@ -282,6 +282,61 @@ async def test_duplicates_within_one_batch(db_path: str, clock: object) -> None:
     assert sorted(handled) == sorted({ids[i] for i in range(7)})
 
 
+async def test_send_and_send_many_share_a_batch_with_keys_on_the_right_messages(
+    db_path: str, clock: object
+) -> None:
+    # Keyed and unkeyed send() and send_many() calls share one batch: each
+    # key must stay with its own message, whichever order trio runs the
+    # callers in. (A keyed call after unkeyed ones pads the keys before it;
+    # an unkeyed call after a keyed one pads its own. Eight rounds of six
+    # callers: every order that matters comes up.)
+    h = Handled()
+    ids: dict[str, int] = {}
+    expected: dict[str, str | None] = {}
+
+    async def call(items: list[tuple[str, Any] | tuple[str, Any, str | None]]) -> None:
+        if len(items) == 1:
+            ids[items[0][1]] = await system.send(*items[0])
+        else:
+            for (_, body, *_), got in zip(items, await system.send_many(items), strict=True):
+                ids[body] = got
+
+    async with actors.run_system(db_path, handler=h.handler) as system:
+        for r in range(8):
+            k1, k2 = f"k1-{r}", f"k2-{r}"
+            calls: list[list[tuple[str, Any] | tuple[str, Any, str | None]]] = [
+                [("s", f"a{r}")],
+                [("t", f"d{r}.0"), ("t", f"d{r}.1")],
+                [
+                    ("s", f"b{r}.0"),
+                    ("s", f"b{r}.1", k1),
+                    ("s", f"b{r}.2", None),
+                    ("s", f"b{r}.3", k1),
+                    ("t", f"b{r}.4", k1),
+                ],
+                [("t", f"e{r}.0"), ("t", f"e{r}.1")],
+                [("s", f"c{r}.0", k2), ("t", f"c{r}.1")],
+                [("s", f"f{r}")],
+            ]
+            for items in calls:
+                for _, body, *key in items:
+                    expected[body] = key[0] if key else None
+            del expected[f"b{r}.3"]  # a duplicate of b{r}.1: answered with its id
+            await trio.testing.wait_all_tasks_blocked()  # the router waits for work
+            batches = system._router.statistics().batches
+            async with trio.open_nursery() as nursery:
+                for items in calls:
+                    nursery.start_soon(call, items)
+            assert system._router.statistics().batches == batches + 1  # one batch
+            assert ids[f"b{r}.1"] == ids[f"b{r}.3"]
+        await system.drain()
+        stats = system.statistics()
+    assert len(set(ids.values())) == len(expected) == 8 * 12
+    assert stats.sends == stats.processed == len(expected)
+    assert {body: key for _, _, body, key in h.calls} == expected
+    assert all(ids[body] == msg_id for msg_id, _, body, _ in h.calls)
+
+
 async def test_a_producer_that_retries_after_a_timeout_causes_no_duplicate_work(
     db_path: str, clock: object
 ) -> None:
