@@ -778,14 +778,6 @@ class SessionActor:
             return max(0, min(sup.config.mailbox_size, sup.config.fair_share - self.turn - 1))
         return sup.config.mailbox_size
 
-    async def _await_work(self) -> Exit | None:
-        """Nothing to do: wait for work. Returns how to leave instead, if the
-        actor should (the system stops, others wait for a slot, or idle_timeout)."""
-        sup = self._sup
-        if sup.has_waiters or not await self._wait_for_notice(sup.config.idle_timeout):
-            return Exit.STOP if sup.stopping else Exit.IDLE
-        return None
-
     async def _flush_ack(self, ack: int | Ack | None) -> None:
         if ack is not None:
             sup = self._sup
@@ -795,24 +787,32 @@ class SessionActor:
                 sup.on_sent(sent)
             sup.on_acked()
 
-    async def _wait_for_notice(self, seconds: float) -> bool:
-        """Wait for work beyond what was claimed, or a handoff.
+    async def _await_work(self) -> Exit | None:
+        """Nothing to do: wait for work beyond what was claimed, or a handoff.
 
-        False on timeout, or when wake() cut the wait short with nothing new.
+        Returns how to leave instead, if the actor should: the system stops,
+        others wait for a slot, or ``idle_timeout`` passed (or wake() cut the
+        wait short) with nothing new. One coroutine, not two: an idle
+        actor's wait is once per message, and what it allocates is what
+        Python's collector promotes while the actor waits.
         """
+        sup = self._sup
+        if sup.has_waiters:
+            return Exit.STOP if sup.stopping else Exit.IDLE
         if self.handed or self.notified_seq > self.claimed_seq:
             await trio.lowlevel.checkpoint()
-            return True
-        if self._sup.stopping:  # stop() may have woken us before we got here
+            return None
+        if sup.stopping:  # stop() may have woken us before we got here
             await trio.lowlevel.checkpoint()
-            return False
-        sup = self._sup
-        self.idle_deadline = sup.clock.trio_time() + seconds
+            return Exit.STOP
+        self.idle_deadline = sup.clock.trio_time() + sup.config.idle_timeout
         sup.idle_watch.watch(self)
         self._parked = trio.lowlevel.current_task()
         sup.idle_actors.add(self)
         await trio.lowlevel.wait_task_rescheduled(self._abort_park)
-        return bool(self.handed) or self.notified_seq > self.claimed_seq
+        if self.handed or self.notified_seq > self.claimed_seq:
+            return None
+        return Exit.STOP if sup.stopping else Exit.IDLE
 
     # -- claim on delivery (Supervisor.reserve / hand_over) ---------------
 

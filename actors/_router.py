@@ -104,20 +104,31 @@ class Batch:
             await trio.lowlevel.checkpoint()
             return
         task = trio.lowlevel.current_task()
+        # Which batch the task waits for: trio clears it whenever the task
+        # is rescheduled, a cancellation included (documented for
+        # wait_task_rescheduled), so finish() passes a cancelled waiter by
+        # and no closure is built per wait (once per message, and what the
+        # wait allocates is what the collector promotes while it waits).
+        task.custom_sleep_data = self
         self.waiters.append(task)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self.waiters.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        await trio.lowlevel.wait_task_rescheduled(_abort_wait)
 
     def finish(self) -> None:
         """The batch committed (``first_id`` set) or failed (``error`` set): wake the senders."""
         self.finished = True
         waiters, self.waiters = self.waiters, []
         for task in waiters:
-            trio.lowlevel.reschedule(task, WOKEN)
+            # (Not a waiter cancelled since, wherever it waits now; and a
+            # task that waited, was cancelled and waits again is listed
+            # twice but woken once: rescheduling clears the mark.)
+            if task.custom_sleep_data is self:
+                trio.lowlevel.reschedule(task, WOKEN)
+
+
+def _abort_wait(_: object) -> trio.lowlevel.Abort:
+    # A waiting sender is cancelled: trio reschedules it with the Cancelled,
+    # which clears its mark (Batch.finish then passes it by).
+    return trio.lowlevel.Abort.SUCCEEDED
 
 
 @attrs.frozen
