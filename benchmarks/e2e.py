@@ -12,15 +12,21 @@ import gc
 import math
 import os
 import time
+from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import outcome
 import trio
-import trio.testing
 
 import actors
+from actors._store import _idle_waiter
+
+# trio.testing's, without importing trio.testing: it imports pytest, whose
+# ~12,000 tracked objects would lengthen every full GC collection of the
+# process measured (no program that uses actors carries them).
+_wait_all_tasks_blocked = _idle_waiter()
 
 
 def _rss_mb() -> float:
@@ -223,8 +229,8 @@ class _Senders:
         self._sessions = sessions
         self._idle: list[trio.lowlevel.Task] = []
         self._backlog: deque[int] = deque()
-        self.call: list[float] = []
-        self.ret: list[float] = []
+        self.call: array[float] = _floats(0)
+        self.ret: array[float] = _floats(0)
 
     def post(self, k: int | None) -> None:
         if self._idle:
@@ -248,15 +254,15 @@ class _Senders:
             await send(sessions[k % n_sessions], {"n": k})
             ret[k] = perf()
 
-    async def run(self, rate: float, n: int) -> list[float]:
+    async def run(self, rate: float, n: int) -> array[float]:
         """Offer ``n`` messages at ``rate`` msg/s; returns when all were sent (their due times)."""
-        self.call, self.ret = [0.0] * n, [0.0] * n
-        due = [0.0] * n
+        self.call, self.ret = _floats(n), _floats(n)
+        due = _floats(n)
         perf = time.perf_counter
         async with trio.open_nursery() as nursery:
             for _ in range(WORKERS):
                 nursery.start_soon(self.worker)
-            await trio.testing.wait_all_tasks_blocked()
+            await _wait_all_tasks_blocked()
             base = perf() + 0.001
             k = 0
             while k < n:
@@ -273,6 +279,15 @@ class _Senders:
             for _ in range(WORKERS):
                 self.post(None)
         return due
+
+
+def _floats(n: int) -> array[float]:
+    """``n`` zeros in an array of doubles: a timestamp per message, and no
+    object per entry. (Lists of floats are traversed by every full GC
+    collection: four of them, a run's length each, lengthened the pauses
+    the latency scenario measures, and that only ``gc.freeze()`` hid.)
+    """
+    return array("d", bytes(8 * n))
 
 
 def _abort_idle(_: object) -> trio.lowlevel.Abort:
@@ -301,7 +316,7 @@ class _NullSystem:
                 await self._work.wait()
                 continue
             with trio.move_on_after(0.002):  # as the store's committer does
-                await trio.testing.wait_all_tasks_blocked()
+                await _wait_all_tasks_blocked()
             waiting, self._waiting = self._waiting, []
             for task in waiting:
                 trio.lowlevel.reschedule(task)
@@ -322,7 +337,7 @@ async def _latency(params: dict[str, Any], path: str, busy: _LoopBusy) -> dict[s
     rate: float = params["rate"]
     sessions = [f"s{i}" for i in range(params["sessions"])]
     n = max(100, int(rate * params["duration"]))
-    start = [0.0] * n
+    start = _floats(n)
     perf = time.perf_counter
 
     null = _NullSystem()
