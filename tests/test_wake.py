@@ -78,20 +78,20 @@ async def test_a_batch_wakes_its_waiters_but_not_one_cancelled_since(
         await batch.wait()
         log.append("steady woken")
 
-    async def moves_on() -> None:
+    async def cancelled_wait() -> None:
         with trio.CancelScope() as scope:
             scope.cancel()
             await batch.wait()
         assert scope.cancelled_caught
+
+    async def moves_on() -> None:
+        await cancelled_wait()
         # It waits somewhere else now: the batch must leave it there.
         await elsewhere.wait()
         log.append("moved on woken")
 
     async def waits_again() -> None:
-        with trio.CancelScope() as scope:
-            scope.cancel()
-            await batch.wait()
-        assert scope.cancelled_caught
+        await cancelled_wait()
         await batch.wait()  # listed twice now: woken once
         log.append("waited again woken")
         await trio.sleep(1)  # a second wake would end this sleep early (or crash trio)
