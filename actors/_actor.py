@@ -361,10 +361,9 @@ class SessionActor:
         self.handler_running = False
         self.handler_deadline = math.inf
         self.watched = False  # the watchdog's heap has an entry for this actor
-        # Set with the cancel of the incarnation's timeout scope (time_out()):
-        # a plain flag is cheaper to test after every handler than the scope.
+        # Set with the cancel of the incarnation's scope by time_out(): what
+        # tells a timeout from a kill (_killed) once the scope has caught it.
         self.timed_out = False
-        self._timeout_scope: trio.CancelScope | None = None
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
 
@@ -442,10 +441,14 @@ class SessionActor:
         )
 
     def time_out(self) -> None:
-        """The running handler passed its deadline (Watchdog): cancel it."""
-        if self.handler_running and self._timeout_scope is not None:
+        """The running handler passed its deadline (Watchdog): cancel it.
+
+        It cancels the incarnation's scope, as kill() does; ``timed_out``
+        tells the two apart (_incarnation).
+        """
+        if self.handler_running and self._scope is not None and not self._killed:
             self.timed_out = True
-            self._timeout_scope.cancel()
+            self._scope.cancel()
 
     def kill(self) -> bool:
         """Crash the live incarnation now. Returns False if none is running."""
@@ -500,10 +503,16 @@ class SessionActor:
         sup = self._sup
         ctx = Context(self.session_id, sup.system)
         self._killed = False
+        self.timed_out = False
         self._failure = None
         self.turn = 0
         self.caught_up = False
         outcome = Exit.CRASH
+        instance: Actor | None = None
+        # One cancel scope per incarnation, cancelled by kill() and by the
+        # Watchdog's time_out() alike: trio's scopes cost enough (a
+        # CancelStatus, a context manager, the deadline bookkeeping) that a
+        # second one for the handler timeout was a tenth of an activation.
         with trio.CancelScope() as scope:
             self._scope = scope
             try:
@@ -530,15 +539,36 @@ class SessionActor:
                 self._failure = exc
                 outcome = Exit.CRASH
             else:
-                if outcome is not Exit.CRASH:
+                if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
                     await self._stop_instance(instance, ctx)
             finally:
                 self._scope = None
                 sup.end_isolation(self)
-        if scope.cancelled_caught:
+        if scope.cancelled_caught or outcome is Exit.TIMEOUT:
+            # Cancelled by kill() or by time_out() (a kill wins); or the
+            # handler timed out as it raised or returned (Exit.TIMEOUT).
             outcome = Exit.CRASH
-            self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
+            if self.timed_out and not self._killed:
+                assert instance is not None  # (only a running handler times out)
+                await self._stop_timed_out(instance, ctx)
+            else:
+                self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
         return outcome
+
+    async def _stop_timed_out(self, instance: Actor, ctx: Context) -> None:
+        """After a handler timeout: record it, and run stopped() in a scope a kill reaches."""
+        timeout = self._sup.config.handler_timeout
+        self._failure = HandlerTimeoutError(
+            f"handler ran longer than handler_timeout={timeout}s and was cancelled"
+        )
+        with trio.CancelScope() as stopping:
+            self._scope = stopping
+            try:
+                await self._stop_instance(instance, ctx)
+            finally:
+                self._scope = None
+        if stopping.cancelled_caught:
+            self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
 
     async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
         try:
@@ -547,35 +577,25 @@ class SessionActor:
             log.exception("stopped() hook of session %r raised; ignored", self.session_id)
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
-        # One cancel scope serves every handler call of this incarnation as
-        # its timeout: the supervisor's Watchdog cancels it when a running
-        # handler passes its deadline (a scope per message, or a deadline
-        # moved around each call, would cost more than the rest of the
-        # message's way through the actor).
-        with trio.CancelScope() as deadline:
-            self._timeout_scope = deadline
-            self.timed_out = False
-            self._serving = True
-            try:
-                outcome = await self._serve_loop(instance, ctx, deadline)
-            finally:
-                # No more handoffs: whatever comes next claims from the
-                # database (handed messages are given back first).
-                self._serving = False
-                self._serve_gen += 1
-                self.caught_up = False
-                self.handler_running = False
-                self._timeout_scope = None
-        if deadline.cancelled_caught or outcome is Exit.TIMEOUT:
-            timeout = self._sup.config.handler_timeout
-            self._failure = HandlerTimeoutError(
-                f"handler ran longer than handler_timeout={timeout}s and was cancelled"
-            )
-            await self._stop_instance(instance, ctx)
-            return Exit.CRASH
-        return outcome
+        # The incarnation's cancel scope serves every handler call of it as
+        # its timeout: the supervisor's Watchdog cancels it (time_out()) when
+        # a running handler passes its deadline, and _incarnation tells that
+        # from a kill (a scope per message, or a deadline moved around each
+        # call, would cost more than the rest of the message's way through
+        # the actor). Returns Exit.TIMEOUT if the handler timed out but the
+        # cancellation did not propagate (it raised or returned as it came).
+        self._serving = True
+        try:
+            return await self._serve_loop(instance, ctx)
+        finally:
+            # No more handoffs: whatever comes next claims from the
+            # database (handed messages are given back first).
+            self._serving = False
+            self._serve_gen += 1
+            self.caught_up = False
+            self.handler_running = False
 
-    async def _serve_loop(self, instance: Actor, ctx: Context, deadline: trio.CancelScope) -> Exit:
+    async def _serve_loop(self, instance: Actor, ctx: Context) -> Exit:
         sup = self._sup
         config = sup.config
         store = sup.store

@@ -129,6 +129,78 @@ async def test_timeouts_until_dead_name_the_timeout(db_path: str, autojump_clock
     assert "HandlerTimeoutError" in letter.last_error
 
 
+async def test_a_timeout_and_a_kill_are_told_apart_on_the_one_scope(
+    db_path: str, autojump_clock: object
+) -> None:
+    """The incarnation's one cancel scope is cancelled by the handler timeout
+    and by kill() alike (actors/_actor.py, _incarnation): each attempt must
+    still end as the one that happened. Four sessions, max_attempts=1, so
+    each dead letter names its attempt's failure:
+
+    - "plain": the handler outlives handler_timeout. A timeout: stopped()
+      runs (after a checkpoint: it must not run in the cancelled scope).
+    - "raises": the handler turns the timeout's Cancelled into an error. Still
+      a timeout, and stopped() runs.
+    - "both": the timeout comes while the handler is shielded, then a kill:
+      the kill wins, and stopped() does not run.
+    - "stopping": a timeout, then a kill while stopped() runs: the kill
+      reaches stopped() and the attempt ends killed.
+    """
+    stopped: list[str] = []
+    in_stopped = trio.Event()
+
+    class Session(actors.Actor):
+        ran = False  # this incarnation ran the message (later ones stop too)
+
+        async def handle(self, ctx: actors.Context, msg: actors.Message) -> None:
+            self.ran = True
+            if ctx.session_id == "raises":
+                try:
+                    await trio.sleep_forever()
+                except trio.Cancelled:
+                    raise RuntimeError("cleanup failed") from None
+            if ctx.session_id == "both":
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(3)  # the timeout (1 s) and the kill (2 s) wait
+            await trio.sleep_forever()
+
+        async def stopped(self, ctx: actors.Context) -> None:
+            await trio.lowlevel.checkpoint()
+            if not self.ran:
+                return
+            if ctx.session_id == "stopping":
+                in_stopped.set()
+                try:
+                    await trio.sleep_forever()
+                except trio.Cancelled:
+                    stopped.append("stopping (cancelled)")
+                    raise
+            stopped.append(ctx.session_id)
+
+    with trio.fail_after(60):
+        async with actors.run_system(
+            db_path, handler=Session, handler_timeout=1, max_attempts=1
+        ) as system:
+            start = trio.current_time()
+            for session in ("plain", "raises", "both", "stopping"):
+                await system.send(session, session)
+            await trio.sleep_until(start + 2)
+            assert system.kill("both")  # its timeout is pending, behind the shield
+            await in_stopped.wait()
+            assert system.kill("stopping")  # the scope of stopped() is reachable
+            await system.drain()
+            letters = {letter.session_id: letter.last_error for letter in system.dead_letters()}
+    assert sorted(stopped) == ["plain", "raises", "stopping (cancelled)"]
+    assert set(letters) == {"plain", "raises", "both", "stopping"}
+    for session, expected in (
+        ("plain", "HandlerTimeoutError"),
+        ("raises", "HandlerTimeoutError"),
+        ("both", "ActorKilledError"),
+        ("stopping", "ActorKilledError"),
+    ):
+        assert expected in letters[session], (session, letters[session])
+
+
 async def test_kill_mid_message_redelivers_with_next_attempt(
     db_path: str, autojump_clock: object
 ) -> None:
