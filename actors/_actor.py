@@ -548,15 +548,19 @@ class SessionActor:
             # Cancelled by kill() or by time_out() (a kill wins); or the
             # handler timed out as it raised or returned (Exit.TIMEOUT).
             outcome = Exit.CRASH
+            killed = True
             if self.timed_out and not self._killed:
                 assert instance is not None  # (only a running handler times out)
-                await self._stop_timed_out(instance, ctx)
-            else:
+                killed = await self._stop_timed_out(instance, ctx)
+            if killed:
                 self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
         return outcome
 
-    async def _stop_timed_out(self, instance: Actor, ctx: Context) -> None:
-        """After a handler timeout: record it, and run stopped() in a scope a kill reaches."""
+    async def _stop_timed_out(self, instance: Actor, ctx: Context) -> bool:
+        """After a handler timeout: record it, and run stopped() in a scope a kill reaches.
+
+        Returns True if a kill cancelled stopped() (the attempt ends killed).
+        """
         timeout = self._sup.config.handler_timeout
         self._failure = HandlerTimeoutError(
             f"handler ran longer than handler_timeout={timeout}s and was cancelled"
@@ -567,8 +571,7 @@ class SessionActor:
                 await self._stop_instance(instance, ctx)
             finally:
                 self._scope = None
-        if stopping.cancelled_caught:
-            self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
+        return stopping.cancelled_caught
 
     async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
         try:
