@@ -38,7 +38,7 @@ import trio
 from ._codec import _encoder, check_session_id, decode_body, encode_body
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
 from ._records import Message
-from ._store import Ack, format_error
+from ._store import Ack, Claim, format_error
 from ._wake import WOKEN
 
 if TYPE_CHECKING:
@@ -610,6 +610,14 @@ class SessionActor:
         acked = sup.on_acks_committed  # (bound once: ack_soon takes it per message)
         ack: int | Ack | None = None
         alone = False  # this actor holds the isolation (see Supervisor.isolate)
+        # What one message leaves behind: cleared before every wait for
+        # work, so an idle actor keeps nothing of its last message (its
+        # body, its handler's result, the claim it came with and the
+        # messages that claim took behind it), only the session's state.
+        msg: Message | None = None
+        claim: Claim | None = None
+        result: Any = None
+        done: int | Ack | None = None
         while True:
             if sup.stopping:
                 await self._flush_ack(ack)
@@ -704,6 +712,7 @@ class SessionActor:
                             return Exit.WAIT
                         await self._wait(delay)
                         continue
+                    claim = result = done = None
                     leave = await self._await_work()
                     if leave is not None:
                         return leave
@@ -788,6 +797,7 @@ class SessionActor:
                     # checkpoint (the queue is bounded, and the router only
                     # refills it when this task yields).
                     continue
+                msg = claim = result = done = None
                 leave = await self._await_work()
                 if leave is not None:
                     return leave

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import apsw
 import pytest
 import trio
+import trio.testing
 from deadprocess import mark_in_flight_started
 
 import actors
@@ -365,3 +369,49 @@ async def test_stop_is_not_missed_by_an_actor_restarting_at_that_moment(db_path:
             ) as system:
                 await system.send("s", 1)
                 await system.drain()
+
+
+async def test_an_idle_actor_keeps_nothing_of_the_messages_it_handled(db_path: str) -> None:
+    """Once handled, a message and its handler's result are freed, though the actor stays.
+
+    An idle actor waits for up to ``idle_timeout``, and ``max_active`` of
+    them may wait at once: whatever one keeps of its last message (the
+    body, the handler's result, the claim it came with) is memory held for
+    nothing. The ways in: claimed by a new actor; handed to an idle one at
+    insert; claimed with the one queued behind it (``mailbox_size=1``);
+    and a claim that finds nothing after a handler (what was queued behind
+    was purged meanwhile).
+    """
+
+    class Result:
+        pass
+
+    handled: list[weakref.ref[object]] = []
+    gate = trio.Event()
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> Result:
+        if msg.body == b"wait":
+            await gate.wait()
+        result = Result()
+        handled.extend([weakref.ref(msg), weakref.ref(result)])
+        return result
+
+    async with actors.run_system(db_path, handler=handler, mailbox_size=1) as system:
+        await system.send("claimed", b"x" * 1000)  # a new actor claims it
+        await system.drain()
+        await system.send("claimed", b"y" * 1000)  # handed to the idle actor at insert
+        await system.drain()
+        await system.send_many([("bulk", b"z" * 1000)] * 3)  # claimed two and one
+        await system.drain()
+        # The claim takes "wait" and the one behind it; the third is left.
+        await system.send_many([("purged", b"wait"), ("purged", b"2"), ("purged", b"3")])
+        await trio.testing.wait_all_tasks_blocked()
+        assert await system.purge(session_id="purged") == 1  # the third
+        gate.set()
+        await system.drain()
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(system.is_active(s) for s in ("claimed", "bulk", "purged"))
+        gc.collect()
+        assert len(handled) == 14
+        alive = [i for i, ref in enumerate(handled) if ref() is not None]
+        assert alive == []
