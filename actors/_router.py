@@ -318,6 +318,8 @@ class Router:
                         ],
                     )
                 self._deliver(batch, first)
+                # Nothing of this batch waits with the task for the next one.
+                del batch, bodies, enqueued, handoffs, claimed
         finally:
             # However the task ends, no sender may wait for a batch forever.
             self._closed = True

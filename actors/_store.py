@@ -713,6 +713,7 @@ class Store:
                 group = self._take_group()
                 await self._commit_group(group)
                 self._complete(group)
+                del group  # (its operations' arguments: nothing waits here for the next)
                 if self._wal_pages >= CHECKPOINT_PAGES:
                     await self._checkpoint_soon()
         finally:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import os
+import tracemalloc
 import weakref
+from collections.abc import Awaitable, Iterator
 
 import apsw
 import pytest
@@ -415,3 +418,54 @@ async def test_an_idle_actor_keeps_nothing_of_the_messages_it_handled(db_path: s
         assert len(handled) == 14
         alive = [i for i, ref in enumerate(handled) if ref() is not None]
         assert alive == []
+
+
+async def test_nothing_of_a_sent_batch_stays_in_memory(db_path: str) -> None:
+    """Once a batch is committed and handled, its bodies are freed at once.
+
+    The router and the committer wait for the next batch, maybe for a
+    long time: whatever they keep of the last one (a ``send_many`` of
+    large bodies) is memory held for nothing. Twice: a batch handled at
+    once, and a batch left pending in the database (the only slot is busy),
+    whose commit is the committer's last.
+    """
+    gate = trio.Event()
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        if msg.body == b"wait":
+            await gate.wait()
+
+    def large_bodies(sessions: int) -> Iterator[tuple[str, bytes]]:
+        return ((f"s{i % sessions}", os.urandom(50_000)) for i in range(40))  # 2 MB
+
+    async def held_after(send: Awaitable[object]) -> tuple[int, int]:
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            await send
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            return tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+    async with actors.run_system(db_path, handler=handler, max_active=1) as system:
+        await system.send("warm", b"")
+        await system.drain()
+
+        async def handled() -> None:
+            await system.send_many(large_bodies(1))
+            await system.drain()
+
+        held, peak = await held_after(handled())
+        assert peak > 2_000_000  # the bodies were there
+        assert held < 200_000
+        await system.send("busy", b"wait")  # takes the one slot
+        held, peak = await held_after(system.send_many(large_bodies(4)))
+        stats = system.statistics()
+        assert (stats.pending, stats.in_flight) == (40, 1)  # "busy" holds the slot
+        assert peak > 2_000_000
+        assert held < 200_000
+        gate.set()
+        await system.drain()
