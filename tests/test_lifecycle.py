@@ -374,7 +374,9 @@ async def test_stop_is_not_missed_by_an_actor_restarting_at_that_moment(db_path:
                 await system.drain()
 
 
-async def test_an_idle_actor_keeps_nothing_of_the_messages_it_handled(db_path: str) -> None:
+async def test_an_idle_actor_keeps_nothing_of_the_messages_it_handled(
+    db_path: str, clock: object
+) -> None:
     """Once handled, a message and its handler's result are freed, though the actor stays.
 
     An idle actor waits for up to ``idle_timeout``, and ``max_active`` of
@@ -406,21 +408,22 @@ async def test_an_idle_actor_keeps_nothing_of_the_messages_it_handled(db_path: s
         await system.drain()
         await system.send_many([("bulk", b"z" * 1000)] * 3)  # claimed two and one
         await system.drain()
-        # The claim takes "wait" and the one behind it; the third is left.
+        # While "wait" runs, what is queued behind it is purged.
         await system.send_many([("purged", b"wait"), ("purged", b"2"), ("purged", b"3")])
         await trio.testing.wait_all_tasks_blocked()
-        assert await system.purge(session_id="purged") == 1  # the third
+        purged = await system.purge(session_id="purged")
+        assert purged in (1, 2)  # (one may be in flight already, claimed with "wait")
         gate.set()
         await system.drain()
         await trio.testing.wait_all_tasks_blocked()
         assert all(system.is_active(s) for s in ("claimed", "bulk", "purged"))
         gc.collect()
-        assert len(handled) == 14
+        assert len(handled) == 2 * (8 - purged)
         alive = [i for i, ref in enumerate(handled) if ref() is not None]
         assert alive == []
 
 
-async def test_nothing_of_a_sent_batch_stays_in_memory(db_path: str) -> None:
+async def test_nothing_of_a_sent_batch_stays_in_memory(db_path: str, clock: object) -> None:
     """Once a batch is committed and handled, its bodies are freed at once.
 
     The router and the committer wait for the next batch, maybe for a
