@@ -406,7 +406,7 @@ async def test_an_idle_actor_keeps_nothing_of_the_messages_it_handled(
         await system.drain()
         await system.send("claimed", b"y" * 1000)  # handed to the idle actor at insert
         await system.drain()
-        await system.send_many([("bulk", b"z" * 1000)] * 3)  # claimed two and one
+        await system.send_many([("bulk", b"z" * 1000)] * 3)  # claimed with those behind it
         await system.drain()
         # While "wait" runs, what is queued behind it is purged.
         await system.send_many([("purged", b"wait"), ("purged", b"2"), ("purged", b"3")])
