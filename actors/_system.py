@@ -17,8 +17,8 @@ from ._actor import actor_factory
 from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
-from ._config import Config, finite_delay
-from ._control import Control, check_seconds, purge_batches, purge_scope
+from ._config import Config
+from ._control import Control, purge_batches, purge_scope
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
 from ._lock import DatabaseLock
@@ -29,6 +29,7 @@ from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._timer import Timer
+from ._validate import check_int, check_message_id, check_seconds
 
 log = logging.getLogger("actors.system")
 
@@ -196,7 +197,7 @@ class System:
         now = self._clock.now()
         not_before = None
         if delay is not None:
-            seconds = finite_delay(delay)
+            seconds = check_seconds("delay", delay)
             if seconds:
                 not_before = now + seconds
         batch, index = self._router.add(session_id, data, now, not_before, key)
@@ -235,7 +236,7 @@ class System:
             raise SystemClosedError("the system is shutting down and accepts no more messages")
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
-        seconds = None if timeout is None else finite_delay(timeout)
+        seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
         msg_id: int | None = None
         with trio.move_on_after(math.inf if seconds is None else seconds) as scope:
@@ -284,6 +285,11 @@ class System:
                 if type(item) is tuple and len(item) == 2:
                     session_id, body = item
                 else:
+                    if not isinstance(item, tuple | list):
+                        # A str or a dict would unpack into its characters or keys.
+                        raise TypeError(
+                            f"expected a (session_id, body) tuple, got {type(item).__name__}"
+                        )
                     session_id, body, *rest = item
                     if len(rest) > 1:
                         raise ValueError(
@@ -396,7 +402,7 @@ class System:
         goes back to the head of its queue, the attempt counted as failed.
         Returns whether an actor was running.
         """
-        return self._sup.kill(session_id)
+        return self._sup.kill(check_session_id(session_id))
 
     # -- introspection ----------------------------------------------------
 
@@ -420,7 +426,7 @@ class System:
 
     def is_active(self, session_id: str) -> bool:
         """Whether ``session_id`` has a live actor right now."""
-        return self._sup.is_live(session_id)
+        return self._sup.is_live(check_session_id(session_id))
 
     def active_sessions(self) -> list[str]:
         """The sessions that have a live actor right now, sorted.
@@ -452,6 +458,8 @@ class System:
         """
         if session_id is not None:
             session_id = check_session_id(session_id)
+        if limit is not None:
+            limit = check_int("limit", limit)
         return self._store.dead_letters(session_id, limit)
 
     async def retry_dead(self, message_id: int | None = None) -> int:
@@ -459,6 +467,8 @@ class System:
 
         A requeued message goes to the back of its session's queue.
         """
+        if message_id is not None:
+            message_id = check_message_id(message_id)
         self._check_open()
         requeued: list[tuple[str, int]] = await self._store.call(
             self._store.op_retry_dead, message_id
@@ -481,6 +491,7 @@ class System:
         Raises:
           ValueError: the message is in flight (a handler runs it now).
         """
+        message_id = check_message_id(message_id)
         self._check_open()
         # Claimed on delivery but not started: taken from its actor, it may go.
         taken = bool(self._sup.unhand(message_id=message_id))
@@ -610,6 +621,8 @@ async def run_system(
     """
     config = Config.from_options(options)
     actor_factory(handler)  # validate before touching the file
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
     try:
