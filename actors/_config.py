@@ -102,8 +102,3 @@ class Config:
                 f"known options: {', '.join(sorted(known))}"
             )
         return cls(**options)
-
-
-def finite_delay(delay: float | None) -> float:
-    """``send(delay=...)``: ``None`` (0.0) or seconds as :func:`_validate.check_seconds` takes."""
-    return 0.0 if delay is None else v.check_seconds("delay", delay)

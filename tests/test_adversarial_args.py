@@ -604,3 +604,30 @@ async def test_a_huge_backoff_multiplier_does_not_stop_the_system(
         with trio.fail_after(HANG):
             await system.drain()
         assert system.statistics().processed == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["abort", "--id", str(2**63)], id="abort-2**63"),
+        pytest.param(["retry", "--id", str(2**63)], id="retry-2**63"),
+        pytest.param(["abort", "--id", "-1"], id="abort-negative"),
+        pytest.param(["retry", "--id", "0"], id="retry-0"),
+    ],
+)
+async def test_the_command_line_cannot_stop_a_running_system_with_an_id(
+    db_path: str, args: list[str]
+) -> None:
+    # The real clock: the command polls the control table in real time.
+    from click.testing import CliRunner
+
+    from actors._cli import cli
+
+    handler = Recorder()
+    async with actors.run_system(db_path, handler=handler, control_interval=0.02) as system:
+        result = await trio.to_thread.run_sync(
+            lambda: CliRunner().invoke(cli, [args[0], db_path, *args[1:], "--wait", "10"])
+        )
+        # Refused (1), or a usage error (2) if the command line checks first.
+        assert result.exit_code in (1, 2), result.output
+        await still_works(system, handler)
