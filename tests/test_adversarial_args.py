@@ -14,7 +14,8 @@ The tables, by entry point:
 - EDGE_CALLS: the largest and smallest values that are in range, accepted.
 - BAD_REQUESTS: the same ids and numbers arriving through the control table
   (``actors abort/retry/purge`` against a running system), and through
-  ``DirectTarget`` (no system running).
+  ``DirectTarget`` (no system running); and the command itself, ``actors
+  abort/retry --id 2**63`` against a running system on the real clock.
 - BAD_OPTIONS: ``run_system`` options, ``Backoff`` and ``RestartPolicy``
   values refused before the file is touched.
 - Backoff: total for any n (a multiplier of 1e5 overflowed a float after
@@ -39,9 +40,11 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+from click.testing import CliRunner
 from hypothesis import given
 
 import actors
+from actors._cli import cli
 from actors._control import DirectTarget, apply
 from actors._store import Store
 from actors._validate import MAX_BUSY_TIMEOUT, MAX_INT, MAX_SECONDS
@@ -619,10 +622,6 @@ async def test_the_command_line_cannot_stop_a_running_system_with_an_id(
     db_path: str, args: list[str]
 ) -> None:
     # The real clock: the command polls the control table in real time.
-    from click.testing import CliRunner
-
-    from actors._cli import cli
-
     handler = Recorder()
     async with actors.run_system(db_path, handler=handler, control_interval=0.02) as system:
         result = await trio.to_thread.run_sync(
