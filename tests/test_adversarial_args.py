@@ -630,3 +630,32 @@ async def test_the_command_line_cannot_stop_a_running_system_with_an_id(
         # Refused (1), or a usage error (2) if the command line checks first.
         assert result.exit_code in (1, 2), result.output
         await still_works(system, handler)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        pytest.param(1e300, ValueError, id="1e300"),
+        pytest.param(HUGE, ValueError, id="huge-int"),
+        pytest.param(-1, ValueError, id="negative"),
+        pytest.param(math.nan, ValueError, id="nan"),
+        pytest.param("5", TypeError, id="str"),
+        pytest.param(True, TypeError, id="true"),
+    ],
+)
+async def test_a_bridge_timeout_is_checked_before_anything_is_sent(
+    db_path: str, bad: object, error: type[Exception]
+) -> None:
+    # It bounded only the caller's wait, so a bad one failed (OverflowError
+    # from the threading module for 1e300) after the send was submitted.
+    handler = Recorder()
+    async with actors.run_system(db_path, handler=handler) as system:
+        bridge = system.bridge()
+        for send in (
+            lambda: bridge.send("s", "lost", timeout=bad),  # type: ignore[arg-type]
+            lambda: bridge.send_many([("s", "lost")], timeout=bad),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(error, match="timeout"):
+                await trio.to_thread.run_sync(send)
+        await still_works(system, handler)
+    assert handler.bodies == ["still working"]
