@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -34,6 +33,7 @@ from trio_util import periodic
 from ._codec import check_session_id
 from ._errors import StoreError
 from ._store import IN_FLIGHT, Store
+from ._validate import check_flag, check_message_id, check_seconds
 
 log = logging.getLogger("actors.control")
 
@@ -61,20 +61,6 @@ class Target(Protocol):
 # -- arguments and outcome (both sides) --------------------------------------
 
 
-def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
-    """A finite number of seconds, >= 0 (or > 0 with ``positive``).
-
-    Raises:
-      TypeError: not a number. ValueError: out of range.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
-
-
 def purge_scope(
     session_id: str | None, dead: bool, older_than: float | None, now: float
 ) -> tuple[str | None, float | None]:
@@ -83,8 +69,9 @@ def purge_scope(
     Raises:
       ValueError: neither a session nor ``dead=True``; ``older_than``
         without ``dead=True``; ``older_than`` out of range.
-      TypeError: a session id or ``older_than`` of the wrong type.
+      TypeError: a session id, ``dead`` or ``older_than`` of the wrong type.
     """
+    check_flag("dead", dead)
     if session_id is not None:
         session_id = check_session_id(session_id)
     elif not dead:
@@ -122,10 +109,9 @@ async def purge_batches(
 
 
 def _message_id(args: dict[str, Any]) -> int:
-    value = args.get("id")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"'id' must be an integer message id, got {value!r}")
-    return value
+    # Checked here too, not only by the System's methods: DirectTarget
+    # passes the id straight to the store.
+    return check_message_id(args.get("id"), "'id'")
 
 
 async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
@@ -155,11 +141,10 @@ async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
                 return {"ok": False, "error": f"no pending or dead message {message_id}"}
             return {"ok": True, "count": 1, "detail": f"aborted message {message_id}"}
         if command == "purge":
-            dead = args.get("dead", False)
-            if not isinstance(dead, bool):
-                raise TypeError(f"'dead' must be true or false, got {dead!r}")
             count = await target.purge(
-                session_id=args.get("session"), dead=dead, older_than=args.get("older_than")
+                session_id=args.get("session"),
+                dead=args.get("dead", False),
+                older_than=args.get("older_than"),
             )
             return {"ok": True, "count": count, "detail": f"purged {count} message(s)"}
         known = ", ".join(COMMANDS)

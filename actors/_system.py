@@ -17,8 +17,8 @@ from ._actor import actor_factory
 from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
-from ._config import Config, finite_delay
-from ._control import Control, check_seconds, purge_batches, purge_scope
+from ._config import Config
+from ._control import Control, purge_batches, purge_scope
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
 from ._lock import DatabaseLock
@@ -29,6 +29,7 @@ from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._timer import Timer
+from ._validate import check_int, check_message_id, check_seconds
 
 log = logging.getLogger("actors.system")
 
@@ -175,12 +176,13 @@ class System:
         producer that retries after a timeout causes no duplicate work.
 
         Raises:
-          TypeError: ``session_id`` is not a str, or ``body`` cannot be
-            encoded. Nothing is persisted.
+          TypeError: ``session_id`` is not a str, ``body`` cannot be
+            encoded, ``delay`` is not a number (a bool is not). Nothing is
+            persisted.
           ValueError: ``session_id`` is empty, over 256 characters or
-            contains NUL; ``delay`` is negative or not finite; the encoded
-            body is over ``max_message_bytes`` (MessageTooLargeError).
-            Nothing is persisted.
+            contains NUL; ``delay`` is negative, not finite or over 10**9
+            seconds; the encoded body is over ``max_message_bytes``
+            (MessageTooLargeError). Nothing is persisted.
           SystemClosedError: the system is shutting down.
           StoreError: the database failed; the message was not acknowledged.
 
@@ -196,7 +198,7 @@ class System:
         now = self._clock.now()
         not_before = None
         if delay is not None:
-            seconds = finite_delay(delay)
+            seconds = check_seconds("delay", delay)
             if seconds:
                 not_before = now + seconds
         batch, index = self._router.add(session_id, data, now, not_before, key)
@@ -229,13 +231,13 @@ class System:
           ActorsError: the message was deleted by ``abort`` or ``purge``
             before it ran.
           TypeError / ValueError / SystemClosedError / StoreError: as
-            :meth:`send`.
+            :meth:`send`; ``timeout`` is checked as ``delay`` is.
         """
         if self._closed:
             raise SystemClosedError("the system is shutting down and accepts no more messages")
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
-        seconds = None if timeout is None else finite_delay(timeout)
+        seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
         msg_id: int | None = None
         with trio.move_on_after(math.inf if seconds is None else seconds) as scope:
@@ -270,7 +272,8 @@ class System:
         as in :meth:`send` (None for none). All are validated first: if any
         is invalid, none is persisted and the error names its index.
         Returns the ids in the order given (a duplicate's id is the first
-        message's). Raises as :meth:`send` does.
+        message's). Raises as :meth:`send` does; TypeError also for an item
+        that is not a tuple (or list).
         """
         if self._closed:
             raise SystemClosedError("the system is shutting down and accepts no more messages")
@@ -284,6 +287,11 @@ class System:
                 if type(item) is tuple and len(item) == 2:
                     session_id, body = item
                 else:
+                    if not isinstance(item, tuple | list):
+                        # A str or a dict would unpack into its characters or keys.
+                        raise TypeError(
+                            f"expected a (session_id, body) tuple, got {type(item).__name__}"
+                        )
                     session_id, body, *rest = item
                     if len(rest) > 1:
                         raise ValueError(
@@ -338,6 +346,10 @@ class System:
         The iteration ends when the system stops. Close the subscription
         (``aclose()``, ``async with``, or just ``break`` and drop it) to
         stop holding the session back.
+
+        Raises:
+          TypeError / ValueError: an invalid ``session_id`` (as :meth:`send`);
+            ``buffer`` not an int (TypeError) or not from 1 to 2**63 - 1.
         """
         session_id = check_session_id(session_id)
         return self._sup.outputs.subscribe(session_id, buffer)
@@ -351,6 +363,10 @@ class System:
         StatusEvent). Never slows the system: if this subscriber's
         ``buffer`` is full, an event is dropped for it and counted in its
         ``dropped``. Ends when the system stops.
+
+        Raises:
+          TypeError / ValueError: ``buffer`` not an int, or not from 1 to
+            2**63 - 1.
         """
         return self._sup.events.subscribe(buffer)
 
@@ -395,8 +411,11 @@ class System:
         The supervisor restarts it (restart policy) and its in-flight message
         goes back to the head of its queue, the attempt counted as failed.
         Returns whether an actor was running.
+
+        Raises:
+          TypeError / ValueError: an invalid ``session_id``, as :meth:`send`.
         """
-        return self._sup.kill(session_id)
+        return self._sup.kill(check_session_id(session_id))
 
     # -- introspection ----------------------------------------------------
 
@@ -419,8 +438,12 @@ class System:
         )
 
     def is_active(self, session_id: str) -> bool:
-        """Whether ``session_id`` has a live actor right now."""
-        return self._sup.is_live(session_id)
+        """Whether ``session_id`` has a live actor right now.
+
+        Raises:
+          TypeError / ValueError: an invalid ``session_id``, as :meth:`send`.
+        """
+        return self._sup.is_live(check_session_id(session_id))
 
     def active_sessions(self) -> list[str]:
         """The sessions that have a live actor right now, sorted.
@@ -449,16 +472,34 @@ class System:
 
         A synchronous read through a separate read-only connection; pass
         ``limit`` when there may be very many.
+
+        Raises:
+          TypeError: ``session_id`` is not a str (or None), ``limit`` not
+            an int (or None).
+          ValueError: an invalid ``session_id``; ``limit`` negative or over
+            2**63 - 1 (0 gives ``[]``).
+          StoreError: the database cannot be read.
         """
         if session_id is not None:
             session_id = check_session_id(session_id)
+        if limit is not None:
+            limit = check_int("limit", limit)
         return self._store.dead_letters(session_id, limit)
 
     async def retry_dead(self, message_id: int | None = None) -> int:
         """Requeue one dead letter (or all) with fresh attempts; returns how many.
 
         A requeued message goes to the back of its session's queue.
+
+        Raises:
+          TypeError: ``message_id`` is not an int (a bool is not).
+          ValueError: ``message_id`` is below 1 or over 2**63 - 1 (no
+            message can have it).
+          SystemClosedError: the system is shutting down.
+          StoreError: the database failed.
         """
+        if message_id is not None:
+            message_id = check_message_id(message_id)
         self._check_open()
         requeued: list[tuple[str, int]] = await self._store.call(
             self._store.op_retry_dead, message_id
@@ -479,8 +520,14 @@ class System:
         """Delete a pending or dead message. Returns False if there is none.
 
         Raises:
-          ValueError: the message is in flight (a handler runs it now).
+          TypeError: ``message_id`` is not an int (a bool is not).
+          ValueError: ``message_id`` is below 1 or over 2**63 - 1 (no
+            message can have it); the message is in flight (a handler runs
+            it now).
+          SystemClosedError: the system is shutting down.
+          StoreError: the database failed.
         """
+        message_id = check_message_id(message_id)
         self._check_open()
         # Claimed on delivery but not started: taken from its actor, it may go.
         taken = bool(self._sup.unhand(message_id=message_id))
@@ -519,9 +566,11 @@ class System:
         of deleted messages are forgotten.
 
         Raises:
+          TypeError: ``session_id`` not a str, ``dead`` not a bool,
+            ``older_than`` not a number.
           ValueError: neither ``session_id`` nor ``dead=True``; ``older_than``
-            without ``dead=True``, negative or not finite; an invalid
-            ``session_id`` (TypeError for a wrong type).
+            without ``dead=True``, negative, not finite or over 10**9; an
+            invalid ``session_id``.
           SystemClosedError: the system is shutting down.
           StoreError: the database failed.
         """
@@ -564,7 +613,8 @@ class System:
         through the store (a scan of the queued messages).
 
         Raises:
-          TypeError / ValueError: ``stall_after`` is not a number > 0.
+          TypeError: ``stall_after`` is not a number.
+          ValueError: ``stall_after`` is not > 0, not finite or over 10**9.
           StoreError: the database failed.
         """
         stall_after = check_seconds("stall_after", stall_after, positive=True)
@@ -603,13 +653,15 @@ async def run_system(
     messages stay pending for the next start.
 
     Raises:
-      TypeError / ValueError: bad ``handler``, path or options (before
-        anything is opened).
+      TypeError / ValueError: bad ``handler``, path, ``rng`` or options
+        (before anything is opened; see Config for the ranges).
       DatabaseInUseError: another running system owns the database.
       StoreError: the database cannot be opened, or failed while running.
     """
     config = Config.from_options(options)
     actor_factory(handler)  # validate before touching the file
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
     try:
