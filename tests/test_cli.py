@@ -28,6 +28,7 @@ import actors
 from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, cli, parse_duration
 from actors._demo import DemoOptions, LiveDisplay, run_demo
 from actors._lock import DatabaseLock
+from actors._starts import StartTable, database_identity
 
 
 def invoke(*args: str) -> Result:
@@ -103,10 +104,15 @@ def test_durations() -> None:
 
 async def test_status_shows_queues_by_session_and_state(db_path: str) -> None:
     ids = await fill(db_path)
-    # As if a process died mid-message: b's head in flight.
+    # As if a process died mid-message: b's head in flight (its handler had
+    # started, as the start table says).
     sql(db_path, "UPDATE messages SET state = 1 WHERE id = ?", (ids["pending"][0],))
+    starts = StartTable(db_path + ".starts", database_identity(db_path))
+    starts.mark(starts.acquire(), ids["pending"][0])
+    starts.close()
     st = as_json(invoke("status", db_path, "--json"))
     assert (st["pending"], st["in_flight"], st["dead"]) == (3, 1, 2)
+    assert st["handed"] == 0 and st["running"] is False
     assert (st["delayed"], st["retry_waiting"]) == (1, 0)
     assert st["attempts"] == {"1": 1}  # b's head used one attempt
     assert 0 <= st["oldest_pending_age"] < 60
