@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import apsw
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -34,6 +40,7 @@ from actors._cli import (
     EXIT_USAGE,
     cli,
 )
+from actors._demo import DemoOptions, run_demo
 from actors._lock import DatabaseLock
 from actors._starts import StartTable, database_identity
 
@@ -397,3 +404,103 @@ def test_sessions_json_calls_the_most_attempts_used_most_attempts(db_path: str) 
     (row,) = json.loads(invoke("sessions", db_path, "--json").output)
     assert row["most_attempts"] == 1
     assert "max_attempts" not in row
+
+
+# -- the demo: a killed run is checked by the next one ---------------------------------------
+
+TABLE_ROW = re.compile(r"^  ([a-z ]+?)\s{2,}(\d+)  ", re.MULTILINE)
+PROGRESS = re.compile(r"this run: sent\s+(\d+)/(\d+)\s+processed\s+(\d+)")
+
+
+def demo_command(db: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "actors", "demo", "--db", str(db), *args]
+
+
+def test_a_demo_killed_with_kill_9_is_checked_by_the_next_run(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    first = subprocess.Popen(
+        demo_command(db, "--sessions", "50", "--messages", "40", "--duration", "8", "--seed", "3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert first.stdout is not None
+    progress: list[tuple[int, int, int]] = []
+    try:
+        # Progress lines come through a pipe (block-buffered unless flushed):
+        # wait for two that show acknowledged and processed messages.
+        while len(progress) < 2 or progress[-1][2] == 0:
+            ready, _, _ = select.select([first.stdout], [], [], 30)
+            assert ready, "no progress line within 30 s"
+            line = first.stdout.readline()
+            assert line, "the demo ended before it was killed"
+            found = PROGRESS.search(line)
+            if found:
+                progress.append((int(found[1]), int(found[2]), int(found[3])))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        first.stdout.close()
+    sent_before_kill, total, _ = progress[-1]
+    assert sent_before_kill < total  # still sending: a run lasts long enough to be killed
+
+    second = subprocess.run(
+        demo_command(db, "--sessions", "4", "--messages", "5", "--duration", "0.2", "--seed", "4"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == EXIT_OK, second.stdout + second.stderr
+    table = {name: int(value) for name, value in TABLE_ROW.findall(second.stdout)}
+    # Every id the killed run acknowledged is accounted for, each one way.
+    assert table["earlier sent"] >= sent_before_kill > 0
+    assert (
+        table["earlier processed"] + table["earlier dead"] + table["earlier pending"]
+        == table["earlier sent"]
+    )
+    assert table["earlier pending"] == 0  # this run finished them
+    assert table["lost"] == 0
+    # This run's own counts are its own.
+    assert table["sent"] == 20
+    assert table["processed"] + table["dead"] == 20
+    assert "earlier runs on this file acknowledged" in second.stdout
+    assert "earlier runs' too" in second.stdout
+    for found in PROGRESS.finditer(second.stdout):
+        sent, total, processed = (int(g) for g in found.groups())
+        assert total == 20 and processed <= sent <= 20, found[0]
+    # retried and failed attempts are distinct facts now (a run has both).
+    assert "restarts" not in table
+
+
+async def test_the_demo_counts_an_earlier_run_s_message_that_vanished_as_lost(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "demo.db")
+    quick = DemoOptions(db=db, sessions=2, messages=3, seed=1, duration=0, kill_interval=1e6)
+    first = await run_demo(quick, out=lambda _: None)
+    assert first.ok and first.sent == 6 and first.earlier_sent == 0
+    # As if a message the first run acknowledged had vanished from the database.
+    ledger = apsw.Connection(db + ".demo-ledger")
+    ledger.execute("INSERT INTO sent VALUES (?, 1)", (10**9,))
+    ledger.close()
+    second = await run_demo(attrs.evolve(quick, seed=2), out=lambda _: None)
+    assert (second.earlier_sent, second.earlier_processed) == (7, 6 - first.dead)
+    assert second.lost == 1
+    assert not second.ok
+    assert re.search(r"^  lost\s+1  ", second.table(), re.MULTILINE)
+
+
+def test_the_demo_runs_about_ten_seconds_unless_told(tmp_path: Path) -> None:
+    assert DemoOptions().duration == 10.0
+    result = invoke("demo", "--help")
+    assert "--duration SECONDS" in result.output and "[default: 10.0;" in result.output
+
+
+def test_the_demo_refuses_a_database_it_cannot_use(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database " * 100)
+    result = invoke("demo", "--db", str(junk), "--sessions", "1", "--messages", "1")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "is not an SQLite database" in result.output
+    assert isinstance(result.exception, SystemExit)

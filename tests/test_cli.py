@@ -274,7 +274,17 @@ async def test_a_running_system_that_does_not_answer_exits_4(db_path: str) -> No
 
 def test_the_demo_command_runs_and_verifies(tmp_path: Path) -> None:
     result = invoke(
-        "demo", "--sessions", "3", "--messages", "4", "--seed", "1", "--db", str(tmp_path / "d.db")
+        "demo",
+        "--sessions",
+        "3",
+        "--messages",
+        "4",
+        "--duration",
+        "0.2",
+        "--seed",
+        "1",
+        "--db",
+        str(tmp_path / "d.db"),
     )
     assert result.exit_code == EXIT_OK, result.output
     assert "OK: every acknowledged message was processed or dead-lettered" in result.output
@@ -286,7 +296,12 @@ async def test_the_live_display_shows_progress(tmp_path: Path) -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=100)
     options = DemoOptions(
-        db=str(tmp_path / "d.db"), sessions=2, messages=3, seed=2, progress_interval=0.01
+        db=str(tmp_path / "d.db"),
+        sessions=2,
+        messages=3,
+        seed=2,
+        duration=0.1,
+        progress_interval=0.01,
     )
     with LiveDisplay(console, 6) as display:
         report = await run_demo(options, out=lambda _: None, show=display.update)
@@ -294,7 +309,7 @@ async def test_the_live_display_shows_progress(tmp_path: Path) -> None:
     text = out.getvalue()
     assert "sent" in text and "finished" in text
     assert "6/6" in text
-    assert "retried" in text
+    assert "failed attempts" in text
 
 
 # -- a real running system ---------------------------------------------------------------
