@@ -212,9 +212,13 @@ class Status:
     heartbeat: Heartbeat | None
 
 
+# Attempts a message has used: a handed message's claim counted one that its
+# handler has not started (recovery would give it back). The parameter is
+# the JSON array of handed ids (Claimed.handed_ids).
+_USED = "(attempts - (id IN (SELECT value FROM json_each(?))))"
 _SESSIONS = (
     "SELECT session_id, sum(state = 0), sum(state = 1), sum(state = 2),"
-    " min(CASE WHEN state < 2 THEN enqueued_at END), max(attempts)"
+    f" min(CASE WHEN state < 2 THEN enqueued_at END), max({_USED})"
     " FROM messages{where} GROUP BY session_id"
     " ORDER BY sum(state < 2) DESC, sum(state = 2) DESC, session_id LIMIT ?"
 )
@@ -297,7 +301,7 @@ def _sessions(
     where, params = ("", ()) if session_id is None else (" WHERE session_id = ?", (session_id,))
     out = []
     for session, pending, claimed_, dead, oldest, attempts in db.execute(
-        _SESSIONS.format(where=where), (*params, limit)
+        _SESSIONS.format(where=where), (json.dumps(found.handed_ids), *params, limit)
     ):
         handed = found.handed.get(str(session), 0)
         out.append(
@@ -338,17 +342,18 @@ def status(
                 (now,),
             )
         }
-        attempts = {
-            _int(a): _int(n)
-            for a, n in db.execute(
-                "SELECT attempts, count(*) FROM messages WHERE state < 2 AND attempts > 0"
-                " GROUP BY attempts ORDER BY attempts"
-            )
-        }
         session_count = _int(
             db.execute("SELECT count(DISTINCT session_id) FROM messages").fetchall()[0][0]
         )
         found = claimed(db, path)
+        attempts = {
+            _int(a): _int(n)
+            for a, n in db.execute(
+                f"SELECT {_USED} AS used, count(*) FROM messages WHERE state < 2 AND used > 0"
+                " GROUP BY used ORDER BY used",
+                (json.dumps(found.handed_ids),),
+            )
+        }
         in_flight = [
             InFlightRow(
                 id=_int(i),

@@ -219,6 +219,9 @@ async def test_in_flight_counts_started_handlers_and_handed_messages_apart(
         st = json.loads((await ainvoke("status", db_path, "--json")).output)
         assert (st["in_flight"], st["handed"], st["pending"]) == (1, 1, 1)
         assert [m["id"] for m in st["in_flight_messages"]] == [hung]
+        # Only the started message has used an attempt (the claim of the
+        # handed one counted one its handler has not used).
+        assert st["attempts"] == {"1": 1}
         chat = next(s for s in st["sessions"] if s["session_id"] == "chat")
         assert (chat["in_flight"], chat["handed"], chat["pending"]) == (1, 1, 0)
         rows = json.loads(
