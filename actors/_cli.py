@@ -84,10 +84,8 @@ ID = click.IntRange(1, MAX_INT)
 LIMIT = click.IntRange(1, MAX_INT)
 
 
-class Seconds(click.FloatRange):
+class Finite(click.FloatRange):
     """A finite number in a range (``nan`` and ``inf`` pass a FloatRange)."""
-
-    name = "seconds"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
@@ -189,7 +187,7 @@ session_option = click.option(
 )
 wait_option = click.option(
     "--wait",
-    type=Seconds(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -277,7 +275,7 @@ def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 )
 @click.option(
     "--duration",
-    type=Seconds(0, MAX_DEMO_DURATION),
+    type=Finite(0, MAX_DEMO_DURATION),
     default=_DEMO.duration,
     show_default=True,
     metavar="SECONDS",
@@ -286,21 +284,21 @@ def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 @click.option("--seed", type=int, help="Seed for the workload's randomness.")
 @click.option(
     "--fail-rate",
-    type=Seconds(0, 1),
+    type=Finite(0, 1),
     default=_DEMO.fail_rate,
     show_default=True,
     help="Chance that an attempt raises.",
 )
 @click.option(
     "--poison-rate",
-    type=Seconds(0, 1),
+    type=Finite(0, 1),
     default=_DEMO.poison_rate,
     show_default=True,
     help="Chance that a message fails on every attempt.",
 )
 @click.option(
     "--kill-interval",
-    type=Seconds(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=_DEMO.kill_interval,
     show_default=True,
     metavar="SECONDS",
@@ -577,7 +575,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
 @json_option
 @click.option(
     "--stall-after",
-    type=Seconds(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -585,7 +583,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
 )
 @click.option(
     "--stale-after",
-    type=Seconds(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=None,
     metavar="SECONDS",
     help="Unhealthy when the heartbeat is older than this "
