@@ -344,12 +344,6 @@ def demo(
         progress_interval=0.1 if live else _DEMO.progress_interval,
     )
 
-    def echo(text: str) -> None:
-        # Flushed line by line: output to a file or a pipe is block-buffered,
-        # and a run killed with kill -9 would take its progress lines along.
-        click.echo(text)
-        sys.stdout.flush()
-
     try:
         if live:
 
@@ -359,7 +353,10 @@ def demo(
             with LiveDisplay(console, sessions * messages) as display:
                 report = trio.run(run_demo, options, out, display.update)
         else:
-            report = trio.run(run_demo, options, echo)
+            # click.echo flushes every line: output to a file or a pipe is
+            # block-buffered, and a run killed with kill -9 would otherwise
+            # take its last progress lines along (tests check they arrive).
+            report = trio.run(run_demo, options, click.echo)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: unfinished messages stay in the database (see --db)")
         sys.exit(130)
