@@ -307,6 +307,22 @@ class RequestTimeoutError(Exception):
         super().__init__(f"no answer to control request {request_id} within {waited:g}s ({what})")
 
 
+class SystemStoppedError(Exception):
+    """The system stopped before it answered a control request.
+
+    Raised once ``stopped()`` (see :func:`request`) said so, which means the
+    caller holds the database's lock now and can apply the command itself.
+    ``withdrawn``: the request was taken back; otherwise the stopped system
+    had taken it without finishing it, and whoever applies it must write its
+    outcome into the request (else the next system applies it again).
+    """
+
+    def __init__(self, request_id: int, withdrawn: bool) -> None:
+        self.request_id = request_id
+        self.withdrawn = withdrawn
+        super().__init__(f"the system stopped before it answered control request {request_id}")
+
+
 def request(
     path: str,
     command: str,
@@ -315,14 +331,21 @@ def request(
     wait: float,
     poll: float = 0.05,
     busy_timeout: float = 5.0,
+    stopped: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Ask the system running on ``path`` to apply a command; return its outcome.
 
     Blocks (polling every ``poll`` seconds) until the system wrote the
-    outcome, at most ``wait`` seconds.
+    outcome, at most ``wait`` seconds. ``stopped()``, called at every poll,
+    says whether the system is gone; the command line passes one that
+    tries to take the database's lock (so a yes leaves the caller holding
+    it: no other system can start and take the request meanwhile). A system
+    that is stopping takes no more requests, so without this a request
+    issued at that moment would wait out ``wait`` for nothing.
 
     Raises:
       RequestTimeoutError: no outcome within ``wait``.
+      SystemStoppedError: ``stopped()`` said yes before an outcome came.
       apsw.Error: the database cannot be written.
     """
     db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
@@ -342,15 +365,27 @@ def request(
             )
             return db.changes() == 1
 
+        def answered() -> dict[str, Any] | None:
+            rows = db.execute(
+                "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
+            ).fetchall()
+            if rows and rows[0][0] is not None:
+                outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+                return outcome
+            return None
+
         deadline = time.monotonic() + wait
         try:
             while True:
-                rows = db.execute(
-                    "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
-                ).fetchall()
-                if rows and rows[0][0] is not None:
-                    outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+                outcome = answered()
+                if outcome is not None:
                     return outcome
+                if stopped is not None and stopped():
+                    # It may have answered just before it went: look once more.
+                    outcome = answered()
+                    if outcome is not None:
+                        return outcome
+                    raise SystemStoppedError(request_id, withdrawn=withdraw())
                 if time.monotonic() >= deadline:
                     raise RequestTimeoutError(request_id, wait, withdrawn=withdraw())
                 time.sleep(poll)
