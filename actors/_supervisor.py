@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -157,6 +158,10 @@ class Supervisor:
         self._isolation_over = trio.Event()
         self.stopping = False
         self._all_retired = trio.Event()
+        # The stop's wait for running handlers (None outside it), and the
+        # earliest end of it asked for (hasten() may come before stop()).
+        self._grace: trio.CancelScope | None = None
+        self._stop_deadline = math.inf
         self._nursery: trio.Nursery | None = None
         # Counts. outstanding = pending + in flight (drain waits for 0).
         self.outstanding = Gauge(pending)
@@ -195,10 +200,11 @@ class Supervisor:
             self.stopping = True
             self._nursery = None
 
-    async def stop(self, grace: float) -> None:
-        """Stop gracefully: no new claims, running handlers get ``grace`` seconds.
+    async def stop(self, deadline: float) -> None:
+        """Stop gracefully: no new claims, running handlers may go on until ``deadline``.
 
-        Then whatever still runs is cancelled; messages it held go back to
+        ``deadline`` is in trio time (hasten() may bring it closer). Then
+        whatever still runs is cancelled; messages it held go back to
         pending, their attempt counted if their handler had started (a claim
         whose handler never started gives its attempt back).
         """
@@ -208,10 +214,20 @@ class Supervisor:
         for actor in list(self._actors.values()):
             actor.wake()
         if self._actors:
-            with trio.move_on_after(grace):
-                await self._all_retired.wait()
+            with trio.CancelScope(deadline=min(deadline, self._stop_deadline)) as grace:
+                self._grace = grace
+                try:
+                    await self._all_retired.wait()
+                finally:
+                    self._grace = None
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def hasten(self, deadline: float) -> None:
+        """Bring the end of the stop's grace to ``deadline`` if that is sooner."""
+        self._stop_deadline = min(self._stop_deadline, deadline)
+        if self._grace is not None:
+            self._grace.deadline = min(self._grace.deadline, deadline)
 
     # -- what the router, the timer and the system call ---------------------
 
