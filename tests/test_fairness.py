@@ -23,12 +23,14 @@ HOG_MESSAGES = 300
 class Log:
     """The order in which messages were handled, by session."""
 
-    def __init__(self) -> None:
+    def __init__(self, newcomers_after: int = 0) -> None:
         self.handled: list[str] = []
-        self.entered = trio.Event()
+        self.newcomers_after = newcomers_after
+        self.entered = trio.Event()  # set once that many messages were handled
 
     async def handler(self, ctx: actors.Context, msg: actors.Message) -> None:
-        self.entered.set()
+        if len(self.handled) >= self.newcomers_after:
+            self.entered.set()
         await trio.sleep(0.01)
         self.handled.append(msg.session_id)
 
@@ -118,11 +120,61 @@ async def test_hogs_share_the_slots_in_turn(
     ) as system:
         await system.send_many([(s, i) for i in range(HOG_MESSAGES) for s in hogs])
         await system.drain()
-    # The longest run of messages without a given hog's: about two turns of
-    # the others (the one it waits for, and the other slot's).
+    # The longest run of messages without a given hog's, while it has work
+    # left: about two turns of the others (the one it waits for, and the
+    # other slot's).
     for hog in hogs:
+        last = max(i for i, s in enumerate(log.handled) if s == hog)
         gap = longest = 0
-        for s in log.handled:
+        for s in log.handled[:last]:
             gap = 0 if s == hog else gap + 1
             longest = max(longest, gap)
         assert longest <= bound(1), (hog, longest)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["handed", "keyed"])
+@pytest.mark.parametrize("pace", [0.002, 0.01])
+async def test_hogs_fed_while_they_run_still_yield(
+    db_path: str, autojump_clock: object, waiting_limit: int, pace: float, keyed: bool
+) -> None:
+    # Producers feed the hogs about as fast as they handle: each hog keeps
+    # getting new work while it runs, handed to its actor (claim on
+    # delivery) or, for keyed sends, announced and claimed from the database.
+    log = Log(newcomers_after=40)
+
+    async def feed(system: actors.System, session: str) -> None:
+        for i in range(HOG_MESSAGES):
+            await system.send(session, i, key=f"{i}" if keyed else None)
+            await trio.sleep(pace)
+
+    async with (
+        actors.run_system(
+            db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
+        ) as system,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(feed, system, "hog-a")
+        nursery.start_soon(feed, system, "hog-b")
+        nursery.start_soon(hogs_then_newcomers, system, log, ["newcomer"])
+    assert len(log.handled) == 2 * HOG_MESSAGES + 1
+    assert log.before("newcomer") - log.newcomers_after <= bound(0)
+
+
+async def test_a_burst_handed_to_running_hogs_does_not_extend_their_turn(
+    db_path: str, autojump_clock: object, waiting_limit: int
+) -> None:
+    # Both slots run a message each, the newcomer waits; then a burst for
+    # each running session is handed to its actor (claimed on delivery).
+    # The burst counts in the turn: each yields after fair_share.
+    log = Log()
+    async with actors.run_system(
+        db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
+    ) as system:
+        await system.send_many([("hog-a", -1), ("hog-b", -1)])
+        await log.entered.wait()
+        await system.send("newcomer", "hello")
+        assert system.statistics().waiting_sessions == 1
+        await system.send_many([(s, i) for i in range(200) for s in ("hog-a", "hog-b")])
+        await system.drain()
+    assert len(log.handled) == 2 * 201 + 1
+    assert log.before("newcomer") <= bound(0)
