@@ -8,19 +8,28 @@ compares what ``send()`` acknowledged with what the handler completed and
 what sits in dead letters, and prints the verdict as a table.
 
 The handler's own record is the ground truth: a message counts as processed
-only if a handler call for it returned normally. Only the public API is used.
+only if a handler call for it returned normally. Only the public API is used
+(and, after a stop by a signal, a read of the database for what is left).
+
+SIGTERM or SIGINT (Ctrl-C) stops the run gracefully (``System.shutdown``):
+nothing new starts, running handlers finish, their acks commit, and what is
+left stays pending in the database for the next run (``--db``); the
+verification then counts it as left, not lost. A second signal stops at
+once (running handlers are cancelled, their messages run again next time).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from itertools import pairwise
 
+import apsw
 import attrs
 import trio
 from rich.console import Console, Group
@@ -46,6 +55,9 @@ class DemoOptions:
     latency: tuple[float, float] = (0.001, 0.005)  # handler sleep range, seconds
     progress_interval: float = 0.5
     timeout: float = 60.0  # give up waiting for drain() after this long
+
+
+STOP_GRACE = 5.0  # seconds running handlers get after SIGTERM / SIGINT (handler_timeout is 0.1)
 
 
 class PoisonError(Exception):
@@ -172,6 +184,17 @@ def count_dishonest(sent: Iterable[int], attempts: dict[int, list[int]]) -> int:
     return bad
 
 
+def still_queued(db: str, ids: set[int]) -> set[int]:
+    """Which of ``ids`` are still in the database, pending (read after the system stopped)."""
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        rows = conn.execute("SELECT id FROM messages WHERE state < 2").fetchall()
+    finally:
+        conn.close()
+    queued = {row[0] for row in rows if isinstance(row[0], int)}
+    return queued & ids
+
+
 def make_handler(
     recorder: Recorder, rng: random.Random, options: DemoOptions
 ) -> Callable[[actors.Context, actors.Message], Awaitable[None]]:
@@ -273,42 +296,75 @@ async def _run(
         f" ~{options.kill_interval * 1000:g} ms"
     )
     started = time.monotonic()
-    async with actors.run_system(
-        db,
-        handler=make_handler(recorder, rng, options),
-        rng=rng,
-        max_attempts=4,
-        handler_timeout=0.1,
-        retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
-        restart_policy=actors.RestartPolicy(
-            max_restarts=1000, window=1.0, backoff=actors.Backoff(initial=0.001, maximum=0.01)
-        ),
-    ) as system:
-        before = system.statistics()
-        if system.recovered or before.pending:
+    stopped_by: list[str] = []  # the signal that stopped the run, if one did
+    timed_out = False
+
+    async def stop_on_signals(system: actors.System, signals: AsyncIterator[int]) -> None:
+        # Outside the system's block: shutdown() cancels the block, and this
+        # task must live on to take a second signal.
+        async for signum in signals:
+            if stopped_by:
+                out(f"{signal.Signals(signum).name} again: stopping now")
+                await system.shutdown(0)
+                continue
+            stopped_by.append(signal.Signals(signum).name)
             out(
-                f"      recovered {system.recovered} in-flight message(s) of a previous run;"
-                f" {before.pending} pending in all"
+                f"{stopped_by[0]}: stopping gracefully (running handlers finish, the rest stays"
+                " pending; a second signal stops at once)"
             )
+            nursery.start_soon(system.shutdown, STOP_GRACE)
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(chaos)
-            nursery.start_soon(progress)
-            async with trio.open_nursery() as producers:
-                for name in names:
-                    producers.start_soon(produce, name)
-            with trio.move_on_after(options.timeout) as waited:
-                await system.drain()
+            async with actors.run_system(
+                db,
+                handler=make_handler(recorder, rng, options),
+                rng=rng,
+                max_attempts=4,
+                handler_timeout=0.1,
+                retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
+                restart_policy=actors.RestartPolicy(
+                    max_restarts=1000,
+                    window=1.0,
+                    backoff=actors.Backoff(initial=0.001, maximum=0.01),
+                ),
+            ) as system:
+                nursery.start_soon(stop_on_signals, system, signals)
+                before = system.statistics()
+                if system.recovered or before.pending:
+                    out(
+                        f"      recovered {system.recovered} in-flight message(s) of a previous"
+                        f" run; {before.pending} pending in all"
+                    )
+                async with trio.open_nursery() as workload:
+                    workload.start_soon(chaos)
+                    workload.start_soon(progress)
+                    async with trio.open_nursery() as producers:
+                        for name in names:
+                            producers.start_soon(produce, name)
+                    with trio.move_on_after(options.timeout) as waited:
+                        await system.drain()
+                    timed_out = waited.cancelled_caught
+                    workload.cancel_scope.cancel()
+            # (A signal's shutdown() cancelled the block and ended it here.)
             nursery.cancel_scope.cancel()
-        if show is not None:
-            show(snapshot())  # the final state
-        stats = system.statistics()
-        if waited.cancelled_caught:
-            out(
-                f"drain() did not finish within {options.timeout:g}s: {stats.pending} message(s)"
-                " still pending in the database"
-            )
-        mine = set(sent)
-        dead = {d.id for d in system.dead_letters() if d.id in mine}
+    if show is not None:
+        show(snapshot())  # the final state
+    stats = system.statistics()
+    if timed_out:
+        out(
+            f"drain() did not finish within {options.timeout:g}s: {stats.pending} message(s)"
+            " still pending in the database"
+        )
+    mine = set(sent)
+    dead = {d.id for d in system.dead_letters() if d.id in mine}
+    left: set[int] = set()
+    if stopped_by:
+        left = still_queued(db, mine - recorder.completed - dead)
+        out(
+            f"stopped by {stopped_by[0]}: {len(left)} message(s) left pending in the database"
+            " for the next run"
+        )
     return Report(
         sent=len(sent),
         processed=len(recorder.completed & mine),
@@ -316,7 +372,7 @@ async def _run(
         dead=len(dead),
         restarts=stats.restarts,
         kills=kills,
-        lost=count_lost(sent, recorder.completed, dead),
+        lost=count_lost(sent, recorder.completed, dead | left),
         out_of_order=count_out_of_order(recorder.starts),
         overlapping=recorder.overlapping,
         dishonest_attempts=count_dishonest(sent, recorder.attempts),

@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import apsw
@@ -177,12 +179,11 @@ async def test_shutdown_is_idempotent_and_a_second_call_can_only_shorten_the_gra
         hastened.append(trio.current_time())
         await system.shutdown(0)
 
-    async with trio.open_nursery() as outside:
-        async with actors.run_system(db_path, handler=slow) as system:
-            await entered.wait()
-            began = trio.current_time()
-            outside.start_soon(stop, system, 30)
-            outside.start_soon(then_at_once, system)
+    async with trio.open_nursery() as outside, actors.run_system(db_path, handler=slow) as system:
+        await entered.wait()
+        began = trio.current_time()
+        outside.start_soon(stop, system, 30)
+        outside.start_soon(then_at_once, system)
     assert hastened == [began]
     assert trio.current_time() - began == pytest.approx(0, abs=0.01)
     assert rows(db_path, "SELECT attempts FROM messages") == [(2,)]
@@ -199,17 +200,19 @@ async def test_shutdown_after_the_block_began_to_leave_shortens_its_grace(
         entered.set()
         await trio.sleep(50)
 
-    async with trio.open_nursery() as outside:
-        async with actors.run_system(db_path, handler=slow, shutdown_timeout=30) as system:
-            await system.send("s", 1)
-            await entered.wait()
-            began = trio.current_time()
+    async with (
+        trio.open_nursery() as outside,
+        actors.run_system(db_path, handler=slow, shutdown_timeout=30) as system,
+    ):
+        await system.send("s", 1)
+        await entered.wait()
+        began = trio.current_time()
 
-            async def later() -> None:
-                await trio.sleep(1)
-                await system.shutdown(2)
+        async def later() -> None:
+            await trio.sleep(1)
+            await system.shutdown(2)
 
-            outside.start_soon(later)
+        outside.start_soon(later)
     assert trio.current_time() - began == pytest.approx(3, abs=0.01)
 
 
@@ -223,23 +226,28 @@ async def test_shutdown_from_another_task_while_producers_send(db_path: str) -> 
         await trio.sleep(0.001)
         handled.append(msg.id)
 
+    enough = trio.Event()
+
     async def produce(system: actors.System, session: str) -> None:
         n = 0
         while True:
             acked.append(await system.send(session, n))
             n += 1
+            if len(acked) >= 300:
+                enough.set()
 
-    async def stop_after(system: actors.System, count: int) -> None:
-        while len(acked) < count:
-            await trio.sleep(0)
+    async def stop_later(system: actors.System) -> None:
+        await enough.wait()
         await system.shutdown(5)
 
-    async with actors.run_system(db_path, handler=handler) as system:
-        async with trio.open_nursery() as nursery:
-            for i in range(8):
-                nursery.start_soon(produce, system, f"s{i}")
-            nursery.start_soon(stop_after, system, 300)
-            await system.drain()  # never done: the producers keep going
+    async with (
+        actors.run_system(db_path, handler=handler) as system,
+        trio.open_nursery() as nursery,
+    ):
+        for i in range(8):
+            nursery.start_soon(produce, system, f"s{i}")
+        nursery.start_soon(stop_later, system)
+        await system.drain()  # never done: the producers keep going
     # No exception left the block: every producer ended with the cancellation.
     assert len(acked) >= 300 and len(set(acked)) == len(acked)
     # Nothing acknowledged was lost, nothing handled is left, nothing ran
@@ -285,11 +293,13 @@ async def test_a_task_of_the_block_that_sends_after_the_stop_began_is_cancelled(
         go.set()
         await system.shutdown(1)
 
-    async with actors.run_system(db_path, handler=lambda_noop) as system:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender, system)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(stopper, system)
+    async with (
+        actors.run_system(db_path, handler=lambda_noop) as system,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(sender, system)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(stopper, system)
     assert outcome == ["cancelled"]
     assert rows(db_path, "SELECT count(*) FROM messages") == [(0,)]
 
@@ -340,21 +350,20 @@ async def test_an_outside_sender_during_the_grace_is_refused(
 
     refused: list[BaseException] = []
 
-    async with trio.open_nursery() as outside:
-        async with actors.run_system(db_path, handler=slow) as system:
-            await system.send("s", 1)
-            await entered.wait()
+    async with trio.open_nursery() as outside, actors.run_system(db_path, handler=slow) as system:
+        await system.send("s", 1)
+        await entered.wait()
 
-            async def send_during_grace() -> None:
-                await trio.sleep(1)  # the stop began; a handler still runs
-                assert system.statistics().in_flight == 1
-                try:
-                    await system.send("t", "late")
-                except actors.SystemClosedError as exc:
-                    refused.append(exc)
+        async def send_during_grace() -> None:
+            await trio.sleep(1)  # the stop began; a handler still runs
+            assert system.statistics().in_flight == 1
+            try:
+                await system.send("t", "late")
+            except actors.SystemClosedError as exc:
+                refused.append(exc)
 
-            outside.start_soon(send_during_grace)
-            await system.shutdown(10)
+        outside.start_soon(send_during_grace)
+        await system.shutdown(10)
     assert len(refused) == 1
     assert rows(db_path, "SELECT count(*) FROM messages") == [(0,)]
 
@@ -401,3 +410,73 @@ async def test_infinite_grace_waits_for_the_handler(db_path: str, autojump_clock
         await system.shutdown(math.inf)
     assert trio.current_time() - began == pytest.approx(10_000, abs=0.01)
     assert rows(db_path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def demo(db: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "actors", "demo", "--db", db, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for_progress(proc: subprocess.Popen[str], seconds: float = 60) -> list[str]:
+    """Read the demo's output until a progress line shows handled messages."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"processed\s+(\d+)", line)
+        if match and int(match.group(1)) > 0:
+            return lines
+    proc.kill()
+    raise AssertionError(f"no progress from the demo: {''.join(lines)}")
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [[signal.SIGTERM], [signal.SIGINT], [signal.SIGTERM, signal.SIGINT]],
+    ids=["SIGTERM", "SIGINT", "twice"],
+)
+def test_the_demo_stops_gracefully_on_a_signal(tmp_path: Path, signals: list[int]) -> None:
+    db = str(tmp_path / "demo.db")
+    # Enough work to be mid-run for seconds; no chaos but the rare hang
+    # (which handler_timeout ends, with an error recorded).
+    workload = ["--sessions", "20", "--messages", "500", "--fail-rate", "0", "--poison-rate", "0"]
+    proc = demo(db, *workload, "--kill-interval", "100000")
+    wait_for_progress(proc)
+    for sig in signals:
+        proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "stopping gracefully" in output
+    assert "Traceback" not in output
+    # Nothing in flight, nothing marked as crashed; some work left pending.
+    by_state = dict(rows(db, "SELECT state, count(*) FROM messages GROUP BY state"))
+    assert set(by_state) <= {0, 2} and by_state.get(0, 0) > 0, by_state
+    assert rows(db, "SELECT count(*) FROM messages WHERE crashed = 1") == [(0,)]
+    # A message whose handler was started and stopped by the stop (not by a
+    # handler timeout, which records its error) would run again: none, unless
+    # the second signal cancelled the running handlers at once.
+    rerun = rows(
+        db, "SELECT count(*) FROM messages WHERE state = 0 AND attempts > 0 AND last_error IS NULL"
+    )[0][0]
+    if len(signals) == 1:
+        assert rerun == 0
+    # The next run recovers nothing and finishes the work left.
+    proc = demo(db, "--sessions", "1", "--messages", "1")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    recovered = re.search(r"recovered (\d+) in-flight", output)
+    assert recovered is None or recovered.group(1) == "0", output
+    assert rows(db, "SELECT count(*) FROM messages WHERE state < 2") == [(0,)]
