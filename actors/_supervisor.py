@@ -333,6 +333,11 @@ class Supervisor:
         while self.isolating is not None and self.isolating is not actor:
             await self._isolation_over.wait()
 
+    def in_actor_task(self) -> bool:
+        """Whether the calling task is a session actor's (a handler runs in it)."""
+        nursery = self._nursery
+        return nursery is not None and trio.lowlevel.current_task().parent_nursery is nursery
+
     def is_live(self, session_id: str) -> bool:
         """Whether ``session_id`` has an actor right now."""
         return session_id in self._actors

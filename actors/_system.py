@@ -205,11 +205,12 @@ class System:
 
         Returns once all of that is done. Called from inside the block (the
         usual signal-handling recipe, see docs/lifecycle.md), the caller is
-        cancelled with the block; the stop goes on. Idempotent: a later call
-        waits for the same stop, and can only shorten the grace
+        cancelled with the block; the stop goes on. Called from a handler,
+        it returns at once (the stop waits for that handler, which finishes
+        and is acknowledged like any other running one). Idempotent: a
+        later call waits for the same stop, and can only shorten the grace
         (``shutdown(0)`` cancels the running handlers now). Leaving the
         block on its own, or calling it after the system stopped, is fine.
-        Do not await it from a handler: the stop waits for that handler.
 
         Raises:
           TypeError: ``grace`` is not a number.
@@ -224,6 +225,10 @@ class System:
             self._begin_stop(float(grace))
             if self._body is not None:
                 self._body.cancel()
+        if self._sup.in_actor_task():
+            # A handler: waiting here would hold up the stop it waits for.
+            await trio.lowlevel.checkpoint()
+            return
         await self._stopped.wait()
 
     async def _refuse(self) -> NoReturn:

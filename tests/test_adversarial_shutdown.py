@@ -216,9 +216,9 @@ async def test_shutdown_after_the_block_began_to_leave_shortens_its_grace(
     assert trio.current_time() - began == pytest.approx(3, abs=0.01)
 
 
-async def test_shutdown_from_another_task_while_producers_send(db_path: str) -> None:
-    # Real clock and the committer's group commits: sends are in flight in
-    # the router's batches when the stop begins.
+async def test_shutdown_from_another_task_while_producers_send(db_path: str, clock: object) -> None:
+    # On both clocks: with the real one, the committer's group commits (sends
+    # are in flight in the router's batches when the stop begins).
     acked: list[int] = []
     handled: list[int] = []
 
@@ -366,6 +366,28 @@ async def test_an_outside_sender_during_the_grace_is_refused(
         await system.shutdown(10)
     assert len(refused) == 1
     assert rows(db_path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+async def test_a_handler_can_stop_the_system_and_is_acked(
+    db_path: str, autojump_clock: object
+) -> None:
+    seen: list[object] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append(msg.body)
+        if msg.body == "stop":
+            await ctx.system.shutdown(10)  # returns at once: the stop waits for us
+            await trio.sleep(1)
+            ctx.state["stopped"] = True
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        await system.send_many([("s", "stop"), ("s", "after")])
+        began = trio.current_time()
+        await trio.sleep_forever()  # cancelled by the handler's shutdown()
+    assert trio.current_time() - began == pytest.approx(1, abs=0.01)
+    assert seen == ["stop"]
+    assert rows(db_path, "SELECT body, attempts FROM messages") == [('"after"', 0)]
+    assert rows(db_path, "SELECT value FROM state") == [('{"stopped":true}',)]
 
 
 @pytest.mark.parametrize(
