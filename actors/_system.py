@@ -693,7 +693,9 @@ async def run_system(
     pending at once, and sessions with work get actors, oldest work first.
     Leaving the block stops gracefully: sends are refused, running handlers
     get ``shutdown_timeout`` seconds, then are cancelled; unfinished
-    messages stay pending for the next start.
+    messages stay pending for the next start. ``System.shutdown(grace)``
+    stops the same way from any task (a signal handler) and ends the block,
+    which then exits normally.
 
     Raises:
       TypeError / ValueError: bad ``handler``, path or options (before
