@@ -14,16 +14,23 @@ disk beside the database (:class:`Ledger`), so a run killed with
 ``kill -9`` is checked too: the next run on the same file accounts for every
 id the killed run acknowledged. The system is driven through the public API
 only; the final accounting reads the database's unfinished ids read-only.
+
+SIGTERM or SIGINT (Ctrl-C) stops the run gracefully (``System.shutdown``):
+nothing new starts, running handlers finish, their acks commit, and what is
+left stays pending in the database for the next run (``--db``); the
+verification then counts it as pending, not lost. A second signal stops at
+once (running handlers are cancelled, their messages run again next time).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from itertools import pairwise
 
 import apsw
@@ -38,6 +45,7 @@ import actors
 from actors.testing import Recorder
 
 MAX_ATTEMPTS = 4
+STOP_GRACE = 5.0  # seconds running handlers get after SIGTERM / SIGINT (handler_timeout is 0.1)
 
 
 @attrs.frozen(kw_only=True)
@@ -167,6 +175,7 @@ class Report:
     overlapping: int
     dishonest_attempts: int
     seconds: float
+    stopped_by: str | None = None  # the signal that stopped the run gracefully, if one did
 
     @property
     def finished(self) -> bool:
@@ -177,7 +186,7 @@ class Report:
     def ok(self) -> bool:
         return (
             self.lost == 0
-            and self.finished
+            and (self.finished or self.stopped_by is not None)
             and not (self.out_of_order or self.overlapping or self.dishonest_attempts)
         )
 
@@ -189,7 +198,12 @@ class Report:
             ("dead", self.dead, "of the rest, in dead letters after max_attempts"),
         ]
         if self.pending:
-            rows.append(("pending", self.pending, "of the rest, still waiting (drain() timed out)"))
+            why = (
+                f"left pending by the stop ({self.stopped_by}) for the next run"
+                if self.stopped_by
+                else "still waiting (drain() timed out)"
+            )
+            rows.append(("pending", self.pending, f"of the rest, {why}"))
         if self.earlier_sent:
             rows += [
                 (
@@ -434,42 +448,69 @@ async def _run(
         raise actors.StoreError(
             f"cannot open the demo's ledger {db + LEDGER_SUFFIX!r}: {exc}"
         ) from exc
+    stopped_by: list[str] = []  # the signal that stopped the run, if one did
+    timed_out = False
+
+    async def stop_on_signals(system: actors.System, signals: AsyncIterator[int]) -> None:
+        # Outside the system's block: shutdown() cancels the block, and this
+        # task must live on to take a second signal.
+        async for signum in signals:
+            if stopped_by:
+                out(f"{signal.Signals(signum).name} again: stopping now")
+                await system.shutdown(0)
+                continue
+            stopped_by.append(signal.Signals(signum).name)
+            out(
+                f"{stopped_by[0]}: stopping gracefully (running handlers finish, the rest stays"
+                " pending; a second signal stops at once)"
+            )
+            outer.start_soon(system.shutdown, STOP_GRACE)
+
     try:
-        async with actors.run_system(
-            db,
-            handler=recorder.wrap(make_handler(ledger, rng, options, completed)),
-            rng=rng,
-            max_attempts=MAX_ATTEMPTS,
-            handler_timeout=0.1,
-            retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
-            restart_policy=actors.RestartPolicy(
-                max_restarts=1000, window=1.0, backoff=actors.Backoff(initial=0.001, maximum=0.01)
-            ),
-        ) as system:
-            if ledger.earlier_sent or left:
-                out(
-                    f"      earlier runs on this file acknowledged {len(ledger.earlier_sent)}"
-                    f" message(s); {len(left)} were unfinished ({system.recovered} left in"
-                    " flight by a process that died): this run finishes and checks them too"
-                )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(chaos)
-                nursery.start_soon(progress)
-                async with trio.open_nursery() as producers:
-                    for name in names:
-                        producers.start_soon(produce, name)
-                with trio.move_on_after(options.timeout) as waited:
-                    await system.drain()
-                nursery.cancel_scope.cancel()
-            if show is not None:
-                show(snapshot())  # the final state
-            stats = system.statistics()
-            if waited.cancelled_caught:
-                out(
-                    f"drain() did not finish within {options.timeout:g}s: {stats.pending}"
-                    " message(s) still pending in the database"
-                )
-            dead = {d.id for d in system.dead_letters()}
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as outer:
+                async with actors.run_system(
+                    db,
+                    handler=recorder.wrap(make_handler(ledger, rng, options, completed)),
+                    rng=rng,
+                    max_attempts=MAX_ATTEMPTS,
+                    handler_timeout=0.1,
+                    retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
+                    restart_policy=actors.RestartPolicy(
+                        max_restarts=1000,
+                        window=1.0,
+                        backoff=actors.Backoff(initial=0.001, maximum=0.01),
+                    ),
+                ) as system:
+                    outer.start_soon(stop_on_signals, system, signals)
+                    if ledger.earlier_sent or left:
+                        out(
+                            f"      earlier runs on this file acknowledged"
+                            f" {len(ledger.earlier_sent)} message(s); {len(left)} were unfinished"
+                            f" ({system.recovered} left in flight by a process that died): this"
+                            " run finishes and checks them too"
+                        )
+                    async with trio.open_nursery() as workload:
+                        workload.start_soon(chaos)
+                        workload.start_soon(progress)
+                        async with trio.open_nursery() as producers:
+                            for name in names:
+                                producers.start_soon(produce, name)
+                        with trio.move_on_after(options.timeout) as waited:
+                            await system.drain()
+                        timed_out = waited.cancelled_caught
+                        workload.cancel_scope.cancel()
+                # (A signal's shutdown() cancels the block and ends it here.)
+                outer.cancel_scope.cancel()  # the signal watcher
+        if show is not None:
+            show(snapshot())  # the final state
+        stats = system.statistics()
+        if timed_out:
+            out(
+                f"drain() did not finish within {options.timeout:g}s: {stats.pending}"
+                " message(s) still pending in the database"
+            )
+        dead = {d.id for d in system.dead_letters()}
         waiting = unfinished_ids(db)
         done = ledger.completed_ids()
         earlier = ledger.earlier_sent
@@ -498,6 +539,7 @@ async def _run(
         overlapping=len(recorder._overlapping()),
         dishonest_attempts=count_dishonest(sent, attempts),
         seconds=time.monotonic() - started,
+        stopped_by=stopped_by[0] if stopped_by else None,
     )
 
 

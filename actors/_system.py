@@ -8,7 +8,7 @@ import os
 import random
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from trio_util import periodic
@@ -72,6 +72,15 @@ class System:
         self._router = Router(store, self._sup, self._timer, config.key_retention)
         self._closed = False
         self._nursery: trio.Nursery | None = None
+        # The stop (shutdown(), or leaving the block): begun at most once.
+        # _body is the cancel scope around the code of the async with block
+        # (shutdown() cancels it); _stop_done is set once handlers finished
+        # or were cancelled and their acks committed; _stopped once the
+        # store is closed (run_system's finally), whatever ended the run.
+        self._stop_begun = False
+        self._stop_done = trio.Event()
+        self._stopped = trio.Event()
+        self._body: trio.CancelScope | None = None
         self.recovered = opened.recovered
         self._health = HealthMonitor(self.statistics, self._clock)
         self._control = Control(
@@ -131,11 +140,45 @@ class System:
         log.error("the database failed; stopping the system: %s", failure)
         raise StoreError(f"the database failed: {failure}") from failure
 
-    async def _shutdown(self, nursery: trio.Nursery) -> None:
+    def _begin_stop(self, grace: float) -> None:
+        """Refuse sends and let the supervisor stop, running handlers ``grace`` seconds more.
+
+        Synchronous, so a caller that is cancelled (the block's own tasks,
+        as shutdown() cancels them) still begins it. A later call can only
+        bring the deadline closer.
+        """
+        deadline = trio.current_time() + grace
+        if self._stop_begun:
+            self._sup.hasten(deadline)
+            return
+        self._stop_begun = True
         self._closed = True
         self._router.close()
-        await self._router.finished.wait()
-        await self._sup.stop(self.config.shutdown_timeout)
+        if self._nursery is None:  # pragma: no cover - always set once running
+            self._stop_done.set()
+            return
+        try:
+            self._nursery.start_soon(self._stop, deadline, name="actors.stop")
+        except RuntimeError:
+            # The system's nursery is closing (the system failed): run_system
+            # is cancelling everything already.
+            self._stop_done.set()
+
+    async def _stop(self, deadline: float) -> None:
+        try:
+            # The batch the router was filling commits, and its senders are
+            # answered, before the handlers' grace is counted out.
+            await self._router.finished.wait()
+            await self._sup.stop(deadline)
+        finally:
+            self._stop_done.set()
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        # The block ended (normally, or cancelled by shutdown()): stop, unless
+        # shutdown() began it already with its own grace, and wait for it.
+        if not self._stop_begun:
+            self._begin_stop(self.config.shutdown_timeout)
+        await self._stop_done.wait()
         stats = self.statistics()
         log.info(
             "system on %r stopped: %d processed, %d pending left, %d dead",
@@ -145,6 +188,56 @@ class System:
             stats.dead,
         )
         nursery.cancel_scope.cancel()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop the system gracefully and end its ``async with`` block.
+
+        At once: sends are refused (``SystemClosedError``; sends already
+        made are committed and answered), no handler starts any more
+        (messages handed to an actor but not started go back to pending,
+        their attempt given back), and the code of the ``async with`` block
+        is cancelled, every task in it, as if by a cancel scope around the
+        block. Handlers already running get ``grace`` seconds to finish;
+        their acknowledgements (and state, and outbox) commit as usual.
+        Those still running then are cancelled: their messages go back to
+        pending, the attempt counted, and run again at the next start. Then
+        the store is closed and the ``async with`` block exits normally (no
+        exception), unless something else failed.
+
+        Returns once all of that is done. Called from inside the block (the
+        usual signal-handling recipe, see docs/lifecycle.md), the caller is
+        cancelled with the block; the stop goes on. Called from a handler,
+        it returns at once (the stop waits for that handler, which finishes
+        and is acknowledged like any other running one). Idempotent: a
+        later call waits for the same stop, and can only shorten the grace
+        (``shutdown(0)`` cancels the running handlers now). Leaving the
+        block on its own, or calling it after the system stopped, is fine.
+
+        Raises:
+          TypeError: ``grace`` is not a number.
+          ValueError: ``grace`` is negative or NaN (``math.inf`` waits for
+            the handlers without limit).
+        """
+        if isinstance(grace, bool) or not isinstance(grace, int | float):
+            raise TypeError(f"grace must be a number of seconds, got {type(grace).__name__}")
+        if math.isnan(grace) or grace < 0:
+            raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        if not self._stopped.is_set():
+            self._begin_stop(float(grace))
+            if self._body is not None:
+                self._body.cancel()
+        if self._sup.in_actor_task():
+            # A handler: waiting here would hold up the stop it waits for.
+            await trio.lowlevel.checkpoint()
+            return
+        await self._stopped.wait()
+
+    async def _refuse(self) -> NoReturn:
+        # A task cancelled because the system is shutting down (the block's
+        # own tasks, as shutdown() cancels them) ends with its cancellation,
+        # not with an error that would fail the block.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        raise SystemClosedError("the system is shutting down and accepts no more messages")
 
     @property
     def closed(self) -> bool:
@@ -190,7 +283,7 @@ class System:
         may not have been persisted (as with any request whose answer is lost).
         """
         if self._closed:
-            raise SystemClosedError("the system is shutting down and accepts no more messages")
+            await self._refuse()
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
         if key is not None:
@@ -234,7 +327,7 @@ class System:
             :meth:`send`; ``timeout`` is checked as ``delay`` is.
         """
         if self._closed:
-            raise SystemClosedError("the system is shutting down and accepts no more messages")
+            await self._refuse()
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
         seconds = None if timeout is None else check_seconds("timeout", timeout)
@@ -276,7 +369,7 @@ class System:
         that is not a tuple (or list).
         """
         if self._closed:
-            raise SystemClosedError("the system is shutting down and accepts no more messages")
+            await self._refuse()
         sessions: list[str] = []
         bodies: list[str | bytes] = []
         keys: list[str | None] | None = None  # once an item has a key
@@ -650,7 +743,9 @@ async def run_system(
     pending at once, and sessions with work get actors, oldest work first.
     Leaving the block stops gracefully: sends are refused, running handlers
     get ``shutdown_timeout`` seconds, then are cancelled; unfinished
-    messages stay pending for the next start.
+    messages stay pending for the next start. ``System.shutdown(grace)``
+    stops the same way from any task (a signal handler) and ends the block,
+    which then exits normally.
 
     Raises:
       TypeError / ValueError: bad ``handler``, path, ``rng`` or options
@@ -686,16 +781,27 @@ async def run_system(
                 system_ref.append(system)
                 await system._start(nursery)
                 try:
-                    yield system
+                    # shutdown() cancels the block's code through this scope,
+                    # which absorbs that cancellation: the stop goes on below
+                    # and the block exits normally.
+                    with trio.CancelScope() as body:
+                        system._body = body
+                        yield system
                 except BaseException:
                     system._closed = True
                     nursery.cancel_scope.cancel()
                     raise
+                finally:
+                    system._body = None
                 await system._shutdown(nursery)
         finally:
             if system_ref:
                 system_ref[0]._close_streams()
-            await store.aclose()
+            try:
+                await store.aclose()
+            finally:
+                if system_ref:
+                    system_ref[0]._stopped.set()
     finally:
         lock.release()
 
