@@ -474,7 +474,10 @@ def test_the_demo_stops_gracefully_on_a_signal(tmp_path: Path, signals: list[int
     db = str(tmp_path / "demo.db")
     # Enough work to be mid-run for seconds; no chaos but the rare hang
     # (which handler_timeout ends, with an error recorded).
-    workload = ["--sessions", "20", "--messages", "500", "--fail-rate", "0", "--poison-rate", "0"]
+    # --duration 0: send as fast as possible, so that a backlog is pending
+    # when the signal comes (spread over time, the work keeps up with sends).
+    workload = ["--sessions", "20", "--messages", "500", "--duration", "0"]
+    workload += ["--fail-rate", "0", "--poison-rate", "0"]
     proc = demo(db, *workload, "--kill-interval", "100000")
     wait_for_progress(proc)
     for sig in signals:
