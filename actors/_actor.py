@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ._codec import _encoder, check_session_id, decode_body, encode_body
+from ._codec import check_encoded, check_session_id, decode_body, encode_body, encode_json
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
 from ._records import Message
 from ._store import Ack, Claim, format_error
@@ -172,10 +172,13 @@ class Context:
         state_json: str | None = None
         if self._state_used:
             try:
-                text = _encoder.encode(self._state)
+                text = encode_json(self._state)
             except (TypeError, ValueError, RecursionError) as exc:
                 raise TypeError(f"ctx.state is not JSON-compatible: {exc}") from None
             if text != self._state_json:
+                # Checked only when it is written: a text equal to the
+                # committed one passed this check when it was written.
+                check_encoded(self._state, text, "ctx.state is not JSON-compatible: it")
                 state_json = self._state_json = text
         outbox, self._outbox = self._outbox, None
         if state_json is None and outbox is None and msg.key is None:
