@@ -37,8 +37,9 @@ import trio
 
 from ._codec import check_encoded, check_session_id, decode_body, encode_body, encode_json
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
+from ._failure import FailureText, describe, rejected
 from ._records import Message
-from ._store import Ack, Claim, format_error
+from ._store import Ack, Claim
 from ._wake import WOKEN
 
 if TYPE_CHECKING:
@@ -319,6 +320,9 @@ class SessionActor:
         self._scope: trio.CancelScope | None = None
         self._killed = False
         self._failure: BaseException | None = None
+        # The failure and its text, when the text was made where it was
+        # caught (a failing started() logs it); else _after_crash makes it.
+        self._failure_text: tuple[BaseException, FailureText] | None = None
         # Cancelled to cut a backoff wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
         # The task, while it waits for work (parked: no cancel scope, no
@@ -508,6 +512,7 @@ class SessionActor:
         self._killed = False
         self.timed_out = False
         self._failure = None
+        self._failure_text = None
         self.turn = 0
         self.caught_up = False
         outcome = Exit.CRASH
@@ -538,7 +543,11 @@ class SessionActor:
             except StoreError:
                 raise
             except Exception as exc:  # the factory or started() failed: a crash
-                log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
+                text = describe(exc)
+                self._failure_text = (exc, text)
+                log.error(
+                    "starting the actor of session %r failed:\n%s", self.session_id, text.report
+                )
                 self._failure = exc
                 outcome = Exit.CRASH
             else:
@@ -935,24 +944,42 @@ class SessionActor:
                 self._wait_scope = None
 
     async def _after_crash(self) -> float:
-        """Record the failed attempt; return the seconds before the next incarnation."""
+        """Record the failed attempt; return the seconds before the next incarnation.
+
+        The failure is turned into text here, once and safely (describe():
+        a user's exception may misbehave in repr() or str(), or hold text
+        the database cannot store), and only that text goes on.
+        """
         sup = self._sup
         config = sup.config
         failure = self._failure or ActorKilledError("actor crashed")
-        delay, _suspended = sup.on_restart(self, failure)
-        await self._release_handed()
+        made, self._failure_text = self._failure_text, None
+        text = made[1] if made is not None and made[0] is failure else describe(failure)
         msg = self.in_flight
+        # A Reject from the handler dead-letters its message now. It is an
+        # outcome the handler chose, not a crash: the restart policy does
+        # not count it, and the next incarnation starts at once.
+        rejection = rejected(failure) if msg is not None and self.handler_started else None
+        if rejection is None:
+            delay, _suspended = sup.on_restart(self, failure, text.summary)
+        else:
+            delay = 0.0
+        await self._release_handed()
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
             msg = None
         if msg is not None:
-            retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
+            if rejection is None:
+                retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
+                max_attempts = config.max_attempts
+            else:
+                retry_delay, max_attempts = 0.0, 0  # (op_fail: no attempt left)
             retry_at = sup.clock.now() + retry_delay
             outcome = await sup.store.call(
-                sup.store.op_fail, msg.id, format_error(failure), retry_at, config.max_attempts
+                sup.store.op_fail, msg.id, text.report, retry_at, max_attempts
             )
             self.in_flight = None
-            sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead")
+            sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead", text)
             if outcome == "retry":
                 self.wait_until = retry_at
                 return retry_delay
