@@ -247,14 +247,24 @@ class _FunctionActor(Actor):
 def actor_factory(handler: object) -> Callable[[], Actor]:
     """Turn ``run_system``'s ``handler`` into a factory of fresh actor instances.
 
+    The handler's signature is checked here, once, so that a handler that
+    cannot take ``(ctx, msg)`` is refused at ``run_system`` rather than
+    failing every attempt of every message. A callable whose signature
+    cannot be inspected (some builtins and C extensions) is taken on trust.
+
     Raises:
       TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
-        nor a subclass of :class:`Actor`.
+        nor a subclass of :class:`Actor` whose ``handle(self, ctx, msg)``
+        (and ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
+        ``async def`` and take those arguments.
     """
     if isinstance(handler, type):
         if issubclass(handler, Actor):
             if handler.handle is Actor.handle:
                 raise TypeError(f"{handler.__name__} must define handle(self, ctx, msg)")
+            _check_method(handler, "handle", "ctx, msg")
+            _check_method(handler, "started", "ctx")
+            _check_method(handler, "stopped", "ctx")
             return handler
         raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
     if isinstance(handler, Actor):
@@ -265,12 +275,48 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
         inspect.iscoroutinefunction(handler)
         or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - async __call__
     ):
+        _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
         fn: Handler = handler
         return lambda: _FunctionActor(fn)
     raise TypeError(
         "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
         f"got {handler!r}"
     )
+
+
+def _check_method(cls: type[Actor], name: str, params: str) -> None:
+    """Refuse ``cls.<name>`` unless it is ``async def <name>(self, <params>)``."""
+    raw = inspect.getattr_static(cls, name)
+    if raw is getattr(Actor, name):
+        return  # Actor's own hook
+    method = getattr(cls, name)
+    where = f"{cls.__name__}.{name}"
+    if not inspect.iscoroutinefunction(method):
+        raise TypeError(f"{where} must be an async method: async def {name}(self, {params})")
+    # A plain function is called on an instance: it takes self too.
+    count = params.count(",") + 1
+    if not isinstance(raw, (staticmethod, classmethod)):
+        count += 1
+    _check_call(method, count, where, f"(self, {params})")
+
+
+def _check_call(fn: object, count: int, where: str, expected: str) -> None:
+    """Refuse ``fn`` if it cannot be called with ``count`` positional arguments."""
+    try:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return  # no signature to inspect (a builtin, a C extension): trust it
+    try:
+        signature.bind(*range(count))
+    except TypeError as exc:
+        raise TypeError(
+            f"{where} must take {expected}; its signature is {signature} ({exc})"
+        ) from None
+
+
+def _name(fn: object) -> str:
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__name__
 
 
 class Exit(enum.Enum):
