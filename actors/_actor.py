@@ -96,8 +96,13 @@ class Context:
         state twice and never loses an applied change. If the handler fails
         (raises, times out, is killed), the state is as it was before the
         message. Values make a JSON round trip: tuples come back as lists,
-        dict keys as strings. Changes made outside ``handle`` (in ``started``
-        or ``stopped``) are not committed.
+        dict keys as strings.
+
+        The same dict is the state from ``started`` to the end of the
+        incarnation (unless you assign another): a reference kept from
+        ``started`` or an earlier message is the live state, and what
+        ``started`` changes is committed with the next acknowledged
+        message. Changes made in ``stopped`` are never committed.
         """
         state = self._state
         if state is None:
@@ -573,15 +578,15 @@ class SessionActor:
                 instance = sup.factory()
                 if type(instance).started is not Actor.started:
                     # started() may read the state: load it now (a function
-                    # handler gets it with its first claim instead). What
-                    # started() changes is not committed (no message acks
-                    # it): the handlers see the state as it was loaded.
+                    # handler gets it with its first claim instead). The
+                    # dict it sees is the state for the whole incarnation:
+                    # a reference kept from started() is the state handle()
+                    # sees, and what started() changes is committed with the
+                    # next message's ack. (If started() used it, every ack
+                    # compares it: a kept reference may change it unseen.)
                     store = sup.store
-                    loaded = await store.call(store.op_load_state, self.session_id)
-                    ctx._load_state(loaded)
+                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
                     await instance.started(ctx)
-                    ctx._load_state(loaded)
-                    ctx._state_used = False
                 else:
                     await instance.started(ctx)
                 sup.on_actor_started(self)
