@@ -639,8 +639,12 @@ class SessionActor:
     async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
         try:
             await instance.stopped(ctx)
-        except Exception:
-            log.exception("stopped() hook of session %r raised; ignored", self.session_id)
+        except Exception as exc:
+            log.error(  # (describe(): the exception may misbehave, or be huge)
+                "stopped() hook of session %r raised; ignored:\n%s",
+                self.session_id,
+                describe(exc).report,
+            )
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
         # The incarnation's cancel scope serves every handler call of it as

@@ -535,6 +535,7 @@ class Supervisor:
         self.failed_attempts += 1
         if text is None:
             text = describe(failure)
+        warned = False
         if (
             msg.attempt == 1
             and not isinstance(failure, _NOT_A_HANDLER_ERROR)
@@ -555,10 +556,8 @@ class Supervisor:
                     else "",
                     text.report,
                 )
-                held = -1
-        else:
-            held = None
-        if held is None:
+                warned = True
+        if not warned:
             log.info(
                 "attempt %d of message %d (session %r) failed: %s",
                 msg.attempt,

@@ -290,6 +290,43 @@ async def test_an_exception_that_misbehaves_fails_only_its_attempt(
         assert len(record.getMessage()) <= MAX_REPORT_CHARS + 1000
 
 
+async def test_hooks_raising_exceptions_that_misbehave(
+    db_path: str, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """started() and stopped() raising them: logged (bounded), restarted, going on."""
+    caplog.set_level(logging.DEBUG, logger="actors")
+    starts: list[int] = []
+
+    class Hooks(actors.Actor):
+        async def started(self, ctx: actors.Context) -> None:
+            starts.append(1)
+            if len(starts) == 1:
+                raise Raising()
+
+        async def handle(self, ctx: actors.Context, msg: actors.Message) -> None:
+            pass
+
+        async def stopped(self, ctx: actors.Context) -> None:
+            raise Enormous()
+
+    async with actors.run_system(
+        db_path, handler=Hooks, **fast_options(idle_timeout=0.5)
+    ) as system:
+        events = system.events()
+        await system.send("s", 1)
+        with trio.fail_after(HANG):
+            stats = await quiescent(system, passivated=True)
+        seen = events_now(events)
+    assert (stats.processed, stats.failed_attempts) == (1, 0)
+    assert len(starts) == 2
+    [restarted] = [e for e in seen if e.kind == "actor_restarted"]
+    assert restarted.detail == "Raising (its repr() and str() failed)"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("starting the actor of session 's' failed" in m for m in errors)
+    assert any("stopped() hook of session 's' raised" in m for m in errors)
+    assert all(len(m) <= MAX_REPORT_CHARS + 1000 for m in errors)
+
+
 def test_describe_never_raises_and_bounds_what_it_returns() -> None:
     for exc in (Raising(), ReprRaises(), NotStr(), ReprStrSubclass(), Enormous(), Unbounded()):
         text = describe(exc)
