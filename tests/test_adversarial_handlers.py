@@ -335,6 +335,9 @@ def test_describe_never_raises_and_bounds_what_it_returns() -> None:
         assert len(text.report) <= MAX_REPORT_CHARS + 100
         text.report.encode("utf-8")
     assert describe(ValueError("plain")).summary == "ValueError('plain')"
+    rejection = describe(actors.Reject(SURROGATE))
+    assert rejection.summary == "rejected by the handler: café \\udcff\\udcfe"
+    assert rejection.report.startswith(rejection.summary + "\n")
     cut = describe(Enormous()).report
     assert "characters cut" in cut and cut.endswith("\\udcff\\udcfe")  # the tail kept
 
