@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ._codec import _encoder, check_session_id, decode_body, encode_body
+from ._codec import check_encoded, check_session_id, decode_body, encode_body, encode_json
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
+from ._failure import FailureText, describe, rejected
 from ._records import Message
-from ._store import Ack, Claim, format_error
+from ._store import Ack, Claim
 from ._wake import WOKEN
 
 if TYPE_CHECKING:
@@ -95,8 +96,13 @@ class Context:
         state twice and never loses an applied change. If the handler fails
         (raises, times out, is killed), the state is as it was before the
         message. Values make a JSON round trip: tuples come back as lists,
-        dict keys as strings. Changes made outside ``handle`` (in ``started``
-        or ``stopped``) are not committed.
+        dict keys as strings.
+
+        The same dict is the state from ``started`` to the end of the
+        incarnation (unless you assign another): a reference kept from
+        ``started`` or an earlier message is the live state, and what
+        ``started`` changes is committed with the next acknowledged
+        message. Changes made in ``stopped`` are never committed.
         """
         state = self._state
         if state is None:
@@ -172,10 +178,13 @@ class Context:
         state_json: str | None = None
         if self._state_used:
             try:
-                text = _encoder.encode(self._state)
+                text = encode_json(self._state)
             except (TypeError, ValueError, RecursionError) as exc:
                 raise TypeError(f"ctx.state is not JSON-compatible: {exc}") from None
             if text != self._state_json:
+                # Checked only when it is written: a text equal to the
+                # committed one passed this check when it was written.
+                check_encoded(self._state, text, "ctx.state is not JSON-compatible: it")
                 state_json = self._state_json = text
         outbox, self._outbox = self._outbox, None
         if state_json is None and outbox is None and msg.key is None:
@@ -243,14 +252,24 @@ class _FunctionActor(Actor):
 def actor_factory(handler: object) -> Callable[[], Actor]:
     """Turn ``run_system``'s ``handler`` into a factory of fresh actor instances.
 
+    The handler's signature is checked here, once, so that a handler that
+    cannot take ``(ctx, msg)`` is refused at ``run_system`` rather than
+    failing every attempt of every message. A callable whose signature
+    cannot be inspected (some builtins and C extensions) is taken on trust.
+
     Raises:
       TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
-        nor a subclass of :class:`Actor`.
+        nor a subclass of :class:`Actor` whose ``handle(self, ctx, msg)``
+        (and ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
+        ``async def`` and take those arguments.
     """
     if isinstance(handler, type):
         if issubclass(handler, Actor):
             if handler.handle is Actor.handle:
                 raise TypeError(f"{handler.__name__} must define handle(self, ctx, msg)")
+            _check_method(handler, "handle", "ctx, msg")
+            _check_method(handler, "started", "ctx")
+            _check_method(handler, "stopped", "ctx")
             return handler
         raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
     if isinstance(handler, Actor):
@@ -261,12 +280,48 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
         inspect.iscoroutinefunction(handler)
         or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - async __call__
     ):
+        _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
         fn: Handler = handler
         return lambda: _FunctionActor(fn)
     raise TypeError(
         "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
         f"got {handler!r}"
     )
+
+
+def _check_method(cls: type[Actor], name: str, params: str) -> None:
+    """Refuse ``cls.<name>`` unless it is ``async def <name>(self, <params>)``."""
+    raw = inspect.getattr_static(cls, name)
+    if raw is getattr(Actor, name):
+        return  # Actor's own hook
+    method = getattr(cls, name)
+    where = f"{cls.__name__}.{name}"
+    if not inspect.iscoroutinefunction(method):
+        raise TypeError(f"{where} must be an async method: async def {name}(self, {params})")
+    # A plain function is called on an instance: it takes self too.
+    count = params.count(",") + 1
+    if not isinstance(raw, (staticmethod, classmethod)):
+        count += 1
+    _check_call(method, count, where, f"(self, {params})")
+
+
+def _check_call(fn: object, count: int, where: str, expected: str) -> None:
+    """Refuse ``fn`` if it cannot be called with ``count`` positional arguments."""
+    try:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return  # no signature to inspect (a builtin, a C extension): trust it
+    try:
+        signature.bind(*range(count))
+    except TypeError as exc:
+        raise TypeError(
+            f"{where} must take {expected}; its signature is {signature} ({exc})"
+        ) from None
+
+
+def _name(fn: object) -> str:
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__name__
 
 
 class Exit(enum.Enum):
@@ -316,6 +371,9 @@ class SessionActor:
         self._scope: trio.CancelScope | None = None
         self._killed = False
         self._failure: BaseException | None = None
+        # The failure and its text, when the text was made where it was
+        # caught (a failing started() logs it); else _after_crash makes it.
+        self._failure_text: tuple[BaseException, FailureText] | None = None
         # Cancelled to cut a backoff wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
         # The task, while it waits for work (parked: no cancel scope, no
@@ -505,6 +563,7 @@ class SessionActor:
         self._killed = False
         self.timed_out = False
         self._failure = None
+        self._failure_text = None
         self.turn = 0
         self.caught_up = False
         outcome = Exit.CRASH
@@ -519,15 +578,15 @@ class SessionActor:
                 instance = sup.factory()
                 if type(instance).started is not Actor.started:
                     # started() may read the state: load it now (a function
-                    # handler gets it with its first claim instead). What
-                    # started() changes is not committed (no message acks
-                    # it): the handlers see the state as it was loaded.
+                    # handler gets it with its first claim instead). The
+                    # dict it sees is the state for the whole incarnation:
+                    # a reference kept from started() is the state handle()
+                    # sees, and what started() changes is committed with the
+                    # next message's ack. (If started() used it, every ack
+                    # compares it: a kept reference may change it unseen.)
                     store = sup.store
-                    loaded = await store.call(store.op_load_state, self.session_id)
-                    ctx._load_state(loaded)
+                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
                     await instance.started(ctx)
-                    ctx._load_state(loaded)
-                    ctx._state_used = False
                 else:
                     await instance.started(ctx)
                 sup.on_actor_started(self)
@@ -535,7 +594,11 @@ class SessionActor:
             except StoreError:
                 raise
             except Exception as exc:  # the factory or started() failed: a crash
-                log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
+                text = describe(exc)
+                self._failure_text = (exc, text)
+                log.error(
+                    "starting the actor of session %r failed:\n%s", self.session_id, text.report
+                )
                 self._failure = exc
                 outcome = Exit.CRASH
             else:
@@ -576,8 +639,12 @@ class SessionActor:
     async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
         try:
             await instance.stopped(ctx)
-        except Exception:
-            log.exception("stopped() hook of session %r raised; ignored", self.session_id)
+        except Exception as exc:
+            log.error(  # (describe(): the exception may misbehave, or be huge)
+                "stopped() hook of session %r raised; ignored:\n%s",
+                self.session_id,
+                describe(exc).report,
+            )
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
         # The incarnation's cancel scope serves every handler call of it as
@@ -934,24 +1001,42 @@ class SessionActor:
                 self._wait_scope = None
 
     async def _after_crash(self) -> float:
-        """Record the failed attempt; return the seconds before the next incarnation."""
+        """Record the failed attempt; return the seconds before the next incarnation.
+
+        The failure is turned into text here, once and safely (describe():
+        a user's exception may misbehave in repr() or str(), or hold text
+        the database cannot store), and only that text goes on.
+        """
         sup = self._sup
         config = sup.config
         failure = self._failure or ActorKilledError("actor crashed")
-        delay, _suspended = sup.on_restart(self, failure)
-        await self._release_handed()
+        made, self._failure_text = self._failure_text, None
+        text = made[1] if made is not None and made[0] is failure else describe(failure)
         msg = self.in_flight
+        # A Reject from the handler dead-letters its message now. It is an
+        # outcome the handler chose, not a crash: the restart policy does
+        # not count it, and the next incarnation starts at once.
+        rejection = rejected(failure) if msg is not None and self.handler_started else None
+        if rejection is None:
+            delay, _suspended = sup.on_restart(self, failure, text.summary)
+        else:
+            delay = 0.0
+        await self._release_handed()
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
             msg = None
         if msg is not None:
-            retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
+            if rejection is None:
+                retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
+                max_attempts = config.max_attempts
+            else:
+                retry_delay, max_attempts = 0.0, 0  # (op_fail: no attempt left)
             retry_at = sup.clock.now() + retry_delay
             outcome = await sup.store.call(
-                sup.store.op_fail, msg.id, format_error(failure), retry_at, config.max_attempts
+                sup.store.op_fail, msg.id, text.report, retry_at, max_attempts
             )
             self.in_flight = None
-            sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead")
+            sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead", text)
             if outcome == "retry":
                 self.wait_until = retry_at
                 return retry_delay

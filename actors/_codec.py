@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
+import re
 from typing import Any
 
 from ._errors import MessageTooLargeError
@@ -37,6 +38,78 @@ def encode_json(value: Any) -> str:
     if _c_encode is None:  # pragma: no cover - CPython always has the C encoder
         return _encoder.encode(value)
     return "".join(_c_encode(value, 0))
+
+
+# A key that json may have made from a non-str key (an int, a float, true,
+# false or null): in quotes, followed by the key separator. Inside a JSON
+# string a quote is escaped, so only object keys match (a str key that
+# looks like one is a false alarm, which costs a walk). The lookahead turns
+# most quotes away at their first character: twice as fast as the bare
+# alternation (0.9 against 1.9 us for a body of 11 small dicts, 0.19
+# against 0.29 for a dict of two keys).
+_KEY_FROM_NON_STR = re.compile(r'"(?=[-0-9tfn])(?:[-0-9][-0-9.eE+]*|true|false|null)":')
+_CONTAINERS = (dict, list, tuple)
+
+
+def check_encoded(value: Any, text: str, what: str) -> None:
+    """Refuse what ``text`` (``encode_json(value)``) would lose or cannot store.
+
+    json makes int, float, bool and None keys strings without a word, so
+    ``{1: "a", "1": "b"}`` encodes to two ``"1"`` keys, and decodes to one:
+    a value silently dropped. Text with a lone surrogate is not UTF-8, which
+    SQLite stores. The common case pays one regex scan of the text (about
+    0.2 us for a small dict, 0.9 for eleven); the value is walked only when
+    a key in the text may have come from a non-str key.
+
+    Raises:
+      TypeError: dict keys that collide once made strings, or text that
+        is not valid Unicode.
+    """
+    if _KEY_FROM_NON_STR.search(text) is not None:
+        _check_keys(value, what)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(
+                f"{what} contains text that is not valid Unicode (a lone surrogate)"
+            ) from None
+
+
+def _check_keys(value: Any, what: str) -> None:
+    # Iterative: the encoder accepted the nesting, a recursion here might not.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(type(key) is str for key in item):
+                names: dict[str, Any] = {}
+                for key in item:
+                    name = _key_text(key)
+                    if name in names:
+                        raise TypeError(
+                            f"{what} has dict keys {names[name]!r} and {key!r}, which are both "
+                            f"{name!r} in JSON (one value would be lost)"
+                        )
+                    names[name] = key
+            stack.extend(v for v in item.values() if isinstance(v, _CONTAINERS))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(v for v in item if isinstance(v, _CONTAINERS))
+
+
+def _key_text(key: Any) -> str:
+    """The text json makes of a dict key (as its C encoder does)."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    if isinstance(key, float):
+        return float.__repr__(key)
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    return int.__repr__(key)  # (the encoder accepted it: an int)
 
 
 def check_session_id(session_id: object) -> str:
@@ -103,7 +176,8 @@ def encode_body(body: Any, max_bytes: int) -> str | bytes:
 
     Raises:
       TypeError: the body is not JSON-compatible (unsupported type, NaN or
-        infinity, a cycle, text that is not valid Unicode).
+        infinity, a cycle, text that is not valid Unicode, dict keys that
+        collide once made strings, as ``{1: "a", "1": "b"}``).
       MessageTooLargeError (a ValueError): the encoding is over ``max_bytes``.
     """
     if isinstance(body, _BYTES_TYPES):
@@ -115,11 +189,15 @@ def encode_body(body: Any, max_bytes: int) -> str | bytes:
         except (TypeError, ValueError, RecursionError) as exc:
             raise TypeError(f"message body is not JSON-compatible: {exc}") from None
         size = len(text)
+        if isinstance(body, _CONTAINERS) and _KEY_FROM_NON_STR.search(text) is not None:
+            _check_keys(body, "message body")
         if not text.isascii():
             try:
                 size = len(text.encode("utf-8"))
             except UnicodeEncodeError:
-                raise TypeError("message body contains text that is not valid Unicode") from None
+                raise TypeError(
+                    "message body contains text that is not valid Unicode (a lone surrogate)"
+                ) from None
         data = text
     if size > max_bytes:
         raise MessageTooLargeError(

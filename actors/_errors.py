@@ -85,3 +85,30 @@ class DeadLetteredError(ActorsError):
     def __init__(self, message_id: int, reason: str) -> None:
         super().__init__(f"message {message_id} was moved to dead letters: {reason}")
         self.message_id = message_id
+
+
+class Reject(ActorsError):
+    """Raise it from a handler to give up on the message now: no retries.
+
+    ``raise actors.Reject("unknown command 'frobnicate'")`` moves the
+    message being handled to dead letters at once, whatever attempts are
+    left; its ``last_error`` begins with ``rejected by the handler:`` and
+    the reason, followed by the traceback. As after any failed attempt,
+    nothing the handler did is committed (``ctx.state``, ``ctx.send``), an
+    ``ask`` waiting for the message raises this exception, and the next
+    message gets a fresh actor instance. A rejection does not count as a
+    crash for the restart policy.
+
+    Raised in a nursery inside the handler, it arrives in an exception
+    group: a group whose every exception is a ``Reject`` rejects too.
+    Anywhere else (``started()``, ``stopped()``) it is an ordinary error.
+
+    Raises:
+      TypeError: ``reason`` is not a ``str``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        if not isinstance(reason, str):
+            raise TypeError(f"Reject(reason) takes a str, got {type(reason).__name__}")
+        super().__init__(reason)
+        self.reason = reason

@@ -53,7 +53,6 @@ import os
 import queue
 import sys
 import threading
-import traceback
 from collections.abc import Awaitable, Callable, Sequence, Set
 from typing import Any, Literal
 
@@ -415,11 +414,6 @@ def _abort_failed(_: object) -> trio.lowlevel.Abort:
     # waits for the outcome (as if shielded) and sees any cancellation at
     # its next checkpoint.
     return trio.lowlevel.Abort.FAILED
-
-
-def format_error(exc: BaseException) -> str:
-    """The text kept as a failed attempt's ``last_error``."""
-    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 class Store:

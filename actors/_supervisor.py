@@ -35,7 +35,8 @@ import trio
 from ._actor import Actor, Exit, SessionActor
 from ._clock import Clock
 from ._config import Config
-from ._errors import ActorKilledError, DeadLetteredError, StoreError
+from ._errors import ActorKilledError, DeadLetteredError, HandlerTimeoutError, StoreError
+from ._failure import FailureText, WarningLimiter, describe, rejected
 from ._policy import RestartTracker
 from ._records import Message
 from ._reply import Reply
@@ -51,6 +52,19 @@ log = logging.getLogger("actors.supervisor")
 
 WAITING_LIMIT = 10_000  # sessions queued in memory; the rest are found in the database
 BEHIND_LIMIT = 10_000  # sessions that yielded while the line overflowed, kept in memory
+
+# Failures that are not the handler's own error: a kill (reported where it
+# is asked for) and a handler timeout (the watchdog warns of it).
+_NOT_A_HANDLER_ERROR = (ActorKilledError, HandlerTimeoutError)
+
+
+def _kind(failure: BaseException) -> str:
+    """What the WARNING rate limit tells failures apart by: the exception's type."""
+    cls = type(failure)
+    try:
+        return f"{cls.__module__}.{cls.__qualname__}"
+    except Exception:  # a metaclass with hostile names
+        return "<unknown>"
 
 
 class Gauge:
@@ -184,6 +198,8 @@ class Supervisor:
         self.dead = dead
         self.processed = 0
         self.failed_attempts = 0
+        # Which first failures of a message get a WARNING (on_attempt_failed).
+        self._first_failures = WarningLimiter()
         self.dead_lettered = 0
         self.restart_count = 0
         self.outbox_sent = 0  # messages committed by ctx.send with their ack
@@ -543,16 +559,51 @@ class Supervisor:
             reply.set_result(result)
 
     def on_attempt_failed(
-        self, session_id: str, msg: Message, failure: BaseException, dead: bool
+        self,
+        session_id: str,
+        msg: Message,
+        failure: BaseException,
+        dead: bool,
+        text: FailureText | None = None,
     ) -> None:
+        """Log a failed attempt, answer its asker, count it (and its dead letter).
+
+        ``text`` is the failure made text once (``describe``): nothing here
+        calls repr() or str() on the user's exception.
+        """
         self.failed_attempts += 1
-        log.info(
-            "attempt %d of message %d (session %r) failed: %r",
-            msg.attempt,
-            msg.id,
-            session_id,
-            failure,
-        )
+        if text is None:
+            text = describe(failure)
+        warned = False
+        if (
+            msg.attempt == 1
+            and not isinstance(failure, _NOT_A_HANDLER_ERROR)
+            and rejected(failure) is None
+        ):
+            # The first failure of a message, raised by the handler: a
+            # broken handler must not be silent at the default log level.
+            # Rate-limited (a handler that fails everything would flood).
+            held = self._first_failures.allow(_kind(failure), trio.current_time())
+            if held is not None:
+                log.warning(
+                    "attempt %d of message %d (session %r) failed%s:\n%s",
+                    msg.attempt,
+                    msg.id,
+                    session_id,
+                    f" ({held} more first failures held back since the last WARNING)"
+                    if held
+                    else "",
+                    text.report,
+                )
+                warned = True
+        if not warned:
+            log.info(
+                "attempt %d of message %d (session %r) failed: %s",
+                msg.attempt,
+                msg.id,
+                session_id,
+                text.summary,
+            )
         if self.replies and not isinstance(failure, ActorKilledError):
             # The handler's own outcome (it raised, or timed out) answers an
             # asker; a kill does not: the message is tried again.
@@ -560,10 +611,15 @@ class Supervisor:
             if reply is not None:
                 reply.set_error(failure)
         if dead:
-            self.on_dead_lettered(session_id, 1, (msg.id,), repr(failure))
+            self.on_dead_lettered(session_id, 1, (msg.id,), text.summary)
 
-    def on_restart(self, actor: SessionActor, failure: BaseException) -> tuple[float, bool]:
-        """Count a crash; returns (seconds before the restart, whether suspended)."""
+    def on_restart(
+        self, actor: SessionActor, failure: BaseException, summary: str | None = None
+    ) -> tuple[float, bool]:
+        """Count a crash; returns (seconds before the restart, whether suspended).
+
+        ``summary`` is the failure's text (``describe``), made if not given.
+        """
         self.restart_count += 1
         delay, suspended = self.restarts.record(actor.session_id, trio.current_time())
         if suspended:
@@ -577,7 +633,9 @@ class Supervisor:
         elif delay > 0:
             log.info("restarting the actor of session %r in %.2fs", actor.session_id, delay)
         if self.events.active:
-            self.emit("actor_restarted", actor.session_id, detail=repr(failure), delay=delay)
+            if summary is None:
+                summary = describe(failure).summary
+            self.emit("actor_restarted", actor.session_id, detail=summary, delay=delay)
             if suspended:
                 self.emit("session_suspended", actor.session_id, delay=delay)
         return delay, suspended

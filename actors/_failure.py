@@ -1,0 +1,172 @@
+"""What a failed attempt leaves behind: its error as text, made once and safely.
+
+A handler may raise anything: an exception whose ``__repr__`` or ``__str__``
+raises, returns something that is not a ``str``, or returns a megabyte; a
+message with lone surrogates (text decoded with ``errors="surrogateescape"``),
+which SQLite's UTF-8 cannot store. The runtime turns the exception into text
+once, where the attempt's failure is recorded (``SessionActor._after_crash``),
+with :func:`describe`, which never raises, and passes that text on: to the
+database (``last_error``), the log, the events stream and dead-letter
+reasons. Nothing downstream calls ``repr()`` or ``str()`` on a user's
+exception again.
+
+:class:`WarningLimiter` keeps the WARNING a handler's failure earns from
+flooding the log.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import attrs
+
+from ._errors import Reject
+
+# Bounds, in characters: a failure's one-line summary (log lines, events,
+# dead-letter reasons), and the traceback kept as ``last_error``. A longer
+# text keeps its head and its tail (the outermost frames, and the exception
+# raised with its message), with what was cut counted in between.
+MAX_SUMMARY_CHARS = 1_000
+MAX_REPORT_CHARS = 20_000
+MAX_PART_CHARS = 5_000  # one part of a traceback: a frame, or the exception's line
+
+
+@attrs.frozen
+class FailureText:
+    """A failure as text: safe to store (valid UTF-8), bounded, never raising again."""
+
+    summary: str  # ``repr(exc)``, or the best that could be had; one line in logs
+    report: str  # the traceback (what a dead letter's ``last_error`` shows)
+
+
+def describe(exc: BaseException) -> FailureText:
+    """Turn ``exc`` into text. Never raises (for an ``Exception`` raised while formatting).
+
+    The summary is ``repr(exc)``; if that raises or is not a ``str``, the
+    type's name and ``str(exc)``; failing that too, the type's name alone.
+    A :class:`Reject` (alone or as every leaf of an exception group) is
+    summarised as ``"rejected by the handler: <reason>"``. The report is
+    the traceback as ``traceback.format_exception`` writes it (preceded by
+    the rejection's summary for a ``Reject``). Both are cut to their bound
+    and have lone surrogates escaped (``backslashreplace``).
+    """
+    rejection = rejected(exc)
+    if rejection is not None:
+        summary = "rejected by the handler: " + _safe_str(rejection.reason, "reason")
+    else:
+        summary = _summary(exc)
+    summary = _escape(_bound(summary, MAX_SUMMARY_CHARS), MAX_SUMMARY_CHARS)
+    try:
+        # Each part bounded first: an enormous message must not push the
+        # exception's type (at the head of its line) out of the report.
+        report = "".join(_bound(part, MAX_PART_CHARS) for part in traceback.format_exception(exc))
+        report = report.rstrip()
+    except Exception as inner:  # a hostile object can break even traceback's own guards
+        report = f"{summary}\n(its traceback could not be formatted: {_type_name(inner)})"
+    if rejection is not None:
+        report = f"{summary}\n\n{report}"
+    return FailureText(summary, _escape(_bound(report, MAX_REPORT_CHARS), MAX_REPORT_CHARS))
+
+
+def rejected(exc: BaseException) -> Reject | None:
+    """The :class:`Reject` that ``exc`` is, or that every leaf of the group ``exc`` is."""
+    if isinstance(exc, Reject):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        try:
+            matched, rest = exc.split(Reject)
+        except Exception:  # a group subclass whose derive() misbehaves
+            return None
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, Reject)
+            return leaf
+    return None
+
+
+def _type_name(exc: BaseException) -> str:
+    try:
+        name = type(exc).__qualname__
+    except Exception:  # a metaclass with a hostile __qualname__
+        return "<exception>"
+    return name if type(name) is str else "<exception>"
+
+
+def _safe_str(value: object, what: str) -> str:
+    try:
+        text = str(value)
+        if type(text) is not str:  # (a str subclass: its plain value)
+            text = str.__str__(text)
+    except Exception as exc:
+        return f"<{what}: str() failed with {_type_name(exc)}>"
+    return text
+
+
+def _summary(exc: BaseException) -> str:
+    try:
+        text = repr(exc)
+        if isinstance(text, str):
+            return str.__str__(text)
+    except Exception:
+        pass
+    name = _type_name(exc)
+    try:
+        message = str(exc)
+        if not isinstance(message, str):
+            raise TypeError("__str__ returned something other than str")
+    except Exception:
+        return f"{name} (its repr() and str() failed)"
+    return f"{name}: {str.__str__(message)}"
+
+
+def _bound(text: str, limit: int) -> str:
+    """``text``, or its head and tail with the number of characters cut between them."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}\n... [{len(text) - 2 * keep} characters cut] ...\n{text[-keep:]}"
+
+
+def _escape(text: str, limit: int) -> str:
+    """``text`` encodable as UTF-8: lone surrogates as ``\\udcff`` escapes (bounded again)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return _bound(text, limit)  # an escape is six characters: it may have grown
+    return text
+
+
+class WarningLimiter:
+    """Rate limit for WARNINGs: one per kind of failure per ``interval``, ``burst`` in all.
+
+    Time is trio's clock (a MockClock in tests). Windows are ``interval``
+    seconds long and start with the first warning after the last window
+    ended. :meth:`allow` tells how many warnings were held back since the
+    last one logged, so that one can say so.
+    """
+
+    __slots__ = ("_burst", "_interval", "_kinds", "_suppressed", "_window_end")
+
+    def __init__(self, interval: float = 10.0, burst: int = 5) -> None:
+        self._interval = interval
+        self._burst = burst
+        self._window_end = -float("inf")
+        self._kinds: set[str] = set()  # kinds warned of in this window (at most burst)
+        self._suppressed = 0  # held back since the last warning logged
+
+    def allow(self, kind: str, now: float) -> int | None:
+        """None to hold this warning back; else log it, with this many held back before it."""
+        if now >= self._window_end:
+            self._window_end = now + self._interval
+            self._kinds.clear()
+        if kind in self._kinds or len(self._kinds) >= self._burst:
+            self._suppressed += 1
+            return None
+        self._kinds.add(kind)
+        held, self._suppressed = self._suppressed, 0
+        return held
