@@ -292,7 +292,7 @@ class Ack:
 
 
 class _Op:
-    __slots__ = ("args", "done", "error", "fn", "result", "seal", "task")
+    __slots__ = ("args", "done", "error", "finished", "fn", "result", "seal", "task")
 
     def __init__(
         self,
@@ -308,6 +308,9 @@ class _Op:
         self.result: Any = None
         self.error: BaseException | None = None
         self.seal: Callable[[], tuple[Any, ...]] | None = None  # see Store.call_sealed
+        # Set when its outcome was reported (Store._finish): its waiter is
+        # woken once, and only an unfinished one by a failing committer.
+        self.finished = False
 
 
 def _reraise(exc: BaseException) -> None:
@@ -677,26 +680,81 @@ class Store:
 
     def _complete(self, ops: list[_Op]) -> None:
         # Runs on the trio thread, once per group, after its transaction.
-        self._queued -= len(ops)
         for op in ops:
-            if op.error is not None:
-                if self._failure is None:
-                    self._failure = op.error
-                    self.failed.set()
-            elif op.done is not None:
+            self._finish(op)
+
+    def _finish(self, op: _Op) -> None:
+        """Report an operation's outcome: its callback, then its waiter. Never raises
+        (but for a KeyboardInterrupt on the inline path, which is the caller's).
+
+        A callback that raises (a bug) fails the store, as a failed operation
+        does, and its caller gets StoreError: the system stops, and says why.
+        """
+        op.finished = True
+        self._queued -= 1
+        if op.error is None and op.done is not None:
+            try:
                 op.done(op.result)
-            if op.task is not None:
-                trio.lowlevel.reschedule(op.task, WOKEN)
+            except Exception as exc:
+                error = StoreError(
+                    f"the completion of a committed operation ({_name(op.fn)}) failed: {exc!r}"
+                )
+                error.__cause__ = exc
+                op.error = error
+        if op.error is not None and self._failure is None:
+            self._failure = op.error
+            self.failed.set()
+        if op.task is not None:
+            task, op.task = op.task, None
+            trio.lowlevel.reschedule(task, WOKEN)
+
+    def _fail_everything(self, exc: BaseException, group: list[_Op]) -> None:
+        """The committer itself failed: fail the store, and every operation waiting for it.
+
+        Runs on the trio thread, with no worker thread using the connection
+        (the committer awaits them). Every queued operation, and whatever of
+        ``group`` was not reported yet, gets a StoreError (their callbacks do
+        not run); later calls fail fast; ``failed`` stops the system.
+        """
+        if isinstance(exc, StoreError):
+            error = exc
+        else:
+            error = StoreError(f"the store's committer failed: {exc!r}")
+            error.__cause__ = exc
+        log.error("the store's committer failed; failing every waiting operation", exc_info=exc)
+        if self._failure is None:
+            self._failure = error
+        ops = [*group, *self._pending, *self._sealing]
+        self._pending, self._sealing = [], []
+        self._ack_box = None  # (acks joining it now would wait for nothing)
+        db = self._db
+        if db is not None:
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except apsw.Error as rollback_error:  # closing ends it anyway
+                log.warning("rolling back after the committer failed: %s", rollback_error)
+        for op in ops:
+            if not op.finished:
+                op.error = error
+                op.done = None
+                self._finish(op)
+        self.failed.set()
 
     # -- the committer ----------------------------------------------------
 
     async def _commit_loop(self) -> None:
         """Run the queued operations, a group transaction at a time, until closed.
 
-        A system task: it must not raise. A group that fails marks the
-        store failed (``_complete``), and the system stops on that.
+        A system task: it must not raise (trio would crash the run, and the
+        tasks waiting for a commit would never wake). A group that fails
+        marks the store failed (``_finish``), and the system stops on that;
+        anything else that escapes (a bug, an error SQLite was not expected
+        to raise there) fails the store and every waiting operation with
+        StoreError (``_fail_everything``), and the committer ends.
         """
         wait_idle = _idle_waiter()
+        group: list[_Op] = []
         try:
             while True:
                 if not self._pending and not self._sealing:
@@ -713,9 +771,17 @@ class Store:
                 group = self._take_group()
                 await self._commit_group(group)
                 self._complete(group)
-                del group  # (its operations' arguments: nothing waits here for the next)
+                group = []  # (its operations' arguments: nothing waits here for the next)
                 if self._wal_pages >= CHECKPOINT_PAGES:
                     await self._checkpoint_soon()
+        except trio.Cancelled:
+            # The run is ending (system tasks are cancelled last). A group
+            # taken but not run goes back, for aclose (its operations are
+            # safe to run twice).
+            self._pending[:0] = [op for op in group if not op.finished]
+            raise
+        except BaseException as exc:
+            self._fail_everything(exc, group)
         finally:
             self._committer_done.set()
 
@@ -748,6 +814,14 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
             await trio.to_thread.run_sync(self._run_group_waiting, group, False)
+            return
+        except Exception as exc:
+            # Not BUSY: the database could not be read (an I/O error,
+            # corruption, no memory, the WAL index). Nothing ran; the group
+            # fails as one whose transaction failed (each alone, then).
+            self._count_group(group)
+            if self._group_failed(group, exc):
+                await trio.to_thread.run_sync(self._run_group_waiting, group, True)
             return
         self._count_group(group)
         try:
@@ -1673,6 +1747,10 @@ def _virtual_time() -> bool:
     which would pull pytest into every program that imports actors)."""
     testing = sys.modules.get("trio.testing")
     return testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _one(db: apsw.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:
