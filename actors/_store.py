@@ -61,6 +61,7 @@ import apsw
 import attrs
 import trio
 
+from . import _clock
 from ._checkpointer import Checkpointer
 from ._codec import decode_body
 from ._codec import encode_json as _json_array
@@ -158,6 +159,13 @@ _SCHEMA_V2 = (
 )
 
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+# The latest epoch time at which a wait (a delay's or a retry's deadline,
+# ``not_before``) was written, in ``meta``: see Store._bound_waits.
+_NOTE_WAIT = (
+    "INSERT INTO meta (key, value) VALUES ('waits_written', ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
+)
 
 # ``CAST(? AS TEXT)``, not a bare ``?``: SQLite (built with STAT4, as
 # apsw's is) lets the value of a bare parameter compared with an indexed
@@ -465,6 +473,9 @@ class Store:
         # Set when an operation fails: the system watches it, so that a
         # failure nobody waits for (a submitted ack) still stops the system.
         self.failed = trio.Event()
+        # The epoch time of the running system (its Clock.now, set by the
+        # Timer): when a retry wait is written (see _bound_waits).
+        self.clock_now: Callable[[], float] = _clock.wall_time
 
     # -- lifecycle ------------------------------------------------------
 
@@ -993,6 +1004,7 @@ class Store:
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             recovered = self._recover(db, marks)
+            self._bound_waits(db, _clock.wall_time())
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
         self._next_seq = max(int(stored), int(top) + 1)
@@ -1046,6 +1058,38 @@ class Store:
             )
         return started + waiting
 
+    def _bound_waits(self, db: apsw.Connection, now: float) -> int:
+        """The wall clock went back since the waits were written: bound each one
+        by what it was then. Returns how many deadlines moved.
+
+        Every wait (``not_before``) was written at or before the time kept in
+        ``meta`` as ``waits_written``; a wait written at ``w`` for ``d``
+        seconds has ``not_before = w + d <= waits_written + d``. If ``now`` is
+        earlier than ``waits_written``, the clock went back (at least that
+        far): every deadline moves back by the difference, so that each wait
+        is at most what was left of it at ``waits_written`` (its ``d`` or
+        less), whatever the jump. (As if the clock had stopped while the
+        system was down.) A clock that went forward ends waits early; that
+        is not caught: nothing can tell it from time that passed.
+        """
+        written = _one(db, "SELECT value FROM meta WHERE key = 'waits_written'")
+        if written is None or float(written) <= now:
+            return 0
+        back = float(written) - now
+        db.execute(
+            "UPDATE messages SET not_before = not_before - ? WHERE not_before IS NOT NULL",
+            (back,),
+        )
+        moved = db.changes()
+        db.execute("UPDATE meta SET value = ? WHERE key = 'waits_written'", (now,))
+        log.warning(
+            "the clock is %.3f s behind the time the last waits were written; %d delay or"
+            " retry deadline(s) moved back as much, so that none waits longer than it was",
+            back,
+            moved,
+        )
+        return moved
+
     def _take_seq(self) -> int:
         seq = self._next_seq
         self._next_seq += 1
@@ -1085,6 +1129,8 @@ class Store:
         assert db is not None
         first = self._next_seq
         self._next_seq += len(sessions)
+        if not_before is not None and enqueued:
+            db.execute(_NOTE_WAIT, (max(enqueued),))  # (the delays' writing time: see _bound_waits)
         if keys is not None:
             return first, self._append_keyed(
                 first, sessions, bodies, enqueued, not_before, keys, key_retention
@@ -1438,6 +1484,7 @@ class Store:
             "UPDATE messages SET state = 0, not_before = ?, last_error = ?, alone = 0 WHERE id = ?",
             (retry_at, error, message_id),
         )
+        db.execute(_NOTE_WAIT, (self.clock_now(),))
         return "retry"
 
     def op_release(self, message_id: int, uncount: bool, crashed: bool) -> None:
@@ -1478,6 +1525,7 @@ class Store:
             "UPDATE messages SET not_before = max(coalesce(not_before, 0), ?) WHERE id = ?",
             (until, row[0]),
         )
+        db.execute(_NOTE_WAIT, (self.clock_now(),))
         return True
 
     def op_next_due(self, after: float) -> float | None:
