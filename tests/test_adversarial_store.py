@@ -21,6 +21,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,20 @@ def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None
     return None
 
 
+FAULTS: Counter[str] = Counter()  # faults injected, by kind (printed with -s)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    yield
+    print(f"\nfaults injected at BEGIN: {dict(FAULTS)}")
+
+
 @pytest.fixture
 def vfs(tmp_path: Path) -> Iterator[FaultVFS]:
     with FaultVFS(under=str(tmp_path)) as shim:
         yield shim
+    FAULTS.update(shim.injected)
 
 
 @pytest.fixture
