@@ -299,3 +299,26 @@ async def test_anything_that_escapes_the_committer(
     async with actors.run_system(db_path, handler=ledger.handler) as system:
         await drain(system)
     assert rows(db_path) == []
+
+
+async def test_a_lock_error_on_the_reader(
+    db_path: str, store_clock: object, vfs: FaultVFS, thread_errors: list[BaseException]
+) -> None:
+    """``dead_letters()`` reads through a connection of its own, opened at its
+    first call: a lock error there fails that call, not the system. (The
+    store's connection keeps its lock on the file in WAL mode: its BEGIN
+    takes no lock of the file, so a lock fault cannot reach it.)"""
+    ledger = Ledger()
+    async with actors.run_system(db_path, handler=ledger.handler) as system:
+        await ledger.send(system, "s", "before")
+        await drain(system)
+        vfs.fail_locks(target="main")
+        with pytest.raises(actors.StoreError, match="cannot read dead letters"):
+            system.dead_letters()
+        assert vfs.injected["lock"] >= 1
+        vfs.clear()
+        assert system.dead_letters() == []
+        await ledger.send(system, "s", "after")
+        await drain(system)
+    assert [b for _, b, _ in ledger.handled] == ["before", "after"]
+    assert not thread_errors
