@@ -316,7 +316,7 @@ class _Op:
         self.result: Any = None
         self.error: BaseException | None = None
         self.seal: Callable[[], tuple[Any, ...]] | None = None  # see Store.call_sealed
-        # Set when its outcome was reported (Store._finish): its waiter is
+        # Set when its outcome was reported (Store._complete): its waiter is
         # woken once, and only an unfinished one by a failing committer.
         self.finished = False
 
@@ -690,34 +690,33 @@ class Store:
         self.submit(self.op_ack_box, box, done=done)
 
     def _complete(self, ops: list[_Op]) -> None:
-        # Runs on the trio thread, once per group, after its transaction.
-        for op in ops:
-            self._finish(op)
+        """Report each operation's outcome: its callback, then its waiter.
 
-    def _finish(self, op: _Op) -> None:
-        """Report an operation's outcome: its callback, then its waiter. Never raises
-        (but for a KeyboardInterrupt on the inline path, which is the caller's).
-
-        A callback that raises (a bug) fails the store, as a failed operation
-        does, and its caller gets StoreError: the system stops, and says why.
+        Runs on the trio thread, once per group, after its transaction.
+        Never raises (but for a KeyboardInterrupt on the inline path, which
+        is the caller's). A callback that raises (a bug) fails the store, as
+        a failed operation does, and its caller gets StoreError: the system
+        stops, and says why.
         """
-        op.finished = True
-        self._queued -= 1
-        if op.error is None and op.done is not None:
-            try:
-                op.done(op.result)
-            except Exception as exc:
-                error = StoreError(
-                    f"the completion of a committed operation ({_name(op.fn)}) failed: {exc!r}"
-                )
-                error.__cause__ = exc
-                op.error = error
-        if op.error is not None and self._failure is None:
-            self._failure = op.error
-            self.failed.set()
-        if op.task is not None:
-            task, op.task = op.task, None
-            trio.lowlevel.reschedule(task, WOKEN)
+        reschedule = trio.lowlevel.reschedule
+        for op in ops:
+            op.finished = True
+            self._queued -= 1
+            if op.error is None and op.done is not None:
+                try:
+                    op.done(op.result)
+                except Exception as exc:
+                    error = StoreError(
+                        f"the completion of a committed operation ({_name(op.fn)}) failed: {exc!r}"
+                    )
+                    error.__cause__ = exc
+                    op.error = error
+            if op.error is not None and self._failure is None:
+                self._failure = op.error
+                self.failed.set()
+            if op.task is not None:
+                task, op.task = op.task, None
+                reschedule(task, WOKEN)
 
     def _fail_everything(self, exc: BaseException, group: list[_Op]) -> None:
         """The committer itself failed: fail the store, and every operation waiting for it.
@@ -745,11 +744,15 @@ class Store:
                     db.execute("ROLLBACK")
             except apsw.Error as rollback_error:  # closing ends it anyway
                 log.warning("rolling back after the committer failed: %s", rollback_error)
+        # (Not through _complete: nothing here may raise, and no callback runs.)
         for op in ops:
             if not op.finished:
+                op.finished = True
                 op.error = error
-                op.done = None
-                self._finish(op)
+                self._queued -= 1
+                if op.task is not None:
+                    task, op.task = op.task, None
+                    trio.lowlevel.reschedule(task, WOKEN)
         self.failed.set()
 
     # -- the committer ----------------------------------------------------
@@ -759,7 +762,7 @@ class Store:
 
         A system task: it must not raise (trio would crash the run, and the
         tasks waiting for a commit would never wake). A group that fails
-        marks the store failed (``_finish``), and the system stops on that;
+        marks the store failed (``_complete``), and the system stops on that;
         anything else that escapes (a bug, an error SQLite was not expected
         to raise there) fails the store and every waiting operation with
         StoreError (``_fail_everything``), and the committer ends.
