@@ -51,7 +51,7 @@ FAULTS: Counter[str] = Counter()  # faults injected, by kind (printed with -s)
 @pytest.fixture(scope="module", autouse=True)
 def _report() -> Iterator[None]:
     yield
-    print(f"\nfaults injected at BEGIN: {dict(FAULTS)}")
+    print(f"\nstore faults injected: {dict(FAULTS)}")
 
 
 @pytest.fixture
