@@ -60,6 +60,7 @@ import apsw
 import attrs
 import trio
 
+from . import _clock
 from ._checkpointer import Checkpointer
 from ._codec import decode_body
 from ._codec import encode_json as _json_array
@@ -157,6 +158,13 @@ _SCHEMA_V2 = (
 )
 
 _MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+# The latest epoch time at which a wait (a delay's or a retry's deadline,
+# ``not_before``) was written, in ``meta``: see Store._bound_waits.
+_NOTE_WAIT = (
+    "INSERT INTO meta (key, value) VALUES ('waits_written', ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
+)
 
 # ``CAST(? AS TEXT)``, not a bare ``?``: SQLite (built with STAT4, as
 # apsw's is) lets the value of a bare parameter compared with an indexed
@@ -291,7 +299,7 @@ class Ack:
 
 
 class _Op:
-    __slots__ = ("args", "done", "error", "fn", "result", "seal", "task")
+    __slots__ = ("args", "done", "error", "finished", "fn", "result", "seal", "task")
 
     def __init__(
         self,
@@ -307,6 +315,9 @@ class _Op:
         self.result: Any = None
         self.error: BaseException | None = None
         self.seal: Callable[[], tuple[Any, ...]] | None = None  # see Store.call_sealed
+        # Set when its outcome was reported (Store._complete): its waiter is
+        # woken once, and only an unfinished one by a failing committer.
+        self.finished = False
 
 
 def _reraise(exc: BaseException) -> None:
@@ -456,6 +467,9 @@ class Store:
         # Set when an operation fails: the system watches it, so that a
         # failure nobody waits for (a submitted ack) still stops the system.
         self.failed = trio.Event()
+        # The epoch time of the running system (its Clock.now, set by the
+        # Timer): when a retry wait is written (see _bound_waits).
+        self.clock_now: Callable[[], float] = _clock.wall_time
 
     # -- lifecycle ------------------------------------------------------
 
@@ -679,27 +693,85 @@ class Store:
         self.submit(self.op_ack_box, box, done=done)
 
     def _complete(self, ops: list[_Op]) -> None:
-        # Runs on the trio thread, once per group, after its transaction.
-        self._queued -= len(ops)
+        """Report each operation's outcome: its callback, then its waiter.
+
+        Runs on the trio thread, once per group, after its transaction.
+        Never raises (but for a KeyboardInterrupt on the inline path, which
+        is the caller's). A callback that raises (a bug) fails the store, as
+        a failed operation does, and its caller gets StoreError: the system
+        stops, and says why.
+        """
+        reschedule = trio.lowlevel.reschedule
         for op in ops:
-            if op.error is not None:
-                if self._failure is None:
-                    self._failure = op.error
-                    self.failed.set()
-            elif op.done is not None:
-                op.done(op.result)
+            op.finished = True
+            self._queued -= 1
+            if op.error is None and op.done is not None:
+                try:
+                    op.done(op.result)
+                except Exception as exc:
+                    error = StoreError(
+                        f"the completion of a committed operation ({_name(op.fn)}) failed: {exc!r}"
+                    )
+                    error.__cause__ = exc
+                    op.error = error
+            if op.error is not None and self._failure is None:
+                self._failure = op.error
+                self.failed.set()
             if op.task is not None:
-                trio.lowlevel.reschedule(op.task, WOKEN)
+                task, op.task = op.task, None
+                reschedule(task, WOKEN)
+
+    def _fail_everything(self, exc: BaseException, group: list[_Op]) -> None:
+        """The committer itself failed: fail the store, and every operation waiting for it.
+
+        Runs on the trio thread, with no worker thread using the connection
+        (the committer awaits them). Every queued operation, and whatever of
+        ``group`` was not reported yet, gets a StoreError (their callbacks do
+        not run); later calls fail fast; ``failed`` stops the system.
+        """
+        if isinstance(exc, StoreError):
+            error = exc
+        else:
+            error = StoreError(f"the store's committer failed: {exc!r}")
+            error.__cause__ = exc
+        log.error("the store's committer failed; failing every waiting operation", exc_info=exc)
+        if self._failure is None:
+            self._failure = error
+        ops = [*group, *self._pending, *self._sealing]
+        self._pending, self._sealing = [], []
+        self._ack_box = None  # (acks joining it now would wait for nothing)
+        db = self._db
+        if db is not None:
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except apsw.Error as rollback_error:  # closing ends it anyway
+                log.warning("rolling back after the committer failed: %s", rollback_error)
+        # (Not through _complete: nothing here may raise, and no callback runs.)
+        for op in ops:
+            if not op.finished:
+                op.finished = True
+                op.error = error
+                self._queued -= 1
+                if op.task is not None:
+                    task, op.task = op.task, None
+                    trio.lowlevel.reschedule(task, WOKEN)
+        self.failed.set()
 
     # -- the committer ----------------------------------------------------
 
     async def _commit_loop(self) -> None:
         """Run the queued operations, a group transaction at a time, until closed.
 
-        A system task: it must not raise. A group that fails marks the
-        store failed (``_complete``), and the system stops on that.
+        A system task: it must not raise (trio would crash the run, and the
+        tasks waiting for a commit would never wake). A group that fails
+        marks the store failed (``_complete``), and the system stops on that;
+        anything else that escapes (a bug, an error SQLite was not expected
+        to raise there) fails the store and every waiting operation with
+        StoreError (``_fail_everything``), and the committer ends.
         """
         wait_idle = _idle_waiter()
+        group: list[_Op] = []
         try:
             while True:
                 if not self._pending and not self._sealing:
@@ -716,9 +788,17 @@ class Store:
                 group = self._take_group()
                 await self._commit_group(group)
                 self._complete(group)
-                del group  # (its operations' arguments: nothing waits here for the next)
+                group = []  # (its operations' arguments: nothing waits here for the next)
                 if self._wal_pages >= CHECKPOINT_PAGES:
                     await self._checkpoint_soon()
+        except trio.Cancelled:
+            # The run is ending (system tasks are cancelled last). A group
+            # taken but not run goes back, for aclose (its operations are
+            # safe to run twice).
+            self._pending[:0] = [op for op in group if not op.finished]
+            raise
+        except BaseException as exc:
+            self._fail_everything(exc, group)
         finally:
             self._committer_done.set()
 
@@ -751,6 +831,14 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
         except apsw.BusyError:
             await trio.to_thread.run_sync(self._run_group_waiting, group, False)
+            return
+        except Exception as exc:
+            # Not BUSY: the database could not be read (an I/O error,
+            # corruption, no memory, the WAL index). Nothing ran; the group
+            # fails as one whose transaction failed (each alone, then).
+            self._count_group(group)
+            if self._group_failed(group, exc):
+                await trio.to_thread.run_sync(self._run_group_waiting, group, True)
             return
         self._count_group(group)
         try:
@@ -922,6 +1010,7 @@ class Store:
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             recovered = self._recover(db, marks)
+            self._bound_waits(db, _clock.wall_time())
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
         self._next_seq = max(int(stored), int(top) + 1)
@@ -975,6 +1064,38 @@ class Store:
             )
         return started + waiting
 
+    def _bound_waits(self, db: apsw.Connection, now: float) -> int:
+        """The wall clock went back since the waits were written: bound each one
+        by what it was then. Returns how many deadlines moved.
+
+        Every wait (``not_before``) was written at or before the time kept in
+        ``meta`` as ``waits_written``; a wait written at ``w`` for ``d``
+        seconds has ``not_before = w + d <= waits_written + d``. If ``now`` is
+        earlier than ``waits_written``, the clock went back (at least that
+        far): every deadline moves back by the difference, so that each wait
+        is at most what was left of it at ``waits_written`` (its ``d`` or
+        less), whatever the jump. (As if the clock had stopped while the
+        system was down.) A clock that went forward ends waits early; that
+        is not caught: nothing can tell it from time that passed.
+        """
+        written = _one(db, "SELECT value FROM meta WHERE key = 'waits_written'")
+        if written is None or float(written) <= now:
+            return 0
+        back = float(written) - now
+        db.execute(
+            "UPDATE messages SET not_before = not_before - ? WHERE not_before IS NOT NULL",
+            (back,),
+        )
+        moved = db.changes()
+        db.execute("UPDATE meta SET value = ? WHERE key = 'waits_written'", (now,))
+        log.warning(
+            "the clock is %.3f s behind the time the last waits were written; %d delay or"
+            " retry deadline(s) moved back as much, so that none waits longer than it was",
+            back,
+            moved,
+        )
+        return moved
+
     def _take_seq(self) -> int:
         seq = self._next_seq
         self._next_seq += 1
@@ -1014,6 +1135,8 @@ class Store:
         assert db is not None
         first = self._next_seq
         self._next_seq += len(sessions)
+        if not_before is not None and enqueued:
+            db.execute(_NOTE_WAIT, (max(enqueued),))  # (the delays' writing time: see _bound_waits)
         if keys is not None:
             return first, self._append_keyed(
                 first, sessions, bodies, enqueued, not_before, keys, key_retention
@@ -1367,6 +1490,7 @@ class Store:
             "UPDATE messages SET state = 0, not_before = ?, last_error = ?, alone = 0 WHERE id = ?",
             (retry_at, error, message_id),
         )
+        db.execute(_NOTE_WAIT, (self.clock_now(),))
         return "retry"
 
     def op_release(self, message_id: int, uncount: bool, crashed: bool) -> None:
@@ -1407,6 +1531,7 @@ class Store:
             "UPDATE messages SET not_before = max(coalesce(not_before, 0), ?) WHERE id = ?",
             (until, row[0]),
         )
+        db.execute(_NOTE_WAIT, (self.clock_now(),))
         return True
 
     def op_next_due(self, after: float) -> float | None:
@@ -1676,6 +1801,10 @@ def _virtual_time() -> bool:
     which would pull pytest into every program that imports actors)."""
     testing = sys.modules.get("trio.testing")
     return testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _one(db: apsw.Connection, sql: str, params: tuple[Any, ...] = ()) -> Any:

@@ -4,6 +4,11 @@ One task sleeps until the earliest deadline stored in the database (an index
 on ``not_before`` makes that one lookup), so a million delayed messages cost
 disk, not timers in RAM. When a deadline passes it moves delayed messages
 into their sessions' queues and wakes the sessions whose retry wait ended.
+
+Deadlines are epoch times, compared with the run's Clock (trio's monotonic
+clock from the wall time at start): a jump of the system clock during a run
+changes no wait. Across a restart a clock that went back is bounded at open
+(Store._bound_waits); one that went forward ends waits early.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class Timer:
     def __init__(self, store: Store, clock: Clock) -> None:
         self._store = store
         self._clock = clock
+        # Waits are written with the run's clock, and so is their writing time
+        # (see Store._bound_waits), not with a wall clock read anew.
+        store.clock_now = clock.now
         self.supervisor: Supervisor | None = None
         # Retry deadlines at or before _horizon have been handled (epoch s).
         self._horizon = 0.0
