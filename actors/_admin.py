@@ -12,7 +12,6 @@ as JSON.
 from __future__ import annotations
 
 import base64
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import apsw
 import attrs
 
 from ._health import HEARTBEAT_KEY, Health, Heartbeat, judge, seconds_text
+from ._lock import is_held, lock_file
 from ._records import DeadLetter
 from ._store import SCHEMA_VERSION, Store, database_path
 
@@ -86,28 +86,20 @@ def snapshot(db: apsw.Connection) -> Iterator[apsw.Connection]:
 
 
 def lock_path(path: str) -> str:
-    """The lock file a running system holds (see DatabaseLock)."""
-    return database_path(path) + ".lock"
+    """The sidecar lock file a running system holds (see DatabaseLock): by the
+    database's resolved path, so every name of the file gives the same one."""
+    return lock_file(database_path(path))
 
 
 def is_running(path: str) -> bool:
-    """Whether a system holds the database's lock right now.
+    """Whether a system holds the database's lock right now, by any name.
 
-    Tries a shared ``flock`` without waiting and drops it at once. (For
-    that instant a system starting on the same file would find the file
-    in use; the read commands never ask, only ``health`` does.)
+    The file's own lock, as ``run_system`` takes it (``_lock.is_held``): a
+    system in this process, or in another one through any name of the file,
+    a hard link included. Call it with no connection to the database open
+    in this process (it opens and closes a descriptor of the file).
     """
-    try:
-        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False  # no system ever ran here
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we took
-    return False
+    return is_held(database_path(path))
 
 
 def read_heartbeat(db: apsw.Connection) -> Heartbeat | None:

@@ -427,8 +427,12 @@ class Store:
 
     def __init__(self, path: str, durability: str, busy_timeout_ms: int) -> None:
         self.path = path
-        self.starts_path = path + ".starts"
+        # Side files go by the resolved name, as the lock's (and SQLite's
+        # -wal and -shm): a symbolic link or "x/../" reaches the same ones.
+        self.starts_path = os.path.realpath(path) + ".starts"
         self.starts: StartTable | None = None  # created once the database is open
+        # (device, inode) of the file opened; check_file() compares the path's with it.
+        self.identity: tuple[int, int] | None = None
         self._durability = durability
         self._busy_ms = busy_timeout_ms
         # Operations waiting for the committer's next transaction, in order.
@@ -904,7 +908,7 @@ class Store:
                 f"{self.path!r} is an SQLite database of another application "
                 "(it has tables, but no actors schema); refusing to change it"
             )
-        identity = database_identity(self.path)
+        identity = self.identity = database_identity(self.path)
         marks = read_marks(self.starts_path, identity)
         mode = _one(db, "PRAGMA journal_mode = WAL")
         if mode != "wal":
@@ -1688,4 +1692,12 @@ def database_path(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path)
     if not text or text == ":memory:" or text.startswith("file:"):
         raise ValueError(f"path must name a database file, got {text!r}")
-    return os.path.abspath(text)
+    # Absolute, so that a later chdir changes nothing; "." and empty parts
+    # dropped, but ".." kept: after a symbolic link, "link/.." is the parent
+    # of the link's target, not the directory the link is in, and
+    # os.path.abspath (which drops "x/.." as text) would name another file
+    # than the one the system opens. The lock and the side files go by the
+    # fully resolved path (_lock.real_path); this is the name the system
+    # checks its file by (Store.check_file) and shows in messages.
+    absolute = text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
+    return os.sep + os.sep.join(p for p in absolute.split(os.sep) if p not in ("", "."))

@@ -622,6 +622,8 @@ async def run_system(
         )
         system_ref: list[System] = []
         try:
+            if store.identity != lock.identity:  # renamed over between the two opens
+                raise StoreError(f"the database file {db_path!r} was replaced while opening")
             async with _single_error(), trio.open_nursery() as nursery:
                 system = System(
                     path=db_path,
