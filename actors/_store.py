@@ -569,6 +569,36 @@ class Store:
             wal_pages=self._wal_pages,
         )
 
+    def check_file(self) -> None:
+        """Fail the store if its database file was deleted or replaced since it opened.
+
+        SQLite goes on writing to the file it has open, even once no name
+        leads to it: ``send()`` would go on acknowledging messages that the
+        next start, opening the path, would never see. The health beat calls
+        this (one ``stat``); on a mismatch the store fails, so the system
+        stops and ``run_system`` raises StoreError.
+
+        Raises:
+          StoreError: the path names no file, or another one, than the one opened.
+        """
+        if self.identity is None or self._failure is not None:
+            return
+        try:
+            now = database_identity(self.path)
+        except OSError as exc:
+            problem = f"can no longer be found ({exc.strerror or exc})"
+        else:
+            if now == self.identity:
+                return
+            problem = "was replaced by another file"
+        error = StoreError(
+            f"the database file {self.path!r} {problem} while the system ran: what it"
+            " wrote since went to a file that the next start would not open; stopping"
+        )
+        self._failure = error
+        self.failed.set()
+        raise error
+
     @property
     def failure(self) -> BaseException | None:
         """The first error the database raised, if it has failed."""
