@@ -92,12 +92,12 @@ def _flock_struct(kind: int) -> bytes:
     return _FLOCK.pack(kind, os.SEEK_SET, LOCK_BYTE, 1, 0).ljust(_FLOCK_SIZE, b"\0")
 
 
-def _lock_byte(fd: int) -> bool:
+def _lock_byte(fd: int, kind: int) -> bool:
     """Take the database's byte lock on ``fd``; False if another description holds it."""
     if _OFD_SETLK is None:
         return True  # no OFD locks here (not Linux): the sidecar alone guards
     try:
-        fcntl.fcntl(fd, _OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+        fcntl.fcntl(fd, _OFD_SETLK, _flock_struct(kind))
     except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
         return False
     except OSError as exc:
@@ -201,7 +201,17 @@ class DatabaseLock:
             identity = None
         if identity is not None and identity in _HELD:
             raise DatabaseInUseError(self.db_path, _HELD[identity])
-        db_fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            db_fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            kind = fcntl.F_WRLCK
+        except OSError as exc:
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
+            # A file this process may not write: SQLite opens it read-only
+            # and the store refuses it with a clear error. A read lock still
+            # conflicts with the write lock of a system that runs on it.
+            db_fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            kind = fcntl.F_RDLCK
         st = os.fstat(db_fd)
         if _identity(st) in _HELD:
             # The name was pointed at a file held here between the stat and
@@ -210,7 +220,7 @@ class DatabaseLock:
             # takes a rename onto a running database to lose).
             raise DatabaseInUseError(self.db_path, _HELD[_identity(st)])
         try:
-            if not _lock_byte(db_fd):
+            if not _lock_byte(db_fd, kind):
                 owner = _sidecar_owner(self.path) or (
                     "a process that opened it under another name, such as a hard link"
                 )

@@ -615,7 +615,7 @@ async def run_system(
     try:
         lock.acquire()
     except OSError as exc:
-        raise StoreError(f"cannot lock database {db_path!r}: {exc}") from exc
+        raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
     try:
         store, opened = await Store.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout
