@@ -103,9 +103,9 @@ def _lock_byte(fd: int, kind: int) -> bool:
     except OSError as exc:
         if exc.errno not in _UNSUPPORTED:
             raise
-        # A file system without byte-range locks (some FUSE ones): SQLite
-        # falls back too. The sidecar still guards every name but hard links.
-        log.debug("no byte-range lock on %r (%s); the sidecar lock alone guards it", fd, exc)
+        # A file system without byte-range locks (some FUSE ones): the
+        # sidecar still guards every name of the file but its hard links.
+        log.debug("no byte-range locks here (%s): the sidecar lock alone guards", exc)
     return True
 
 
@@ -151,7 +151,7 @@ def is_held(db_path: str) -> bool:
     real = real_path(db_path)
     try:
         st = os.stat(real)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     with _HELD_LOCK:
         if _identity(st) in _HELD:
