@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import logging
 import os
@@ -58,7 +59,7 @@ OTHER_NAMES: dict[str, Callable[[Path, Path], None]] = {
 
 @pytest.mark.parametrize("make_name", OTHER_NAMES.values(), ids=OTHER_NAMES.keys())
 async def test_a_second_system_through_another_name_is_refused(
-    tmp_path: Path, make_name: Callable[[Path, Path], None]
+    tmp_path: Path, make_name: Callable[[Path, Path], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = tmp_path / "app.db"
     other = tmp_path / "other.db"
@@ -78,9 +79,21 @@ async def test_a_second_system_through_another_name_is_refused(
         await system.send("s", "in flight")
         await started.wait()
         make_name(db, other)
+        # Refused without opening the file: closing a descriptor of it would
+        # drop the running system's SQLite locks (POSIX locks are per process).
+        opened: list[str] = []
+        real_open = os.open
+
+        def spy(path: str, *args: int, **kwargs: int) -> int:
+            opened.append(os.fspath(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", spy)
         with pytest.raises(actors.DatabaseInUseError) as info:
             async with actors.run_system(other, handler=second):
                 pass  # pragma: no cover - the bug: it started, and ran the message again
+        monkeypatch.undo()
+        assert opened == []
         assert f"pid {os.getpid()} " in info.value.owner
         assert "in this process" in info.value.owner
         assert info.value.path == str(other)
@@ -181,6 +194,45 @@ def test_the_command_lines_lock_file_is_the_systems(tmp_path: Path) -> None:
         assert _admin.is_running(str(db)) and _admin.is_running(str(tmp_path / "link.db"))
     finally:
         lock.release()
+    assert not _admin.is_running(str(db))
+
+
+def open_files(under: Path) -> list[str]:
+    """Files under ``under`` that this process has open (Linux's /proc)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if target.startswith(str(under)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_system_of_an_earlier_version_holding_only_the_sidecar_is_respected(
+    tmp_path: Path,
+) -> None:
+    # Earlier versions locked only <path>.lock (flock), and wrote their owner there.
+    db = tmp_path / "app.db"
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"pid 1 on old-host, started yesterday")
+        lock = DatabaseLock(str(tmp_path / "." / "app.db"))
+        with pytest.raises(actors.DatabaseInUseError) as info:
+            lock.acquire()
+        assert info.value.owner == "pid 1 on old-host, started yesterday"
+        assert _admin.is_running(str(db))
+        # The refusal closed what it opened (the database and the sidecar).
+        assert open_files(tmp_path) == [f"{db}.lock"]
+    finally:
+        os.close(fd)
+    lock.acquire()
+    assert sorted(open_files(tmp_path)) == [str(db), f"{db}.lock"]
+    lock.release()
+    assert open_files(tmp_path) == []
     assert not _admin.is_running(str(db))
 
 
