@@ -96,8 +96,9 @@ def is_running(path: str) -> bool:
 
     The file's own lock, as ``run_system`` takes it (``_lock.is_held``): a
     system in this process, or in another one through any name of the file,
-    a hard link included. Call it with no connection to the database open
-    in this process (it opens and closes a descriptor of the file).
+    a hard link included. For a file with hard links it opens and closes a
+    descriptor of the file, which drops this process's SQLite locks on it:
+    ask with no connection to such a database open.
     """
     return is_held(database_path(path))
 

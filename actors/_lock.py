@@ -141,11 +141,13 @@ def _sidecar_owner(path: str) -> str | None:
 def is_held(db_path: str) -> bool:
     """Whether a running system holds the database at ``db_path`` (by any name).
 
-    Asks the registry of this process, then the byte lock of the file
-    (``F_OFD_GETLK``: takes nothing, so a system starting meanwhile is never
-    refused), then the sidecar (a system of an earlier version). The byte
-    lock is read through a descriptor of the database that is closed again:
-    call this with no connection of your own to that database open in this
+    Asks the registry of this process, then the sidecar by the resolved path
+    (which every system holds, whatever name it used, unless that name is
+    another hard link), and, only for a file with more than one link, the
+    byte lock of the file itself (``F_OFD_GETLK``, which takes nothing). The
+    byte lock is read through a descriptor of the database that is closed
+    again, which drops this process's SQLite locks on it: for a hard-linked
+    database, call this with no connection of your own to it open in this
     process (see the module's docstring).
     """
     real = real_path(db_path)
@@ -156,16 +158,18 @@ def is_held(db_path: str) -> bool:
     with _HELD_LOCK:
         if _identity(st) in _HELD:
             return True
+    if _sidecar_owner(real + ".lock") is not None:
+        return True
+    if st.st_nlink < 2:
+        return False
     try:
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        if _identity(os.fstat(fd)) == _identity(st) and _byte_locked(fd):
-            return True
+        return _identity(os.fstat(fd)) == _identity(st) and _byte_locked(fd)
     finally:
         os.close(fd)
-    return _sidecar_owner(real + ".lock") is not None
 
 
 class DatabaseLock:
