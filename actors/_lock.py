@@ -150,20 +150,19 @@ def is_held(db_path: str) -> bool:
     database, call this with no connection of your own to it open in this
     process (see the module's docstring).
     """
-    real = real_path(db_path)
     try:
-        st = os.stat(real)
+        st = os.stat(db_path)
     except (FileNotFoundError, NotADirectoryError):
         return False
     with _HELD_LOCK:
         if _identity(st) in _HELD:
             return True
-    if _sidecar_owner(real + ".lock") is not None:
+    if _sidecar_owner(lock_file(db_path)) is not None:
         return True
     if st.st_nlink < 2:
         return False
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
@@ -198,15 +197,17 @@ class DatabaseLock:
             self._acquire()
 
     def _acquire(self) -> None:
-        real = self.real_path
+        # The database by the name given, as the kernel (and SQLite) reads
+        # it: "x/../app.db" with no x is an error, not the app.db here.
+        name = self.db_path
         try:
-            identity: tuple[int, int] | None = _identity(os.stat(real))
+            identity: tuple[int, int] | None = _identity(os.stat(name))
         except FileNotFoundError:
             identity = None
         if identity is not None and identity in _HELD:
             raise DatabaseInUseError(self.db_path, _HELD[identity])
         try:
-            db_fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            db_fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             kind = fcntl.F_WRLCK
         except OSError as exc:
             if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
@@ -214,7 +215,7 @@ class DatabaseLock:
             # A file this process may not write: SQLite opens it read-only
             # and the store refuses it with a clear error. A read lock still
             # conflicts with the write lock of a system that runs on it.
-            db_fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+            db_fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
             kind = fcntl.F_RDLCK
         st = os.fstat(db_fd)
         if _identity(st) in _HELD:
@@ -254,12 +255,12 @@ class DatabaseLock:
         os.pwrite(fd, info.encode(), 0)
         self._fd, self._db_fd = fd, db_fd
         self.identity = _identity(st)
-        _HELD[self.identity] = f"{info}, in this process, as {real!r}"
+        _HELD[self.identity] = f"{info}, in this process, as {name!r}"
         if st.st_nlink > 1:
             log.warning(
                 "database %r has %d names (hard links): SQLite keeps its WAL beside the"
                 " name a database is opened by, so always open it by the same one",
-                real,
+                self.real_path,
                 st.st_nlink,
             )
 

@@ -168,6 +168,19 @@ async def test_dotdot_after_a_symlink_is_the_file_the_system_opens(
     assert _admin.is_running("link/../app.db") is False
 
 
+async def test_dotdot_after_a_missing_directory_is_refused_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # To the kernel "missing/../app.db" leads nowhere; os.path.realpath (and
+    # os.path.abspath) make it "app.db" as text. The refusal must not leave
+    # an app.db (or its lock file) that the name never named.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(actors.StoreError, match="cannot open database"):
+        async with actors.run_system("missing/../app.db", handler=noop):
+            pass  # pragma: no cover
+    assert os.listdir(tmp_path) == []
+
+
 async def test_a_hard_linked_database_is_named_in_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
