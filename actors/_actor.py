@@ -623,7 +623,9 @@ class SessionActor:
                 await self._flush_ack(ack)
                 await self._release_in_flight()
                 return Exit.STOP
-            if ack is not None and self.turn >= config.fair_share and sup.has_waiters:
+            if self.turn >= config.fair_share and sup.has_waiters:
+                # Its turn is up (counted since this activation, the
+                # messages handed to it included): to the back of the line.
                 await self._flush_ack(ack)
                 await self._release_handed()  # not started: the next activation claims them
                 return Exit.YIELD

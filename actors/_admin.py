@@ -12,6 +12,7 @@ as JSON.
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,9 @@ import apsw
 import attrs
 
 from ._health import HEARTBEAT_KEY, Health, Heartbeat, judge, seconds_text
-from ._lock import is_held, lock_file
+from ._lock import is_held, lock_file, real_path
 from ._records import DeadLetter
+from ._starts import database_identity, read_marks
 from ._store import SCHEMA_VERSION, Store, database_path
 
 
@@ -134,17 +136,20 @@ def oldest_due(db: apsw.Connection, now: float) -> float | None:
 class SessionRow:
     """One session's messages by state (``actors sessions``, ``actors status``).
 
-    ``oldest_age``: seconds since its oldest pending or in-flight message was
-    sent (None if it has none); ``max_attempts``: the most attempts any of
-    them has used.
+    ``in_flight``: messages whose handler has started (see :func:`claimed`);
+    ``handed``: claimed by the session's actor, waiting in its memory, not
+    started. ``oldest_age``: seconds since its oldest pending, handed or
+    in-flight message was sent (None if it has none); ``most_attempts``:
+    the most attempts any of its messages has used.
     """
 
     session_id: str
     pending: int
+    handed: int
     in_flight: int
     dead: int
     oldest_age: float | None
-    max_attempts: int
+    most_attempts: int
 
 
 @attrs.frozen(kw_only=True)
@@ -161,21 +166,27 @@ class InFlightRow:
 class Status:
     """The state of a database (``actors status``).
 
-    ``pending`` counts every pending message; of them ``delayed`` wait for
-    their delay, ``retry_waiting`` for a retry deadline, and the rest are
-    due. ``oldest_pending_age`` is as in Health. ``attempts`` maps an
+    ``running``: a system holds the database's lock (see :func:`is_running`).
+    ``pending`` counts every message waiting in the database; of them
+    ``delayed`` wait for their delay, ``retry_waiting`` for a retry
+    deadline, and the rest are due. ``handed`` and ``in_flight`` are as in
+    :func:`claimed` (``statistics().pending`` of the running system counts
+    the handed ones as pending). ``oldest_pending_age`` is as in Health. ``attempts`` maps an
     attempt count to how many pending or in-flight messages have used that
     many (a message with 2 or more has been retried). ``sessions`` are the
     deepest queues, at most the limit asked for, of ``session_count``.
-    ``heartbeat`` is the last one a running system wrote (it may be old).
+    ``heartbeat`` is the last one a system wrote (old, or from a system
+    that stopped, when ``running`` is false).
     """
 
     path: str
     checked_at: float
+    running: bool
     schema_version: int
     pending: int
     delayed: int
     retry_waiting: int
+    handed: int
     in_flight: int
     dead: int
     oldest_pending_age: float | None
@@ -187,30 +198,108 @@ class Status:
     heartbeat: Heartbeat | None
 
 
+# Attempts a message has used: a handed message's claim counted one that its
+# handler has not started (recovery would give it back). The parameter is
+# the JSON array of handed ids (Claimed.handed_ids).
+_USED = "(attempts - (id IN (SELECT value FROM json_each(?))))"
 _SESSIONS = (
     "SELECT session_id, sum(state = 0), sum(state = 1), sum(state = 2),"
-    " min(CASE WHEN state < 2 THEN enqueued_at END), max(attempts)"
+    f" min(CASE WHEN state < 2 THEN enqueued_at END), max({_USED})"
     " FROM messages{where} GROUP BY session_id"
     " ORDER BY sum(state < 2) DESC, sum(state = 2) DESC, session_id LIMIT ?"
 )
 
 
+def starts_path(path: str) -> str:
+    """The start table a system keeps beside the database (see ``_starts.py``),
+    by its resolved path, as the store names it."""
+    return real_path(database_path(path)) + ".starts"
+
+
+@attrs.frozen
+class Claimed:
+    """The claimed messages (``state`` 1) whose handler has not started.
+
+    ``handed``: how many per session; ``handed_ids``: their ids. Every
+    other claimed message is in flight.
+    """
+
+    handed: dict[str, int]
+    handed_ids: list[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.handed_ids)
+
+
+def claimed(db: apsw.Connection, path: str) -> Claimed:
+    """Tell the claimed messages whose handler started from the ones merely handed.
+
+    The database marks a message claimed (``state`` 1) when an actor takes
+    it, and an actor takes more than the one it runs: messages claimed on
+    delivery or in bulk wait in its memory, not started. The start table
+    (``<db>.starts``, see ``_starts.py``) holds, per live actor, the id of
+    the last message whose handler started, and a session's messages run in
+    order: every claimed message of that session up to it (in the session's
+    order) has started (it runs, or it ran and its acknowledgement has not
+    committed yet), and every one after it is handed. This is the rule
+    recovery applies after a crash, so for a process that died it tells
+    what the next start will charge an attempt. Without a start table of
+    this database, every claimed message counts as started, as recovery
+    counts them. Read-only: the table is read, never written.
+
+    Call inside the snapshot, after a first read: the marks are then at
+    least as new as the snapshot (a message that started since may count
+    as started a moment early, never the reverse).
+    """
+    try:
+        marks = read_marks(starts_path(path), database_identity(path))
+    except OSError:
+        marks = None
+    if marks is None:
+        return Claimed({}, [])
+    started: dict[str, int] = {
+        str(session): _int(seq)
+        for session, seq in db.execute(
+            "SELECT session_id, max(seq) FROM messages WHERE state = 1"
+            " AND id IN (SELECT value FROM json_each(?)) GROUP BY session_id",
+            (json.dumps(marks),),
+        )
+    }
+    handed: dict[str, int] = {}
+    ids: list[int] = []
+    for msg_id, session, seq in db.execute(
+        "SELECT id, session_id, seq FROM messages WHERE state = 1 ORDER BY id"
+    ):
+        last = started.get(str(session))
+        if last is None or (seq is not None and _int(seq) > last):
+            ids.append(_int(msg_id))
+            handed[str(session)] = handed.get(str(session), 0) + 1
+    return Claimed(handed, ids)
+
+
 def _sessions(
-    db: apsw.Connection, now: float, limit: int, session_id: str | None = None
+    db: apsw.Connection,
+    now: float,
+    limit: int,
+    found: Claimed,
+    session_id: str | None = None,
 ) -> list[SessionRow]:
     where, params = ("", ()) if session_id is None else (" WHERE session_id = ?", (session_id,))
     out = []
-    for session, pending, in_flight, dead, oldest, attempts in db.execute(
-        _SESSIONS.format(where=where), (*params, limit)
+    for session, pending, claimed_, dead, oldest, attempts in db.execute(
+        _SESSIONS.format(where=where), (json.dumps(found.handed_ids), *params, limit)
     ):
+        handed = found.handed.get(str(session), 0)
         out.append(
             SessionRow(
                 session_id=str(session),
                 pending=_int(pending),
-                in_flight=_int(in_flight),
+                handed=handed,
+                in_flight=_int(claimed_) - handed,
                 dead=_int(dead),
                 oldest_age=None if oldest is None else _age(now, oldest),
-                max_attempts=_int(attempts),
+                most_attempts=_int(attempts),
             )
         )
     return out
@@ -222,8 +311,13 @@ def _tables(db: apsw.Connection) -> set[str]:
     }
 
 
-def status(db: apsw.Connection, path: str, now: float, *, limit: int = 20) -> Status:
-    """Read the database's state in one snapshot (the deepest ``limit`` sessions)."""
+def status(
+    db: apsw.Connection, path: str, now: float, *, limit: int = 20, running: bool = False
+) -> Status:
+    """Read the database's state in one snapshot (the deepest ``limit`` sessions).
+
+    ``running``: whether a system runs on it (:func:`is_running`), as the caller found.
+    """
     with snapshot(db):
         version = _int(db.execute("PRAGMA user_version").fetchall()[0][0])
         counts: dict[int, tuple[int, int, int]] = {
@@ -235,16 +329,18 @@ def status(db: apsw.Connection, path: str, now: float, *, limit: int = 20) -> St
                 (now,),
             )
         }
-        attempts = {
-            _int(a): _int(n)
-            for a, n in db.execute(
-                "SELECT attempts, count(*) FROM messages WHERE state < 2 AND attempts > 0"
-                " GROUP BY attempts ORDER BY attempts"
-            )
-        }
         session_count = _int(
             db.execute("SELECT count(DISTINCT session_id) FROM messages").fetchall()[0][0]
         )
+        found = claimed(db, path)
+        attempts = {
+            _int(a): _int(n)
+            for a, n in db.execute(
+                f"SELECT {_USED} AS used, count(*) FROM messages WHERE state < 2 AND used > 0"
+                " GROUP BY used ORDER BY used",
+                (json.dumps(found.handed_ids),),
+            )
+        }
         in_flight = [
             InFlightRow(
                 id=_int(i),
@@ -254,8 +350,8 @@ def status(db: apsw.Connection, path: str, now: float, *, limit: int = 20) -> St
             )
             for i, s, a, t in db.execute(
                 "SELECT id, session_id, attempts, enqueued_at FROM messages WHERE state = 1"
-                " ORDER BY id LIMIT ?",
-                (limit,),
+                " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                (json.dumps(found.handed_ids), limit),
             )
         ]
         open_requests = 0
@@ -267,16 +363,18 @@ def status(db: apsw.Connection, path: str, now: float, *, limit: int = 20) -> St
         return Status(
             path=path,
             checked_at=now,
+            running=running,
             schema_version=version,
             pending=pending[0],
             delayed=pending[1],
             retry_waiting=pending[2],
-            in_flight=counts.get(1, (0, 0, 0))[0],
+            handed=found.count,
+            in_flight=counts.get(1, (0, 0, 0))[0] - found.count,
             dead=counts.get(2, (0, 0, 0))[0],
             oldest_pending_age=oldest_due(db, now),
             attempts=attempts,
             session_count=session_count,
-            sessions=_sessions(db, now, limit),
+            sessions=_sessions(db, now, limit, found),
             in_flight_messages=in_flight,
             open_requests=open_requests,
             heartbeat=read_heartbeat(db),
@@ -284,11 +382,17 @@ def status(db: apsw.Connection, path: str, now: float, *, limit: int = 20) -> St
 
 
 def sessions(
-    db: apsw.Connection, now: float, *, limit: int = 100, session_id: str | None = None
+    db: apsw.Connection,
+    path: str,
+    now: float,
+    *,
+    limit: int = 100,
+    session_id: str | None = None,
 ) -> list[SessionRow]:
     """Sessions with messages, deepest queue first (only ``session_id`` if given)."""
     with snapshot(db):
-        return _sessions(db, now, limit, session_id)
+        db.execute("SELECT 1 FROM messages LIMIT 1").fetchall()  # the snapshot begins
+        return _sessions(db, now, limit, claimed(db, path), session_id)
 
 
 def dead_letters(
@@ -298,13 +402,18 @@ def dead_letters(
     return Store._read_dead_letters(db, session_id, limit)
 
 
-def counts(db: apsw.Connection) -> dict[str, int]:
-    """Messages by state: ``{"pending": n, "in_flight": n, "dead": n}``."""
+def counts(db: apsw.Connection, handed: int = 0) -> dict[str, int]:
+    """Messages by state, as ``statistics()`` counts them: ``{"pending": n, "in_flight": n,
+    "dead": n}``; ``handed`` claimed messages (see :func:`claimed`) count as pending."""
     found = {
         _int(s): _int(n)
         for s, n in db.execute("SELECT state, count(*) FROM messages GROUP BY state")
     }
-    return {"pending": found.get(0, 0), "in_flight": found.get(1, 0), "dead": found.get(2, 0)}
+    return {
+        "pending": found.get(0, 0) + handed,
+        "in_flight": found.get(1, 0) - handed,
+        "dead": found.get(2, 0),
+    }
 
 
 def to_plain(value: Any) -> Any:
@@ -389,7 +498,7 @@ def check_health(
         healthy, reason = judge(
             oldest_pending_age=oldest, last_progress_age=progress_age, stall_after=stall_after
         )
-        found = counts(db)
+        found = counts(db, claimed(db, path).count)
         return verdict(
             healthy,
             reason,

@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from ._errors import SystemClosedError
+from ._validate import check_seconds
 
 if TYPE_CHECKING:
     from ._streams import Subscription
@@ -83,9 +84,11 @@ class Bridge:
         """``System.send`` from another thread; returns the id once durable.
 
         ``timeout`` bounds the wait here (``concurrent.futures.TimeoutError``);
-        the send itself goes on, and may or may not commit.
+        the send itself goes on, and may or may not commit. It is checked
+        (as ``System.send`` checks ``delay``) before anything is sent.
         """
         self._refuse_trio_thread()
+        timeout = _check_timeout(timeout)
         future = self._submit(lambda: self._system.send(session_id, body, delay=delay, key=key))
         return future.result(timeout)
 
@@ -97,6 +100,7 @@ class Bridge:
     ) -> list[int]:
         """``System.send_many`` from another thread: one transaction for all."""
         self._refuse_trio_thread()
+        timeout = _check_timeout(timeout)
         batch = list(items)  # read here, in the caller's thread
         return self._submit(lambda: self._system.send_many(batch)).result(timeout)
 
@@ -207,6 +211,12 @@ class Bridge:
 
 
 _END = object()  # BlockingSubscription: nothing more is buffered
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    # Here, in the caller's thread: a bad timeout must fail before the
+    # send is submitted (it would go on, and the error come after it).
+    return None if timeout is None else check_seconds("timeout", timeout)
 
 
 def _sync_to_async(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:

@@ -14,12 +14,17 @@ Exit codes, for scripts and probes:
 - 2: usage error; no database at the path, or not an actors database.
 - 3: ``health`` only: no system is running on the database.
 - 4: a running system did not answer a request within ``--wait``.
+
+With ``--json`` every outcome is one JSON object on stdout, errors
+included: ``{"ok": false, "error": ..., "exit_code": n}`` (the exit code is
+the same as without ``--json``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -32,8 +37,16 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from . import _admin
-from ._control import DirectTarget, RequestTimeoutError, apply, request
+from . import __version__, _admin
+from ._codec import check_session_id
+from ._control import (
+    CONTROL_RETENTION,
+    DirectTarget,
+    RequestTimeoutError,
+    SystemStoppedError,
+    apply,
+    request,
+)
 from ._demo import DemoOptions, LiveDisplay, run_demo
 from ._errors import DatabaseInUseError, StoreError
 from ._health import Health, seconds_text
@@ -53,6 +66,43 @@ class DatabaseError(click.ClickException):
     exit_code = EXIT_USAGE
 
 
+class _JsonError(click.ClickException):
+    """An error of a command run with ``--json``: shown as a JSON object on stdout."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        # (click declares exit_code on the class; each of these has its own.)
+        vars(self)["exit_code"] = exit_code
+
+    def show(self, file: Any = None) -> None:
+        _echo_json({"ok": False, "error": self.message, "exit_code": self.exit_code})
+
+
+# Ids, seqs and limits are SQLite integers: beyond this one they cannot be stored.
+MAX_INT = 2**63 - 1
+ID = click.IntRange(1, MAX_INT)
+LIMIT = click.IntRange(1, MAX_INT)
+
+
+class Finite(click.FloatRange):
+    """A finite number in a range (``nan`` and ``inf`` pass a FloatRange)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def _session_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_session_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -65,7 +115,10 @@ def parse_duration(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*", text)
     if match is None:
         raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 12h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{text!r} is too long a duration")
+    return seconds
 
 
 def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -87,9 +140,17 @@ def _echo_json(value: Any) -> None:
 
 def _path(db: str) -> str:
     try:
-        return database_path(db)
+        path = database_path(db)
+        # SQLite takes file names as UTF-8: one the shell passed with
+        # undecodable bytes (a lone surrogate here) cannot be opened.
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DatabaseError(
+            f"{db!r} is not a file name SQLite can open (it is not valid UTF-8)"
+        ) from None
     except ValueError as exc:
         raise DatabaseError(str(exc)) from None
+    return path
 
 
 def _open(path: str) -> apsw.Connection:
@@ -121,9 +182,12 @@ def _one_line(error: str, width: int = 72) -> str:
 
 db_argument = click.argument("db", metavar="DB")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+session_option = click.option(
+    "--session", "session_id", metavar="S", callback=_session_option, help="Only this session."
+)
 wait_option = click.option(
     "--wait",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -131,7 +195,33 @@ wait_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _wants_json(args: Sequence[str]) -> bool:
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+class _Group(click.Group):
+    """The command group; with ``--json``, a command's errors are JSON too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["actors.json"] = _wants_json(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if ctx.meta.get("actors.json") and not isinstance(exc, _JsonError):
+                raise _JsonError(exc.format_message(), exc.exit_code) from None
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="actors", message="%(prog)s %(version)s")
 def cli() -> None:
     """Embedded, durable, per-key actors for trio on SQLite.
 
@@ -139,48 +229,76 @@ def cli() -> None:
     retry, abort and purge are applied by the running system (or directly
     when none runs). Exit codes: 0 ok, 1 unhealthy or refused, 2 usage
     error or no actors database, 3 no system running (health), 4 no answer
-    from the running system within --wait.
+    from the running system within --wait. With --json, errors are JSON
+    too (on stdout), with the same exit codes.
     """
 
 
 # -- demo -------------------------------------------------------------------------
 
 _DEMO = DemoOptions()
+MAX_DEMO_SESSIONS = 100_000
+MAX_DEMO_MESSAGES = 1_000_000  # per session
+MAX_DEMO_DURATION = 86_400.0
+
+
+def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return _path(value)
+    except DatabaseError as exc:
+        raise click.BadParameter(exc.message, ctx, param) from None
 
 
 @cli.command()
 @click.option(
     "--db",
     metavar="PATH",
-    help="SQLite file to use (kept afterwards; default: a fresh file in a temporary "
-    "directory, deleted at the end). Reuse a file after killing a run to see recovery.",
+    callback=_demo_db,
+    help="SQLite file to use (kept afterwards, with its ledger PATH.demo-ledger; default: a "
+    "fresh file in a temporary directory, deleted at the end). Run again on the same file "
+    "after killing a run: the new run checks the killed run's messages too.",
 )
-@click.option("--sessions", type=click.IntRange(min=1), default=_DEMO.sessions, show_default=True)
+@click.option(
+    "--sessions",
+    type=click.IntRange(1, MAX_DEMO_SESSIONS),
+    default=_DEMO.sessions,
+    show_default=True,
+)
 @click.option(
     "--messages",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_DEMO_MESSAGES),
     default=_DEMO.messages,
     show_default=True,
     help="Messages per session.",
 )
+@click.option(
+    "--duration",
+    type=Finite(0, MAX_DEMO_DURATION),
+    default=_DEMO.duration,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds over which each session spreads its sends (0: as fast as it can).",
+)
 @click.option("--seed", type=int, help="Seed for the workload's randomness.")
 @click.option(
     "--fail-rate",
-    type=click.FloatRange(0, 1),
+    type=Finite(0, 1),
     default=_DEMO.fail_rate,
     show_default=True,
     help="Chance that an attempt raises.",
 )
 @click.option(
     "--poison-rate",
-    type=click.FloatRange(0, 1),
+    type=Finite(0, 1),
     default=_DEMO.poison_rate,
     show_default=True,
     help="Chance that a message fails on every attempt.",
 )
 @click.option(
     "--kill-interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=_DEMO.kill_interval,
     show_default=True,
     metavar="SECONDS",
@@ -191,6 +309,7 @@ def demo(
     db: str | None,
     sessions: int,
     messages: int,
+    duration: float,
     seed: int | None,
     fail_rate: float,
     poison_rate: float,
@@ -199,11 +318,12 @@ def demo(
 ) -> None:
     """Run a chaos workload and verify that nothing was lost.
 
-    Many sessions send concurrently; the handler sleeps, sometimes fails,
-    rarely hangs; random busy actors are killed mid-message. At the end
-    every id that send() returned must have been processed or
-    dead-lettered. Exit status 1 if anything was lost or an ordering check
-    failed.
+    Many sessions send concurrently for about --duration seconds; the
+    handler sleeps, sometimes fails, rarely hangs; random busy actors are
+    killed mid-message. At the end every id that send() returned (in this
+    run, and in earlier runs on the same --db, a killed one's too) must
+    have been processed, dead-lettered, or still be pending. Exit status 1
+    if anything was lost, an ordering check failed, or drain() timed out.
     """
     # The demo fails on purpose; without --verbose keep the library's log quiet.
     logging.basicConfig(
@@ -216,12 +336,14 @@ def demo(
         db=db,
         sessions=sessions,
         messages=messages,
+        duration=duration,
         seed=seed,
         fail_rate=fail_rate,
         poison_rate=poison_rate,
         kill_interval=kill_interval,
         progress_interval=0.1 if live else _DEMO.progress_interval,
     )
+
     try:
         if live:
 
@@ -231,57 +353,106 @@ def demo(
             with LiveDisplay(console, sessions * messages) as display:
                 report = trio.run(run_demo, options, out, display.update)
         else:
+            # click.echo flushes every line: output to a file or a pipe is
+            # block-buffered, and a run killed with kill -9 would otherwise
+            # take its last progress lines along (tests check they arrive).
             report = trio.run(run_demo, options, click.echo)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: unfinished messages stay in the database (see --db)")
         sys.exit(130)
+    except BaseException as exc:
+        _demo_error(exc)
+        raise
     click.echo(f"\nverification after {report.seconds:.1f}s")
     if live:
         table = Table("check", "count", "meaning")
         table.columns[1].justify = "right"
         for name, value, meaning in report.rows():
-            bad = value and name in ("lost", "out of order", "overlapping", "dishonest attempts")
+            bad = value and name in (
+                "lost",
+                "out of order",
+                "overlapping",
+                "dishonest attempts",
+                "pending",
+                "earlier pending",
+            )
             table.add_row(name, f"[red]{value}[/]" if bad else str(value), meaning)
         console.print(table)
     else:
         click.echo(report.table())
     if report.ok:
-        click.echo("\nOK: every acknowledged message was processed or dead-lettered, in order.")
+        earlier = " (earlier runs' too)" if report.earlier_sent else ""
+        click.echo(
+            f"\nOK: every acknowledged message{earlier} was processed or dead-lettered, in order."
+        )
         sys.exit(EXIT_OK)
-    click.echo("\nFAILED: see the non-zero checks above.")
+    if report.lost or report.out_of_order or report.overlapping or report.dishonest_attempts:
+        click.echo("\nFAILED: see the non-zero checks above.")
+    else:
+        click.echo(
+            "\nUNFINISHED: nothing was lost, but some messages are still pending"
+            " (drain() timed out); run again on the same --db to finish them."
+        )
     sys.exit(EXIT_FAILED)
+
+
+def _demo_error(exc: BaseException) -> None:
+    """A database the demo cannot use: a clear error, not a traceback."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, DatabaseInUseError):
+        raise click.ClickException(str(exc)) from None
+    if isinstance(exc, StoreError):
+        raise DatabaseError(str(exc)) from None
 
 
 # -- reading ----------------------------------------------------------------------
 
 
-def _system_line(heartbeat: Any, now: float) -> str:
+def _system_line(heartbeat: Any, running: bool, now: float) -> str:
+    if not running:
+        # Judged by the lock, as `health` does: a clean stop releases it at
+        # once, a killed process's lock goes with the process. The heartbeat
+        # says only who ran last.
+        if heartbeat is None:
+            return "stopped: no system is running"
+        return (
+            f"stopped: no system is running (the last one, pid {heartbeat.pid} on"
+            f" {heartbeat.host}, wrote its last heartbeat"
+            f" {seconds_text(max(now - heartbeat.at, 0.0))} ago)"
+        )
     if heartbeat is None:
-        return "no heartbeat: no system has run on this database since it had one"
+        return "running, no heartbeat yet (the first comes status_interval after start)"
     age = now - heartbeat.at
     who = f"pid {heartbeat.pid} on {heartbeat.host}"
     if age > _admin.default_stale_after(heartbeat):
-        return f"last heartbeat {seconds_text(age)} ago from {who}: no system seems to be running"
+        return (
+            f"running, but its last heartbeat is {seconds_text(age)} old ({who}): its loop or"
+            " its store is stuck"
+        )
     up = seconds_text(max(now - heartbeat.started_at, 0.0))
     return (
-        f"heartbeat {seconds_text(age)} ago from {who}, up {up};"
+        f"running: heartbeat {seconds_text(max(age, 0.0))} ago from {who}, up {up};"
         f" {heartbeat.processed} processed, last progress"
         f" {seconds_text(max(now - heartbeat.last_progress_at, 0.0))} ago"
     )
 
 
 def _sessions_table(rows: Sequence[_admin.SessionRow], title: str) -> Table:
-    table = Table("session", "pending", "in flight", "dead", "oldest", "attempts", title=title)
+    table = Table(
+        "session", "pending", "handed", "in flight", "dead", "oldest", "attempts", title=title
+    )
     for column in table.columns[1:]:
         column.justify = "right"
     for row in rows:
         table.add_row(
             row.session_id,
             str(row.pending),
+            str(row.handed),
             str(row.in_flight),
             str(row.dead),
             _age(row.oldest_age),
-            str(row.max_attempts),
+            str(row.most_attempts),
         )
     return table
 
@@ -291,7 +462,7 @@ def _sessions_table(rows: Sequence[_admin.SessionRow], title: str) -> Table:
 @json_option
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=LIMIT,
     default=20,
     show_default=True,
     help="Sessions and in-flight messages to list.",
@@ -299,8 +470,12 @@ def _sessions_table(rows: Sequence[_admin.SessionRow], title: str) -> Table:
 def status(db: str, as_json: bool, limit: int) -> None:
     """Queue depth by session and state, oldest due message, in flight, retries."""
     path = _path(db)
+    _open(path).close()  # exit 2 first if there is no actors database
+    running = _admin.is_running(path)
     now = time.time()
-    st: _admin.Status = _read(path, lambda conn: _admin.status(conn, path, now, limit=limit))
+    st: _admin.Status = _read(
+        path, lambda conn: _admin.status(conn, path, now, limit=limit, running=running)
+    )
     if as_json:
         _echo_json(st)
         return
@@ -312,12 +487,22 @@ def status(db: str, as_json: bool, limit: int) -> None:
     summary.add_column(no_wrap=True)
     summary.add_column(overflow="fold")
     summary.add_row("database", f"{st.path} (schema {st.schema_version})")
-    summary.add_row("system", _system_line(st.heartbeat, now))
+    summary.add_row("system", _system_line(st.heartbeat, st.running, now))
     summary.add_row(
         "pending",
         f"{st.pending} ({due} due, {st.delayed} delayed, {st.retry_waiting} waiting for a retry)",
     )
-    summary.add_row("in flight", str(st.in_flight))
+    left = "" if st.running else ": left by a process that died; the next start takes them back"
+    summary.add_row(
+        "handed",
+        f"{st.handed} (claimed by an actor, waiting in its memory, not started){left}"
+        if st.handed
+        else "0",
+    )
+    summary.add_row(
+        "in flight",
+        f"{st.in_flight} (a handler started){left}" if st.in_flight else "0",
+    )
     summary.add_row("dead", str(st.dead))
     summary.add_row(
         "oldest",
@@ -325,7 +510,7 @@ def status(db: str, as_json: bool, limit: int) -> None:
     )
     summary.add_row(
         "attempts",
-        f"pending or in flight, by attempts used: {attempts}" if attempts else "none used yet",
+        f"unfinished messages by attempts used: {attempts}" if attempts else "none used yet",
     )
     summary.add_row("requests", f"{st.open_requests} control request(s) waiting for the system")
     console.print(summary)
@@ -342,14 +527,14 @@ def status(db: str, as_json: bool, limit: int) -> None:
 @cli.command()
 @db_argument
 @json_option
-@click.option("--session", "session_id", metavar="S", help="Only this session.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@session_option
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
 def sessions(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
-    """Sessions with messages, deepest queue first: pending, in flight, dead."""
+    """Sessions with messages, deepest queue first: pending, handed, in flight, dead."""
     path = _path(db)
     now = time.time()
     rows: list[_admin.SessionRow] = _read(
-        path, lambda conn: _admin.sessions(conn, now, limit=limit, session_id=session_id)
+        path, lambda conn: _admin.sessions(conn, path, now, limit=limit, session_id=session_id)
     )
     if as_json:
         _echo_json(rows)
@@ -360,8 +545,8 @@ def sessions(db: str, as_json: bool, session_id: str | None, limit: int) -> None
 @cli.command()
 @db_argument
 @json_option
-@click.option("--session", "session_id", metavar="S", help="Only this session.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@session_option
+@click.option("--limit", type=LIMIT, default=100, show_default=True)
 def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
     """Dead letters, oldest first, with their last error (in full with --json)."""
     path = _path(db)
@@ -387,7 +572,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
 @json_option
 @click.option(
     "--stall-after",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -395,7 +580,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
 )
 @click.option(
     "--stale-after",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True),
     default=None,
     metavar="SECONDS",
     help="Unhealthy when the heartbeat is older than this "
@@ -436,12 +621,34 @@ def _health_details(h: Health) -> str:
 # -- changing ---------------------------------------------------------------------
 
 
-async def _apply_directly(path: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+async def _apply_directly(
+    path: str, command: str, args: dict[str, Any], finish: int | None = None
+) -> dict[str, Any]:
+    """Apply a command to a database no system runs on (the caller holds its lock).
+
+    ``finish``: a control request that a stopped system had taken without
+    answering; its outcome is written into it, so that no later system
+    applies it again.
+    """
     store, _ = await Store.open(path, durability="full", busy_timeout=5.0)
     try:
-        return await apply(DirectTarget(store), command, json.dumps(args))
+        outcome = await apply(DirectTarget(store), command, json.dumps(args))
+        if finish is not None:
+            now = time.time()
+            await store.call(
+                store.op_finish_control, finish, now, json.dumps(outcome), now - CONTROL_RETENTION
+            )
+        return outcome
     finally:
         await store.aclose()
+
+
+def _fail(as_json: bool, message: str, code: int, **extra: Any) -> NoReturn:
+    if as_json:
+        _echo_json({"ok": False, "error": message, **extra, "exit_code": code})
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: bool) -> NoReturn:
@@ -449,47 +656,62 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
     path = _path(db)
     _open(path).close()  # exit 2 if there is no actors database (never create one)
     lock = DatabaseLock(path)
+
+    def stopped() -> bool:
+        """Whether the system let go of the lock; if so, it is ours now."""
+        try:
+            lock.acquire()
+        except DatabaseInUseError:
+            return False
+        return True
+
     try:
-        lock.acquire()
-    except DatabaseInUseError:
-        applied_by = "running system"
         try:
-            outcome = request(path, command, args, wait=wait)
-        except RequestTimeoutError as exc:
-            if as_json:
-                _echo_json({"ok": False, "error": str(exc), "withdrawn": exc.withdrawn})
-            else:
-                click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_TIMEOUT)
-        except apsw.Error as exc:
-            raise click.ClickException(f"cannot write the request into {path!r}: {exc}") from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
-    else:
+            running = not stopped()
+        except OSError as exc:
+            raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+        finish = None
         applied_by = "command line"
-        try:
-            outcome = trio.run(_apply_directly, path, command, args)
-        except StoreError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            lock.release()
-    where = (
-        "by the running system"
-        if applied_by == "running system"
-        else "directly: no system is running"
-    )
+        where = "directly: no system is running"
+        if running:
+            try:
+                outcome = request(path, command, args, wait=wait, stopped=stopped)
+                applied_by, where = "running system", "by the running system"
+            except SystemStoppedError as exc:
+                # It stopped (a stopping system takes no more requests): apply
+                # the command here, as if none had run; a request it had taken
+                # gets its outcome, so that no later system applies it again.
+                finish = None if exc.withdrawn else exc.request_id
+                where = "directly: the system stopped before it answered"
+            except RequestTimeoutError as exc:
+                _fail(as_json, str(exc), EXIT_TIMEOUT, withdrawn=exc.withdrawn)
+            except apsw.Error as exc:
+                raise click.ClickException(
+                    f"cannot write the request into {path!r}: {exc}"
+                ) from None
+            except OSError as exc:
+                raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+        if applied_by == "command line":
+            try:
+                outcome = trio.run(_apply_directly, path, command, args, finish)
+            except StoreError as exc:
+                raise click.ClickException(str(exc)) from None
+    finally:
+        lock.release()
+    code = EXIT_OK if outcome["ok"] else EXIT_FAILED
     if as_json:
-        _echo_json({**outcome, "applied_by": applied_by})
+        extra = {} if outcome["ok"] else {"exit_code": code}
+        _echo_json({**outcome, "applied_by": applied_by, **extra})
     elif outcome["ok"]:
         click.echo(f"{outcome['detail']} (applied {where})")
     else:
         click.echo(f"error: {outcome['error']} (answered {where})", err=True)
-    sys.exit(EXIT_OK if outcome["ok"] else EXIT_FAILED)
+    sys.exit(code)
 
 
 @cli.command()
 @db_argument
-@click.option("--id", "message_id", type=int, help="The dead letter to requeue.")
+@click.option("--id", "message_id", type=ID, help="The dead letter to requeue.")
 @click.option("--all", "retry_all", is_flag=True, help="Requeue every dead letter.")
 @wait_option
 @json_option
@@ -503,7 +725,7 @@ def retry(db: str, message_id: int | None, retry_all: bool, wait: float, as_json
 
 @cli.command()
 @db_argument
-@click.option("--id", "message_id", type=int, required=True, help="The message to delete.")
+@click.option("--id", "message_id", type=ID, required=True, help="The message to delete.")
 @wait_option
 @json_option
 def abort(db: str, message_id: int, wait: float, as_json: bool) -> None:
@@ -513,7 +735,13 @@ def abort(db: str, message_id: int, wait: float, as_json: bool) -> None:
 
 @cli.command()
 @db_argument
-@click.option("--session", "session_id", metavar="S", help="Purge this session's messages.")
+@click.option(
+    "--session",
+    "session_id",
+    metavar="S",
+    callback=_session_option,
+    help="Purge this session's messages.",
+)
 @click.option("--dead", is_flag=True, help="Purge dead letters only.")
 @click.option(
     "--older-than",

@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import attrs
 
+from . import _validate as v
 from ._policy import Backoff, RestartPolicy
 
-
-def _positive_int(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+_COUNT = v.field(v.check_option_int)
+_POSITIVE_SECONDS = v.field(v.check_seconds, positive=True)
 
 
-def _positive_seconds(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number of seconds > 0, got {value!r}")
-
-
-def _non_negative_seconds(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
-
-
-def _optional_seconds(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None:
-        _positive_seconds(_inst, attribute, value)
+def _durability(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"durability must be a str, got {type(value).__name__}")
+    if value not in ("normal", "full"):
+        raise ValueError(f"durability must be 'normal' or 'full', got {v.describe(value)}")
 
 
 @attrs.frozen(kw_only=True)
@@ -71,29 +56,40 @@ class Config:
     control_interval: seconds between the system's looks at the control
       table, where ``actors retry / abort / purge`` leave their requests
       while the system runs.
+
+    Each option is checked when the Config is built (before ``run_system``
+    touches the file): ``TypeError`` for a wrong type (a bool is not a
+    count), ``ValueError`` out of range. Counts are ints from 1 to 2**31 - 1;
+    ``max_message_bytes`` at most 512 MiB; seconds finite, > 0
+    (``key_retention`` >= 0), at most 10**9 (``busy_timeout`` at most one
+    day: SQLite takes it in milliseconds, as a C int).
     """
 
-    max_attempts: int = attrs.field(default=4, validator=_positive_int)
-    retry_backoff: Backoff = attrs.field(
-        factory=Backoff, validator=attrs.validators.instance_of(Backoff)
+    max_attempts: int = attrs.field(default=4, validator=_COUNT)
+    retry_backoff: Backoff = attrs.field(factory=Backoff, validator=v.instance_of(Backoff))
+    handler_timeout: float | None = attrs.field(
+        default=300.0, validator=v.optional(v.check_seconds, positive=True)
     )
-    handler_timeout: float | None = attrs.field(default=300.0, validator=_optional_seconds)
-    idle_timeout: float = attrs.field(default=60.0, validator=_positive_seconds)
-    max_active: int = attrs.field(default=1000, validator=_positive_int)
-    fair_share: int = attrs.field(default=32, validator=_positive_int)
+    idle_timeout: float = attrs.field(default=60.0, validator=_POSITIVE_SECONDS)
+    max_active: int = attrs.field(default=1000, validator=_COUNT)
+    fair_share: int = attrs.field(default=32, validator=_COUNT)
     restart_policy: RestartPolicy = attrs.field(
-        factory=RestartPolicy, validator=attrs.validators.instance_of(RestartPolicy)
+        factory=RestartPolicy, validator=v.instance_of(RestartPolicy)
     )
-    durability: Literal["normal", "full"] = attrs.field(
-        default="normal", validator=attrs.validators.in_(("normal", "full"))
+    durability: Literal["normal", "full"] = attrs.field(default="normal", validator=_durability)
+    max_message_bytes: int = attrs.field(
+        default=1 << 20,
+        validator=v.field(v.check_int, minimum=1, maximum=v.MAX_MESSAGE_BYTES),
     )
-    max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive_int)
-    shutdown_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
-    mailbox_size: int = attrs.field(default=256, validator=_positive_int)
-    busy_timeout: float = attrs.field(default=5.0, validator=_positive_seconds)
-    key_retention: float = attrs.field(default=86400.0, validator=_non_negative_seconds)
-    status_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
-    control_interval: float = attrs.field(default=0.5, validator=_positive_seconds)
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_POSITIVE_SECONDS)
+    mailbox_size: int = attrs.field(default=256, validator=_COUNT)
+    busy_timeout: float = attrs.field(
+        default=5.0,
+        validator=v.field(v.check_seconds, positive=True, maximum=v.MAX_BUSY_TIMEOUT),
+    )
+    key_retention: float = attrs.field(default=86400.0, validator=v.field(v.check_seconds))
+    status_interval: float = attrs.field(default=1.0, validator=_POSITIVE_SECONDS)
+    control_interval: float = attrs.field(default=0.5, validator=_POSITIVE_SECONDS)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Config:
@@ -106,14 +102,3 @@ class Config:
                 f"known options: {', '.join(sorted(known))}"
             )
         return cls(**options)
-
-
-def finite_delay(delay: float | None) -> float:
-    """Validate ``send(delay=...)``: ``None`` or a finite number of seconds >= 0."""
-    if delay is None:
-        return 0.0
-    if isinstance(delay, bool) or not isinstance(delay, int | float):
-        raise TypeError(f"delay must be a number of seconds or None, got {type(delay).__name__}")
-    if not math.isfinite(delay) or delay < 0:
-        raise ValueError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
-    return float(delay)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -34,6 +33,7 @@ from trio_util import periodic
 from ._codec import check_session_id
 from ._errors import StoreError
 from ._store import IN_FLIGHT, Store
+from ._validate import check_flag, check_message_id, check_seconds
 
 log = logging.getLogger("actors.control")
 
@@ -61,20 +61,6 @@ class Target(Protocol):
 # -- arguments and outcome (both sides) --------------------------------------
 
 
-def check_seconds(name: str, value: object, *, positive: bool = False) -> float:
-    """A finite number of seconds, >= 0 (or > 0 with ``positive``).
-
-    Raises:
-      TypeError: not a number. ValueError: out of range.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)
-
-
 def purge_scope(
     session_id: str | None, dead: bool, older_than: float | None, now: float
 ) -> tuple[str | None, float | None]:
@@ -83,8 +69,9 @@ def purge_scope(
     Raises:
       ValueError: neither a session nor ``dead=True``; ``older_than``
         without ``dead=True``; ``older_than`` out of range.
-      TypeError: a session id or ``older_than`` of the wrong type.
+      TypeError: a session id, ``dead`` or ``older_than`` of the wrong type.
     """
+    check_flag("dead", dead)
     if session_id is not None:
         session_id = check_session_id(session_id)
     elif not dead:
@@ -122,10 +109,9 @@ async def purge_batches(
 
 
 def _message_id(args: dict[str, Any]) -> int:
-    value = args.get("id")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"'id' must be an integer message id, got {value!r}")
-    return value
+    # Checked here too, not only by the System's methods: DirectTarget
+    # passes the id straight to the store.
+    return check_message_id(args.get("id"), "'id'")
 
 
 async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
@@ -155,11 +141,10 @@ async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
                 return {"ok": False, "error": f"no pending or dead message {message_id}"}
             return {"ok": True, "count": 1, "detail": f"aborted message {message_id}"}
         if command == "purge":
-            dead = args.get("dead", False)
-            if not isinstance(dead, bool):
-                raise TypeError(f"'dead' must be true or false, got {dead!r}")
             count = await target.purge(
-                session_id=args.get("session"), dead=dead, older_than=args.get("older_than")
+                session_id=args.get("session"),
+                dead=args.get("dead", False),
+                older_than=args.get("older_than"),
             )
             return {"ok": True, "count": count, "detail": f"purged {count} message(s)"}
         known = ", ".join(COMMANDS)
@@ -322,6 +307,22 @@ class RequestTimeoutError(Exception):
         super().__init__(f"no answer to control request {request_id} within {waited:g}s ({what})")
 
 
+class SystemStoppedError(Exception):
+    """The system stopped before it answered a control request.
+
+    Raised once ``stopped()`` (see :func:`request`) said so, which means the
+    caller holds the database's lock now and can apply the command itself.
+    ``withdrawn``: the request was taken back; otherwise the stopped system
+    had taken it without finishing it, and whoever applies it must write its
+    outcome into the request (else the next system applies it again).
+    """
+
+    def __init__(self, request_id: int, withdrawn: bool) -> None:
+        self.request_id = request_id
+        self.withdrawn = withdrawn
+        super().__init__(f"the system stopped before it answered control request {request_id}")
+
+
 def request(
     path: str,
     command: str,
@@ -330,14 +331,21 @@ def request(
     wait: float,
     poll: float = 0.05,
     busy_timeout: float = 5.0,
+    stopped: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Ask the system running on ``path`` to apply a command; return its outcome.
 
     Blocks (polling every ``poll`` seconds) until the system wrote the
-    outcome, at most ``wait`` seconds.
+    outcome, at most ``wait`` seconds. ``stopped()``, called at every poll,
+    says whether the system is gone; the command line passes one that
+    tries to take the database's lock (so a yes leaves the caller holding
+    it: no other system can start and take the request meanwhile). A system
+    that is stopping takes no more requests, so without this a request
+    issued at that moment would wait out ``wait`` for nothing.
 
     Raises:
       RequestTimeoutError: no outcome within ``wait``.
+      SystemStoppedError: ``stopped()`` said yes before an outcome came.
       apsw.Error: the database cannot be written.
     """
     db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
@@ -357,15 +365,27 @@ def request(
             )
             return db.changes() == 1
 
+        def answered() -> dict[str, Any] | None:
+            rows = db.execute(
+                "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
+            ).fetchall()
+            if rows and rows[0][0] is not None:
+                outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+                return outcome
+            return None
+
         deadline = time.monotonic() + wait
         try:
             while True:
-                rows = db.execute(
-                    "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
-                ).fetchall()
-                if rows and rows[0][0] is not None:
-                    outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+                outcome = answered()
+                if outcome is not None:
                     return outcome
+                if stopped is not None and stopped():
+                    # It may have answered just before it went: look once more.
+                    outcome = answered()
+                    if outcome is not None:
+                        return outcome
+                    raise SystemStoppedError(request_id, withdrawn=withdraw())
                 if time.monotonic() >= deadline:
                     raise RequestTimeoutError(request_id, wait, withdrawn=withdraw())
                 time.sleep(poll)

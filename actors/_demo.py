@@ -1,26 +1,39 @@
 """``actors demo`` (also ``python -m actors demo``): a chaos workload that checks its own result.
 
-Many sessions send concurrently into a system on a local SQLite file. The
-handler sleeps a few milliseconds, sometimes raises, rarely hangs past
-``handler_timeout``, and always fails on "poison" messages; a chaos task
-kills random busy actors mid-message. When everything has drained, the demo
-compares what ``send()`` acknowledged with what the handler completed and
-what sits in dead letters, and prints the verdict as a table.
+Many sessions send concurrently into a system on a local SQLite file, their
+sends spread over ``duration`` seconds. The handler sleeps a few
+milliseconds, sometimes raises, rarely hangs past ``handler_timeout``, and
+always fails on "poison" messages; a chaos task kills random busy actors
+mid-message. When everything has drained, the demo compares what ``send()``
+acknowledged with what the handler completed and what sits in dead letters,
+and prints the verdict as a table.
 
 The handler's own record is the ground truth: a message counts as processed
-only if a handler call for it returned normally. Only the public API is used.
+only if a handler call for it returned normally. That record is kept on
+disk beside the database (:class:`Ledger`), so a run killed with
+``kill -9`` is checked too: the next run on the same file accounts for every
+id the killed run acknowledged. The system is driven through the public API
+only; the final accounting reads the database's unfinished ids read-only.
+
+SIGTERM or SIGINT (Ctrl-C) stops the run gracefully (``System.shutdown``):
+nothing new starts, running handlers finish, their acks commit, and what is
+left stays pending in the database for the next run (``--db``); the
+verification then counts it as pending, not lost. A second signal stops at
+once (running handlers are cancelled, their messages run again next time).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from itertools import pairwise
 
+import apsw
 import attrs
 import trio
 from rich.console import Console, Group
@@ -29,6 +42,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 import actors
+from actors.testing import Recorder
+
+MAX_ATTEMPTS = 4
+STOP_GRACE = 5.0  # seconds running handlers get after SIGTERM / SIGINT (handler_timeout is 0.1)
 
 
 @attrs.frozen(kw_only=True)
@@ -38,6 +55,7 @@ class DemoOptions:
     db: str | None = None  # None: a fresh file in a temporary directory
     sessions: int = 500
     messages: int = 20  # per session
+    duration: float = 10.0  # seconds over which each session spreads its sends
     seed: int | None = None
     fail_rate: float = 0.05  # chance that an attempt raises
     poison_rate: float = 0.004  # chance that a message fails on every attempt
@@ -56,49 +74,160 @@ class TransientError(Exception):
     """A failure that a retry fixes."""
 
 
-class Recorder:
-    """What the handler saw, written by the handler itself."""
+LEDGER_SUFFIX = ".demo-ledger"
 
-    def __init__(self) -> None:
-        self.completed: set[int] = set()  # ids whose handler call returned normally
-        self.starts: defaultdict[str, list[int]] = defaultdict(list)  # {session: ids, in order}
-        self.attempts: defaultdict[int, list[int]] = defaultdict(list)  # {id: msg.attempt seen}
-        self.busy: set[str] = set()  # sessions whose handler runs right now
-        self.overlapping = 0  # handler entries while the same session was busy
+
+class Ledger:
+    """What the demo's runs on one database acknowledged and completed, on disk.
+
+    A small SQLite file beside the database (``<db>.demo-ledger``). An id is
+    written as soon as ``send()`` returns it; a completion before the
+    handler returns, so before its acknowledgement can commit. Each write
+    commits on its own (WAL, ``synchronous=OFF``: what is written survives
+    the process, however it dies, though not a power loss). So a run killed
+    at any moment leaves a ledger that the next run checks as its own: an
+    id acknowledged and not completed must still be in the database,
+    pending or dead. (An id whose ``send()`` returned an instant before the
+    kill may be missing from the ledger: it is not checked, and runs anyway.)
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + LEDGER_SUFFIX
+        self._db = apsw.Connection(self.path)
+        self._db.set_busy_timeout(5000)
+        # One demo at a time holds the database (its lock): no shared memory
+        # to coordinate readers, which halves the cost of a write.
+        self._db.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
+        self._db.execute("PRAGMA journal_mode = WAL").fetchall()
+        self._db.execute("PRAGMA synchronous = OFF")
+        with self._db:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, started_at REAL);"
+                "CREATE TABLE IF NOT EXISTS sent (id INTEGER PRIMARY KEY, run INTEGER NOT NULL)"
+                " WITHOUT ROWID;"
+                "CREATE TABLE IF NOT EXISTS completed (id INTEGER PRIMARY KEY,"
+                " run INTEGER NOT NULL) WITHOUT ROWID"
+            )
+            self._db.execute("INSERT INTO runs (started_at) VALUES (?)", (time.time(),))
+            self.run = self._db.last_insert_rowid()
+        self.earlier_sent: set[int] = {
+            int(i) for (i,) in self._db.execute("SELECT id FROM sent WHERE run < ?", (self.run,))
+        }
+
+    def sent(self, message_id: int) -> None:
+        """``send()`` returned ``message_id``."""
+        self._db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (message_id, self.run))
+
+    def completed(self, message_id: int) -> None:
+        """A handler call for ``message_id`` is about to return normally."""
+        self._db.execute("INSERT OR IGNORE INTO completed VALUES (?, ?)", (message_id, self.run))
+
+    def completed_ids(self) -> set[int]:
+        """Every id a handler completed, in any run."""
+        return {int(i) for (i,) in self._db.execute("SELECT id FROM completed")}
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def unfinished_ids(db_path: str) -> set[int]:
+    """Ids pending (or left in flight) in the database, read-only; empty without one."""
+    if not os.path.isfile(db_path):
+        return set()
+    try:
+        conn = apsw.Connection(db_path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error:
+        return set()
+    try:
+        conn.set_busy_timeout(5000)
+        return {int(i) for (i,) in conn.execute("SELECT id FROM messages WHERE state < 2")}
+    except apsw.Error:
+        return set()  # not an actors database: run_system says so
+    finally:
+        conn.close()
 
 
 @attrs.frozen(kw_only=True)
 class Report:
-    """The closing verification. ``ok`` only if nothing was lost or broken."""
+    """The closing verification. ``ok`` only if nothing was lost or broken, and all finished.
+
+    ``sent``, ``processed``, ``dead``, ``pending``: this run's ids, and what
+    became of them, each id counted once, in that order (completed by a
+    handler; else dead-lettered; else still waiting); the ids none of them
+    holds are ``lost``. ``earlier_*``: the same for the ids that earlier runs on
+    this database acknowledged (a killed run's too, from the :class:`Ledger`).
+    ``lost`` counts both.
+    """
 
     sent: int
     processed: int
-    retried: int
     dead: int
-    restarts: int
+    pending: int = 0
+    earlier_sent: int = 0
+    earlier_processed: int = 0
+    earlier_dead: int = 0
+    earlier_pending: int = 0
+    failed_attempts: int
+    retried: int
     kills: int
     lost: int
     out_of_order: int
     overlapping: int
     dishonest_attempts: int
     seconds: float
+    stopped_by: str | None = None  # the signal that stopped the run gracefully, if one did
+
+    @property
+    def finished(self) -> bool:
+        """Nothing acknowledged is still waiting (drain() finished in time)."""
+        return self.pending == 0 and self.earlier_pending == 0
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and not (
-            self.out_of_order or self.overlapping or self.dishonest_attempts
+        return (
+            self.lost == 0
+            and (self.finished or self.stopped_by is not None)
+            and not (self.out_of_order or self.overlapping or self.dishonest_attempts)
         )
 
     def rows(self) -> list[tuple[str, int, str]]:
         """(check, count, meaning) for each line of the verification table."""
-        return [
-            ("sent", self.sent, "ids returned by send()"),
-            ("processed", self.processed, "distinct ids the handler completed"),
-            ("retried", self.retried, "failed attempts (raised, timed out, killed)"),
-            ("dead", self.dead, "in dead letters after max_attempts"),
-            ("restarts", self.restarts, "actor restarts by the supervisor"),
+        rows = [
+            ("sent", self.sent, "ids returned by send() in this run"),
+            ("processed", self.processed, "of them, completed by the handler"),
+            ("dead", self.dead, "of the rest, in dead letters after max_attempts"),
+        ]
+        if self.pending:
+            why = (
+                f"left pending by the stop ({self.stopped_by}) for the next run"
+                if self.stopped_by
+                else "still waiting (drain() timed out)"
+            )
+            rows.append(("pending", self.pending, f"of the rest, {why}"))
+        if self.earlier_sent:
+            rows += [
+                (
+                    "earlier sent",
+                    self.earlier_sent,
+                    "ids send() returned in earlier runs on this file (a killed one's too)",
+                ),
+                ("earlier processed", self.earlier_processed, "of them, completed then or now"),
+                ("earlier dead", self.earlier_dead, "of the rest, in dead letters"),
+                ("earlier pending", self.earlier_pending, "of the rest, still waiting"),
+            ]
+        rows += [
+            (
+                "failed attempts",
+                self.failed_attempts,
+                "attempts that raised, timed out or were killed (each restarts its actor)",
+            ),
+            ("retried", self.retried, "messages delivered again after a failure or a crash"),
             ("kills", self.kills, "system.kill() of a busy actor"),
-            ("lost", self.lost, "sent, yet neither processed nor dead: must be 0"),
+            (
+                "lost",
+                self.lost,
+                "acknowledged, yet neither processed, dead nor pending: must be 0",
+            ),
             ("out of order", self.out_of_order, "a session's message started before an older one"),
             ("overlapping", self.overlapping, "two handlers at once for one session"),
             (
@@ -107,6 +236,7 @@ class Report:
                 "first delivery not attempt 1, or a redelivery not counted up",
             ),
         ]
+        return rows
 
     def table(self) -> str:
         """The verification as plain text (one line per check)."""
@@ -117,32 +247,47 @@ class Report:
 
 @attrs.frozen(kw_only=True)
 class Snapshot:
-    """The demo's progress at one moment (for the live display)."""
+    """The demo's progress at one moment (for the live display).
+
+    ``sent`` and ``processed`` are this run's messages; ``earlier_done`` of
+    ``earlier_left`` count the messages earlier runs left unfinished that
+    this run completed; ``pending``, ``in_flight`` and ``dead`` are the
+    system's (all runs' messages).
+    """
 
     seconds: float
     sent: int
     total: int
-    processed: int  # distinct ids the handler completed
+    processed: int  # this run's ids the handler completed
+    earlier_left: int  # earlier runs' ids unfinished when this run started
+    earlier_done: int  # of them, completed by this run's handler
     in_flight: int
     pending: int
-    retried: int
     dead: int
     dead_lettered: int  # in this run
-    restarts: int
+    failed_attempts: int
     kills: int
 
     def line(self) -> str:
         """One line of text, for a log or a terminal without a live display."""
+        earlier = (
+            f"  | earlier runs: {self.earlier_done}/{self.earlier_left} done"
+            if self.earlier_left
+            else ""
+        )
         return (
-            f"[{self.seconds:5.1f}s] sent {self.sent:>6}/{self.total}"
-            f"  processed {self.processed:>6}  in flight {self.in_flight:>4}"
-            f"  pending {self.pending:>6}  retried {self.retried:>5}"
-            f"  dead {self.dead:>4}  restarts {self.restarts:>5}  kills {self.kills:>5}"
+            f"[{self.seconds:5.1f}s] this run: sent {self.sent:>6}/{self.total}"
+            f"  processed {self.processed:>6}{earlier}"
+            f"  | in flight {self.in_flight:>4}  pending {self.pending:>6}"
+            f"  dead {self.dead:>4}  failed {self.failed_attempts:>5}  kills {self.kills:>5}"
         )
 
 
 def count_lost(sent: Iterable[int], completed: set[int], dead: set[int]) -> int:
-    """Acknowledged ids that were neither completed by the handler nor dead-lettered."""
+    """Acknowledged ids that were neither completed by the handler nor dead-lettered.
+
+    (Pass the ids still pending with the dead ones: they are not lost.)
+    """
     return sum(1 for i in sent if i not in completed and i not in dead)
 
 
@@ -172,29 +317,36 @@ def count_dishonest(sent: Iterable[int], attempts: dict[int, list[int]]) -> int:
     return bad
 
 
+def _starts_and_attempts(
+    recorder: Recorder,
+) -> tuple[dict[str, list[int]], dict[int, list[int]]]:
+    """From the recorder's history: {session: ids in start order}, {id: attempts seen}."""
+    starts: defaultdict[str, list[int]] = defaultdict(list)
+    attempts: defaultdict[int, list[int]] = defaultdict(list)
+    for event in recorder.events:
+        if event.kind == "start":
+            starts[event.session_id].append(event.message_id)
+            attempts[event.message_id].append(event.attempt)
+    return starts, attempts
+
+
 def make_handler(
-    recorder: Recorder, rng: random.Random, options: DemoOptions
+    ledger: Ledger, rng: random.Random, options: DemoOptions, completed: Callable[[int], None]
 ) -> Callable[[actors.Context, actors.Message], Awaitable[None]]:
+    """The workload; ``completed(id)`` after the ledger has the completion."""
     low, high = options.latency
 
     async def handle(ctx: actors.Context, msg: actors.Message) -> None:
-        session = msg.session_id
-        if session in recorder.busy:
-            recorder.overlapping += 1
-        recorder.busy.add(session)
-        recorder.starts[session].append(msg.id)
-        recorder.attempts[msg.id].append(msg.attempt)
-        try:
-            await trio.sleep(rng.uniform(low, high))
-            if isinstance(msg.body, dict) and msg.body.get("poison"):
-                raise PoisonError(f"message {msg.id} can never be processed")
-            if rng.random() < options.hang_rate:
-                await trio.sleep_forever()  # handler_timeout cancels this attempt
-            if rng.random() < options.fail_rate:
-                raise TransientError(f"attempt {msg.attempt} of message {msg.id} failed")
-            recorder.completed.add(msg.id)  # no checkpoint after this: it is the outcome
-        finally:
-            recorder.busy.discard(session)
+        await trio.sleep(rng.uniform(low, high))
+        if isinstance(msg.body, dict) and msg.body.get("poison"):
+            raise PoisonError(f"message {msg.id} can never be processed")
+        if rng.random() < options.hang_rate:
+            await trio.sleep_forever()  # handler_timeout cancels this attempt
+        if rng.random() < options.fail_rate:
+            raise TransientError(f"attempt {msg.attempt} of message {msg.id} failed")
+        # No checkpoint after this: the completion is on disk before the ack.
+        ledger.completed(msg.id)
+        completed(msg.id)
 
     return handle
 
@@ -225,20 +377,35 @@ async def _run(
     recorder = Recorder()
     sent: list[int] = []
     kills = 0
+    processed = 0
+    earlier_done = 0
     names = [f"session-{i:04d}" for i in range(options.sessions)]
     total = options.sessions * options.messages
+    spacing = options.duration / options.messages  # mean seconds between a session's sends
+    # What earlier runs left unfinished (a killed run's messages among them).
+    left = unfinished_ids(db)
+
+    def completed(message_id: int) -> None:
+        nonlocal processed, earlier_done
+        if message_id in left:
+            earlier_done += 1
+        else:
+            processed += 1
 
     async def produce(session: str) -> None:
         for n in range(options.messages):
             body = {"n": n, "poison": rng.random() < options.poison_rate}
-            sent.append(await system.send(session, body))
-            await trio.sleep(rng.uniform(0, 0.002))
+            message_id = await system.send(session, body)
+            ledger.sent(message_id)  # at once: no checkpoint in between
+            sent.append(message_id)
+            await trio.sleep(rng.uniform(0.5, 1.5) * spacing)
 
     async def chaos() -> None:
         nonlocal kills
         while True:
             await trio.sleep(rng.expovariate(1 / options.kill_interval))
-            if recorder.busy and system.kill(rng.choice(sorted(recorder.busy))):
+            busy = recorder.running()
+            if busy and system.kill(rng.choice(sorted(busy))):
                 kills += 1
 
     def snapshot() -> Snapshot:
@@ -247,13 +414,14 @@ async def _run(
             seconds=time.monotonic() - started,
             sent=len(sent),
             total=total,
-            processed=len(recorder.completed),
+            processed=processed,
+            earlier_left=len(left),
+            earlier_done=earlier_done,
             in_flight=s.in_flight,
             pending=s.pending,
-            retried=s.failed_attempts,
             dead=s.dead,
             dead_lettered=s.dead_lettered,
-            restarts=s.restarts,
+            failed_attempts=s.failed_attempts,
             kills=kills,
         )
 
@@ -266,61 +434,112 @@ async def _run(
                 out(snapshot().line())
 
     out(
-        f"demo: {options.sessions} sessions x {options.messages} messages on {db}\n"
+        f"demo: {options.sessions} sessions x {options.messages} messages on {db},"
+        f" sent over ~{options.duration:g}s\n"
         f"      handler sleeps {options.latency[0] * 1000:g}-{options.latency[1] * 1000:g} ms,"
         f" fails {options.fail_rate:.0%} of attempts, poison {options.poison_rate:.1%},"
         f" hangs {options.hang_rate:.1%}; chaos kills a busy actor every"
         f" ~{options.kill_interval * 1000:g} ms"
     )
     started = time.monotonic()
-    async with actors.run_system(
-        db,
-        handler=make_handler(recorder, rng, options),
-        rng=rng,
-        max_attempts=4,
-        handler_timeout=0.1,
-        retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
-        restart_policy=actors.RestartPolicy(
-            max_restarts=1000, window=1.0, backoff=actors.Backoff(initial=0.001, maximum=0.01)
-        ),
-    ) as system:
-        before = system.statistics()
-        if system.recovered or before.pending:
+    try:
+        ledger = Ledger(db)
+    except apsw.Error as exc:
+        raise actors.StoreError(
+            f"cannot open the demo's ledger {db + LEDGER_SUFFIX!r}: {exc}"
+        ) from exc
+    stopped_by: list[str] = []  # the signal that stopped the run, if one did
+    timed_out = False
+
+    async def stop_on_signals(system: actors.System, signals: AsyncIterator[int]) -> None:
+        # Outside the system's block: shutdown() cancels the block, and this
+        # task must live on to take a second signal.
+        async for signum in signals:
+            if stopped_by:
+                out(f"{signal.Signals(signum).name} again: stopping now")
+                await system.shutdown(0)
+                continue
+            stopped_by.append(signal.Signals(signum).name)
             out(
-                f"      recovered {system.recovered} in-flight message(s) of a previous run;"
-                f" {before.pending} pending in all"
+                f"{stopped_by[0]}: stopping gracefully (running handlers finish, the rest stays"
+                " pending; a second signal stops at once)"
             )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(chaos)
-            nursery.start_soon(progress)
-            async with trio.open_nursery() as producers:
-                for name in names:
-                    producers.start_soon(produce, name)
-            with trio.move_on_after(options.timeout) as waited:
-                await system.drain()
-            nursery.cancel_scope.cancel()
+            outer.start_soon(system.shutdown, STOP_GRACE)
+
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as outer:
+                async with actors.run_system(
+                    db,
+                    handler=recorder.wrap(make_handler(ledger, rng, options, completed)),
+                    rng=rng,
+                    max_attempts=MAX_ATTEMPTS,
+                    handler_timeout=0.1,
+                    retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
+                    restart_policy=actors.RestartPolicy(
+                        max_restarts=1000,
+                        window=1.0,
+                        backoff=actors.Backoff(initial=0.001, maximum=0.01),
+                    ),
+                ) as system:
+                    outer.start_soon(stop_on_signals, system, signals)
+                    if ledger.earlier_sent or left:
+                        out(
+                            f"      earlier runs on this file acknowledged"
+                            f" {len(ledger.earlier_sent)} message(s); {len(left)} were unfinished"
+                            f" ({system.recovered} left in flight by a process that died): this"
+                            " run finishes and checks them too"
+                        )
+                    async with trio.open_nursery() as workload:
+                        workload.start_soon(chaos)
+                        workload.start_soon(progress)
+                        async with trio.open_nursery() as producers:
+                            for name in names:
+                                producers.start_soon(produce, name)
+                        with trio.move_on_after(options.timeout) as waited:
+                            await system.drain()
+                        timed_out = waited.cancelled_caught
+                        workload.cancel_scope.cancel()
+                # (A signal's shutdown() cancels the block and ends it here.)
+                outer.cancel_scope.cancel()  # the signal watcher
         if show is not None:
             show(snapshot())  # the final state
         stats = system.statistics()
-        if waited.cancelled_caught:
+        if timed_out:
             out(
-                f"drain() did not finish within {options.timeout:g}s: {stats.pending} message(s)"
-                " still pending in the database"
+                f"drain() did not finish within {options.timeout:g}s: {stats.pending}"
+                " message(s) still pending in the database"
             )
-        mine = set(sent)
-        dead = {d.id for d in system.dead_letters() if d.id in mine}
+        dead = {d.id for d in system.dead_letters()}
+        waiting = unfinished_ids(db)
+        done = ledger.completed_ids()
+        earlier = ledger.earlier_sent
+    finally:
+        ledger.close()
+    mine = set(sent)
+    # Each id one way, in this order (a message completed just before a crash
+    # runs again after it, and may even end dead: at least once).
+    dead -= done
+    waiting -= done | dead
+    starts, attempts = _starts_and_attempts(recorder)
     return Report(
         sent=len(sent),
-        processed=len(recorder.completed & mine),
-        retried=stats.failed_attempts,
-        dead=len(dead),
-        restarts=stats.restarts,
+        processed=len(mine & done),
+        dead=len(mine & dead),
+        pending=len(mine & waiting),
+        earlier_sent=len(earlier),
+        earlier_processed=len(earlier & done),
+        earlier_dead=len(earlier & dead),
+        earlier_pending=len(earlier & waiting),
+        failed_attempts=stats.failed_attempts,
+        retried=sum(1 for seen in attempts.values() if max(seen) > 1),
         kills=kills,
-        lost=count_lost(sent, recorder.completed, dead),
-        out_of_order=count_out_of_order(recorder.starts),
-        overlapping=recorder.overlapping,
-        dishonest_attempts=count_dishonest(sent, recorder.attempts),
+        lost=count_lost([*earlier, *sent], done, dead | waiting),
+        out_of_order=count_out_of_order(starts),
+        overlapping=len(recorder._overlapping()),
+        dishonest_attempts=count_dishonest(sent, attempts),
         seconds=time.monotonic() - started,
+        stopped_by=stopped_by[0] if stopped_by else None,
     )
 
 
@@ -353,11 +572,16 @@ class LiveDisplay:
         self._live.stop()
 
     def update(self, snap: Snapshot) -> None:
-        """Show ``snap`` (finished: completed by the handler or dead-lettered)."""
+        """Show ``snap`` (finished: this run's messages completed, or dead-lettered)."""
         self._progress.update(self._sent, completed=snap.sent)
         finished = min(snap.processed + snap.dead_lettered, snap.total)
         self._progress.update(self._done, completed=finished)
+        earlier = (
+            f"earlier runs: {snap.earlier_done}/{snap.earlier_left} done   "
+            if snap.earlier_left
+            else ""
+        )
         self._counts.plain = (
-            f"in flight {snap.in_flight}   pending {snap.pending}   retried {snap.retried}"
-            f"   dead {snap.dead}   restarts {snap.restarts}   kills {snap.kills}"
+            f"{earlier}in flight {snap.in_flight}   pending {snap.pending}   dead {snap.dead}"
+            f"   failed attempts {snap.failed_attempts}   kills {snap.kills}"
         )

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections import deque
 
 import attrs
 
-
-def _non_negative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
-
-
-def _at_least_one(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 1):
-        raise ValueError(f"{attribute.name} must be a finite number >= 1, got {value!r}")
-
-
-def _fraction(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, int | float) and 0 <= value <= 1):
-        raise ValueError(f"{attribute.name} must be between 0 and 1, got {value!r}")
+from . import _validate as v
 
 
 @attrs.frozen
@@ -31,22 +17,50 @@ class Backoff:
     The n-th delay (n >= 1) is ``min(maximum, initial * multiplier ** (n - 1))``,
     then scaled by a random factor in ``[1 - jitter, 1]`` so that sessions
     that failed together do not retry together.
+
+    ``initial`` and ``maximum`` are seconds (finite, >= 0, at most 10**9),
+    ``multiplier`` a finite number >= 1, ``jitter`` a number from 0 to 1:
+    ``TypeError`` for a wrong type (a bool, a str), ``ValueError`` out of
+    range.
     """
 
-    initial: float = attrs.field(default=1.0, validator=_non_negative)
-    multiplier: float = attrs.field(default=2.0, validator=_at_least_one)
-    maximum: float = attrs.field(default=60.0, validator=_non_negative)
-    jitter: float = attrs.field(default=0.2, validator=_fraction)
+    initial: float = attrs.field(default=1.0, validator=v.field(v.check_seconds))
+    multiplier: float = attrs.field(default=2.0, validator=v.field(v.check_number, minimum=1))
+    maximum: float = attrs.field(default=60.0, validator=v.field(v.check_seconds))
+    jitter: float = attrs.field(
+        default=0.2, validator=v.field(v.check_number, minimum=0, maximum=1)
+    )
 
     def delay(self, n: int, rng: random.Random | None = None) -> float:
-        """The delay before the ``n``-th retry (``n`` >= 1), in seconds."""
+        """The delay before the ``n``-th retry (``n`` >= 1), in seconds; 0 for ``n`` < 1.
+
+        Total: for any ``n``, finite and at most ``maximum`` (a growth past
+        the range of a float is past the cap), so a session that failed a
+        million times waits ``maximum``, never an OverflowError.
+
+        Raises:
+          TypeError: ``n`` is not an int.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, got {type(n).__name__}")
         if n < 1:
             return 0.0
-        exponent = min(n - 1, 64)  # beyond 2**64 every delay is capped anyway
-        base = min(self.maximum, self.initial * self.multiplier**exponent)
+        base = self._undithered(n)
         if self.jitter:
             base *= 1.0 - self.jitter * (rng or random).random()
         return base
+
+    def _undithered(self, n: int) -> float:
+        initial, maximum = self.initial, self.maximum
+        if initial == 0 or self.multiplier == 1 or initial >= maximum:
+            return float(min(initial, maximum))
+        try:
+            # float ** int: no exponent cap (a slow multiplier still reaches
+            # the maximum), and no bigint when the multiplier is an int.
+            grown = initial * float(self.multiplier) ** (n - 1)
+        except OverflowError:  # past the largest float, so past the cap
+            return float(maximum)
+        return float(min(grown, maximum))  # grown may be inf: min takes the cap
 
 
 @attrs.frozen
@@ -59,16 +73,17 @@ class RestartPolicy:
     hour ago restarts at once. More than ``max_restarts`` within ``window``
     suspends the session until the window has room again: its work stays in
     the database and other sessions keep going.
+
+    ``max_restarts`` is an int from 1 to 2**31 - 1, ``window`` seconds
+    (finite, >= 0, at most 10**9), ``backoff`` a Backoff: ``TypeError`` for
+    a wrong type, ``ValueError`` out of range.
     """
 
-    max_restarts: int = attrs.field(default=10)
-    window: float = attrs.field(default=60.0, validator=_non_negative)
-    backoff: Backoff = attrs.field(factory=lambda: Backoff(initial=0.1, maximum=10.0))
-
-    @max_restarts.validator
-    def _check_max_restarts(self, attribute: attrs.Attribute[int], value: int) -> None:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"max_restarts must be an int >= 1, got {value!r}")
+    max_restarts: int = attrs.field(default=10, validator=v.field(v.check_option_int))
+    window: float = attrs.field(default=60.0, validator=v.field(v.check_seconds))
+    backoff: Backoff = attrs.field(
+        factory=lambda: Backoff(initial=0.1, maximum=10.0), validator=v.instance_of(Backoff)
+    )
 
 
 class RestartTracker:

@@ -557,6 +557,15 @@ class Store:
         except apsw.Error as exc:
             log.warning("closing database %r failed (nothing is lost): %s", self.path, exc)
 
+    @property
+    def next_seq(self) -> int:
+        """The seq the next queued message will take: a mark of "now" in queue order.
+
+        Read on the trio thread it may lag a transaction being committed;
+        the supervisor's fair rotation needs no more.
+        """
+        return self._next_seq
+
     def statistics(self) -> StoreStatistics:
         """Counters since the store opened."""
         return StoreStatistics(
@@ -1489,8 +1498,8 @@ class Store:
         ]
         return promoted, sessions, more
 
-    def op_sessions_with_work(self, limit: int, exclude: frozenset[str]) -> list[str]:
-        """Sessions with queued work, oldest head first, skipping ``exclude``."""
+    def op_sessions_with_work(self, limit: int, exclude: frozenset[str]) -> list[tuple[str, int]]:
+        """Sessions with queued work and their head's seq, oldest head first, not ``exclude``."""
         db = self._db
         assert db is not None
         rows = db.execute(
@@ -1498,7 +1507,7 @@ class Store:
             " WHERE state < 2 AND seq IS NOT NULL GROUP BY session_id ORDER BY head LIMIT ?",
             (limit + len(exclude),),
         )
-        found = [s for s, _ in rows if s not in exclude]
+        found = [(s, head) for s, head in rows if s not in exclude]
         return found[:limit]
 
     def op_retry_dead(self, message_id: int | None) -> list[tuple[str, int]]:

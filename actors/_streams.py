@@ -31,6 +31,8 @@ from typing import Any, Generic, Literal, TypeVar
 import attrs
 import trio
 
+from ._validate import check_int
+
 log = logging.getLogger("actors.streams")
 
 T = TypeVar("T")
@@ -175,9 +177,8 @@ def _current_token() -> trio.lowlevel.TrioToken | None:
 
 
 def _check_buffer(buffer: int) -> int:
-    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-        raise ValueError(f"buffer must be an int >= 1, got {buffer!r}")
-    return buffer
+    # Any size trio takes: the channel allocates per item buffered, not per slot.
+    return check_int("buffer", buffer, minimum=1)
 
 
 @attrs.frozen

@@ -6,16 +6,24 @@ leave when idle, yield their slot after ``fair_share`` messages while other
 sessions wait, and are restarted after a crash with the restart policy's
 backoff. At most ``max_active`` actors are alive at once.
 
-Sessions waiting for a slot are held in a bounded queue; past its bound,
-and after a restart, they are found in the database instead ("overflow"),
-oldest head first, so memory grows with active actors, not with pending
-work.
+Sessions waiting for a slot form one line, first come first served: a
+session that yields its slot goes to the back, behind every session that
+waited before it yielded, so a slot comes to a waiting session after about
+(sessions ahead of it + 1) x ``fair_share`` messages of others, however old
+their backlogs. The front of the line is held in memory, up to a bound;
+past it, and after a restart, waiting sessions are found in the database
+instead ("overflow"), oldest head first (a session that has not run since
+it got work began waiting when its head was sent), so memory grows with
+active actors, not with pending work. Sessions that yield while the line
+overflows wait in memory behind the overflow (``_behind``), up to a bound
+too; beyond both bounds the order falls back to the age of the heads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("actors.supervisor")
 
 WAITING_LIMIT = 10_000  # sessions queued in memory; the rest are found in the database
+BEHIND_LIMIT = 10_000  # sessions that yielded while the line overflowed, kept in memory
 
 
 class Gauge:
@@ -143,6 +152,14 @@ class Supervisor:
         # clears it only if nothing set it again while the refill read.
         self._overflow = pending > 0
         self._overflow_gen = 0
+        # Sessions that yielded their slot while the line overflowed, in
+        # yield order, with the store's next seq at that moment: they wait
+        # behind every session of the database whose head is older (it
+        # waited before they yielded), so a refill merges the two lines by
+        # that order. Non-empty only while _overflow holds; _behind_set
+        # mirrors it, and neither holds a live session or one in _waiting.
+        self._behind: deque[tuple[int, str]] = deque()
+        self._behind_set: set[str] = set()
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
         # Actors holding a claimed message (SessionActor.in_flight is set).
@@ -157,6 +174,10 @@ class Supervisor:
         self._isolation_over = trio.Event()
         self.stopping = False
         self._all_retired = trio.Event()
+        # The stop's wait for running handlers (None outside it), and the
+        # earliest end of it asked for (hasten() may come before stop()).
+        self._grace: trio.CancelScope | None = None
+        self._stop_deadline = math.inf
         self._nursery: trio.Nursery | None = None
         # Counts. outstanding = pending + in flight (drain waits for 0).
         self.outstanding = Gauge(pending)
@@ -195,23 +216,36 @@ class Supervisor:
             self.stopping = True
             self._nursery = None
 
-    async def stop(self, grace: float) -> None:
-        """Stop gracefully: no new claims, running handlers get ``grace`` seconds.
+    async def stop(self, deadline: float) -> None:
+        """Stop gracefully: no new claims, running handlers may go on until ``deadline``.
 
-        Then whatever still runs is cancelled; messages it held go back to
+        ``deadline`` is in trio time (hasten() may bring it closer). Then
+        whatever still runs is cancelled; messages it held go back to
         pending, their attempt counted if their handler had started (a claim
         whose handler never started gives its attempt back).
         """
         self.stopping = True
         self._waiting.clear()
         self._waiting_set.clear()
+        self._behind.clear()
+        self._behind_set.clear()
         for actor in list(self._actors.values()):
             actor.wake()
         if self._actors:
-            with trio.move_on_after(grace):
-                await self._all_retired.wait()
+            with trio.CancelScope(deadline=min(deadline, self._stop_deadline)) as grace:
+                self._grace = grace
+                try:
+                    await self._all_retired.wait()
+                finally:
+                    self._grace = None
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def hasten(self, deadline: float) -> None:
+        """Bring the end of the stop's grace to ``deadline`` if that is sooner."""
+        self._stop_deadline = min(self._stop_deadline, deadline)
+        if self._grace is not None:
+            self._grace.deadline = min(self._grace.deadline, deadline)
 
     # -- what the router, the timer and the system call ---------------------
 
@@ -224,7 +258,7 @@ class Supervisor:
             else:
                 actor.wake()
             return
-        if self.stopping or session_id in self._waiting_set:
+        if self.stopping or session_id in self._waiting_set or session_id in self._behind_set:
             return
         if len(self._actors) < self.config.max_active and not self.has_waiters:
             self._start(session_id)
@@ -243,7 +277,7 @@ class Supervisor:
             busy=self.busy.value,
             idle=len(self.idle_actors),
             reserved=self.reserved.value,
-            waiting=len(self._waiting),
+            waiting=self.waiting,
             overflow=self._overflow,
             isolating=self.isolating.session_id if self.isolating is not None else None,
             restarts=self.restart_count,
@@ -263,7 +297,7 @@ class Supervisor:
     @property
     def waiting(self) -> int:
         """Sessions queued in memory for a slot."""
-        return len(self._waiting)
+        return len(self._waiting) + len(self._behind)
 
     def in_flight(self) -> int:
         """Messages a handler holds right now."""
@@ -298,6 +332,11 @@ class Supervisor:
         """Hold ``actor``'s next claim while another actor runs alone."""
         while self.isolating is not None and self.isolating is not actor:
             await self._isolation_over.wait()
+
+    def in_actor_task(self) -> bool:
+        """Whether the calling task is a session actor's (a handler runs in it)."""
+        nursery = self._nursery
+        return nursery is not None and trio.lowlevel.current_task().parent_nursery is nursery
 
     def is_live(self, session_id: str) -> bool:
         """Whether ``session_id`` has an actor right now."""
@@ -418,7 +457,7 @@ class Supervisor:
         if outcome is Exit.WAIT and actor.wait_until is not None:
             self.timer.schedule(actor.wait_until, actor.session_id)
         elif outcome is Exit.YIELD and not self.stopping:
-            self._queue(actor.session_id)
+            self._queue(actor.session_id, yielded=True)
         log.debug("actor of %r left (%s)", actor.session_id, outcome.value)
         if self.events.active:
             self.emit("actor_stopped", actor.session_id, detail=outcome.value)
@@ -560,8 +599,21 @@ class Supervisor:
         self._actors[session_id] = actor
         self.live.add(1)
 
-    def _queue(self, session_id: str) -> None:
-        if self._overflow or len(self._waiting) >= WAITING_LIMIT:
+    def _queue(self, session_id: str, *, yielded: bool = False) -> None:
+        """Put ``session_id`` at the back of the line for a slot.
+
+        ``yielded``: it just left a slot after its fair share. Its head is
+        old, so the database's age order would put it first again: it is
+        kept in memory, at the back (the slot it freed takes a session off
+        the line at once, so the line does not grow).
+        """
+        if yielded and not self._overflow:
+            self._waiting.append(session_id)
+            self._waiting_set.add(session_id)
+        elif yielded and len(self._behind) < BEHIND_LIMIT:
+            self._behind.append((self.store.next_seq, session_id))
+            self._behind_set.add(session_id)
+        elif self._overflow or len(self._waiting) >= WAITING_LIMIT:
             self._set_overflow()  # it is in the database; a refill finds it in age order
         else:
             self._waiting.append(session_id)
@@ -609,14 +661,29 @@ class Supervisor:
                 and len(self._actors) < self.config.max_active
             ):
                 generation = self._overflow_gen
-                exclude = frozenset(self._actors)
-                found: list[str] = await self.store.call(
+                exclude = frozenset(self._actors) | self._behind_set
+                found: list[tuple[str, int]] = await self.store.call(
                     self.store.op_sessions_with_work, WAITING_LIMIT, exclude
                 )
                 if len(found) < WAITING_LIMIT and generation == self._overflow_gen:
                     self._overflow = False
-                for session_id in found:
-                    if session_id not in self._actors and session_id not in self._waiting_set:
-                        self._waiting.append(session_id)
-                        self._waiting_set.add(session_id)
+                # Merge the sessions found (oldest head first) with those
+                # that yielded meanwhile, by when each began to wait. While
+                # more remain in the database, a yielded one comes only
+                # before the last head found: the rest may be older.
+                behind = self._behind
+                for session_id, head in found:
+                    while behind and behind[0][0] <= head:
+                        self._line_up(behind.popleft()[1])
+                    self._line_up(session_id)
+                if not self._overflow:
+                    while behind:
+                        self._line_up(behind.popleft()[1])
                 self._fill()
+
+    def _line_up(self, session_id: str) -> None:
+        """Append a session of the overflow to the line in memory (refill)."""
+        self._behind_set.discard(session_id)
+        if session_id not in self._actors and session_id not in self._waiting_set:
+            self._waiting.append(session_id)
+            self._waiting_set.add(session_id)

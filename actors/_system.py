@@ -8,7 +8,7 @@ import os
 import random
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from trio_util import periodic
@@ -17,8 +17,8 @@ from ._actor import actor_factory
 from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
-from ._config import Config, finite_delay
-from ._control import Control, check_seconds, purge_batches, purge_scope
+from ._config import Config
+from ._control import Control, purge_batches, purge_scope
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
 from ._lock import DatabaseLock
@@ -29,6 +29,7 @@ from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._timer import Timer
+from ._validate import check_int, check_message_id, check_seconds
 
 log = logging.getLogger("actors.system")
 
@@ -71,6 +72,15 @@ class System:
         self._router = Router(store, self._sup, self._timer, config.key_retention)
         self._closed = False
         self._nursery: trio.Nursery | None = None
+        # The stop (shutdown(), or leaving the block): begun at most once.
+        # _body is the cancel scope around the code of the async with block
+        # (shutdown() cancels it); _stop_done is set once handlers finished
+        # or were cancelled and their acks committed; _stopped once the
+        # store is closed (run_system's finally), whatever ended the run.
+        self._stop_begun = False
+        self._stop_done = trio.Event()
+        self._stopped = trio.Event()
+        self._body: trio.CancelScope | None = None
         self.recovered = opened.recovered
         self._health = HealthMonitor(self.statistics, self._clock)
         self._control = Control(
@@ -130,11 +140,45 @@ class System:
         log.error("the database failed; stopping the system: %s", failure)
         raise StoreError(f"the database failed: {failure}") from failure
 
-    async def _shutdown(self, nursery: trio.Nursery) -> None:
+    def _begin_stop(self, grace: float) -> None:
+        """Refuse sends and let the supervisor stop, running handlers ``grace`` seconds more.
+
+        Synchronous, so a caller that is cancelled (the block's own tasks,
+        as shutdown() cancels them) still begins it. A later call can only
+        bring the deadline closer.
+        """
+        deadline = trio.current_time() + grace
+        if self._stop_begun:
+            self._sup.hasten(deadline)
+            return
+        self._stop_begun = True
         self._closed = True
         self._router.close()
-        await self._router.finished.wait()
-        await self._sup.stop(self.config.shutdown_timeout)
+        if self._nursery is None:  # pragma: no cover - always set once running
+            self._stop_done.set()
+            return
+        try:
+            self._nursery.start_soon(self._stop, deadline, name="actors.stop")
+        except RuntimeError:
+            # The system's nursery is closing (the system failed): run_system
+            # is cancelling everything already.
+            self._stop_done.set()
+
+    async def _stop(self, deadline: float) -> None:
+        try:
+            # The batch the router was filling commits, and its senders are
+            # answered, before the handlers' grace is counted out.
+            await self._router.finished.wait()
+            await self._sup.stop(deadline)
+        finally:
+            self._stop_done.set()
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        # The block ended (normally, or cancelled by shutdown()): stop, unless
+        # shutdown() began it already with its own grace, and wait for it.
+        if not self._stop_begun:
+            self._begin_stop(self.config.shutdown_timeout)
+        await self._stop_done.wait()
         stats = self.statistics()
         log.info(
             "system on %r stopped: %d processed, %d pending left, %d dead",
@@ -144,6 +188,56 @@ class System:
             stats.dead,
         )
         nursery.cancel_scope.cancel()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop the system gracefully and end its ``async with`` block.
+
+        At once: sends are refused (``SystemClosedError``; sends already
+        made are committed and answered), no handler starts any more
+        (messages handed to an actor but not started go back to pending,
+        their attempt given back), and the code of the ``async with`` block
+        is cancelled, every task in it, as if by a cancel scope around the
+        block. Handlers already running get ``grace`` seconds to finish;
+        their acknowledgements (and state, and outbox) commit as usual.
+        Those still running then are cancelled: their messages go back to
+        pending, the attempt counted, and run again at the next start. Then
+        the store is closed and the ``async with`` block exits normally (no
+        exception), unless something else failed.
+
+        Returns once all of that is done. Called from inside the block (the
+        usual signal-handling recipe, see docs/lifecycle.md), the caller is
+        cancelled with the block; the stop goes on. Called from a handler,
+        it returns at once (the stop waits for that handler, which finishes
+        and is acknowledged like any other running one). Idempotent: a
+        later call waits for the same stop, and can only shorten the grace
+        (``shutdown(0)`` cancels the running handlers now). Leaving the
+        block on its own, or calling it after the system stopped, is fine.
+
+        Raises:
+          TypeError: ``grace`` is not a number.
+          ValueError: ``grace`` is negative or NaN (``math.inf`` waits for
+            the handlers without limit).
+        """
+        if isinstance(grace, bool) or not isinstance(grace, int | float):
+            raise TypeError(f"grace must be a number of seconds, got {type(grace).__name__}")
+        if math.isnan(grace) or grace < 0:
+            raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        if not self._stopped.is_set():
+            self._begin_stop(float(grace))
+            if self._body is not None:
+                self._body.cancel()
+        if self._sup.in_actor_task():
+            # A handler: waiting here would hold up the stop it waits for.
+            await trio.lowlevel.checkpoint()
+            return
+        await self._stopped.wait()
+
+    async def _refuse(self) -> NoReturn:
+        # A task cancelled because the system is shutting down (the block's
+        # own tasks, as shutdown() cancels them) ends with its cancellation,
+        # not with an error that would fail the block.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        raise SystemClosedError("the system is shutting down and accepts no more messages")
 
     @property
     def closed(self) -> bool:
@@ -175,12 +269,13 @@ class System:
         producer that retries after a timeout causes no duplicate work.
 
         Raises:
-          TypeError: ``session_id`` is not a str, or ``body`` cannot be
-            encoded. Nothing is persisted.
+          TypeError: ``session_id`` is not a str, ``body`` cannot be
+            encoded, ``delay`` is not a number (a bool is not). Nothing is
+            persisted.
           ValueError: ``session_id`` is empty, over 256 characters or
-            contains NUL; ``delay`` is negative or not finite; the encoded
-            body is over ``max_message_bytes`` (MessageTooLargeError).
-            Nothing is persisted.
+            contains NUL; ``delay`` is negative, not finite or over 10**9
+            seconds; the encoded body is over ``max_message_bytes``
+            (MessageTooLargeError). Nothing is persisted.
           SystemClosedError: the system is shutting down.
           StoreError: the database failed; the message was not acknowledged.
 
@@ -188,7 +283,7 @@ class System:
         may not have been persisted (as with any request whose answer is lost).
         """
         if self._closed:
-            raise SystemClosedError("the system is shutting down and accepts no more messages")
+            await self._refuse()
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
         if key is not None:
@@ -196,7 +291,7 @@ class System:
         now = self._clock.now()
         not_before = None
         if delay is not None:
-            seconds = finite_delay(delay)
+            seconds = check_seconds("delay", delay)
             if seconds:
                 not_before = now + seconds
         batch, index = self._router.add(session_id, data, now, not_before, key)
@@ -229,13 +324,13 @@ class System:
           ActorsError: the message was deleted by ``abort`` or ``purge``
             before it ran.
           TypeError / ValueError / SystemClosedError / StoreError: as
-            :meth:`send`.
+            :meth:`send`; ``timeout`` is checked as ``delay`` is.
         """
         if self._closed:
-            raise SystemClosedError("the system is shutting down and accepts no more messages")
+            await self._refuse()
         session_id = check_session_id(session_id)
         data = encode_body(body, self.config.max_message_bytes)
-        seconds = None if timeout is None else finite_delay(timeout)
+        seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
         msg_id: int | None = None
         with trio.move_on_after(math.inf if seconds is None else seconds) as scope:
@@ -270,10 +365,11 @@ class System:
         as in :meth:`send` (None for none). All are validated first: if any
         is invalid, none is persisted and the error names its index.
         Returns the ids in the order given (a duplicate's id is the first
-        message's). Raises as :meth:`send` does.
+        message's). Raises as :meth:`send` does; TypeError also for an item
+        that is not a tuple (or list).
         """
         if self._closed:
-            raise SystemClosedError("the system is shutting down and accepts no more messages")
+            await self._refuse()
         sessions: list[str] = []
         bodies: list[str | bytes] = []
         keys: list[str | None] | None = None  # once an item has a key
@@ -284,6 +380,11 @@ class System:
                 if type(item) is tuple and len(item) == 2:
                     session_id, body = item
                 else:
+                    if not isinstance(item, tuple | list):
+                        # A str or a dict would unpack into its characters or keys.
+                        raise TypeError(
+                            f"expected a (session_id, body) tuple, got {type(item).__name__}"
+                        )
                     session_id, body, *rest = item
                     if len(rest) > 1:
                         raise ValueError(
@@ -338,6 +439,10 @@ class System:
         The iteration ends when the system stops. Close the subscription
         (``aclose()``, ``async with``, or just ``break`` and drop it) to
         stop holding the session back.
+
+        Raises:
+          TypeError / ValueError: an invalid ``session_id`` (as :meth:`send`);
+            ``buffer`` not an int (TypeError) or not from 1 to 2**63 - 1.
         """
         session_id = check_session_id(session_id)
         return self._sup.outputs.subscribe(session_id, buffer)
@@ -351,6 +456,10 @@ class System:
         StatusEvent). Never slows the system: if this subscriber's
         ``buffer`` is full, an event is dropped for it and counted in its
         ``dropped``. Ends when the system stops.
+
+        Raises:
+          TypeError / ValueError: ``buffer`` not an int, or not from 1 to
+            2**63 - 1.
         """
         return self._sup.events.subscribe(buffer)
 
@@ -395,8 +504,11 @@ class System:
         The supervisor restarts it (restart policy) and its in-flight message
         goes back to the head of its queue, the attempt counted as failed.
         Returns whether an actor was running.
+
+        Raises:
+          TypeError / ValueError: an invalid ``session_id``, as :meth:`send`.
         """
-        return self._sup.kill(session_id)
+        return self._sup.kill(check_session_id(session_id))
 
     # -- introspection ----------------------------------------------------
 
@@ -419,8 +531,12 @@ class System:
         )
 
     def is_active(self, session_id: str) -> bool:
-        """Whether ``session_id`` has a live actor right now."""
-        return self._sup.is_live(session_id)
+        """Whether ``session_id`` has a live actor right now.
+
+        Raises:
+          TypeError / ValueError: an invalid ``session_id``, as :meth:`send`.
+        """
+        return self._sup.is_live(check_session_id(session_id))
 
     def active_sessions(self) -> list[str]:
         """The sessions that have a live actor right now, sorted.
@@ -449,16 +565,34 @@ class System:
 
         A synchronous read through a separate read-only connection; pass
         ``limit`` when there may be very many.
+
+        Raises:
+          TypeError: ``session_id`` is not a str (or None), ``limit`` not
+            an int (or None).
+          ValueError: an invalid ``session_id``; ``limit`` negative or over
+            2**63 - 1 (0 gives ``[]``).
+          StoreError: the database cannot be read.
         """
         if session_id is not None:
             session_id = check_session_id(session_id)
+        if limit is not None:
+            limit = check_int("limit", limit)
         return self._store.dead_letters(session_id, limit)
 
     async def retry_dead(self, message_id: int | None = None) -> int:
         """Requeue one dead letter (or all) with fresh attempts; returns how many.
 
         A requeued message goes to the back of its session's queue.
+
+        Raises:
+          TypeError: ``message_id`` is not an int (a bool is not).
+          ValueError: ``message_id`` is below 1 or over 2**63 - 1 (no
+            message can have it).
+          SystemClosedError: the system is shutting down.
+          StoreError: the database failed.
         """
+        if message_id is not None:
+            message_id = check_message_id(message_id)
         self._check_open()
         requeued: list[tuple[str, int]] = await self._store.call(
             self._store.op_retry_dead, message_id
@@ -479,8 +613,14 @@ class System:
         """Delete a pending or dead message. Returns False if there is none.
 
         Raises:
-          ValueError: the message is in flight (a handler runs it now).
+          TypeError: ``message_id`` is not an int (a bool is not).
+          ValueError: ``message_id`` is below 1 or over 2**63 - 1 (no
+            message can have it); the message is in flight (a handler runs
+            it now).
+          SystemClosedError: the system is shutting down.
+          StoreError: the database failed.
         """
+        message_id = check_message_id(message_id)
         self._check_open()
         # Claimed on delivery but not started: taken from its actor, it may go.
         taken = bool(self._sup.unhand(message_id=message_id))
@@ -519,9 +659,11 @@ class System:
         of deleted messages are forgotten.
 
         Raises:
+          TypeError: ``session_id`` not a str, ``dead`` not a bool,
+            ``older_than`` not a number.
           ValueError: neither ``session_id`` nor ``dead=True``; ``older_than``
-            without ``dead=True``, negative or not finite; an invalid
-            ``session_id`` (TypeError for a wrong type).
+            without ``dead=True``, negative, not finite or over 10**9; an
+            invalid ``session_id``.
           SystemClosedError: the system is shutting down.
           StoreError: the database failed.
         """
@@ -564,7 +706,8 @@ class System:
         through the store (a scan of the queued messages).
 
         Raises:
-          TypeError / ValueError: ``stall_after`` is not a number > 0.
+          TypeError: ``stall_after`` is not a number.
+          ValueError: ``stall_after`` is not > 0, not finite or over 10**9.
           StoreError: the database failed.
         """
         stall_after = check_seconds("stall_after", stall_after, positive=True)
@@ -600,16 +743,20 @@ async def run_system(
     pending at once, and sessions with work get actors, oldest work first.
     Leaving the block stops gracefully: sends are refused, running handlers
     get ``shutdown_timeout`` seconds, then are cancelled; unfinished
-    messages stay pending for the next start.
+    messages stay pending for the next start. ``System.shutdown(grace)``
+    stops the same way from any task (a signal handler) and ends the block,
+    which then exits normally.
 
     Raises:
-      TypeError / ValueError: bad ``handler``, path or options (before
-        anything is opened).
+      TypeError / ValueError: bad ``handler``, path, ``rng`` or options
+        (before anything is opened; see Config for the ranges).
       DatabaseInUseError: another running system owns the database.
       StoreError: the database cannot be opened, or failed while running.
     """
     config = Config.from_options(options)
     actor_factory(handler)  # validate before touching the file
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
     try:
@@ -636,16 +783,27 @@ async def run_system(
                 system_ref.append(system)
                 await system._start(nursery)
                 try:
-                    yield system
+                    # shutdown() cancels the block's code through this scope,
+                    # which absorbs that cancellation: the stop goes on below
+                    # and the block exits normally.
+                    with trio.CancelScope() as body:
+                        system._body = body
+                        yield system
                 except BaseException:
                     system._closed = True
                     nursery.cancel_scope.cancel()
                     raise
+                finally:
+                    system._body = None
                 await system._shutdown(nursery)
         finally:
             if system_ref:
                 system_ref[0]._close_streams()
-            await store.aclose()
+            try:
+                await store.aclose()
+            finally:
+                if system_ref:
+                    system_ref[0]._stopped.set()
     finally:
         lock.release()
 

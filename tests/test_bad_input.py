@@ -326,7 +326,7 @@ BAD_SETUP = [
         "a.db", ok_handler, {"max_attempts": 0}, ValueError, "max_attempts", id="zero-attempts"
     ),
     pytest.param(
-        "a.db", ok_handler, {"max_attempts": "3"}, ValueError, "max_attempts", id="attempts-str"
+        "a.db", ok_handler, {"max_attempts": "3"}, TypeError, "max_attempts", id="attempts-str"
     ),
     pytest.param(
         "a.db",

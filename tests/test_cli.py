@@ -28,6 +28,7 @@ import actors
 from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, cli, parse_duration
 from actors._demo import DemoOptions, LiveDisplay, run_demo
 from actors._lock import DatabaseLock
+from actors._starts import StartTable, database_identity
 
 
 def invoke(*args: str) -> Result:
@@ -103,10 +104,15 @@ def test_durations() -> None:
 
 async def test_status_shows_queues_by_session_and_state(db_path: str) -> None:
     ids = await fill(db_path)
-    # As if a process died mid-message: b's head in flight.
+    # As if a process died mid-message: b's head in flight (its handler had
+    # started, as the start table says).
     sql(db_path, "UPDATE messages SET state = 1 WHERE id = ?", (ids["pending"][0],))
+    starts = StartTable(db_path + ".starts", database_identity(db_path))
+    starts.mark(starts.acquire(), ids["pending"][0])
+    starts.close()
     st = as_json(invoke("status", db_path, "--json"))
     assert (st["pending"], st["in_flight"], st["dead"]) == (3, 1, 2)
+    assert st["handed"] == 0 and st["running"] is False
     assert (st["delayed"], st["retry_waiting"]) == (1, 0)
     assert st["attempts"] == {"1": 1}  # b's head used one attempt
     assert 0 <= st["oldest_pending_age"] < 60
@@ -268,7 +274,17 @@ async def test_a_running_system_that_does_not_answer_exits_4(db_path: str) -> No
 
 def test_the_demo_command_runs_and_verifies(tmp_path: Path) -> None:
     result = invoke(
-        "demo", "--sessions", "3", "--messages", "4", "--seed", "1", "--db", str(tmp_path / "d.db")
+        "demo",
+        "--sessions",
+        "3",
+        "--messages",
+        "4",
+        "--duration",
+        "0.2",
+        "--seed",
+        "1",
+        "--db",
+        str(tmp_path / "d.db"),
     )
     assert result.exit_code == EXIT_OK, result.output
     assert "OK: every acknowledged message was processed or dead-lettered" in result.output
@@ -280,7 +296,12 @@ async def test_the_live_display_shows_progress(tmp_path: Path) -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=100)
     options = DemoOptions(
-        db=str(tmp_path / "d.db"), sessions=2, messages=3, seed=2, progress_interval=0.01
+        db=str(tmp_path / "d.db"),
+        sessions=2,
+        messages=3,
+        seed=2,
+        duration=0.1,
+        progress_interval=0.01,
     )
     with LiveDisplay(console, 6) as display:
         report = await run_demo(options, out=lambda _: None, show=display.update)
@@ -288,7 +309,7 @@ async def test_the_live_display_shows_progress(tmp_path: Path) -> None:
     text = out.getvalue()
     assert "sent" in text and "finished" in text
     assert "6/6" in text
-    assert "retried" in text
+    assert "failed attempts" in text
 
 
 # -- a real running system ---------------------------------------------------------------

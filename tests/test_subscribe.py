@@ -270,15 +270,20 @@ async def test_subscription_ends_when_the_system_stops(
     assert got == [1, 2]
 
 
-@pytest.mark.parametrize("buffer", [0, -1, True, 1.5, "2"])
-async def test_subscribe_and_events_validate_the_buffer(db_path: str, buffer: object) -> None:
+@pytest.mark.parametrize(
+    ("buffer", "error"),
+    [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError), ("2", TypeError)],
+)
+async def test_subscribe_and_events_validate_the_buffer(
+    db_path: str, buffer: object, error: type[Exception]
+) -> None:
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
         pass
 
     async with actors.run_system(db_path, handler=handler) as system:
-        with pytest.raises(ValueError, match="buffer"):
+        with pytest.raises(error, match="buffer"):
             system.subscribe("s", buffer=buffer)  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="buffer"):
+        with pytest.raises(error, match="buffer"):
             system.events(buffer=buffer)  # type: ignore[arg-type]
 
 
