@@ -9,25 +9,31 @@ file itself, in three parts, each covering what the others cannot:
 - **In this process**, a registry keyed on the file's (device, inode): a
   second system on any name of a file held here is refused at once, before
   anything is opened.
+- **The sidecar** ``<real path>.lock``, named from the resolved path
+  (``os.path.realpath``: symbolic links and ``..`` resolved), held with
+  ``flock``: every name that resolves to the same path meets there, so the
+  usual refusal needs no descriptor of the database. It carries the owner's
+  description (process, host, start time) for the error message, and it
+  excludes systems of earlier versions, which lock only it.
 - **Across processes**, an open file description lock (``F_OFD_SETLK``, Linux)
   on one byte of the database file itself, past the bytes SQLite locks: it
   belongs to the file, not to a name, so every name conflicts, hard links
-  included, and the kernel drops it when the process dies, however it dies.
-- **The sidecar** ``<real path>.lock``, named from the resolved path
-  (``os.path.realpath``: symbolic links and ``..`` resolved), held with
-  ``flock``: it carries the owner's description (process, host, start time)
-  for the error message, and it excludes systems of earlier versions, which
-  lock only it.
+  included (whose resolved paths differ), and the kernel drops it when the
+  process dies, however it dies.
 
-Why the registry goes first: closing *any* descriptor of a file drops every
-POSIX lock the process holds on it, and SQLite's locks are POSIX locks. A
-process that runs a system must therefore never open and close the database
-file behind SQLite's back: the registry answers for this process without
-opening it, and the descriptor that carries the byte lock is opened before
-the store and closed only after the store has closed its connections. (A
-connection of your own to the database in the same process loses its
-locks when a system there stops; with no other process on the file that is
-harmless.)
+Why the database is opened last, and closed late: closing *any* descriptor
+of a file drops every POSIX lock the process holds on it, and SQLite's locks
+are POSIX locks (a connection in WAL mode holds a shared one as long as it
+is open). So nothing here opens and closes the database behind SQLite's
+back while a connection of the same process may be open: the registry
+answers for this process's systems, the sidecar refuses most attempts
+before the database is opened, the descriptor that carries the byte lock is
+opened before the store and closed only after the store has closed its
+connections, and one that a refused attempt opened is kept until
+:meth:`DatabaseLock.release`, which the caller calls once its own
+connections are closed. (A connection of your own to the database, in a
+process where a system stops, loses its locks; with no other process on
+the file that is harmless.)
 
 SQLite keeps a database's ``-wal`` and ``-shm`` files beside the *name* it
 was opened by, and so does this runtime its ``.starts`` table: a database
@@ -129,6 +135,11 @@ def _sidecar_owner(path: str) -> str | None:
     except OSError:
         return None
     try:
+        if not os.pread(fd, 1, 0):
+            # Released cleanly (DatabaseLock empties it when it lets go, and
+            # writes its owner right after taking it): nothing to try, and
+            # no shared lock that a system starting this instant would meet.
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,29 +194,91 @@ class DatabaseLock:
         self.real_path = real_path(db_path)
         self.path = self.real_path + ".lock"  # the sidecar
         self.identity: tuple[int, int] | None = None  # (device, inode) while held
+        # The database's descriptor: it carries the byte lock while held. One
+        # opened by an attempt that was refused is kept for the next attempt
+        # and closed by release(): closing it would drop the SQLite locks of
+        # the caller's own connections to the file (the command line polls
+        # for the lock while its connection waits for the running system).
         self._db_fd: int | None = None
-        self._fd: int | None = None
+        self._db_kind = fcntl.F_WRLCK  # the byte lock _db_fd can take
+        self._fd: int | None = None  # the sidecar's, while held
 
     def acquire(self) -> None:
         """Take the lock or raise DatabaseInUseError naming the owner.
+
+        May be called again after a refusal (the command line polls so). Call
+        :meth:`release` in the end either way, once the caller's own
+        connections to the database are closed.
 
         Raises:
           DatabaseInUseError: a running system holds the file, by any name.
           OSError: the file or its sidecar cannot be opened or created.
         """
         with _HELD_LOCK:
-            self._acquire()
+            if self.identity is None:
+                self._acquire()
 
     def _acquire(self) -> None:
-        # The database by the name given, as the kernel (and SQLite) reads
-        # it: "x/../app.db" with no x is an error, not the app.db here.
-        name = self.db_path
+        name = self.db_path  # as given: the kernel (and SQLite) read ".." after a link
         try:
             identity: tuple[int, int] | None = _identity(os.stat(name))
         except FileNotFoundError:
             identity = None
+            # "missing/../app.db" names nothing (os.path.realpath makes it
+            # ./app.db as text): fail before the sidecar is created.
+            os.stat(os.path.dirname(name) or ".")
         if identity is not None and identity in _HELD:
             raise DatabaseInUseError(self.db_path, _HELD[identity])
+        # The sidecar first: every name that resolves to this path meets
+        # here, so the usual refusal opens no descriptor of the database.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            finally:
+                os.close(fd)
+            raise DatabaseInUseError(self.db_path, owner or "owner unknown") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            st, db_fd = self._open_database(name)
+            if not _lock_byte(db_fd, self._db_kind):
+                raise DatabaseInUseError(
+                    self.db_path, "a process that opened it under another name, such as a hard link"
+                )
+        except BaseException:
+            os.close(fd)  # (its text stays: it was not ours)
+            raise
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        info = f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+        self.identity = _identity(st)
+        _HELD[self.identity] = f"{info}, in this process, as {name!r}"
+        if st.st_nlink > 1:
+            log.warning(
+                "database %r has %d names (hard links): SQLite keeps its WAL beside the"
+                " name a database is opened by, so always open it by the same one",
+                self.real_path,
+                st.st_nlink,
+            )
+
+    def _open_database(self, name: str) -> tuple[os.stat_result, int]:
+        """Open the database into ``_db_fd`` (or keep the one a refusal left)."""
+        if self._db_fd is not None:
+            st = os.fstat(self._db_fd)
+            try:
+                if _identity(os.stat(name)) == _identity(st):
+                    return st, self._db_fd
+            except FileNotFoundError:
+                pass
+            # Replaced since the refusal: that file is not this one any more.
+            old, self._db_fd = self._db_fd, None
+            os.close(old)
         try:
             db_fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             kind = fcntl.F_WRLCK
@@ -224,51 +297,16 @@ class DatabaseLock:
             # SQLite locks: leave it open (one descriptor, in a race that
             # takes a rename onto a running database to lose).
             raise DatabaseInUseError(self.db_path, _HELD[_identity(st)])
-        try:
-            if not _lock_byte(db_fd, kind):
-                owner = _sidecar_owner(self.path) or (
-                    "a process that opened it under another name, such as a hard link"
-                )
-                raise DatabaseInUseError(self.db_path, owner)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except BaseException:
-            os.close(db_fd)  # (no system of this process has the file: safe)
-            raise
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # Only a system that does not take the byte lock gets here: one
-            # of an earlier version of actors.
-            try:
-                owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            finally:
-                os.close(fd)
-                os.close(db_fd)
-            raise DatabaseInUseError(self.db_path, owner or "owner unknown") from None
-        except BaseException:
-            os.close(fd)
-            os.close(db_fd)
-            raise
-        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        info = f"pid {os.getpid()} on {socket.gethostname()}, started {started}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        self._fd, self._db_fd = fd, db_fd
-        self.identity = _identity(st)
-        _HELD[self.identity] = f"{info}, in this process, as {name!r}"
-        if st.st_nlink > 1:
-            log.warning(
-                "database %r has %d names (hard links): SQLite keeps its WAL beside the"
-                " name a database is opened by, so always open it by the same one",
-                self.real_path,
-                st.st_nlink,
-            )
+        self._db_fd, self._db_kind = db_fd, kind
+        return st, db_fd
 
     def release(self) -> None:
-        """Drop the lock (idempotent). The files stay; they are harmless unlocked.
+        """Drop the lock, or what a refused attempt kept (idempotent). The files
+        stay; they are harmless unlocked.
 
-        Call it only after the store has closed its connections (closing the
-        database's descriptor drops this process's POSIX locks on the file).
+        Call it only after the store, and the caller, have closed their
+        connections to the database (closing the database's descriptor drops
+        this process's POSIX locks on the file, SQLite's included).
         """
         with _HELD_LOCK:
             if self.identity is not None:

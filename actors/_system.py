@@ -760,9 +760,13 @@ async def run_system(
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
     try:
-        lock.acquire()
-    except OSError as exc:
-        raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
+    except BaseException:
+        lock.release()  # what a refused attempt kept open
+        raise
     try:
         store, opened = await Store.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import apsw
 import pytest
 import trio
 
@@ -229,6 +230,7 @@ def test_a_system_of_an_earlier_version_holding_only_the_sidecar_is_respected(
 ) -> None:
     # Earlier versions locked only <path>.lock (flock), and wrote their owner there.
     db = tmp_path / "app.db"
+    db.touch()  # (an empty file is a new database)
     fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -238,7 +240,7 @@ def test_a_system_of_an_earlier_version_holding_only_the_sidecar_is_respected(
             lock.acquire()
         assert info.value.owner == "pid 1 on old-host, started yesterday"
         assert _admin.is_running(str(db))
-        # The refusal closed what it opened (the database and the sidecar).
+        # Refused at the sidecar: the database was not even opened.
         assert open_files(tmp_path) == [f"{db}.lock"]
     finally:
         os.close(fd)
@@ -315,6 +317,48 @@ def test_another_process_through_another_name_is_refused(
     assert not _admin.is_running(str(other))
     trio.run(start_and_drain, db)
     assert handled == [("in flight", 2)]
+
+
+def my_sqlite_locks(db: Path) -> list[str]:
+    """The POSIX locks this process holds on ``db`` (Linux's /proc/locks)."""
+    device, inode = os.stat(db).st_dev, os.stat(db).st_ino
+    key = f"{os.major(device):02x}:{os.minor(device):02x}:{inode} "
+    return [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/locks").read_text().splitlines()
+        if " POSIX " in line and f" {os.getpid()} " in line and key in line
+    ]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs /proc/locks")
+@pytest.mark.parametrize("make_name", OTHER_NAMES.values(), ids=OTHER_NAMES.keys())
+def test_polling_for_the_lock_keeps_the_callers_sqlite_locks(
+    tmp_path: Path, make_name: Callable[[Path, Path], None]
+) -> None:
+    # The command line waits for a running system's answer with a connection
+    # open, and asks for the lock at every poll (to notice that the system
+    # stopped). A refusal that opened and closed the database would drop
+    # that connection's SQLite locks (POSIX locks belong to the process):
+    # then another process's last connection could checkpoint and delete the
+    # WAL under it.
+    db = tmp_path / "app.db"
+    other = tmp_path / "elsewhere" / "other.db"
+    other.parent.mkdir()
+    with holding(db):
+        make_name(db, other)
+        conn = apsw.Connection(str(other))
+        lock = DatabaseLock(str(other))
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            held = my_sqlite_locks(db)
+            assert held, "a connection in WAL mode holds a shared lock while open"
+            for _ in range(3):
+                with pytest.raises(actors.DatabaseInUseError):
+                    lock.acquire()
+                assert my_sqlite_locks(db) == held
+        finally:
+            conn.close()
+            lock.release()  # (after the connection: it closes the database's descriptor)
 
 
 # -- the file deleted or replaced while the system runs ---------------------------
