@@ -205,6 +205,8 @@ def test_the_command_lines_lock_file_is_the_systems(tmp_path: Path) -> None:
     try:
         assert _admin.lock_path(str(tmp_path / "link.db")) == lock.path == f"{db}.lock"
         assert _admin.lock_path(str(db)) == lock.path
+        # And the start table, which status reads to tell handed from in flight.
+        assert _admin.starts_path(str(tmp_path / "link.db")) == f"{db}.starts"
         assert _admin.is_running(str(db)) and _admin.is_running(str(tmp_path / "link.db"))
     finally:
         lock.release()
