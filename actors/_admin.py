@@ -12,7 +12,6 @@ as JSON.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import apsw
 import attrs
 
 from ._health import HEARTBEAT_KEY, Health, Heartbeat, judge, seconds_text
+from ._lock import is_held, lock_file, real_path
 from ._records import DeadLetter
 from ._starts import database_identity, read_marks
 from ._store import SCHEMA_VERSION, Store, database_path
@@ -88,35 +88,21 @@ def snapshot(db: apsw.Connection) -> Iterator[apsw.Connection]:
 
 
 def lock_path(path: str) -> str:
-    """The lock file a running system holds (see DatabaseLock)."""
-    return database_path(path) + ".lock"
+    """The sidecar lock file a running system holds (see DatabaseLock): by the
+    database's resolved path, so every name of the file gives the same one."""
+    return lock_file(database_path(path))
 
 
 def is_running(path: str) -> bool:
-    """Whether a system holds the database's lock right now.
+    """Whether a system holds the database's lock right now, by any name.
 
-    A lock file that is empty was released cleanly (``DatabaseLock``
-    empties it when it lets go, and writes its owner when it takes it):
-    nothing runs, and nothing is tried. Otherwise this tries a shared
-    ``flock`` without waiting and drops it at once: the owner may have
-    died (the kernel dropped its lock, its text stayed). For that instant
-    a system starting on the same file would find the file in use, so the
-    probe is kept to that case; ``status`` and ``health`` ask, the other
-    reads never do.
+    The file's own lock, as ``run_system`` takes it (``_lock.is_held``): a
+    system in this process, or in another one through any name of the file,
+    a hard link included. For a file with hard links it opens and closes a
+    descriptor of the file, which drops this process's SQLite locks on it:
+    ask with no connection to such a database open.
     """
-    try:
-        fd = os.open(lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False  # no system ever ran here
-    try:
-        if not os.pread(fd, 1, 0):
-            return False  # released cleanly (or taken this very instant: see DatabaseLock)
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we took
-    return False
+    return is_held(database_path(path))
 
 
 def read_heartbeat(db: apsw.Connection) -> Heartbeat | None:
@@ -225,8 +211,9 @@ _SESSIONS = (
 
 
 def starts_path(path: str) -> str:
-    """The start table a system keeps beside the database (see ``_starts.py``)."""
-    return database_path(path) + ".starts"
+    """The start table a system keeps beside the database (see ``_starts.py``),
+    by its resolved path, as the store names it."""
+    return real_path(database_path(path)) + ".starts"
 
 
 @attrs.frozen

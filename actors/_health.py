@@ -223,9 +223,14 @@ class HealthMonitor:
 
         Not at once: the system's first write stays its own (a claim), and a
         test that counts the commits of its first moments sees no extra one.
+        Each beat first checks that the database file is still the one the
+        store opened (``Store.check_file``).
         """
         while True:
             await trio.sleep(interval)
+            # A database file deleted or replaced under the system would
+            # swallow every acknowledged message: stop (StoreError).
+            store.check_file()
             await store.call(store.op_heartbeat, self.heartbeat(interval).to_json())
             self._heartbeats += 1
 

@@ -432,8 +432,12 @@ class Store:
 
     def __init__(self, path: str, durability: str, busy_timeout_ms: int) -> None:
         self.path = path
-        self.starts_path = path + ".starts"
+        # Side files go by the resolved name, as the lock's (and SQLite's
+        # -wal and -shm): a symbolic link or "x/../" reaches the same ones.
+        self.starts_path = os.path.realpath(path) + ".starts"
         self.starts: StartTable | None = None  # created once the database is open
+        # (device, inode) of the file opened; check_file() compares the path's with it.
+        self.identity: tuple[int, int] | None = None
         self._durability = durability
         self._busy_ms = busy_timeout_ms
         # Operations waiting for the committer's next transaction, in order.
@@ -581,6 +585,36 @@ class Store:
             bulk_checkpoints=self._checkpointer.finished if self._checkpointer else 0,
             wal_pages=self._wal_pages,
         )
+
+    def check_file(self) -> None:
+        """Fail the store if its database file was deleted or replaced since it opened.
+
+        SQLite goes on writing to the file it has open, even once no name
+        leads to it: ``send()`` would go on acknowledging messages that the
+        next start, opening the path, would never see. The health beat calls
+        this (one ``stat``); on a mismatch the store fails, so the system
+        stops and ``run_system`` raises StoreError.
+
+        Raises:
+          StoreError: the path names no file, or another one, than the one opened.
+        """
+        if self.identity is None or self._failure is not None:
+            return
+        try:
+            now = database_identity(self.path)
+        except OSError as exc:
+            problem = f"can no longer be found ({exc.strerror or exc})"
+        else:
+            if now == self.identity:
+                return
+            problem = "was replaced by another file"
+        error = StoreError(
+            f"the database file {self.path!r} {problem} while the system ran: what it"
+            " wrote since went to a file that the next start would not open; stopping"
+        )
+        self._failure = error
+        self.failed.set()
+        raise error
 
     @property
     def failure(self) -> BaseException | None:
@@ -995,7 +1029,7 @@ class Store:
                 f"{self.path!r} is an SQLite database of another application "
                 "(it has tables, but no actors schema); refusing to change it"
             )
-        identity = database_identity(self.path)
+        identity = self.identity = database_identity(self.path)
         marks = read_marks(self.starts_path, identity)
         mode = _one(db, "PRAGMA journal_mode = WAL")
         if mode != "wal":
@@ -1820,4 +1854,12 @@ def database_path(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path)
     if not text or text == ":memory:" or text.startswith("file:"):
         raise ValueError(f"path must name a database file, got {text!r}")
-    return os.path.abspath(text)
+    # Absolute, so that a later chdir changes nothing; "." and empty parts
+    # dropped, but ".." kept: after a symbolic link, "link/.." is the parent
+    # of the link's target, not the directory the link is in, and
+    # os.path.abspath (which drops "x/.." as text) would name another file
+    # than the one the system opens. The lock and the side files go by the
+    # fully resolved path (_lock.real_path); this is the name the system
+    # checks its file by (Store.check_file) and shows in messages.
+    absolute = text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
+    return os.sep + os.sep.join(p for p in absolute.split(os.sep) if p not in ("", "."))

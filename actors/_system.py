@@ -760,15 +760,21 @@ async def run_system(
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
     try:
-        lock.acquire()
-    except OSError as exc:
-        raise StoreError(f"cannot lock database {db_path!r}: {exc}") from exc
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
+    except BaseException:
+        lock.release()  # what a refused attempt kept open
+        raise
     try:
         store, opened = await Store.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout
         )
         system_ref: list[System] = []
         try:
+            if store.identity != lock.identity:  # renamed over between the two opens
+                raise StoreError(f"the database file {db_path!r} was replaced while opening")
             async with _single_error(), trio.open_nursery() as nursery:
                 system = System(
                     path=db_path,
