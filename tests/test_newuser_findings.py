@@ -1,0 +1,123 @@
+"""What a new user (and an adversary) broke, trying the library from its docs.
+
+Each test is one finding, minimal and deterministic; each fails on the code
+it was written against and states the promise it holds the code to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import actors
+from actors._demo import DemoOptions, run_demo
+from actors.testing import fast_options
+
+HANG = 10.0  # seconds after which a wait is a hang
+
+
+class _ClassRaises(Exception):
+    """An exception whose ``__class__`` attribute raises (isinstance() asks it)."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        raise RuntimeError("__class__ raised")
+
+
+async def test_an_exception_whose_class_attribute_raises_fails_only_its_attempt(
+    db_path: str, clock: trio.testing.MockClock | None
+) -> None:
+    # reference.md (Errors): "Whatever a handler raises, only its attempt
+    # fails". describe() (which "never raises") asks isinstance(exc, Reject),
+    # and isinstance() reads exc.__class__: the RuntimeError stopped the
+    # whole system instead of failing the attempt.
+    async def handle(ctx: actors.Context, msg: actors.Message) -> str:
+        if msg.body == "bad":
+            raise _ClassRaises()
+        return "fine"
+
+    async with actors.run_system(db_path, handler=handle, **fast_options(max_attempts=1)) as system:
+        await system.send("s", "bad")
+        with trio.fail_after(HANG):
+            await system.drain()
+            assert await system.ask("t", "good") == "fine"  # the system goes on
+        [letter] = system.dead_letters()
+        assert letter.session_id == "s" and letter.attempts == 1
+
+
+class _NeedsArgument(actors.Actor):
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+    async def handle(self, ctx: actors.Context, msg: actors.Message) -> None:
+        pass
+
+
+async def test_an_actor_class_that_cannot_be_built_without_arguments_is_refused(
+    tmp_path: Path,
+) -> None:
+    # run_system checks that handle/started/stopped can take their
+    # arguments, but not that the class can be instantiated as the runtime
+    # does (with no argument). Accepted, every start of every session fails
+    # before a handler runs: no attempt is counted, nothing is ever
+    # dead-lettered, and drain() never returns.
+    db = str(tmp_path / "app.db")
+    with pytest.raises(TypeError):
+        async with actors.run_system(db, handler=_NeedsArgument):
+            raise AssertionError("an Actor whose __init__ needs an argument was accepted")
+    assert os.listdir(tmp_path) == []  # refused before the file is touched
+
+
+async def test_a_path_with_a_lone_surrogate_is_refused_before_any_file_is_touched(
+    tmp_path: Path,
+) -> None:
+    # reference.md (run_system): "Invalid options, handler and path are
+    # rejected before the file is touched"; the command line calls such a
+    # path a usage error. run_system created an empty '<name>.db' and
+    # '<name>.db.lock', then raised StoreError about a codec.
+    db = str(tmp_path / "app-\udcff.db")  # as os.fsdecode makes of a non-UTF-8 name
+    with pytest.raises(ValueError):
+        async with actors.run_system(db, handler=_noop):
+            raise AssertionError("a path SQLite cannot open was accepted")
+    assert os.listdir(tmp_path) == []
+
+
+async def _noop(ctx: actors.Context, msg: actors.Message) -> None:
+    pass
+
+
+async def _stuck(ctx: actors.Context, msg: actors.Message) -> None:
+    await trio.sleep_forever()
+
+
+async def test_the_demo_does_not_run_an_application_s_messages(tmp_path: Path) -> None:
+    # `actors demo --db app.db` on an application's database (an operator's
+    # slip) ran the demo's chaos handler on the application's pending
+    # messages: acknowledged messages acked (deleted) by the wrong handler,
+    # and thousands of demo messages and dead letters left in the file.
+    # The demo must refuse a database it did not create (it keeps a ledger
+    # beside the ones it did), leaving the application's work alone.
+    db = str(tmp_path / "app.db")
+    async with actors.run_system(db, handler=_stuck, shutdown_timeout=0.01) as system:
+        await system.send("orders", {"charge": 10})  # acknowledged, then the app stops
+    quick = DemoOptions(
+        db=db,
+        sessions=1,
+        messages=1,
+        duration=0,
+        seed=1,
+        fail_rate=0,
+        poison_rate=0,
+        hang_rate=0,
+        kill_interval=1e6,
+    )
+    with contextlib.suppress(Exception):  # a refusal, however spelled, is what we want
+        await run_demo(quick, out=lambda _: None)
+    async with actors.run_system(db, handler=_stuck, shutdown_timeout=0.01) as system:
+        stats = system.statistics()
+        assert (stats.pending, stats.dead) == (1, 0), stats
