@@ -7,14 +7,18 @@ it was written against and states the promise it holds the code to.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from click.testing import CliRunner
 
 import actors
+from actors._cli import cli
 from actors._demo import DemoOptions, run_demo
 from actors.testing import fast_options
 
@@ -121,3 +125,51 @@ async def test_the_demo_does_not_run_an_application_s_messages(tmp_path: Path) -
     async with actors.run_system(db, handler=_stuck, shutdown_timeout=0.01) as system:
         stats = system.statistics()
         assert (stats.pending, stats.dead) == (1, 0), stats
+
+
+def test_actors_health_is_not_healthy_while_the_system_stops(tmp_path: Path) -> None:
+    # reference.md: System.health() is unhealthy "also once the system is
+    # shutting down", and `actors health` "applies the same rule from
+    # another process". During a graceful stop (a deploy's SIGTERM, with
+    # a grace of up to 30 s) `actors health` said "healthy: ok", exit 0,
+    # and `actors status` "running": the heartbeat does not say stopping.
+    db = str(tmp_path / "app.db")
+    verdicts: list[dict[str, object]] = []
+
+    def health() -> dict[str, object]:
+        result = CliRunner().invoke(cli, ["health", db, "--json"])
+        report: dict[str, object] = json.loads(result.output)
+        return report
+
+    async def main() -> None:
+        busy, finish = trio.Event(), trio.Event()
+
+        async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+            busy.set()
+            await finish.wait()  # a handler the stop's grace waits for
+
+        async def stop_and_look(system: actors.System) -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(system.shutdown, math.inf)
+                await trio.sleep(1)  # (virtual) the stop is under way
+                assert system.closed
+                verdicts.append(await trio.to_thread.run_sync(health))
+                finish.set()
+
+        async with (
+            trio.open_nursery() as outside,
+            actors.run_system(
+                db, handler=handle, handler_timeout=None, status_interval=0.1
+            ) as system,
+        ):
+            await system.send("s", 1)
+            await busy.wait()
+            await trio.sleep(1)  # (virtual) heartbeats are written
+            verdicts.append(await trio.to_thread.run_sync(health))
+            outside.start_soon(stop_and_look, system)
+            await trio.sleep_forever()  # cancelled by shutdown()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    running, stopping = verdicts
+    assert running["healthy"] is True, running
+    assert stopping["healthy"] is False, stopping
