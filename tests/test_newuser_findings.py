@@ -173,3 +173,18 @@ def test_actors_health_is_not_healthy_while_the_system_stops(tmp_path: Path) -> 
     running, stopping = verdicts
     assert running["healthy"] is True, running
     assert stopping["healthy"] is False, stopping
+
+
+async def test_a_duration_beyond_the_accepted_range_is_a_usage_error(tmp_path: Path) -> None:
+    # docs/howto-operate.md: "a duration too long to count ... each is a
+    # usage error, exit 2", checked "before anything is read or changed".
+    # `--older-than 11575d` (just over the 10**9 s that purge accepts) went
+    # to the system (or, none running, took the lock and opened the file)
+    # and came back as "error: ValueError: ...", exit 1.
+    db = str(tmp_path / "app.db")
+    async with actors.run_system(db, handler=_noop):
+        pass
+    result = await trio.to_thread.run_sync(
+        lambda: CliRunner().invoke(cli, ["purge", db, "--dead", "--older-than", "11575d"])
+    )
+    assert result.exit_code == 2, result.output
