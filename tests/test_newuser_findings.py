@@ -188,3 +188,30 @@ async def test_a_duration_beyond_the_accepted_range_is_a_usage_error(tmp_path: P
         lambda: CliRunner().invoke(cli, ["purge", db, "--dead", "--older-than", "11575d"])
     )
     assert result.exit_code == 2, result.output
+
+
+async def _fails_with_brackets(ctx: actors.Context, msg: actors.Message) -> None:
+    raise ValueError("bad range [/] in pattern")
+
+
+@pytest.mark.parametrize("command", ["status", "sessions", "dead"])
+async def test_the_command_line_shows_session_ids_and_errors_as_text_not_markup(
+    tmp_path: Path, command: str
+) -> None:
+    # Session ids come from producers and errors from handlers; the tables
+    # passed them to rich as markup. A session named "[/]", or an error
+    # text with "[/]" in it, made status, sessions and dead fail with a
+    # raw rich.errors.MarkupError traceback (exit 1): the operator could no
+    # longer look at the system. "[bold]vip[/bold]" was shown as "vip", a
+    # session that does not exist (the real id hidden from the operator).
+    db = str(tmp_path / "app.db")
+    async with actors.run_system(db, handler=_fails_with_brackets, max_attempts=1) as system:
+        await system.send("[/]", 1)
+        await system.send("[bold]vip[/bold]", 1)
+        with trio.fail_after(HANG):
+            await system.drain()
+    result = await trio.to_thread.run_sync(
+        lambda: CliRunner().invoke(cli, [command, db], env={"COLUMNS": "200"})
+    )
+    assert result.exit_code == 0, result.output
+    assert "[bold]vip[/bold]" in result.output
