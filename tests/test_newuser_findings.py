@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import apsw
 import pytest
 import trio
 import trio.testing
@@ -215,3 +216,28 @@ async def test_the_command_line_shows_session_ids_and_errors_as_text_not_markup(
     )
     assert result.exit_code == 0, result.output
     assert "[bold]vip[/bold]" in result.output
+
+
+async def test_a_state_too_large_for_the_database_fails_only_its_attempt(
+    db_path: str, clock: trio.testing.MockClock | None
+) -> None:
+    # Bodies are bounded by max_message_bytes, ctx.state by nothing: a state
+    # over SQLite's limit on a value (10**9 bytes by default; lowered here
+    # on the store's connection instead of building a gigabyte) made the
+    # ack's transaction fail with "string or blob too big", and the whole
+    # system stopped with StoreError, every session with it (and again at
+    # each restart, while the message is retried). Like a state json cannot
+    # encode, it must fail only its attempt.
+    async def handle(ctx: actors.Context, msg: actors.Message) -> str:
+        if msg.body == "big":
+            ctx.state["log"] = "x" * 200_000
+        return "ok"
+
+    async with actors.run_system(db_path, handler=handle, **fast_options(max_attempts=1)) as system:
+        system._store._db.limit(apsw.SQLITE_LIMIT_LENGTH, 100_000)  # type: ignore[union-attr]
+        await system.send("s", "big")
+        with trio.fail_after(HANG):
+            await system.drain()
+            assert await system.ask("t", "small") == "ok"  # the system goes on
+        [letter] = system.dead_letters()  # not acknowledged: its state was not committed
+        assert letter.session_id == "s"
