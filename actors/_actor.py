@@ -269,6 +269,35 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
     )
 
 
+def stray_cancellation(exc: BaseException) -> RuntimeError | None:
+    """The failure to record if ``exc``, raised by user code, is a cancellation not for us.
+
+    A handler can catch a ``trio.Cancelled`` inside a cancel scope (or a
+    nursery) of its own and raise it again outside that scope. No scope of
+    the actor's catches it then: it would end the actor's task, and trio's
+    nursery would swallow it silently, ending the supervisor while the
+    system still accepts sends. Returns None if ``exc`` is no such thing
+    (the caller re-raises it): not a Cancelled (nor a group of Cancelled
+    and ordinary exceptions), or the calling task is cancelled indeed.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        if exc.split((Exception, trio.Cancelled))[1] is not None:
+            return None  # holds a KeyboardInterrupt, SystemExit...: not ours to judge
+        if exc.subgroup(trio.Cancelled) is None:
+            return None  # (an ExceptionGroup: the caller's except Exception took it)
+    elif not isinstance(exc, trio.Cancelled):
+        return None
+    # Effectively cancelled (a kill, a timeout, the system stopping): it is ours.
+    if trio.current_effective_deadline() == -math.inf:
+        return None
+    error = RuntimeError(
+        f"the handler raised {type(exc).__name__}, a trio.Cancelled its own scope did not cause "
+        "(a Cancelled caught inside a cancel scope or nursery must not be raised outside it)"
+    )
+    error.__cause__ = exc
+    return error
+
+
 class Exit(enum.Enum):
     """Why an incarnation ended."""
 
@@ -538,6 +567,13 @@ class SessionActor:
                 log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
                 self._failure = exc
                 outcome = Exit.CRASH
+            except BaseException as exc:
+                stray = stray_cancellation(exc)  # (see _serve_loop)
+                if stray is None:
+                    raise
+                log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
+                self._failure = stray
+                outcome = Exit.CRASH
             else:
                 if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
                     await self._stop_instance(instance, ctx)
@@ -578,6 +614,14 @@ class SessionActor:
             await instance.stopped(ctx)
         except Exception:
             log.exception("stopped() hook of session %r raised; ignored", self.session_id)
+        except BaseException as exc:
+            if stray_cancellation(exc) is None:
+                raise
+            log.error(
+                "stopped() hook of session %r raised a stray Cancelled; ignored",
+                self.session_id,
+                exc_info=exc,
+            )
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
         # The incarnation's cancel scope serves every handler call of it as
@@ -763,6 +807,21 @@ class SessionActor:
                 if self.timed_out:
                     return Exit.TIMEOUT  # the watchdog cancelled it as it raised
                 self._failure = exc
+                await self._stop_instance(instance, ctx)
+                return Exit.CRASH
+            except BaseException as exc:
+                # A Cancelled that is not for this task (caught by the
+                # handler from an inner scope and raised again outside it)
+                # fails the attempt: let through, no scope of ours would
+                # catch it, and the supervisor's nursery would end quietly.
+                # KeyboardInterrupt and the like (and a real cancellation)
+                # go on.
+                stray = stray_cancellation(exc)
+                if stray is None:
+                    raise
+                self.handler_running = False
+                ctx._message = None
+                self._failure = stray
                 await self._stop_instance(instance, ctx)
                 return Exit.CRASH
             ctx._message = None

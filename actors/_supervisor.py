@@ -189,6 +189,15 @@ class Supervisor:
                 self._want_refill()
                 task_status.started()
                 await trio.sleep_forever()
+            # Only stop() ends the sleep and leaves quietly. A Cancelled that
+            # escaped an actor's task (it cancels this nursery and is then
+            # swallowed by it) would otherwise end the supervisor while the
+            # system still accepts sends: fail the system instead.
+            if not self.stopping:
+                raise RuntimeError(
+                    "the supervisor's nursery ended while the system was open "
+                    "(a task of it raised a Cancelled it had caught elsewhere)"
+                )
         finally:
             # The nursery is closed: late calls (the router or timer still
             # winding down) must not try to start actors in it.
