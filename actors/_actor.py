@@ -879,6 +879,12 @@ class SessionActor:
                 sup.on_sent(sent)
             sup.on_acked()
 
+    # KI-protected: a KeyboardInterrupt between registering the task and
+    # parking it would leave the registration behind, and the task would be
+    # rescheduled after it exited (TrioInternalError). Protected, trio
+    # delivers it at the wait instead (the wait's abort undoes the
+    # registration). tests/test_adversarial_trio.py injects it at each line.
+    @trio.lowlevel.enable_ki_protection
     async def _await_work(self) -> Exit | None:
         """Nothing to do: wait for work beyond what was claimed, or a handoff.
 
@@ -930,6 +936,7 @@ class SessionActor:
         self.reserved = True
         self._reserve_gen = self._serve_gen
 
+    @trio.lowlevel.enable_ki_protection  # (as _await_work: registers, then parks)
     async def _wait_handoff(self) -> None:
         """Wait until the reservation (``self.reserved``) is settled by take_handoff()."""
         self._handoff_waiter = trio.lowlevel.current_task()

@@ -16,6 +16,10 @@ Issue 16, items 6 to 9 and the channel shape of subscriptions:
 
 from __future__ import annotations
 
+import signal
+import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,10 @@ import trio
 import trio.testing
 
 import actors
+import actors._actor
+import actors._router
+import actors._store
+import actors._supervisor
 
 HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
 
@@ -139,3 +147,154 @@ async def test_started_and_stopped_raising_a_stray_cancelled(db_path: str, clock
     assert calls[:3] == ["started", "started", "handle one 1"]
     assert "handle two 1" in calls
     assert "stopped" in calls
+
+
+# -- item 7: KeyboardInterrupt between registering a task and parking it ----
+#
+# trio raises KeyboardInterrupt from its SIGINT handler at whatever bytecode
+# runs, unless that code is KI-protected (then it is delivered to the main
+# task at a checkpoint). A task that registered itself as a waiter (so that
+# someone reschedules it) and is interrupted before it parks leaves a
+# registration behind: rescheduled later, after it exited or while it waits
+# for something else, trio fails with TrioInternalError. The injector below
+# calls trio's own SIGINT handler, with the frame that runs, at each line of
+# every function of the runtime that parks its task by hand.
+
+
+def _parking_functions() -> dict[types.CodeType, str]:
+    """Every function of the runtime that parks its task with wait_task_rescheduled."""
+    found: dict[types.CodeType, str] = {}
+    for module in (actors._actor, actors._router, actors._store, actors._supervisor):
+        for name, obj in vars(module).items():
+            members = vars(obj).items() if isinstance(obj, type) else [(name, obj)]
+            for attr, fn in members:
+                code = getattr(fn, "__code__", None)
+                if code is not None and "wait_task_rescheduled" in code.co_names:
+                    found[code] = f"{fn.__module__}.{fn.__qualname__}"
+    return found
+
+
+PARKING = _parking_functions()
+_TRIO_PARKING = {trio.lowlevel.wait_task_rescheduled.__code__}
+
+
+def test_every_parking_function_is_ki_protected() -> None:
+    """The registration and the wait run as one step for KeyboardInterrupt."""
+    from trio._core._ki import _CODE_KI_PROTECTION_STATUS_WMAP as protected
+
+    def is_protected(code: types.CodeType) -> bool:
+        try:
+            return bool(protected[code])
+        except KeyError:
+            return False
+
+    assert len(PARKING) >= 5, sorted(PARKING.values())  # the injector finds them all
+    assert sorted(name for code, name in PARKING.items() if not is_protected(code)) == []
+
+
+class _Injector:
+    """Raise KeyboardInterrupt, as trio's SIGINT handler would, at the ``nth``
+    line run in ``target`` (or in trio's wait_task_rescheduled called from it)."""
+
+    def __init__(self, target: types.CodeType, nth: int) -> None:
+        self.target = target
+        self.nth = nth
+        self.lines = 0
+        self.fired = False
+
+    def __call__(self, frame: types.FrameType, event: str, arg: object) -> Any:
+        if event != "call" or self.fired:
+            return None
+        code = frame.f_code
+        if code is self.target or (
+            code in _TRIO_PARKING and frame.f_back is not None and frame.f_back.f_code is self.target
+        ):
+            return self._line
+        return None
+
+    def _line(self, frame: types.FrameType, event: str, arg: object) -> Any:
+        if event == "line" and not self.fired:
+            self.lines += 1
+            if self.lines == self.nth:
+                self.fired = True
+                handler = signal.getsignal(signal.SIGINT)
+                assert callable(handler)
+                handler(signal.SIGINT, frame)  # raises here, or delivers to the main task
+        return self._line
+
+
+async def _ki_scenario(db_path: str, acked: list[int], handled: list[int]) -> None:
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        await trio.sleep(0)
+        handled.append(msg.id)
+
+    with trio.fail_after(HANG):
+        async with actors.run_system(db_path, handler=handler, durability="full") as system:
+
+            async def producer(session: str) -> None:
+                for i in range(3):
+                    acked.append(await system.send(session, i))
+
+            async with trio.open_nursery() as nursery:
+                for session in ("a", "b", "c"):
+                    nursery.start_soon(producer, session)
+            await system.drain()
+            await system.send("a", "late")  # an idle actor parks for it
+            await system.drain()
+
+
+def _only_keyboard_interrupts(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_keyboard_interrupts(e) for e in exc.exceptions)
+    return isinstance(exc, KeyboardInterrupt)
+
+
+# Lines counted from the start of the run, over every call of the function:
+# the first calls (registration, wait, and after) several times over.
+LINES_TRIED = 20
+
+
+def test_keyboard_interrupt_at_every_line_of_every_parking_function(tmp_path: Path) -> None:
+    """Each injection stops the system with KeyboardInterrupt (never TrioInternalError),
+    and a restart finds every acknowledged message."""
+    tried = 0
+    per_function: dict[str, int] = {}
+    for code, name in PARKING.items():
+        nth = 1
+        while nth <= LINES_TRIED:
+            db_path = str(tmp_path / f"ki-{tried}.db")
+            acked: list[int] = []
+            handled: list[int] = []
+            injector = _Injector(code, nth)
+            previous = sys.gettrace()
+            sys.settrace(injector)
+            try:
+                trio.run(_ki_scenario, db_path, acked, handled)
+            except BaseException as exc:
+                outcome: BaseException | None = exc
+            else:
+                outcome = None
+            finally:
+                sys.settrace(previous)
+            if not injector.fired:
+                break  # every line this run reaches was tried
+            tried += 1
+            per_function[name] = per_function.get(name, 0) + 1
+            assert outcome is not None and _only_keyboard_interrupts(outcome), (
+                f"{name}, line {nth}: {outcome!r}"
+            )
+            done: list[int] = []
+
+            async def restart(path: str = db_path, done: list[int] = done) -> None:
+                async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+                    done.append(msg.id)
+
+                async with actors.run_system(path, handler=handler) as system:
+                    with trio.fail_after(HANG):
+                        await system.drain()
+
+            trio.run(restart)
+            assert set(acked) <= set(handled) | set(done), f"{name}, line {nth}"
+            nth += 1
+    print(f"\nKeyboardInterrupt injected at {tried} points: {per_function}")
+    assert tried >= 2 * len(PARKING)
