@@ -225,18 +225,22 @@ class _Injector:
 
 async def _ki_scenario(db_path: str, acked: list[int], handled: list[int]) -> None:
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        await trio.sleep(0)
+        for _ in range(3):
+            await trio.sleep(0)
         handled.append(msg.id)
 
     with trio.fail_after(HANG):
         async with actors.run_system(db_path, handler=handler, durability="full") as system:
 
             async def producer(session: str) -> None:
-                for i in range(3):
+                for i in range(4):
                     acked.append(await system.send(session, i))
+                    # Handed in bulk while the next batch commits: an actor
+                    # may wait for its reservation (_wait_handoff).
+                    acked.extend(await system.send_many([(session, (i, j)) for j in range(5)]))
 
             async with trio.open_nursery() as nursery:
-                for session in ("a", "b", "c"):
+                for session in ("a", "a", "b"):
                     nursery.start_soon(producer, session)
             await system.drain()
             await system.send("a", "late")  # an idle actor parks for it
