@@ -19,6 +19,7 @@ from __future__ import annotations
 import signal
 import sys
 import types
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,87 @@ def test_keyboard_interrupt_at_every_line_of_every_parking_function(tmp_path: Pa
             nth += 1
     print(f"\nKeyboardInterrupt injected at {tried} points: {per_function}")
     assert tried >= 2 * len(PARKING)
+
+
+# -- item 8: leaving on an outer timeout ------------------------------------
+
+
+def _producers(
+    acked: list[int], pause: float
+) -> Callable[[actors.System, str], Awaitable[None]]:
+    async def producer(system: actors.System, session: str) -> None:
+        i = 0
+        while True:
+            acked.append(await system.send(session, i))
+            if i % 3 == 0:
+                acked.extend(await system.send_many([(session, i), (session, i)]))
+            i += 1
+            if pause and i % 4 == 0:
+                await trio.sleep(pause)
+
+    return producer
+
+
+async def _handled(db_path: str, handled: list[int]) -> None:
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        handled.append(msg.id)
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        await drain(system)
+
+
+@pytest.mark.parametrize("producers", [1, 3])
+async def test_outer_cancel_with_producers_in_flight_ends_quietly(
+    db_path: str, clock: object, producers: int
+) -> None:
+    """The outer scope is cancelled (as a timeout does) at each scheduling step of a
+    start, a burst of sends and a stop: the block ends quietly; nothing acked is lost."""
+    handled: list[int] = []
+    acked: list[int] = []
+    producer = _producers(acked, 0)
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        await trio.sleep(0)
+        handled.append(msg.id)
+
+    async def cancel_at(scope: trio.CancelScope, steps: int) -> None:
+        for _ in range(steps):
+            await trio.lowlevel.checkpoint()
+        scope.cancel()
+
+    for steps in range(60):
+        with trio.CancelScope() as scope:
+            async with actors.run_system(db_path, handler=handler) as system:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cancel_at, scope, steps)
+                    for p in range(producers):
+                        nursery.start_soon(producer, system, f"s{p}")
+        assert scope.cancelled_caught
+    await _handled(db_path, handled)
+    assert set(acked) <= set(handled)
+
+
+@pytest.mark.parametrize("producers", [1, 3, 8])
+async def test_outer_timeout_with_producers_in_flight_ends_quietly(
+    db_path: str, producers: int
+) -> None:
+    """``with move_on_after(t): async with run_system(...)`` with producers awaiting
+    send() (the real clock: the store's committer): the block ends with the timeout."""
+    handled: list[int] = []
+    acked: list[int] = []
+    producer = _producers(acked, 0.0001)
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        await trio.sleep(0)
+        handled.append(msg.id)
+
+    for k in range(30):
+        with trio.move_on_after(k * 0.0005) as scope:
+            async with actors.run_system(db_path, handler=handler) as system:
+                async with trio.open_nursery() as nursery:
+                    for p in range(producers):
+                        nursery.start_soon(producer, system, f"s{p}")
+                    await trio.sleep_forever()
+        assert scope.cancelled_caught
+    await _handled(db_path, handled)
+    assert set(acked) <= set(handled)
