@@ -496,6 +496,15 @@ class SessionActor:
     async def run(self) -> None:
         """Incarnations until the session is idle, waits, yields, or the system stops."""
         sup = self._sup
+        task = trio.lowlevel.current_task()
+        sup.actor_tasks[task] = self  # (once per activation: see System._calling_actor)
+        try:
+            await self._run()
+        finally:
+            del sup.actor_tasks[task]
+
+    async def _run(self) -> None:
+        sup = self._sup
         try:
             while True:
                 outcome = await self._incarnation()

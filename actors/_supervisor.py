@@ -145,6 +145,9 @@ class Supervisor:
         self._overflow_gen = 0
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
+        # {task: the session actor it runs}, while it runs (SessionActor.run):
+        # what tells System.drain()/ask() they are called from a handler.
+        self.actor_tasks: dict[trio.lowlevel.Task, SessionActor] = {}
         # Actors holding a claimed message (SessionActor.in_flight is set).
         self.busy = Gauge(0)
         # Actors reserved for a handoff whose message is not yet committed.

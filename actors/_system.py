@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import trio
 from trio_util import periodic
 
-from ._actor import actor_factory
+from ._actor import SessionActor, actor_factory
 from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
@@ -231,12 +231,22 @@ class System:
             handler raising (kills, crashes of the process).
           ActorsError: the message was deleted by ``abort`` or ``purge``
             before it ran.
+          RuntimeError: called from ``session_id``'s own actor (its handler,
+            its hooks, or a task they started), which would wait for itself.
           TypeError / ValueError / SystemClosedError / StoreError: as
             :meth:`send`.
         """
         if self._closed:
             await self._refuse()
         session_id = check_session_id(session_id)
+        if self._sup.actor_tasks:
+            actor = self._calling_actor()
+            if actor is not None and actor.session_id == session_id:
+                raise RuntimeError(
+                    f"ask() of session {session_id!r} from its own actor would wait for "
+                    "itself: the session runs one message at a time, and this one is "
+                    "running (send() it, or ask another session)"
+                )
         data = encode_body(body, self.config.max_message_bytes)
         seconds = None if timeout is None else finite_delay(timeout)
         reply = Reply()
@@ -406,11 +416,38 @@ class System:
         Delayed messages and messages waiting for a retry count as pending;
         dead letters do not. Sends already made (even if their ``send()`` has
         not returned yet), and sends made while draining, are waited for too.
+
+        Raises:
+          RuntimeError: called from a session's actor (its handler, its
+            hooks, or a task they started), which would wait for itself.
         """
+        if self._sup.actor_tasks:
+            actor = self._calling_actor()
+            if actor is not None:
+                raise RuntimeError(
+                    f"drain() called from the actor of session {actor.session_id!r} would "
+                    "wait for its own message, and never return: call it outside handlers"
+                )
         # Sends whose batch is committing count too: their messages enter
         # the outstanding count only once durable.
         await self._router.flushed()
         await self._sup.outstanding.wait_zero()
+
+    def _calling_actor(self) -> SessionActor | None:
+        """The session actor whose task, or a task started inside it, calls (if any).
+
+        Walks the calling task's parents (a handler may call from a nursery
+        of its own); done by drain() and ask() only, not per message.
+        """
+        tasks = self._sup.actor_tasks
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            actor = tasks.get(task)
+            if actor is not None:
+                return actor
+            nursery = task.parent_nursery
+            task = nursery.parent_task if nursery is not None else None
+        return None
 
     def kill(self, session_id: str) -> bool:
         """Crash ``session_id``'s actor now, mid-message if it is busy.

@@ -387,3 +387,67 @@ async def test_outer_timeout_with_producers_in_flight_ends_quietly(
         assert scope.cancelled_caught
     await _handled(db_path, handled)
     assert set(acked) <= set(handled)
+
+
+# -- item 9: waits a handler can never see the end of -----------------------
+
+
+async def _drain_in_child_task(ctx: actors.Context) -> None:
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctx.system.drain)
+    except BaseExceptionGroup as group:  # (the one error, for the test to match)
+        raise group.exceptions[0] from None
+
+
+SELF_WAITS = [
+    pytest.param(lambda ctx: ctx.system.drain(), id="drain"),
+    pytest.param(lambda ctx: ctx.system.ask(ctx.session_id, "inner"), id="ask-own-session"),
+    pytest.param(
+        lambda ctx: ctx.system.ask(ctx.session_id, "inner", timeout=None), id="ask-no-timeout"
+    ),
+    pytest.param(_drain_in_child_task, id="drain-in-a-child-task"),
+]
+
+
+@pytest.mark.parametrize("wait", SELF_WAITS)
+async def test_handler_waiting_for_itself_is_refused_at_once(
+    db_path: str, clock: object, wait: Any
+) -> None:
+    """RuntimeError at the call, whatever handler_timeout is (None here: it hung forever)."""
+    errors: list[BaseException] = []
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        if msg.body == "outer" and msg.attempt == 1:
+            try:
+                await wait(ctx)
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+
+    async with actors.run_system(
+        db_path,
+        handler=handler,
+        handler_timeout=None,
+        retry_backoff=actors.Backoff(initial=0.001, jitter=0),
+    ) as system:
+        with pytest.raises(RuntimeError, match="would wait for") as info, trio.fail_after(HANG):
+            await system.ask("s", "outer")
+        await drain(system)
+    assert [type(e) for e in errors] == [RuntimeError]
+    assert "session 's'" in str(info.value)
+
+
+async def test_handler_may_ask_another_session_and_drain_outside(
+    db_path: str, clock: object
+) -> None:
+    """What is not a wait for itself still works: ask() of another session from a handler."""
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> Any:
+        if msg.body == "outer":
+            return await ctx.system.ask("other", "inner")
+        return f"inner of {ctx.session_id}"
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        assert await system.ask("s", "outer") == "inner of other"
+        await drain(system)
