@@ -451,3 +451,72 @@ async def test_handler_may_ask_another_session_and_drain_outside(
     async with actors.run_system(db_path, handler=handler) as system:
         assert await system.ask("s", "outer") == "inner of other"
         await drain(system)
+
+
+# -- subscriptions are trio channels ---------------------------------------
+
+
+async def _take(channel: trio.abc.ReceiveChannel[Any], count: int) -> list[Any]:
+    """Code written for any trio receive channel."""
+    return [await channel.receive() for _ in range(count)]
+
+
+async def test_subscription_is_a_trio_receive_channel(db_path: str, clock: object) -> None:
+    """receive() waits for outputs; EndOfChannel once the system stopped and the buffer
+    is read; ClosedResourceError once closed; async for and async with as before."""
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> Any:
+        await ctx.emit(("emitted", msg.body))
+        return ("returned", msg.body)
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        sub = system.subscribe("s")
+        closed = system.subscribe("s")
+        ended = system.subscribe("s")
+        assert isinstance(sub, trio.abc.ReceiveChannel)
+        await system.send("s", 1)
+        assert await _take(sub, 2) == [("emitted", 1), ("returned", 1)]
+        with pytest.raises(trio.WouldBlock):
+            sub.receive_nowait()
+        await closed.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await closed.receive()
+        async with sub:
+            await system.send("s", 2)
+            async for item in sub:
+                assert item == ("emitted", 2)
+                break
+            assert await sub.receive() == ("returned", 2)
+        assert sub.statistics().closed
+        await drain(system)
+    # The system stopped: what is buffered, then the end of the channel.
+    assert [await ended.receive() for _ in range(4)] == [
+        ("emitted", 1),
+        ("returned", 1),
+        ("emitted", 2),
+        ("returned", 2),
+    ]
+    with pytest.raises(trio.EndOfChannel):
+        await ended.receive()
+    with pytest.raises(trio.EndOfChannel):
+        ended.receive_nowait()
+
+
+async def test_events_subscription_receive(db_path: str, clock: object) -> None:
+    """events() is a channel too: receive() waits for the next status event."""
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        pass
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        events = system.events()
+        await system.send("s", 1)
+        kinds = []
+        while "actor_started" not in kinds:  # (a "backlog" snapshot may come first)
+            event = await events.receive()
+            kinds.append(event.kind)
+        assert event.session_id == "s"
+        assert set(kinds) <= {"backlog", "actor_started"}
+    with pytest.raises(trio.EndOfChannel):
+        while True:
+            await events.receive()
