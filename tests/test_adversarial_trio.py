@@ -166,9 +166,9 @@ def _parking_functions() -> dict[types.CodeType, str]:
     """Every function of the runtime that parks its task with wait_task_rescheduled."""
     found: dict[types.CodeType, str] = {}
     for module in (actors._actor, actors._router, actors._store, actors._supervisor):
-        for name, obj in vars(module).items():
-            members = vars(obj).items() if isinstance(obj, type) else [(name, obj)]
-            for attr, fn in members:
+        for obj in vars(module).values():
+            members = list(vars(obj).values()) if isinstance(obj, type) else [obj]
+            for fn in members:
                 code = getattr(fn, "__code__", None)
                 if code is not None and "wait_task_rescheduled" in code.co_names:
                     found[code] = f"{fn.__module__}.{fn.__qualname__}"
@@ -208,7 +208,9 @@ class _Injector:
             return None
         code = frame.f_code
         if code is self.target or (
-            code in _TRIO_PARKING and frame.f_back is not None and frame.f_back.f_code is self.target
+            code in _TRIO_PARKING
+            and frame.f_back is not None
+            and frame.f_back.f_code is self.target
         ):
             return self._line
         return None
@@ -227,7 +229,7 @@ class _Injector:
 async def _ki_scenario(db_path: str, acked: list[int], handled: list[int]) -> None:
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
         for _ in range(3):
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         handled.append(msg.id)
 
     with trio.fail_after(HANG):
@@ -308,9 +310,7 @@ def test_keyboard_interrupt_at_every_line_of_every_parking_function(tmp_path: Pa
 # -- item 8: leaving on an outer timeout ------------------------------------
 
 
-def _producers(
-    acked: list[int], pause: float
-) -> Callable[[actors.System, str], Awaitable[None]]:
+def _producers(acked: list[int], pause: float) -> Callable[[actors.System, str], Awaitable[None]]:
     async def producer(system: actors.System, session: str) -> None:
         i = 0
         while True:
@@ -343,7 +343,7 @@ async def test_outer_cancel_with_producers_in_flight_ends_quietly(
     producer = _producers(acked, 0)
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         handled.append(msg.id)
 
     async def cancel_at(scope: trio.CancelScope, steps: int) -> None:
@@ -353,11 +353,13 @@ async def test_outer_cancel_with_producers_in_flight_ends_quietly(
 
     for steps in range(60):
         with trio.CancelScope() as scope:
-            async with actors.run_system(db_path, handler=handler) as system:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(cancel_at, scope, steps)
-                    for p in range(producers):
-                        nursery.start_soon(producer, system, f"s{p}")
+            async with (
+                actors.run_system(db_path, handler=handler) as system,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(cancel_at, scope, steps)
+                for p in range(producers):
+                    nursery.start_soon(producer, system, f"s{p}")
         assert scope.cancelled_caught
     await _handled(db_path, handled)
     assert set(acked) <= set(handled)
@@ -374,16 +376,18 @@ async def test_outer_timeout_with_producers_in_flight_ends_quietly(
     producer = _producers(acked, 0.0001)
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         handled.append(msg.id)
 
     for k in range(30):
         with trio.move_on_after(k * 0.0005) as scope:
-            async with actors.run_system(db_path, handler=handler) as system:
-                async with trio.open_nursery() as nursery:
-                    for p in range(producers):
-                        nursery.start_soon(producer, system, f"s{p}")
-                    await trio.sleep_forever()
+            async with (
+                actors.run_system(db_path, handler=handler) as system,
+                trio.open_nursery() as nursery,
+            ):
+                for p in range(producers):
+                    nursery.start_soon(producer, system, f"s{p}")
+                await trio.sleep_forever()
         assert scope.cancelled_caught
     await _handled(db_path, handled)
     assert set(acked) <= set(handled)
