@@ -324,6 +324,35 @@ def _name(fn: object) -> str:
     return name if isinstance(name, str) else type(fn).__name__
 
 
+def stray_cancellation(exc: BaseException) -> RuntimeError | None:
+    """The failure to record if ``exc``, raised by user code, is a cancellation not for us.
+
+    A handler can catch a ``trio.Cancelled`` inside a cancel scope (or a
+    nursery) of its own and raise it again outside that scope. No scope of
+    the actor's catches it then: it would end the actor's task, and trio's
+    nursery would swallow it silently, ending the supervisor while the
+    system still accepts sends. Returns None if ``exc`` is no such thing
+    (the caller re-raises it): not a Cancelled (nor a group of Cancelled
+    and ordinary exceptions), or the calling task is cancelled indeed.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        if exc.split((Exception, trio.Cancelled))[1] is not None:
+            return None  # holds a KeyboardInterrupt, SystemExit...: not ours to judge
+        if exc.subgroup(trio.Cancelled) is None:
+            return None  # (an ExceptionGroup: the caller's except Exception took it)
+    elif not isinstance(exc, trio.Cancelled):
+        return None
+    # Effectively cancelled (a kill, a timeout, the system stopping): it is ours.
+    if trio.current_effective_deadline() == -math.inf:
+        return None
+    error = RuntimeError(
+        f"the handler raised {type(exc).__name__}, a trio.Cancelled its own scope did not cause "
+        "(a Cancelled caught inside a cancel scope or nursery must not be raised outside it)"
+    )
+    error.__cause__ = exc
+    return error
+
+
 class Exit(enum.Enum):
     """Why an incarnation ended."""
 
@@ -525,6 +554,15 @@ class SessionActor:
     async def run(self) -> None:
         """Incarnations until the session is idle, waits, yields, or the system stops."""
         sup = self._sup
+        task = trio.lowlevel.current_task()
+        sup.actor_tasks[task] = self  # (once per activation: see System._calling_actor)
+        try:
+            await self._run()
+        finally:
+            del sup.actor_tasks[task]
+
+    async def _run(self) -> None:
+        sup = self._sup
         try:
             while True:
                 outcome = await self._incarnation()
@@ -601,6 +639,13 @@ class SessionActor:
                 )
                 self._failure = exc
                 outcome = Exit.CRASH
+            except BaseException as exc:
+                stray = stray_cancellation(exc)  # (see _serve_loop)
+                if stray is None:
+                    raise
+                log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
+                self._failure = stray
+                outcome = Exit.CRASH
             else:
                 if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
                     await self._stop_instance(instance, ctx)
@@ -644,6 +689,14 @@ class SessionActor:
                 "stopped() hook of session %r raised; ignored:\n%s",
                 self.session_id,
                 describe(exc).report,
+            )
+        except BaseException as exc:
+            if stray_cancellation(exc) is None:
+                raise
+            log.error(
+                "stopped() hook of session %r raised a stray Cancelled; ignored",
+                self.session_id,
+                exc_info=exc,
             )
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
@@ -834,6 +887,21 @@ class SessionActor:
                 self._failure = exc
                 await self._stop_instance(instance, ctx)
                 return Exit.CRASH
+            except BaseException as exc:
+                # A Cancelled that is not for this task (caught by the
+                # handler from an inner scope and raised again outside it)
+                # fails the attempt: let through, no scope of ours would
+                # catch it, and the supervisor's nursery would end quietly.
+                # KeyboardInterrupt and the like (and a real cancellation)
+                # go on.
+                stray = stray_cancellation(exc)
+                if stray is None:
+                    raise
+                self.handler_running = False
+                ctx._message = None
+                self._failure = stray
+                await self._stop_instance(instance, ctx)
+                return Exit.CRASH
             ctx._message = None
             # (A Cancelled from the watchdog propagates to _serve's scope.)
             self.handler_running = False
@@ -889,6 +957,12 @@ class SessionActor:
                 sup.on_sent(sent)
             sup.on_acked()
 
+    # KI-protected: a KeyboardInterrupt between registering the task and
+    # parking it would leave the registration behind, and the task would be
+    # rescheduled after it exited (TrioInternalError). Protected, trio
+    # delivers it at the wait instead (the wait's abort undoes the
+    # registration). tests/test_adversarial_trio.py injects it at each line.
+    @trio.lowlevel.enable_ki_protection
     async def _await_work(self) -> Exit | None:
         """Nothing to do: wait for work beyond what was claimed, or a handoff.
 
@@ -940,6 +1014,7 @@ class SessionActor:
         self.reserved = True
         self._reserve_gen = self._serve_gen
 
+    @trio.lowlevel.enable_ki_protection  # (as _await_work: registers, then parks)
     async def _wait_handoff(self) -> None:
         """Wait until the reservation (``self.reserved``) is settled by take_handoff()."""
         self._handoff_waiter = trio.lowlevel.current_task()

@@ -95,6 +95,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.sessions)
 
+    # KI-protected: registered in ``waiters`` and interrupted before it
+    # parks, the task would be rescheduled by finish() after it exited
+    # (TrioInternalError). Protected, trio delivers a Ctrl-C to the main
+    # task instead, and this wait is cancelled like any other.
+    @trio.lowlevel.enable_ki_protection
     async def wait(self) -> None:
         """Wait until the batch committed or failed (``first_id`` / ``error``).
 

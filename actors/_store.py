@@ -394,6 +394,7 @@ class _SyncThread:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
+    @trio.lowlevel.enable_ki_protection  # (as Store._wait_for: queued, then parked)
     async def run(self, fn: Callable[[], Any]) -> Any:
         box: list[Any] = []  # [result, error]
         self._jobs.put((fn, trio.lowlevel.current_task(), box))
@@ -681,6 +682,12 @@ class Store:
         if self._closed:
             raise StoreError("the store is closed")
 
+    # KI-protected: an operation queued and interrupted before its task
+    # parks would reschedule the task after it exited (TrioInternalError,
+    # seen once in about 175 Ctrl-C). Protected, trio delivers a Ctrl-C to
+    # the main task instead; this wait cannot be cancelled and ends with
+    # its group.
+    @trio.lowlevel.enable_ki_protection
     async def _wait_for(self, op: _Op, queue: list[_Op]) -> Any:
         """Queue ``op`` for the committer and wait, uncancellably, for its group."""
         self._queued += 1

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 import trio
@@ -89,12 +89,16 @@ class SubscriptionStatistics:
     closed: bool
 
 
-class Subscription(Generic[T]):
-    """An async iterator over a live stream; also an async context manager.
+class Subscription(trio.abc.ReceiveChannel[T]):
+    """A live stream, as a trio receive channel (``trio.abc.ReceiveChannel``).
 
-    ``async for item in subscription`` ends when the system stops (or the
-    subscription is closed). ``aclose()`` (or leaving ``async with``)
-    unregisters it at once.
+    ``await receive()`` waits for the next item and raises
+    ``trio.EndOfChannel`` once the system stopped and the buffer is empty
+    (``trio.ClosedResourceError`` once this subscription was closed).
+    ``async for item in subscription`` ends at either. ``aclose()`` (or
+    leaving ``async with``) unregisters it at once. There is no ``clone()``:
+    a subscription is one consumer's place in the stream (subscribe again
+    for another).
     """
 
     def __init__(
@@ -111,10 +115,21 @@ class Subscription(Generic[T]):
         # (a BlockingSubscription its consumer thread dropped) is closed there.
         self._token = _current_token()
 
+    async def receive(self) -> T:
+        """The next item, waiting for it.
+
+        Raises:
+          trio.EndOfChannel: the stream ended (the system stopped) and
+            every buffered item was received.
+          trio.ClosedResourceError: this subscription was closed.
+        """
+        return await self._receive.receive()
+
     def __aiter__(self) -> Subscription[T]:
         return self
 
     async def __anext__(self) -> T:
+        # (Not ReceiveChannel's: closing the subscription ends the iteration too.)
         try:
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):

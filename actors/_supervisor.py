@@ -176,6 +176,9 @@ class Supervisor:
         self._behind_set: set[str] = set()
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
+        # {task: the session actor it runs}, while it runs (SessionActor.run):
+        # what tells System.drain()/ask() they are called from a handler.
+        self.actor_tasks: dict[trio.lowlevel.Task, SessionActor] = {}
         # Actors holding a claimed message (SessionActor.in_flight is set).
         self.busy = Gauge(0)
         # Actors reserved for a handoff whose message is not yet committed.
@@ -226,6 +229,15 @@ class Supervisor:
                 self._want_refill()
                 task_status.started()
                 await trio.sleep_forever()
+            # Only stop() ends the sleep and leaves quietly. A Cancelled that
+            # escaped an actor's task (it cancels this nursery and is then
+            # swallowed by it) would otherwise end the supervisor while the
+            # system still accepts sends: fail the system instead.
+            if not self.stopping:
+                raise RuntimeError(
+                    "the supervisor's nursery ended while the system was open "
+                    "(a task of it raised a Cancelled it had caught elsewhere)"
+                )
         finally:
             # The nursery is closed: late calls (the router or timer still
             # winding down) must not try to start actors in it.

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import trio
 from trio_util import periodic
 
-from ._actor import actor_factory
+from ._actor import SessionActor, actor_factory
 from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
@@ -294,10 +294,13 @@ class System:
             seconds = check_seconds("delay", delay)
             if seconds:
                 not_before = now + seconds
-        batch, index = self._router.add(session_id, data, now, not_before, key)
+        try:
+            batch, index = self._router.add(session_id, data, now, not_before, key)
+        except SystemClosedError:
+            await self._refuse()
         await batch.wait()
         if batch.error is not None:
-            self._check(batch)
+            await self._failed(batch)
         if batch.duplicates is not None:
             return batch.message_id(index)
         return batch.first_id + index
@@ -323,23 +326,37 @@ class System:
             handler raising (kills, crashes of the process).
           ActorsError: the message was deleted by ``abort`` or ``purge``
             before it ran.
+          RuntimeError: called from ``session_id``'s own actor (its handler,
+            its hooks, or a task they started), which would wait for itself.
           TypeError / ValueError / SystemClosedError / StoreError: as
             :meth:`send`; ``timeout`` is checked as ``delay`` is.
         """
         if self._closed:
             await self._refuse()
         session_id = check_session_id(session_id)
+        if self._sup.actor_tasks:
+            actor = self._calling_actor()
+            if actor is not None and actor.session_id == session_id:
+                raise RuntimeError(
+                    f"ask() of session {session_id!r} from its own actor would wait for "
+                    "itself: the session runs one message at a time, and this one is "
+                    "running (send() it, or ask another session)"
+                )
         data = encode_body(body, self.config.max_message_bytes)
         seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
         msg_id: int | None = None
         with trio.move_on_after(math.inf if seconds is None else seconds) as scope:
             try:
-                batch, index = self._router.add(
-                    session_id, data, self._clock.now(), None, None, reply
-                )
+                try:
+                    batch, index = self._router.add(
+                        session_id, data, self._clock.now(), None, None, reply
+                    )
+                except SystemClosedError:
+                    await self._refuse()
                 await batch.wait()
-                self._check(batch)
+                if batch.error is not None:
+                    await self._failed(batch)
                 msg_id = batch.message_id(index)
                 await reply.done.wait()
             finally:
@@ -407,22 +424,38 @@ class System:
             await trio.lowlevel.checkpoint()
             return []
         # One add: the items land in one open batch, contiguous.
-        batch, first_index = self._router.add_many(sessions, bodies, self._clock.now(), keys)
+        try:
+            batch, first_index = self._router.add_many(sessions, bodies, self._clock.now(), keys)
+        except SystemClosedError:
+            await self._refuse()
         await batch.wait()
-        self._check(batch)
+        if batch.error is not None:
+            await self._failed(batch)
         if batch.duplicates is not None:
             return [batch.message_id(first_index + j) for j in range(len(sessions))]
         first = batch.first_id + first_index
         return list(range(first, first + len(sessions)))
 
+    # A send refused because the system closes: if it closes because the
+    # sender's own scope was cancelled (an outer timeout around run_system,
+    # the body raising), the send ends with that cancellation, as any
+    # checkpoint would, and the scope catches it. Otherwise a group of
+    # SystemClosedError escaped the timeout that ended the block.
+
     @staticmethod
-    def _check(batch: Batch) -> None:
-        if batch.error is not None:
-            if isinstance(batch.error, SystemClosedError):
-                raise SystemClosedError(str(batch.error))
-            raise StoreError(
-                f"message not acknowledged (it may or may not be on disk): {batch.error}"
-            ) from batch.error
+    async def _refuse() -> NoReturn:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        raise SystemClosedError("the system is shutting down and accepts no more messages")
+
+    @staticmethod
+    async def _failed(batch: Batch) -> NoReturn:
+        error = batch.error
+        if isinstance(error, SystemClosedError):
+            await trio.lowlevel.checkpoint_if_cancelled()
+            raise SystemClosedError(str(error))
+        raise StoreError(
+            f"message not acknowledged (it may or may not be on disk): {error}"
+        ) from error
 
     # -- streams and other threads -------------------------------------------
 
@@ -492,11 +525,38 @@ class System:
         Delayed messages and messages waiting for a retry count as pending;
         dead letters do not. Sends already made (even if their ``send()`` has
         not returned yet), and sends made while draining, are waited for too.
+
+        Raises:
+          RuntimeError: called from a session's actor (its handler, its
+            hooks, or a task they started), which would wait for itself.
         """
+        if self._sup.actor_tasks:
+            actor = self._calling_actor()
+            if actor is not None:
+                raise RuntimeError(
+                    f"drain() called from the actor of session {actor.session_id!r} would "
+                    "wait for its own message, and never return: call it outside handlers"
+                )
         # Sends whose batch is committing count too: their messages enter
         # the outstanding count only once durable.
         await self._router.flushed()
         await self._sup.outstanding.wait_zero()
+
+    def _calling_actor(self) -> SessionActor | None:
+        """The session actor whose task, or a task started inside it, calls (if any).
+
+        Walks the calling task's parents (a handler may call from a nursery
+        of its own); done by drain() and ask() only, not per message.
+        """
+        tasks = self._sup.actor_tasks
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            actor = tasks.get(task)
+            if actor is not None:
+                return actor
+            nursery = task.parent_nursery
+            task = nursery.parent_task if nursery is not None else None
+        return None
 
     def kill(self, session_id: str) -> bool:
         """Crash ``session_id``'s actor now, mid-message if it is busy.
