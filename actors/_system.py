@@ -233,9 +233,13 @@ class System:
         await self._stopped.wait()
 
     async def _refuse(self) -> NoReturn:
-        # A task cancelled because the system is shutting down (the block's
-        # own tasks, as shutdown() cancels them) ends with its cancellation,
-        # not with an error that would fail the block.
+        # A send refused because the system closes: if it closes because the
+        # sender's own scope was cancelled (an outer timeout around
+        # run_system, the body raising, shutdown() cancelling the block's
+        # tasks), the send ends with that cancellation, as any checkpoint
+        # would, and the scope catches it. Otherwise a group of
+        # SystemClosedError escaped the timeout that ended the block, or
+        # failed the block that shutdown() meant to end quietly.
         await trio.lowlevel.checkpoint_if_cancelled()
         raise SystemClosedError("the system is shutting down and accepts no more messages")
 
@@ -435,17 +439,6 @@ class System:
             return [batch.message_id(first_index + j) for j in range(len(sessions))]
         first = batch.first_id + first_index
         return list(range(first, first + len(sessions)))
-
-    # A send refused because the system closes: if it closes because the
-    # sender's own scope was cancelled (an outer timeout around run_system,
-    # the body raising), the send ends with that cancellation, as any
-    # checkpoint would, and the scope catches it. Otherwise a group of
-    # SystemClosedError escaped the timeout that ended the block.
-
-    @staticmethod
-    async def _refuse() -> NoReturn:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        raise SystemClosedError("the system is shutting down and accepts no more messages")
 
     @staticmethod
     async def _failed(batch: Batch) -> NoReturn:
