@@ -6,7 +6,7 @@ namespace, TWICE in the same temporary working directory (so ``"app.db"``
 lands in ``tmp_path``, and an example that trips on what its last run left
 fails), under a hang guard. After each run, nothing may have gone wrong
 silently: no record logged at ERROR or above or with a traceback (a failed
-attempt logs one at WARNING), no traceback printed, no dead
+attempt logs one at WARNING), no traceback printed, no warning, no dead
 letter in any ``*.db`` the block left. A block that shows failures on
 purpose says which with a line ``# expect: logged errors, dead letters``
 (either or both); what it expects must then happen. A block whose first
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,9 +120,9 @@ def hang_guard(seconds: float, what: str) -> Iterator[None]:
 
 
 def dead_letters_in(directory: Path) -> list[str]:
-    """Every dead letter in the actors databases (``*.db``) of ``directory``."""
+    """Every dead letter in the actors databases (``*.db``) under ``directory``."""
     found = []
-    for db in sorted(directory.glob("*.db")):
+    for db in sorted(directory.rglob("*.db")):
         try:
             conn = _admin.open_readonly(str(db))
         except _admin.AdminError:
@@ -148,7 +149,8 @@ def run_and_check(
     caplog.clear()
     capsys.readouterr()
     compiled = compile(code, name, "exec")
-    with hang_guard(HANG_AFTER, name):
+    with hang_guard(HANG_AFTER, name), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # (a coroutine never awaited, a resource left open)
         exec(compiled, {"__name__": "__main__"})
     # A failed attempt is a WARNING, with its traceback: that too.
     errors = [
@@ -164,6 +166,7 @@ def run_and_check(
     else:
         assert not errors, f"{name} logged errors: {errors}"
         assert not tracebacks, f"{name} printed a traceback:\n{printed.out}{printed.err}"
+    assert not warned, f"{name} warned: {[str(w.message) for w in warned]}"
     if "dead letters" in expected:
         assert dead, f"{name} expects dead letters, and left none"
     else:
@@ -224,11 +227,16 @@ trio.run(main)
     run_and_check(
         "# expect: logged errors, dead letters\n" + poison, "ok", tmp_path, caplog, capsys
     )
+    for leftover in tmp_path.glob("x.db*"):  # the cases below start without dead letters
+        leftover.unlink()
     # A stale marker fails too, and so does a typo in one.
     with pytest.raises(AssertionError, match="expects logged errors"):
         run_and_check("# expect: logged errors\nx = 1\n", "stale", tmp_path, caplog, capsys)
     with pytest.raises(AssertionError, match="unknown"):
         run_and_check("# expect: dead letter\nx = 1\n", "typo", tmp_path, caplog, capsys)
+    warning = "import warnings\nwarnings.warn('deprecated', DeprecationWarning)\n"
+    with pytest.raises(AssertionError, match="warned"):
+        run_and_check(warning, "warning", tmp_path, caplog, capsys)
     printing = (
         "import traceback\ntry:\n    1 / 0\nexcept ZeroDivisionError:\n    traceback.print_exc()\n"
     )
