@@ -1,9 +1,16 @@
 """The documentation tells the truth: its examples run, its reference is complete.
 
 Every ```python block in README.md and docs/*.md is a whole script that calls
-``trio.run(main)`` itself; each runs here in a fresh namespace, in a
-temporary working directory, so ``"app.db"`` lands in ``tmp_path``. A block
-whose first line is ``# not-run`` is a fragment and is skipped.
+``trio.run(main)`` itself. Each runs here in this process, in a fresh
+namespace, TWICE in the same temporary working directory (so ``"app.db"``
+lands in ``tmp_path``, and an example that trips on what its last run left
+fails), under a hang guard. After each run, nothing may have gone wrong
+silently: no record logged at ERROR or above or with a traceback (a failed
+attempt logs one at WARNING), no traceback printed, no warning, no dead
+letter in any ``*.db`` the block left. A block that shows failures on
+purpose says which with a line ``# expect: logged errors, dead letters``
+(either or both); what it expects must then happen. A block whose first
+line is ``# not-run`` is a fragment and is skipped.
 
 The doc tests are plain ``def`` tests on purpose: trio_mode only wraps
 ``async def`` tests, and the blocks start their own trio run.
@@ -11,22 +18,36 @@ The doc tests are plain ``def`` tests on purpose: trio_mode only wraps
 
 from __future__ import annotations
 
+import logging
 import re
+import signal
 import subprocess
 import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
 import pytest
+import trio
 
 import actors
 import actors.testing
+from actors import _admin
 from actors._demo import Report, count_dishonest, count_lost, count_out_of_order
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 SKIP_MARK = "# not-run"
+EXPECT_MARK = re.compile(r"^[ \t]*# expect: (.*)$", re.MULTILINE)
+EXPECTABLE = {"logged errors", "dead letters"}
+# The slowest block takes about 1.5 s: a block still running after this is
+# stuck (a blocking call waiting for a message a last run's key swallowed).
+HANG_AFTER = 30.0
 
 README_DEMO = "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/python -m actors demo"
 README_TESTS = (
@@ -53,16 +74,192 @@ def runnable_blocks() -> list[tuple[Path, int, str]]:
 RUNNABLE = runnable_blocks()
 
 
+def expectations(code: str) -> set[str]:
+    """What a block declares it shows on purpose (its ``# expect:`` lines)."""
+    found = {item.strip() for m in EXPECT_MARK.finditer(code) for item in m.group(1).split(",")}
+    unknown = found - EXPECTABLE
+    assert not unknown, f"unknown '# expect:' items {sorted(unknown)}; known: {sorted(EXPECTABLE)}"
+    return found
+
+
+class BlockHung(BaseException):
+    """A block ran past HANG_AFTER. A BaseException: the block's own
+    ``except Exception`` must not swallow it."""
+
+
+@contextmanager
+def hang_guard(seconds: float, what: str) -> Iterator[None]:
+    """Interrupt the main thread with BlockHung after ``seconds``.
+
+    SIGALRM's handler runs in the main thread even while trio waits for I/O
+    or for a worker thread that never returns (a blocking bridge call), and
+    the exception ends ``trio.run``. The stuck worker thread is a daemon.
+    """
+    if not hasattr(signal, "setitimer"):  # (not on Windows: no guard there)
+        yield
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        raise BlockHung(f"{what} still ran after {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except BlockHung as exc:
+        where = "".join(traceback.format_tb(exc.__traceback__))
+        # The trio run it interrupted is a suspended generator that its
+        # frames still hold, and until it is closed every later trio.run()
+        # in this process raises "Attempted to call run() from inside a
+        # run()": drop the frames' locals so that it closes now.
+        traceback.clear_frames(exc.__traceback__)
+        raise BlockHung(f"{exc}, in:\n{where}") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def dead_letters_in(directory: Path) -> list[str]:
+    """Every dead letter in the actors databases (``*.db``) under ``directory``."""
+    found = []
+    for db in sorted(directory.rglob("*.db")):
+        try:
+            conn = _admin.open_readonly(str(db))
+        except _admin.AdminError:
+            continue  # not an actors database
+        try:
+            found += [
+                f"{db.name}: {d.session_id!r}: {d.last_error.splitlines()[-1]}"
+                for d in _admin.dead_letters(conn)
+            ]
+        finally:
+            conn.close()
+    return found
+
+
+def run_and_check(
+    code: str,
+    name: str,
+    directory: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Run one block in ``directory`` (the cwd) and fail on what went wrong silently."""
+    expected = expectations(code)
+    caplog.clear()
+    capsys.readouterr()
+    compiled = compile(code, name, "exec")
+    with hang_guard(HANG_AFTER, name), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")  # (a coroutine never awaited, a resource left open)
+        exec(compiled, {"__name__": "__main__"})
+    # A failed attempt is a WARNING, with its traceback: that too.
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR or "Traceback" in r.getMessage() or r.exc_info
+    ]
+    printed = capsys.readouterr()
+    tracebacks = "Traceback (most recent call last)" in printed.out + printed.err
+    dead = dead_letters_in(directory)
+    if "logged errors" in expected:
+        assert errors, f"{name} expects logged errors, and logged none"
+    else:
+        assert not errors, f"{name} logged errors: {errors}"
+        assert not tracebacks, f"{name} printed a traceback:\n{printed.out}{printed.err}"
+    assert not warned, f"{name} warned: {[str(w.message) for w in warned]}"
+    if "dead letters" in expected:
+        assert dead, f"{name} expects dead letters, and left none"
+    else:
+        assert not dead, f"{name} left dead letters: {dead}"
+
+
 @pytest.mark.parametrize(
     ("path", "index", "code"),
     [pytest.param(*block, id=f"{block[0].relative_to(ROOT)}#{block[1]}") for block in RUNNABLE],
 )
-def test_python_block_runs(
-    path: Path, index: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_python_block_runs_twice_in_one_directory(
+    path: Path,
+    index: int,
+    code: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Twice: a reader runs an example again, and it must not trip on the
+    # database (or anything else) its last run left.
+    monkeypatch.chdir(tmp_path)
+    for run in (1, 2):
+        name = f"{path.relative_to(ROOT)}[python block {index}, run {run}]"
+        run_and_check(code, name, tmp_path, caplog, capsys)
+
+
+def test_the_doc_test_catches_what_goes_wrong_silently(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    compiled = compile(code, f"{path.relative_to(ROOT)}[python block {index}]", "exec")
-    exec(compiled, {"__name__": "__main__"})
+    poison = """
+import trio
+
+import actors
+
+
+async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+    raise KeyError("add")
+
+
+async def main() -> None:
+    async with actors.run_system("x.db", handler=handle, max_attempts=1) as system:
+        await system.send("alerts", {})
+        await system.drain()
+
+
+trio.run(main)
+"""
+    with pytest.raises(AssertionError, match="logged errors"):
+        run_and_check(poison, "poison", tmp_path, caplog, capsys)
+    marked = "# expect: logged errors\n" + poison
+    with pytest.raises(AssertionError, match="left dead letters"):
+        run_and_check(marked, "marked", tmp_path, caplog, capsys)
+    run_and_check(
+        "# expect: logged errors, dead letters\n" + poison, "ok", tmp_path, caplog, capsys
+    )
+    for leftover in tmp_path.glob("x.db*"):  # the cases below start without dead letters
+        leftover.unlink()
+    # A stale marker fails too, and so does a typo in one.
+    with pytest.raises(AssertionError, match="expects logged errors"):
+        run_and_check("# expect: logged errors\nx = 1\n", "stale", tmp_path, caplog, capsys)
+    with pytest.raises(AssertionError, match="unknown"):
+        run_and_check("# expect: dead letter\nx = 1\n", "typo", tmp_path, caplog, capsys)
+    warning = "import warnings\nwarnings.warn('deprecated', DeprecationWarning)\n"
+    with pytest.raises(AssertionError, match="warned"):
+        run_and_check(warning, "warning", tmp_path, caplog, capsys)
+    printing = (
+        "import traceback\ntry:\n    1 / 0\nexcept ZeroDivisionError:\n    traceback.print_exc()\n"
+    )
+    with pytest.raises(AssertionError, match="printed a traceback"):
+        run_and_check(printing, "printing", tmp_path, caplog, capsys)
+
+
+# The interrupted run is abandoned, not finished, and trio says so.
+@pytest.mark.filterwarnings("ignore:Trio guest run got abandoned:RuntimeWarning")
+def test_the_hang_guard_ends_a_blocked_trio_run() -> None:
+    # The way howto-effectively-once#5 hung on a second run: a worker thread
+    # blocked for good, and trio waiting for it.
+    never = threading.Event()
+
+    async def main() -> None:
+        await trio.to_thread.run_sync(never.wait)
+
+    with pytest.raises(BlockHung, match="blocked still ran after"), hang_guard(0.2, "blocked"):
+        trio.run(main)
+    # And the next block can run trio again. (The worker thread stays
+    # blocked, as a hung block's would: a daemon, it holds the abandoned run
+    # whose collection would only print noise.)
+    assert trio.run(trio.sleep, 0) is None
 
 
 def test_every_doc_is_found_and_the_main_ones_have_examples() -> None:
