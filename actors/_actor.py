@@ -172,8 +172,10 @@ class Context:
     def _ack(self, msg: Message) -> int | Ack:
         """What the ack of ``msg`` must write: its id alone, or an Ack.
 
-        Raises TypeError if the handler left ``state`` not JSON-compatible
-        (the attempt fails, and the state is rolled back).
+        Raises TypeError if the handler left ``state`` not JSON-compatible,
+        ValueError if its text is too large for the database
+        (``Store.max_value_bytes``): the attempt fails, and the state is
+        rolled back.
         """
         state_json: str | None = None
         if self._state_used:
@@ -185,11 +187,24 @@ class Context:
                 # Checked only when it is written: a text equal to the
                 # committed one passed this check when it was written.
                 check_encoded(self._state, text, "ctx.state is not JSON-compatible: it")
+                limit = self.system._store.max_value_bytes
+                if len(text) > limit >> 2:  # (UTF-8 takes at most 4 bytes a character)
+                    _check_state_size(text, limit)
                 state_json = self._state_json = text
         outbox, self._outbox = self._outbox, None
         if state_json is None and outbox is None and msg.key is None:
             return msg.id
         return Ack(msg.id, self.session_id, state_json, outbox, msg.key, self.system._clock.now())
+
+
+def _check_state_size(text: str, limit: int) -> None:
+    """Refuse a state the database cannot store (the attempt fails, the system goes on)."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    if size > limit:
+        raise ValueError(
+            f"ctx.state is {size} bytes encoded; the database stores at most {limit} "
+            "(SQLite's SQLITE_LIMIT_LENGTH, less room for the rest of the row)"
+        )
 
 
 class _Queued:
@@ -259,8 +274,9 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
 
     Raises:
       TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
-        nor a subclass of :class:`Actor` whose ``handle(self, ctx, msg)``
-        (and ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
+        nor a subclass of :class:`Actor` that can be built with no
+        arguments and whose ``handle(self, ctx, msg)`` (and
+        ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
         ``async def`` and take those arguments.
     """
     if isinstance(handler, type):
@@ -270,6 +286,16 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
             _check_method(handler, "handle", "ctx, msg")
             _check_method(handler, "started", "ctx")
             _check_method(handler, "stopped", "ctx")
+            # The runtime builds each instance as handler(): a class whose
+            # __init__ needs an argument would fail every start of every
+            # session, before any message is claimed.
+            name = handler.__name__
+            _check_call(
+                handler,
+                0,
+                f"actor class {name}",
+                f"no arguments: the runtime builds each instance as {name}()",
+            )
             return handler
         raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
     if isinstance(handler, Actor):
