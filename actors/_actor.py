@@ -400,6 +400,11 @@ class SessionActor:
         # The failure and its text, when the text was made where it was
         # caught (a failing started() logs it); else _after_crash makes it.
         self._failure_text: tuple[BaseException, FailureText] | None = None
+        # The incarnation failed to start (its constructor or started()
+        # raised): _after_crash charges that to the session's head message.
+        self._start_failed = False
+        # ... and found no message to charge it to: the actor may leave.
+        self._nothing_to_start = False
         # Cancelled to cut a backoff wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
         # The task, while it waits for work (parked: no cancel scope, no
@@ -559,6 +564,8 @@ class SessionActor:
                     if sup.stopping:
                         await self._release_in_flight()
                         outcome = Exit.STOP
+                    elif self._nothing_to_start:
+                        outcome = Exit.IDLE  # (it stays if work came: retire() says)
                     elif delay > 0 and (delay > sup.config.idle_timeout or sup.has_waiters):
                         # Leave the slot. The wait must be on the head in the
                         # database, or nothing would bring the session back.
@@ -570,7 +577,9 @@ class SessionActor:
                         outcome = Exit.IDLE if self.wait_until is None else Exit.WAIT
                     else:
                         await self._wait(delay)
-                        continue
+                        if not sup.stopping:
+                            continue
+                        outcome = Exit.STOP  # (woken by the stop: no instance to start for it)
                 if sup.retire(self, outcome):
                     return
         except BaseException as exc:
@@ -590,6 +599,7 @@ class SessionActor:
         self.timed_out = False
         self._failure = None
         self._failure_text = None
+        self._start_failed = False
         self.turn = 0
         self.caught_up = False
         outcome = Exit.CRASH
@@ -626,6 +636,7 @@ class SessionActor:
                     "starting the actor of session %r failed:\n%s", self.session_id, text.report
                 )
                 self._failure = exc
+                self._start_failed = True
                 outcome = Exit.CRASH
             else:
                 if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
@@ -1047,7 +1058,18 @@ class SessionActor:
             delay, _suspended = sup.on_restart(self, failure, text.summary)
         else:
             delay = 0.0
+            if sup.events.active:  # its instance is done (stopped() ran): say so
+                sup.emit("actor_stopped", self.session_id, detail="rejected")
         await self._release_handed()
+        self._nothing_to_start = False
+        if self._start_failed and msg is None and not sup.stopping:
+            msg = await self._charge_failed_start()
+            if msg is None:  # nothing due to charge: wait for the head, or leave
+                if self.wait_until is None:
+                    return delay
+                now = sup.clock.now()
+                self.wait_until = max(self.wait_until, now + delay)
+                return self.wait_until - now
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
             msg = None
@@ -1068,6 +1090,46 @@ class SessionActor:
                 return retry_delay
         self.wait_until = None
         return delay
+
+    async def _charge_failed_start(self) -> Message | None:
+        """Claim the session's head message to fail it: a failed start is its attempt.
+
+        Invariant 5 (no crash loop): a constructor or ``started()`` that
+        raises at every start would otherwise restart the actor for ever,
+        counting no attempt (nothing was claimed yet), its messages never
+        dead-lettered and ``drain()`` never returning. Charged to the head,
+        the failure retries it with backoff, and dead-letters it (with the
+        start's error) after ``max_attempts``, like a handler's failure;
+        then the next message. The claim is made as if alone: no handler
+        runs, so a crash suspect at its last attempt need not wait for the
+        system to run it alone. Returns the claimed message (in flight,
+        counted as started), or None if the session has nothing due (then
+        ``wait_until`` is when its head is, or ``_nothing_to_start`` says
+        there is nothing at all).
+        """
+        sup = self._sup
+        store = sup.store
+        claim: Claim = await store.call(
+            store.op_claim_next,
+            self.session_id,
+            None,
+            sup.clock.now(),
+            sup.config.max_attempts,
+            True,
+        )
+        if claim.dead:
+            sup.on_dead_lettered(
+                self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
+            )
+        if claim.seq > self.claimed_seq:  # (as a claim in _serve_loop: notices up to it are seen)
+            self.claimed_seq = claim.seq
+        if claim.message is None:
+            self.wait_until = claim.wait_until
+            self._nothing_to_start = claim.wait_until is None
+            return None
+        self.in_flight = claim.message
+        self.handler_started = True  # (the attempt was used: a hard stop keeps it counted)
+        return claim.message
 
     async def _release_in_flight(self, *, crashed: bool = False) -> None:
         """Put the held messages back; an attempt is given back if no handler started."""

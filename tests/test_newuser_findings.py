@@ -245,7 +245,7 @@ async def test_a_state_too_large_for_the_database_fails_only_its_attempt(
     options = fast_options(max_attempts=1, max_message_bytes=100_000)
     async with actors.run_system(db_path, handler=handle, **options) as system:
         with trio.fail_after(HANG):
-            with pytest.raises(ValueError, match="ctx.state is"):
+            with pytest.raises(ValueError, match=r"ctx\.state is"):
                 await system.ask("s", "big")
             await system.drain()
             assert await system.ask("t", "small") == "ok"  # the system goes on
