@@ -880,7 +880,13 @@ class SessionActor:
                 return Exit.TIMEOUT
             if observer is not None:
                 observer(msg, trio.current_time() - started_at)
-            if sup.replies:
+            if sup.replies and msg.id in sup.replies:
+                # An ask waits for this message: it gets the result once the
+                # ack has committed (not pipelined), so a reply says the
+                # state and the outbox are durable. (The call is shielded:
+                # a kill meanwhile lands after the answer.)
+                await self._flush_ack(done)
+                done = None
                 sup.answer(msg.id, result)
             if result is not None and sup.outputs.listening(self.session_id):
                 # Backpressure: wait for the slowest subscriber. (A kill here
@@ -893,11 +899,12 @@ class SessionActor:
                 # for it (no claim that would find nothing), and wait for
                 # work. The store commits operations in order, so any later
                 # claim of this session commits after this ack.
-                if self._in_flight is not None:  # (the in_flight setter, inline)
-                    sup.busy.add(-1)
-                    self._in_flight = None
-                store.ack_soon(ack, acked)
-                ack = None
+                if ack is not None:
+                    if self._in_flight is not None:  # (the in_flight setter, inline)
+                        sup.busy.add(-1)
+                        self._in_flight = None
+                    store.ack_soon(ack, acked)
+                    ack = None
                 if self.handed and not sup.stopping:
                     # The next message is here already: no wait, and no
                     # checkpoint (the queue is bounded, and the router only

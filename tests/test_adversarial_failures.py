@@ -7,8 +7,10 @@ refuse at once rather than fail on later.
 
 from __future__ import annotations
 
+import json
 import random
 
+import apsw
 import pytest
 import trio
 import trio.testing
@@ -102,3 +104,29 @@ def test_backoff_delay_refuses_an_rng_that_is_not_a_random(rng: object) -> None:
     with pytest.raises(TypeError, match=r"rng must be a random\.Random"):
         actors.Backoff().delay(2, rng=rng)  # type: ignore[arg-type]
     assert 0 < actors.Backoff().delay(2, rng=random.Random(1)) <= 2.0
+
+
+async def test_an_ask_is_answered_once_the_ack_has_committed(db_path: str) -> None:
+    # (Real clock: the store's committer runs the ack's transaction apart.)
+    # ask() returned the handler's result as soon as it returned, while its
+    # ack (and the state and outbox it commits) was still queued: an "ok"
+    # that a store failure a moment later made untrue (the system stopped,
+    # and the message ran again at the next start). The reply now waits for
+    # the ack's commit: what ask() returns is durable.
+    async def handle(ctx: actors.Context, msg: actors.Message) -> int:
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        return int(ctx.state["n"])
+
+    def committed() -> object:
+        db = apsw.Connection(db_path, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            row = db.execute("SELECT value FROM state WHERE session_id = 's'").fetchone()
+        finally:
+            db.close()
+        return None if row is None else json.loads(row[0])["n"]
+
+    async with actors.run_system(db_path, handler=handle) as system:
+        with trio.fail_after(HANG):
+            for n in range(1, 6):
+                assert await system.ask("s", n) == n
+                assert committed() == n  # read at once, before anything else runs
