@@ -172,8 +172,10 @@ class Context:
     def _ack(self, msg: Message) -> int | Ack:
         """What the ack of ``msg`` must write: its id alone, or an Ack.
 
-        Raises TypeError if the handler left ``state`` not JSON-compatible
-        (the attempt fails, and the state is rolled back).
+        Raises TypeError if the handler left ``state`` not JSON-compatible,
+        ValueError if its text is too large for the database
+        (``Store.max_value_bytes``): the attempt fails, and the state is
+        rolled back.
         """
         state_json: str | None = None
         if self._state_used:
@@ -185,11 +187,24 @@ class Context:
                 # Checked only when it is written: a text equal to the
                 # committed one passed this check when it was written.
                 check_encoded(self._state, text, "ctx.state is not JSON-compatible: it")
+                limit = self.system._store.max_value_bytes
+                if len(text) > limit >> 2:  # (UTF-8 takes at most 4 bytes a character)
+                    _check_state_size(text, limit)
                 state_json = self._state_json = text
         outbox, self._outbox = self._outbox, None
         if state_json is None and outbox is None and msg.key is None:
             return msg.id
         return Ack(msg.id, self.session_id, state_json, outbox, msg.key, self.system._clock.now())
+
+
+def _check_state_size(text: str, limit: int) -> None:
+    """Refuse a state the database cannot store (the attempt fails, the system goes on)."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    if size > limit:
+        raise ValueError(
+            f"ctx.state is {size} bytes encoded; the database stores at most {limit} "
+            "(SQLite's SQLITE_LIMIT_LENGTH, less room for the rest of the row)"
+        )
 
 
 class _Queued:
@@ -259,8 +274,9 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
 
     Raises:
       TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
-        nor a subclass of :class:`Actor` whose ``handle(self, ctx, msg)``
-        (and ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
+        nor a subclass of :class:`Actor` that can be built with no
+        arguments and whose ``handle(self, ctx, msg)`` (and
+        ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
         ``async def`` and take those arguments.
     """
     if isinstance(handler, type):
@@ -270,6 +286,16 @@ def actor_factory(handler: object) -> Callable[[], Actor]:
             _check_method(handler, "handle", "ctx, msg")
             _check_method(handler, "started", "ctx")
             _check_method(handler, "stopped", "ctx")
+            # The runtime builds each instance as handler(): a class whose
+            # __init__ needs an argument would fail every start of every
+            # session, before any message is claimed.
+            name = handler.__name__
+            _check_call(
+                handler,
+                0,
+                f"actor class {name}",
+                f"no arguments: the runtime builds each instance as {name}()",
+            )
             return handler
         raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
     if isinstance(handler, Actor):
@@ -403,6 +429,11 @@ class SessionActor:
         # The failure and its text, when the text was made where it was
         # caught (a failing started() logs it); else _after_crash makes it.
         self._failure_text: tuple[BaseException, FailureText] | None = None
+        # The incarnation failed to start (its constructor or started()
+        # raised): _after_crash charges that to the session's head message.
+        self._start_failed = False
+        # ... and found no message to charge it to: the actor may leave.
+        self._nothing_to_start = False
         # Cancelled to cut a backoff wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
         # The task, while it waits for work (parked: no cancel scope, no
@@ -571,6 +602,8 @@ class SessionActor:
                     if sup.stopping:
                         await self._release_in_flight()
                         outcome = Exit.STOP
+                    elif self._nothing_to_start:
+                        outcome = Exit.IDLE  # (it stays if work came: retire() says)
                     elif delay > 0 and (delay > sup.config.idle_timeout or sup.has_waiters):
                         # Leave the slot. The wait must be on the head in the
                         # database, or nothing would bring the session back.
@@ -582,7 +615,9 @@ class SessionActor:
                         outcome = Exit.IDLE if self.wait_until is None else Exit.WAIT
                     else:
                         await self._wait(delay)
-                        continue
+                        if not sup.stopping:
+                            continue
+                        outcome = Exit.STOP  # (woken by the stop: no instance to start for it)
                 if sup.retire(self, outcome):
                     return
         except BaseException as exc:
@@ -602,6 +637,7 @@ class SessionActor:
         self.timed_out = False
         self._failure = None
         self._failure_text = None
+        self._start_failed = False
         self.turn = 0
         self.caught_up = False
         outcome = Exit.CRASH
@@ -638,6 +674,7 @@ class SessionActor:
                     "starting the actor of session %r failed:\n%s", self.session_id, text.report
                 )
                 self._failure = exc
+                self._start_failed = True
                 outcome = Exit.CRASH
             except BaseException as exc:
                 stray = stray_cancellation(exc)  # (see _serve_loop)
@@ -911,7 +948,13 @@ class SessionActor:
                 return Exit.TIMEOUT
             if observer is not None:
                 observer(msg, trio.current_time() - started_at)
-            if sup.replies:
+            if sup.replies and msg.id in sup.replies:
+                # An ask waits for this message: it gets the result once the
+                # ack has committed (not pipelined), so a reply says the
+                # state and the outbox are durable. (The call is shielded:
+                # a kill meanwhile lands after the answer.)
+                await self._flush_ack(done)
+                done = None
                 sup.answer(msg.id, result)
             if result is not None and sup.outputs.listening(self.session_id):
                 # Backpressure: wait for the slowest subscriber. (A kill here
@@ -924,11 +967,12 @@ class SessionActor:
                 # for it (no claim that would find nothing), and wait for
                 # work. The store commits operations in order, so any later
                 # claim of this session commits after this ack.
-                if self._in_flight is not None:  # (the in_flight setter, inline)
-                    sup.busy.add(-1)
-                    self._in_flight = None
-                store.ack_soon(ack, acked)
-                ack = None
+                if ack is not None:
+                    if self._in_flight is not None:  # (the in_flight setter, inline)
+                        sup.busy.add(-1)
+                        self._in_flight = None
+                    store.ack_soon(ack, acked)
+                    ack = None
                 if self.handed and not sup.stopping:
                     # The next message is here already: no wait, and no
                     # checkpoint (the queue is bounded, and the router only
@@ -1096,7 +1140,18 @@ class SessionActor:
             delay, _suspended = sup.on_restart(self, failure, text.summary)
         else:
             delay = 0.0
+            if sup.events.active:  # its instance is done (stopped() ran): say so
+                sup.emit("actor_stopped", self.session_id, detail="rejected")
         await self._release_handed()
+        self._nothing_to_start = False
+        if self._start_failed and msg is None and not sup.stopping:
+            msg = await self._charge_failed_start()
+            if msg is None:  # nothing due to charge: wait for the head, or leave
+                if self.wait_until is None:
+                    return delay
+                now = sup.clock.now()
+                self.wait_until = max(self.wait_until, now + delay)
+                return self.wait_until - now
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
             msg = None
@@ -1117,6 +1172,46 @@ class SessionActor:
                 return retry_delay
         self.wait_until = None
         return delay
+
+    async def _charge_failed_start(self) -> Message | None:
+        """Claim the session's head message to fail it: a failed start is its attempt.
+
+        Invariant 5 (no crash loop): a constructor or ``started()`` that
+        raises at every start would otherwise restart the actor for ever,
+        counting no attempt (nothing was claimed yet), its messages never
+        dead-lettered and ``drain()`` never returning. Charged to the head,
+        the failure retries it with backoff, and dead-letters it (with the
+        start's error) after ``max_attempts``, like a handler's failure;
+        then the next message. The claim is made as if alone: no handler
+        runs, so a crash suspect at its last attempt need not wait for the
+        system to run it alone. Returns the claimed message (in flight,
+        counted as started), or None if the session has nothing due (then
+        ``wait_until`` is when its head is, or ``_nothing_to_start`` says
+        there is nothing at all).
+        """
+        sup = self._sup
+        store = sup.store
+        claim: Claim = await store.call(
+            store.op_claim_next,
+            self.session_id,
+            None,
+            sup.clock.now(),
+            sup.config.max_attempts,
+            True,
+        )
+        if claim.dead:
+            sup.on_dead_lettered(
+                self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
+            )
+        if claim.seq > self.claimed_seq:  # (as a claim in _serve_loop: notices up to it are seen)
+            self.claimed_seq = claim.seq
+        if claim.message is None:
+            self.wait_until = claim.wait_until
+            self._nothing_to_start = claim.wait_until is None
+            return None
+        self.in_flight = claim.message
+        self.handler_started = True  # (the attempt was used: a hard stop keeps it counted)
+        return claim.message
 
     async def _release_in_flight(self, *, crashed: bool = False) -> None:
         """Put the held messages back; an attempt is given back if no handler started."""

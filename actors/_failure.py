@@ -17,6 +17,7 @@ flooding the log.
 from __future__ import annotations
 
 import traceback
+from typing import cast
 
 import attrs
 
@@ -69,20 +70,26 @@ def describe(exc: BaseException) -> FailureText:
 
 
 def rejected(exc: BaseException) -> Reject | None:
-    """The :class:`Reject` that ``exc`` is, or that every leaf of the group ``exc`` is."""
-    if isinstance(exc, Reject):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
+    """The :class:`Reject` that ``exc`` is, or that every leaf of the group ``exc`` is.
+
+    Never raises: a hostile exception cannot make it fail. Types are asked
+    with ``type()``, which reads no attribute of the object (``isinstance``
+    falls back to ``exc.__class__``, which a user's class may make raise).
+    """
+    cls = type(exc)
+    if issubclass(cls, Reject):
+        return cast(Reject, exc)  # (a Reject, by its real type)
+    if issubclass(cls, BaseExceptionGroup):
         try:
-            matched, rest = exc.split(Reject)
-        except Exception:  # a group subclass whose derive() misbehaves
-            return None
-        if matched is not None and rest is None:
+            matched, rest = cast(BaseExceptionGroup[BaseException], exc).split(Reject)
+            if matched is None or rest is not None:
+                return None
             leaf: BaseException = matched
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            assert isinstance(leaf, Reject)
-            return leaf
+            while issubclass(type(leaf), BaseExceptionGroup):
+                leaf = cast(BaseExceptionGroup[BaseException], leaf).exceptions[0]
+        except Exception:  # a group subclass whose derive() (or a leaf) misbehaves
+            return None
+        return cast(Reject, leaf) if issubclass(type(leaf), Reject) else None
     return None
 
 

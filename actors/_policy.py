@@ -39,10 +39,13 @@ class Backoff:
         million times waits ``maximum``, never an OverflowError.
 
         Raises:
-          TypeError: ``n`` is not an int.
+          TypeError: ``n`` is not an int, or ``rng`` is neither a
+            ``random.Random`` nor None.
         """
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, got {type(n).__name__}")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
         if n < 1:
             return 0.0
         base = self._undithered(n)

@@ -98,6 +98,12 @@ def _idle_waiter() -> Callable[[], Awaitable[None]]:
 # default): the bulk beside the commits (_checkpointer.py), then a short one
 # between two transactions. Past WAL_LIMIT_PAGES (the bulk could not keep
 # up) the committer checkpoints all of it with the commits held.
+# Room kept in a row, under SQLite's limit on a value (SQLITE_LIMIT_LENGTH,
+# which bounds a whole row too), for what sits beside the largest value a
+# user makes: a session id and a key (at most 1 KiB each), ids and times,
+# and an error text (at most 20,000 characters, 80 KB as UTF-8).
+ROW_ROOM = 1 << 17
+
 CHECKPOINT_PAGES = 1000
 WAL_LIMIT_PAGES = 8 * CHECKPOINT_PAGES
 
@@ -458,6 +464,12 @@ class Store:
         self._db: apsw.Connection | None = None
         self._next_seq = 0
         self._has_state = False  # whether any session has state (skip the lookup if not)
+        # The largest value a user makes (a body, ctx.state's text) that a
+        # row holds, in bytes: the connection's SQLITE_LIMIT_LENGTH (read
+        # once it is open) less ROW_ROOM. A larger one would fail its
+        # transaction ("string or blob too big") and stop the system: it is
+        # refused before it reaches the store (Context._ack, run_system).
+        self.max_value_bytes = 1_000_000_000 - ROW_ROOM
         self._reader: apsw.Connection | None = None  # trio thread only
         # Set once, by whoever sees the store fail first; later calls fail fast.
         self._failure: BaseException | None = None
@@ -1025,6 +1037,7 @@ class Store:
     def _prepare(self, db: apsw.Connection) -> Opened:
         """Check, migrate and recover a freshly opened connection."""
         db.set_busy_timeout(self._busy_ms)
+        self.max_value_bytes = db.limit(apsw.SQLITE_LIMIT_LENGTH, -1) - ROW_ROOM
         version = _one(db, "PRAGMA user_version")
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(

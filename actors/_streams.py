@@ -53,7 +53,8 @@ class StatusEvent:
 
     Attributes:
       kind: ``"actor_started"``, ``"actor_stopped"`` (it passivated, yielded
-        its slot, or the system stopped; ``detail`` says which),
+        its slot, the system stopped, or its handler raised ``Reject`` and
+        a fresh instance takes the next message; ``detail`` says which),
         ``"actor_restarted"`` (after a crash; ``detail`` is the error),
         ``"session_suspended"`` (the restart policy holds the session for
         ``delay`` seconds), ``"dead_lettered"`` (``message_id`` moved to dead

@@ -589,7 +589,7 @@ class Supervisor:
         warned = False
         if (
             msg.attempt == 1
-            and not isinstance(failure, _NOT_A_HANDLER_ERROR)
+            and not issubclass(type(failure), _NOT_A_HANDLER_ERROR)
             and rejected(failure) is None
         ):
             # The first failure of a message, raised by the handler: a
@@ -616,7 +616,7 @@ class Supervisor:
                 session_id,
                 text.summary,
             )
-        if self.replies and not isinstance(failure, ActorKilledError):
+        if self.replies and not issubclass(type(failure), ActorKilledError):
             # The handler's own outcome (it raised, or timed out) answers an
             # asker; a kill does not: the message is tried again.
             reply = self.replies.pop(msg.id, None)

@@ -828,6 +828,11 @@ async def run_system(
         try:
             if store.identity != lock.identity:  # renamed over between the two opens
                 raise StoreError(f"the database file {db_path!r} was replaced while opening")
+            if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)
+                raise ValueError(
+                    f"max_message_bytes={config.max_message_bytes} is more than this SQLite "
+                    f"stores in a row ({store.max_value_bytes} bytes)"
+                )
             async with _single_error(), trio.open_nursery() as nursery:
                 system = System(
                     path=db_path,

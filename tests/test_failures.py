@@ -284,17 +284,24 @@ async def test_crash_looping_started_hook_is_suspended_not_spinning(
         max_restarts=3, window=60.0, backoff=actors.Backoff(initial=1, jitter=0)
     )
     async with actors.run_system(
-        db_path, handler=Broken, restart_policy=policy, idle_timeout=5
+        db_path, handler=Broken, restart_policy=policy, idle_timeout=5, max_attempts=5
     ) as system:
         await system.send("s", 1)
-        with trio.move_on_after(200):
+        with trio.fail_after(200):
             await system.drain()
-        assert system.statistics().pending == 1  # never lost, never dead: it never ran
+        # Each failed start is charged to the head message (invariant 5: no
+        # crash loop): it ends in dead letters after max_attempts starts.
+        stats = system.statistics()
+        assert (stats.pending, stats.dead) == (0, 1)
+        [letter] = system.dead_letters()
+        assert letter.attempts == 5 and "cannot start" in letter.last_error
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # 1, 2, 4 s backoff, then suspended until the window has room (~60 s after the first).
     assert gaps[:3] == [pytest.approx(1), pytest.approx(2), pytest.approx(4)]
     assert gaps[3] >= 50
-    assert len(starts) < 20  # bounded: no tight crash loop
+    assert len(starts) == 5, (
+        starts
+    )  # bounded: no tight crash loop, and no start after the last attempt
 
 
 async def test_undecodable_row_is_dead_lettered_with_a_reason(

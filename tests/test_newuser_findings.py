@@ -219,25 +219,53 @@ async def test_the_command_line_shows_session_ids_and_errors_as_text_not_markup(
 
 
 async def test_a_state_too_large_for_the_database_fails_only_its_attempt(
-    db_path: str, clock: trio.testing.MockClock | None
+    db_path: str, clock: trio.testing.MockClock | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Bodies are bounded by max_message_bytes, ctx.state by nothing: a state
     # over SQLite's limit on a value (10**9 bytes by default; lowered here
-    # on the store's connection instead of building a gigabyte) made the
+    # on every connection as it opens, as an SQLite built with a smaller
+    # SQLITE_MAX_LENGTH has it, instead of building a gigabyte) made the
     # ack's transaction fail with "string or blob too big", and the whole
     # system stopped with StoreError, every session with it (and again at
-    # each restart, while the message is retried). Like a state json cannot
-    # encode, it must fail only its attempt.
+    # each restart, while the message is retried); ask() had answered "ok"
+    # just before. Like a state json cannot encode, it must fail only its
+    # attempt, and an ask must get the error.
+    limit = 1_000_000
+    monkeypatch.setattr(
+        apsw, "connection_hooks", [lambda db: db.limit(apsw.SQLITE_LIMIT_LENGTH, limit)]
+    )
+
     async def handle(ctx: actors.Context, msg: actors.Message) -> str:
         if msg.body == "big":
-            ctx.state["log"] = "x" * 200_000
+            ctx.state["log"] = "x" * limit
+        else:
+            ctx.state["n"] = ctx.state.get("n", 0) + 1
         return "ok"
 
-    async with actors.run_system(db_path, handler=handle, **fast_options(max_attempts=1)) as system:
-        system._store._db.limit(apsw.SQLITE_LIMIT_LENGTH, 100_000)  # type: ignore[union-attr]
-        await system.send("s", "big")
+    options = fast_options(max_attempts=1, max_message_bytes=100_000)
+    async with actors.run_system(db_path, handler=handle, **options) as system:
         with trio.fail_after(HANG):
+            with pytest.raises(ValueError, match=r"ctx\.state is"):
+                await system.ask("s", "big")
             await system.drain()
             assert await system.ask("t", "small") == "ok"  # the system goes on
+            assert await system.ask("s", "small") == "ok"  # and the session too
         [letter] = system.dead_letters()  # not acknowledged: its state was not committed
         assert letter.session_id == "s"
+        assert "SQLITE_LIMIT_LENGTH" in letter.last_error
+    async with actors.run_system(db_path, handler=handle, **options) as system:
+        assert system.statistics().pending == 0  # nothing left to fail at the next start
+
+
+async def test_max_message_bytes_over_what_the_database_stores_is_refused(
+    db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With an SQLite built with a smaller limit on a value, a body that
+    # max_message_bytes accepts could not be stored: its send's transaction
+    # would fail and stop the system. Refused at the start instead.
+    monkeypatch.setattr(
+        apsw, "connection_hooks", [lambda db: db.limit(apsw.SQLITE_LIMIT_LENGTH, 500_000)]
+    )
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        async with actors.run_system(db_path, handler=_noop, max_message_bytes=1 << 20):
+            raise AssertionError("a max_message_bytes the database cannot store was accepted")
