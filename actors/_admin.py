@@ -461,7 +461,7 @@ def check_health(
 
     The rule is ``judge``'s, as in ``System.health()``: the oldest due
     message is read from the database now, the last progress from the
-    heartbeat.
+    heartbeat; a system whose heartbeat says it is stopping is unhealthy.
     """
     with snapshot(db):
         heartbeat = read_heartbeat(db)
@@ -486,6 +486,9 @@ def check_health(
             return verdict(False, f"no system is running on {path}{last}")
         if heartbeat is None or age is None or stale is None:
             return verdict(False, "the running system has written no heartbeat yet")
+        if heartbeat.stopping:
+            # As System.health(): a system running out a stop's grace is not healthy.
+            return verdict(False, "the system is shutting down")
         if age > stale:
             return verdict(
                 False,

@@ -1044,6 +1044,9 @@ class Store:
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             recovered = self._recover(db, marks)
+            # The last system's heartbeat speaks for it, not for this one
+            # (it may say "stopping"): until this one beats, it has none.
+            db.execute("DELETE FROM meta WHERE key = 'heartbeat'")
             self._bound_waits(db, _clock.wall_time())
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
