@@ -388,18 +388,32 @@ def sessions(
     *,
     limit: int = 100,
     session_id: str | None = None,
-) -> list[SessionRow]:
-    """Sessions with messages, deepest queue first (only ``session_id`` if given)."""
+) -> tuple[list[SessionRow], int]:
+    """Sessions with messages, deepest queue first (only ``session_id`` if given),
+    and how many sessions have messages (of which at most ``limit`` are listed)."""
+    where, params = ("", ()) if session_id is None else (" WHERE session_id = ?", (session_id,))
     with snapshot(db):
-        db.execute("SELECT 1 FROM messages LIMIT 1").fetchall()  # the snapshot begins
-        return _sessions(db, now, limit, claimed(db, path), session_id)
+        count = _int(
+            db.execute(
+                f"SELECT count(DISTINCT session_id) FROM messages{where}", params
+            ).fetchall()[0][0]
+        )
+        return _sessions(db, now, limit, claimed(db, path), session_id), count
 
 
 def dead_letters(
     db: apsw.Connection, session_id: str | None = None, limit: int | None = None
-) -> list[DeadLetter]:
-    """Dead letters, oldest first: the same reader as ``System.dead_letters()``."""
-    return Store._read_dead_letters(db, session_id, limit)
+) -> tuple[list[DeadLetter], int]:
+    """Dead letters, oldest first (the same reader as ``System.dead_letters()``),
+    and how many there are (of which at most ``limit`` are listed)."""
+    where, params = ("", ()) if session_id is None else (" AND session_id = ?", (session_id,))
+    with snapshot(db):
+        count = _int(
+            db.execute(f"SELECT count(*) FROM messages WHERE state = 2{where}", params).fetchall()[
+                0
+            ][0]
+        )
+        return Store._read_dead_letters(db, session_id, limit), count
 
 
 def counts(db: apsw.Connection, handed: int = 0) -> dict[str, int]:
@@ -461,7 +475,7 @@ def check_health(
 
     The rule is ``judge``'s, as in ``System.health()``: the oldest due
     message is read from the database now, the last progress from the
-    heartbeat.
+    heartbeat; a system whose heartbeat says it is stopping is unhealthy.
     """
     with snapshot(db):
         heartbeat = read_heartbeat(db)
@@ -486,6 +500,9 @@ def check_health(
             return verdict(False, f"no system is running on {path}{last}")
         if heartbeat is None or age is None or stale is None:
             return verdict(False, "the running system has written no heartbeat yet")
+        if heartbeat.stopping:
+            # As System.health(): a system running out a stop's grace is not healthy.
+            return verdict(False, "the system is shutting down")
         if age > stale:
             return verdict(
                 False,

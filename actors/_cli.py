@@ -36,6 +36,7 @@ import click
 import trio
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__, _admin
 from ._codec import check_session_id
@@ -47,11 +48,12 @@ from ._control import (
     apply,
     request,
 )
-from ._demo import DemoOptions, LiveDisplay, run_demo
+from ._demo import DemoDatabaseError, DemoOptions, LiveDisplay, check_demo_database, run_demo
 from ._errors import DatabaseInUseError, StoreError
 from ._health import Health, seconds_text
 from ._lock import DatabaseLock
 from ._store import Store, database_path
+from ._validate import MAX_SECONDS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -116,8 +118,10 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"{text!r} is not a duration such as 90s, 15m, 12h or 7d")
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if not math.isfinite(seconds):
-        raise ValueError(f"{text!r} is too long a duration")
+    # The library takes at most 10**9 s (about 31.7 years; see _validate):
+    # a longer one is this command's usage error, not the system's refusal.
+    if not seconds <= MAX_SECONDS:
+        raise ValueError(f"{text!r} is too long a duration (at most {MAX_SECONDS:g} seconds)")
     return seconds
 
 
@@ -131,7 +135,34 @@ def _duration_option(ctx: click.Context, param: click.Parameter, value: str | No
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # No markup, no emoji codes, no highlighting: session ids, error texts
+    # and paths are the users' data, shown as they are (see visible()).
+    return Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
+
+
+def visible(text: str) -> str:
+    """``text`` safe to show on a terminal, on one line, every character visible.
+
+    As it is if it is printable. Otherwise written as in a Python string
+    literal: control characters (C0, DEL, C1: a newline, a terminal escape
+    sequence's ESC), format characters (bidirectional overrides, zero-width
+    ones), line separators and lone surrogates become escapes (``\\n``,
+    ``\\x1b``, ``\\u202e``), and a backslash is doubled so that an escape
+    is never ambiguous. Session ids come from producers and errors from
+    handlers: shown raw, an escape sequence would reach the operator's
+    terminal, and a newline would forge a line of output.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        "\\\\" if char == "\\" else char if char.isprintable() else repr(char)[1:-1]
+        for char in text
+    )
+
+
+def _cell(text: str) -> Text:
+    """A table cell of user data: plain text (never rich markup), every character visible."""
+    return Text(visible(text))
 
 
 def _echo_json(value: Any) -> None:
@@ -140,17 +171,11 @@ def _echo_json(value: Any) -> None:
 
 def _path(db: str) -> str:
     try:
-        path = database_path(db)
-        # SQLite takes file names as UTF-8: one the shell passed with
-        # undecodable bytes (a lone surrogate here) cannot be opened.
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DatabaseError(
-            f"{db!r} is not a file name SQLite can open (it is not valid UTF-8)"
-        ) from None
+        # Refuses what SQLite cannot open (a name the shell passed with
+        # undecodable bytes: a lone surrogate here) and a directory.
+        return database_path(db)
     except ValueError as exc:
         raise DatabaseError(str(exc)) from None
-    return path
 
 
 def _open(path: str) -> apsw.Connection:
@@ -175,8 +200,11 @@ def _age(seconds: float | None) -> str:
 
 
 def _one_line(error: str, width: int = 72) -> str:
-    lines = [line.strip() for line in error.splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
+    """The last line of an error text (a traceback's exception), visible and at most ``width``."""
+    # By "\n" only (a traceback's lines): a "\r" or another line break
+    # inside the message is part of it, and shown escaped.
+    lines = [line.strip() for line in error.split("\n") if line.strip()]
+    last = visible(lines[-1] if lines else "")
     return last if len(last) <= width else last[: width - 1] + "…"
 
 
@@ -187,7 +215,7 @@ session_option = click.option(
 )
 wait_option = click.option(
     "--wait",
-    type=Finite(min=0, min_open=True),
+    type=Finite(min=0, max=MAX_SECONDS, min_open=True),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -246,9 +274,13 @@ def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> s
     if value is None:
         return None
     try:
-        return _path(value)
+        # Only a new file or one the demo made: never an application's
+        # database, whose messages the demo's handler would run.
+        return check_demo_database(_path(value))
     except DatabaseError as exc:
         raise click.BadParameter(exc.message, ctx, param) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @cli.command()
@@ -257,8 +289,9 @@ def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> s
     metavar="PATH",
     callback=_demo_db,
     help="SQLite file to use (kept afterwards, with its ledger PATH.demo-ledger; default: a "
-    "fresh file in a temporary directory, deleted at the end). Run again on the same file "
-    "after killing a run: the new run checks the killed run's messages too.",
+    "fresh file in a temporary directory, deleted at the end). A new file, or one an earlier "
+    "demo made: any other database is refused. Run again on the same file after killing a "
+    "run: the new run checks the killed run's messages too.",
 )
 @click.option(
     "--sessions",
@@ -298,7 +331,7 @@ def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> s
 )
 @click.option(
     "--kill-interval",
-    type=Finite(min=0, min_open=True),
+    type=Finite(min=0, max=MAX_SECONDS, min_open=True),
     default=_DEMO.kill_interval,
     show_default=True,
     metavar="SECONDS",
@@ -376,7 +409,7 @@ def demo(
                 "pending",
                 "earlier pending",
             )
-            table.add_row(name, f"[red]{value}[/]" if bad else str(value), meaning)
+            table.add_row(name, Text(str(value), style="red" if bad else ""), meaning)
         console.print(table)
     else:
         click.echo(report.table())
@@ -402,7 +435,7 @@ def _demo_error(exc: BaseException) -> None:
         exc = exc.exceptions[0]
     if isinstance(exc, DatabaseInUseError):
         raise click.ClickException(str(exc)) from None
-    if isinstance(exc, StoreError):
+    if isinstance(exc, StoreError | DemoDatabaseError):
         raise DatabaseError(str(exc)) from None
 
 
@@ -418,13 +451,20 @@ def _system_line(heartbeat: Any, running: bool, now: float) -> str:
             return "stopped: no system is running"
         return (
             f"stopped: no system is running (the last one, pid {heartbeat.pid} on"
-            f" {heartbeat.host}, wrote its last heartbeat"
+            f" {visible(heartbeat.host)}, wrote its last heartbeat"
             f" {seconds_text(max(now - heartbeat.at, 0.0))} ago)"
         )
     if heartbeat is None:
         return "running, no heartbeat yet (the first comes status_interval after start)"
     age = now - heartbeat.at
-    who = f"pid {heartbeat.pid} on {heartbeat.host}"
+    who = f"pid {heartbeat.pid} on {visible(heartbeat.host)}"
+    if heartbeat.stopping:
+        # As `health` says: not healthy while the stop's grace runs out.
+        return (
+            f"stopping: the system is shutting down ({who}, heartbeat"
+            f" {seconds_text(max(age, 0.0))} ago): it takes no more messages, running"
+            " handlers finish within its grace"
+        )
     if age > _admin.default_stale_after(heartbeat):
         return (
             f"running, but its last heartbeat is {seconds_text(age)} old ({who}): its loop or"
@@ -446,7 +486,7 @@ def _sessions_table(rows: Sequence[_admin.SessionRow], title: str) -> Table:
         column.justify = "right"
     for row in rows:
         table.add_row(
-            row.session_id,
+            _cell(row.session_id),
             str(row.pending),
             str(row.handed),
             str(row.in_flight),
@@ -486,7 +526,7 @@ def status(db: str, as_json: bool, limit: int) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(no_wrap=True)
     summary.add_column(overflow="fold")
-    summary.add_row("database", f"{st.path} (schema {st.schema_version})")
+    summary.add_row("database", f"{visible(st.path)} (schema {st.schema_version})")
     summary.add_row("system", _system_line(st.heartbeat, st.running, now))
     summary.add_row(
         "pending",
@@ -520,7 +560,7 @@ def status(db: str, as_json: bool, limit: int) -> None:
     if st.in_flight_messages:
         table = Table("id", "session", "attempt", "age", title=f"in flight: {st.in_flight}")
         for m in st.in_flight_messages:
-            table.add_row(str(m.id), m.session_id, str(m.attempt), seconds_text(m.age))
+            table.add_row(str(m.id), _cell(m.session_id), str(m.attempt), seconds_text(m.age))
         console.print(table)
 
 
@@ -533,13 +573,19 @@ def sessions(db: str, as_json: bool, session_id: str | None, limit: int) -> None
     """Sessions with messages, deepest queue first: pending, handed, in flight, dead."""
     path = _path(db)
     now = time.time()
-    rows: list[_admin.SessionRow] = _read(
+    rows: list[_admin.SessionRow]
+    rows, count = _read(
         path, lambda conn: _admin.sessions(conn, path, now, limit=limit, session_id=session_id)
     )
     if as_json:
         _echo_json(rows)
         return
-    _console().print(_sessions_table(rows, f"sessions: {len(rows)}"))
+    title = (
+        f"sessions: {count}"
+        if len(rows) == count
+        else f"sessions: the {len(rows)} deepest of {count}"
+    )
+    _console().print(_sessions_table(rows, title))
 
 
 @cli.command()
@@ -551,18 +597,21 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
     """Dead letters, oldest first, with their last error (in full with --json)."""
     path = _path(db)
     now = time.time()
-    letters = _read(path, lambda conn: _admin.dead_letters(conn, session_id, limit))
+    letters, count = _read(path, lambda conn: _admin.dead_letters(conn, session_id, limit))
     if as_json:
         _echo_json(letters)
         return
-    table = Table("id", "session", "attempts", "sent", "last error", title=f"dead: {len(letters)}")
+    title = (
+        f"dead: {count}" if len(letters) == count else f"dead: the {len(letters)} oldest of {count}"
+    )
+    table = Table("id", "session", "attempts", "sent", "last error", title=title)
     for d in letters:
         table.add_row(
             str(d.id),
-            d.session_id,
+            _cell(d.session_id),
             str(d.attempts),
             seconds_text(max(now - d.enqueued_at, 0.0)) + " ago",
-            _one_line(d.last_error),
+            Text(_one_line(d.last_error)),
         )
     _console().print(table)
 
@@ -572,7 +621,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
 @json_option
 @click.option(
     "--stall-after",
-    type=Finite(min=0, min_open=True),
+    type=Finite(min=0, max=MAX_SECONDS, min_open=True),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -580,7 +629,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
 )
 @click.option(
     "--stale-after",
-    type=Finite(min=0, min_open=True),
+    type=Finite(min=0, max=MAX_SECONDS, min_open=True),
     default=None,
     metavar="SECONDS",
     help="Unhealthy when the heartbeat is older than this "
@@ -603,7 +652,7 @@ def health(db: str, as_json: bool, stall_after: float, stale_after: float | None
         _echo_json({**_admin.to_plain(report), "exit_code": code})
     else:
         verdict = "healthy" if report.healthy else "unhealthy" if report.running else "not running"
-        click.echo(f"{verdict}: {report.reason}")
+        click.echo(f"{verdict}: {visible(report.reason)}")
         if report.health is not None:
             click.echo(_health_details(report.health))
     sys.exit(code)
@@ -703,9 +752,9 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
         extra = {} if outcome["ok"] else {"exit_code": code}
         _echo_json({**outcome, "applied_by": applied_by, **extra})
     elif outcome["ok"]:
-        click.echo(f"{outcome['detail']} (applied {where})")
+        click.echo(f"{visible(outcome['detail'])} (applied {where})")
     else:
-        click.echo(f"error: {outcome['error']} (answered {where})", err=True)
+        click.echo(f"error: {visible(outcome['error'])} (answered {where})", err=True)
     sys.exit(code)
 
 

@@ -42,6 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 import actors
+from actors._store import database_path
 from actors.testing import Recorder
 
 MAX_ATTEMPTS = 4
@@ -75,6 +76,54 @@ class TransientError(Exception):
 
 
 LEDGER_SUFFIX = ".demo-ledger"
+_SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+
+
+class DemoDatabaseError(ValueError):
+    """A ``--db`` the demo must not run on: refused before anything is touched."""
+
+
+def check_demo_database(db: str) -> str:
+    """The demo's database path, normalised; refuse one the demo did not create.
+
+    The demo runs its own handler on every pending message of the file, and
+    leaves its messages and dead letters there. On an application's
+    database (an operator's slip: ``--db app.db``) it would run, ack and
+    delete the application's messages. So it runs only on a path with no
+    file yet, or on a database it created: one with its ledger
+    (``<db>.demo-ledger``) beside it, which the demo writes before it
+    creates the database. Checked before the ledger, the lock or the
+    database is created or opened for writing.
+
+    Raises:
+      ValueError: a path no database can have (see ``run_system``).
+      DemoDatabaseError: a directory, a file that is not an SQLite
+        database, or a database without the demo's ledger beside it (an
+        application's; ``run_system`` refuses a ledger's neighbour that is
+        not an actors database).
+    """
+    path = database_path(db)
+    if not os.path.lexists(path):
+        return path
+    if not os.path.isfile(path):
+        raise DemoDatabaseError(f"{db!r} is not a regular file")
+    fresh = "give a path with no file, or no --db for a temporary one"
+    # Read as bytes, not opened with SQLite: opening a database in WAL mode
+    # creates its -wal and -shm files, and the file is not ours to touch.
+    try:
+        with open(path, "rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise DemoDatabaseError(f"cannot read {db!r}: {exc}") from None
+    if header and header != _SQLITE_HEADER:  # (an empty file is a new database to SQLite)
+        raise DemoDatabaseError(f"{db!r} is not an SQLite database; {fresh}")
+    if not os.path.isfile(path + LEDGER_SUFFIX):
+        raise DemoDatabaseError(
+            f"{db!r} was not created by the demo (it has no demo ledger"
+            f" {path + LEDGER_SUFFIX!r} beside it): the demo would run an application's"
+            f" messages with its own handler; {fresh}"
+        )
+    return path
 
 
 class Ledger:
@@ -249,37 +298,41 @@ class Report:
 class Snapshot:
     """The demo's progress at one moment (for the live display).
 
-    ``sent`` and ``processed`` are this run's messages; ``earlier_done`` of
-    ``earlier_left`` count the messages earlier runs left unfinished that
-    this run completed; ``pending``, ``in_flight`` and ``dead`` are the
-    system's (all runs' messages).
+    ``sent``, ``processed`` and ``dead`` are this run's messages, as the
+    verification table counts them; ``earlier_done`` of ``earlier_left``
+    count the messages earlier runs left unfinished that this run
+    completed, and ``earlier_dead`` the dead letters of earlier runs'
+    messages (dead-lettered then or now); ``pending`` and ``in_flight``
+    are the system's (all runs' messages), and ``failed_attempts`` this
+    run's.
     """
 
     seconds: float
     sent: int
     total: int
     processed: int  # this run's ids the handler completed
+    dead: int  # this run's ids in dead letters
     earlier_left: int  # earlier runs' ids unfinished when this run started
     earlier_done: int  # of them, completed by this run's handler
+    earlier_dead: int  # earlier runs' ids in dead letters
     in_flight: int
     pending: int
-    dead: int
-    dead_lettered: int  # in this run
     failed_attempts: int
     kills: int
 
     def line(self) -> str:
         """One line of text, for a log or a terminal without a live display."""
         earlier = (
-            f"  | earlier runs: {self.earlier_done}/{self.earlier_left} done"
-            if self.earlier_left
+            f"  | earlier runs: {self.earlier_done}/{self.earlier_left} left done,"
+            f" dead {self.earlier_dead}"
+            if self.earlier_left or self.earlier_dead
             else ""
         )
         return (
             f"[{self.seconds:5.1f}s] this run: sent {self.sent:>6}/{self.total}"
-            f"  processed {self.processed:>6}{earlier}"
+            f"  processed {self.processed:>6}  dead {self.dead:>4}{earlier}"
             f"  | in flight {self.in_flight:>4}  pending {self.pending:>6}"
-            f"  dead {self.dead:>4}  failed {self.failed_attempts:>5}  kills {self.kills:>5}"
+            f"  failed {self.failed_attempts:>5}  kills {self.kills:>5}"
         )
 
 
@@ -360,9 +413,13 @@ async def run_demo(
 
     Every ``progress_interval`` seconds the progress goes to ``show``, or
     as a line of text to ``out`` without one.
+
+    Raises:
+      DemoDatabaseError: ``options.db`` is a file the demo did not create
+        (see :func:`check_demo_database`); nothing was touched.
     """
     if options.db is not None:
-        return await _run(options, options.db, out, show)
+        return await _run(options, check_demo_database(options.db), out, show)
     with tempfile.TemporaryDirectory(prefix="actors-demo-") as tmp:
         return await _run(options, os.path.join(tmp, "demo.db"), out, show)
 
@@ -376,6 +433,7 @@ async def _run(
     rng = random.Random(options.seed)
     recorder = Recorder()
     sent: list[int] = []
+    mine: set[int] = set()  # sent, as a set
     kills = 0
     processed = 0
     earlier_done = 0
@@ -398,6 +456,7 @@ async def _run(
             message_id = await system.send(session, body)
             ledger.sent(message_id)  # at once: no checkpoint in between
             sent.append(message_id)
+            mine.add(message_id)
             await trio.sleep(rng.uniform(0.5, 1.5) * spacing)
 
     async def chaos() -> None:
@@ -408,19 +467,28 @@ async def _run(
             if busy and system.kill(rng.choice(sorted(busy))):
                 kills += 1
 
+    # The dead letters' ids (which run a dead letter belongs to is told by
+    # its id), read again only when the system's count of them changed.
+    dead_count = -1
+    dead_now: set[int] = set()
+
     def snapshot() -> Snapshot:
+        nonlocal dead_count, dead_now
         s = system.statistics()
+        if s.dead != dead_count:
+            dead_count, dead_now = s.dead, {d.id for d in system.dead_letters()}
+        dead_mine = len(dead_now & mine)
         return Snapshot(
             seconds=time.monotonic() - started,
             sent=len(sent),
             total=total,
             processed=processed,
+            dead=dead_mine,
             earlier_left=len(left),
             earlier_done=earlier_done,
+            earlier_dead=len(dead_now) - dead_mine,
             in_flight=s.in_flight,
             pending=s.pending,
-            dead=s.dead,
-            dead_lettered=s.dead_lettered,
             failed_attempts=s.failed_attempts,
             kills=kills,
         )
@@ -574,14 +642,16 @@ class LiveDisplay:
     def update(self, snap: Snapshot) -> None:
         """Show ``snap`` (finished: this run's messages completed, or dead-lettered)."""
         self._progress.update(self._sent, completed=snap.sent)
-        finished = min(snap.processed + snap.dead_lettered, snap.total)
+        finished = min(snap.processed + snap.dead, snap.total)
         self._progress.update(self._done, completed=finished)
         earlier = (
-            f"earlier runs: {snap.earlier_done}/{snap.earlier_left} done   "
-            if snap.earlier_left
+            f"earlier runs: {snap.earlier_done}/{snap.earlier_left} left done,"
+            f" dead {snap.earlier_dead}   "
+            if snap.earlier_left or snap.earlier_dead
             else ""
         )
         self._counts.plain = (
-            f"{earlier}in flight {snap.in_flight}   pending {snap.pending}   dead {snap.dead}"
-            f"   failed attempts {snap.failed_attempts}   kills {snap.kills}"
+            f"this run: dead {snap.dead}   {earlier}in flight {snap.in_flight}"
+            f"   pending {snap.pending}   failed attempts {snap.failed_attempts}"
+            f"   kills {snap.kills}"
         )

@@ -16,6 +16,7 @@ coming means the system's loop or its store is stuck.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ import attrs
 import trio
 
 from ._clock import Clock
+from ._errors import StoreError
 from ._records import SystemStatistics
 
 if TYPE_CHECKING:
@@ -104,7 +106,10 @@ class Heartbeat:
 
     Times are seconds since the epoch. ``interval`` is the system's
     ``status_interval``: a heartbeat much older than that means the system's
-    loop or its store is stuck.
+    loop or its store is stuck. ``stopping``: the system began to shut down
+    (written at once when the stop begins, and in every heartbeat after):
+    while it runs out its grace it is not healthy. A heartbeat written by
+    a version without the field reads as not stopping.
     """
 
     at: float
@@ -120,20 +125,32 @@ class Heartbeat:
     pending: int
     in_flight: int
     dead: int
+    stopping: bool = False
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: object) -> Heartbeat | None:
-        """Parse a stored heartbeat; None if it is missing or not one."""
+        """Parse a stored heartbeat; None if it is missing or not one.
+
+        A field with a default (``stopping``) may be missing: older versions
+        did not write it.
+        """
         if not isinstance(text, str):
             return None
         try:
             fields: Any = json.loads(text)
-            return cls(**{f.name: fields[f.name] for f in attrs.fields(cls)})
+            beat = cls(
+                **{
+                    f.name: fields[f.name]
+                    for f in attrs.fields(cls)
+                    if f.name in fields or f.default is attrs.NOTHING
+                }
+            )
         except (ValueError, TypeError, KeyError):
             return None
+        return beat if isinstance(beat.stopping, bool) else None
 
 
 @attrs.frozen
@@ -160,6 +177,8 @@ class HealthMonitor:
         self._completed = 0  # processed + dead_lettered at the last look
         self._checks = 0
         self._heartbeats = 0
+        # Set once when the system begins to stop; every heartbeat after says so.
+        self.stopping = False
 
     def observe(self) -> SystemStatistics:
         """The system's statistics now, noting any progress since the last look."""
@@ -216,7 +235,26 @@ class HealthMonitor:
             pending=stats.pending,
             in_flight=stats.in_flight,
             dead=stats.dead,
+            stopping=self.stopping,
         )
+
+    def begin_stop(self, store: Store, interval: float) -> None:
+        """The system begins to stop: write a heartbeat that says so, now.
+
+        Without waiting for the next beat: a stop's grace can last long
+        (a deploy's 30 s), and ``actors health`` in another process must not
+        call the system healthy meanwhile, as ``System.health()`` does not.
+        Queued without waiting (the caller is synchronous, and may be a
+        cancelled task); the store runs its operations in order, so no
+        beat queued later can say the opposite, and the store's close
+        commits what is queued.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        # A store that failed or is closed refuses it: the system stops with that error.
+        with contextlib.suppress(StoreError):
+            store.submit(store.op_heartbeat, self.heartbeat(interval).to_json(), done=_ignore)
 
     async def run(self, store: Store, interval: float) -> None:
         """Write a heartbeat every ``interval`` seconds, the first one after ``interval``.
@@ -241,3 +279,7 @@ class HealthMonitor:
             heartbeats=self._heartbeats,
             last_progress_at=self.last_progress_at,
         )
+
+
+def _ignore(_result: object) -> None:
+    pass

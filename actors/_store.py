@@ -1064,6 +1064,9 @@ class Store:
             if version != SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             recovered = self._recover(db, marks)
+            # The last system's heartbeat speaks for it, not for this one
+            # (it may say "stopping"): until this one beats, it has none.
+            db.execute("DELETE FROM meta WHERE key = 'heartbeat'")
             self._bound_waits(db, _clock.wall_time())
         stored = _one(db, "SELECT value FROM meta WHERE key = 'next_seq'")
         top = _one(db, "SELECT max(coalesce(max(id), 0), coalesce(max(seq), 0)) FROM messages")
@@ -1874,6 +1877,24 @@ def database_path(path: str | os.PathLike[str]) -> str:
     text = os.fspath(path)
     if not text or text == ":memory:" or text.startswith("file:"):
         raise ValueError(f"path must name a database file, got {text!r}")
+    # Refused here, before any file is created: SQLite takes a file name as
+    # UTF-8 (a lone surrogate, as os.fsdecode makes of a non-UTF-8 byte,
+    # cannot be opened: the lock file would be made, then the open fail),
+    # and the OS takes neither a NUL nor a name its encoding cannot write.
+    try:
+        text.encode("utf-8")
+        os.fsencode(text)
+        if "\0" in text:
+            raise ValueError
+    except (UnicodeError, ValueError):
+        raise ValueError(
+            f"path {text!r} is not a file name SQLite can open (not valid UTF-8, or a NUL)"
+        ) from None
+    # "dir/" (or "dir/.") would be made a file named "dir" below; an
+    # existing directory is no database: a mistake to say so about, not to
+    # act on.
+    if os.path.basename(text) in ("", ".", ".."):
+        raise ValueError(f"path must name a database file, not a directory: {text!r}")
     # Absolute, so that a later chdir changes nothing; "." and empty parts
     # dropped, but ".." kept: after a symbolic link, "link/.." is the parent
     # of the link's target, not the directory the link is in, and
@@ -1882,4 +1903,7 @@ def database_path(path: str | os.PathLike[str]) -> str:
     # fully resolved path (_lock.real_path); this is the name the system
     # checks its file by (Store.check_file) and shows in messages.
     absolute = text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
-    return os.sep + os.sep.join(p for p in absolute.split(os.sep) if p not in ("", "."))
+    normal = os.sep + os.sep.join(p for p in absolute.split(os.sep) if p not in ("", "."))
+    if os.path.isdir(normal):
+        raise ValueError(f"path must name a database file, but {text!r} is a directory")
+    return normal

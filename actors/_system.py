@@ -154,6 +154,8 @@ class System:
         self._stop_begun = True
         self._closed = True
         self._router.close()
+        # Unhealthy from now on, for `actors health` in another process too.
+        self._health.begin_stop(self._store, self.config.status_interval)
         if self._nursery is None:  # pragma: no cover - always set once running
             self._stop_done.set()
             return

@@ -720,7 +720,7 @@ BAD_FILES = [
         "SELECT * FROM orders",
         id="another-applications-database-without-messages",
     ),
-    pytest.param(a_directory, actors.StoreError, "cannot open database", None, id="a-directory"),
+    pytest.param(a_directory, ValueError, "is a directory", None, id="a-directory"),
     pytest.param(
         inside_a_missing_directory,
         actors.StoreError,

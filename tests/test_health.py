@@ -182,6 +182,8 @@ async def make_database(path: str, *, pending: int = 0, age: float = 0.0) -> Non
     conn = apsw.Connection(path)
     try:
         conn.execute("UPDATE messages SET enqueued_at = enqueued_at - ?", (age,))
+        # The heartbeat the system wrote as it stopped: these tests write their own.
+        conn.execute("DELETE FROM meta WHERE key = 'heartbeat'")
     finally:
         conn.close()
 
