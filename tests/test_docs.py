@@ -130,7 +130,7 @@ def dead_letters_in(directory: Path) -> list[str]:
         try:
             found += [
                 f"{db.name}: {d.session_id!r}: {d.last_error.splitlines()[-1]}"
-                for d in _admin.dead_letters(conn)
+                for d in _admin.dead_letters(conn)[0]
             ]
         finally:
             conn.close()
