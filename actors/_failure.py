@@ -148,6 +148,15 @@ def _escape(text: str, limit: int) -> str:
     return text
 
 
+@attrs.frozen
+class WarningLimiterStatistics:
+    """What :meth:`WarningLimiter.statistics` returns."""
+
+    allowed: int  # warnings let through, in all
+    held_back: int  # warnings held back, in all
+    suppressed: int  # held back since the last one let through (the next one says so)
+
+
 class WarningLimiter:
     """Rate limit for WARNINGs: one per kind of failure per ``interval``, ``burst`` in all.
 
@@ -157,7 +166,15 @@ class WarningLimiter:
     last one logged, so that one can say so.
     """
 
-    __slots__ = ("_burst", "_interval", "_kinds", "_suppressed", "_window_end")
+    __slots__ = (
+        "_allowed",
+        "_burst",
+        "_held_back",
+        "_interval",
+        "_kinds",
+        "_suppressed",
+        "_window_end",
+    )
 
     def __init__(self, interval: float = 10.0, burst: int = 5) -> None:
         self._interval = interval
@@ -165,6 +182,8 @@ class WarningLimiter:
         self._window_end = -float("inf")
         self._kinds: set[str] = set()  # kinds warned of in this window (at most burst)
         self._suppressed = 0  # held back since the last warning logged
+        self._allowed = 0
+        self._held_back = 0
 
     def allow(self, kind: str, now: float) -> int | None:
         """None to hold this warning back; else log it, with this many held back before it."""
@@ -173,7 +192,14 @@ class WarningLimiter:
             self._kinds.clear()
         if kind in self._kinds or len(self._kinds) >= self._burst:
             self._suppressed += 1
+            self._held_back += 1
             return None
         self._kinds.add(kind)
+        self._allowed += 1
         held, self._suppressed = self._suppressed, 0
         return held
+
+    def statistics(self) -> WarningLimiterStatistics:
+        return WarningLimiterStatistics(
+            allowed=self._allowed, held_back=self._held_back, suppressed=self._suppressed
+        )

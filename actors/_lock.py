@@ -52,6 +52,8 @@ import socket
 import struct
 import threading
 
+import attrs
+
 from ._errors import DatabaseInUseError
 
 log = logging.getLogger("actors")
@@ -182,6 +184,15 @@ def is_held(db_path: str) -> bool:
         os.close(fd)
 
 
+@attrs.frozen
+class DatabaseLockStatistics:
+    """What :meth:`DatabaseLock.statistics` returns."""
+
+    held: bool
+    identity: tuple[int, int] | None  # (device, inode) of the file while held
+    refusals: int  # acquire() calls refused because another system holds the file
+
+
 class DatabaseLock:
     """Holds a database file for one running system (see the module's docstring).
 
@@ -194,6 +205,7 @@ class DatabaseLock:
         self.real_path = real_path(db_path)
         self.path = self.real_path + ".lock"  # the sidecar
         self.identity: tuple[int, int] | None = None  # (device, inode) while held
+        self._refusals = 0
         # The database's descriptor: it carries the byte lock while held. One
         # opened by an attempt that was refused is kept for the next attempt
         # and closed by release(): closing it would drop the SQLite locks of
@@ -214,9 +226,18 @@ class DatabaseLock:
           DatabaseInUseError: a running system holds the file, by any name.
           OSError: the file or its sidecar cannot be opened or created.
         """
-        with _HELD_LOCK:
-            if self.identity is None:
-                self._acquire()
+        try:
+            with _HELD_LOCK:
+                if self.identity is None:
+                    self._acquire()
+        except DatabaseInUseError:
+            self._refusals += 1
+            raise
+
+    def statistics(self) -> DatabaseLockStatistics:
+        return DatabaseLockStatistics(
+            held=self.identity is not None, identity=self.identity, refusals=self._refusals
+        )
 
     def _acquire(self) -> None:
         name = self.db_path  # as given: the kernel (and SQLite) read ".." after a link

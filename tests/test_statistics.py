@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import trio
 
 import actors
@@ -53,3 +54,38 @@ async def test_component_statistics_follow_the_work(db_path: str, autojump_clock
         stats = system.statistics()
         assert (stats.processed, stats.pending, stats.in_flight, stats.sends) == (3, 0, 0, 3)
     assert system._router.statistics().closed
+
+
+def test_the_warning_limiter_counts_what_it_let_through_and_held_back() -> None:
+    from actors._failure import WarningLimiter
+
+    limiter = WarningLimiter(interval=10.0, burst=2)
+    assert limiter.allow("ValueError", 0.0) == 0
+    assert limiter.allow("ValueError", 1.0) is None  # the same kind in the window
+    assert limiter.allow("KeyError", 2.0) == 1  # says one was held back before it
+    assert limiter.allow("OSError", 3.0) is None  # the burst is spent
+    stats = limiter.statistics()
+    assert (stats.allowed, stats.held_back, stats.suppressed) == (2, 2, 1)
+    assert limiter.allow("OSError", 10.0) == 1  # a new window
+    assert limiter.statistics().suppressed == 0
+
+
+def test_the_database_lock_counts_its_refusals(tmp_path: object) -> None:
+    import os
+
+    from actors._lock import DatabaseLock
+
+    path = os.path.join(str(tmp_path), "app.db")
+    first, second = DatabaseLock(path), DatabaseLock(path)
+    first.acquire()
+    try:
+        assert first.statistics().held and first.statistics().identity is not None
+        for _ in range(2):
+            with pytest.raises(actors.DatabaseInUseError):
+                second.acquire()
+        stats = second.statistics()
+        assert (stats.held, stats.identity, stats.refusals) == (False, None, 2)
+    finally:
+        second.release()
+        first.release()
+    assert first.statistics().held is False
