@@ -25,44 +25,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 import trio
 import trio.testing
+from helpers import HANG, drain, rows
 
 import actors
 from actors._failure import MAX_REPORT_CHARS, MAX_SUMMARY_CHARS, WarningLimiter, describe
 from actors.testing import fast_options, quiescent
 
-HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
 SURROGATE = b"caf\xc3\xa9 \xff\xfe".decode("utf-8", "surrogateescape")  # 'café \udcff\udcfe'
-
-
-@pytest.fixture(params=["inline", "threaded"])
-def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
-    if request.param == "inline":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
 
 
 @pytest.fixture
 def clock(store_clock: trio.testing.MockClock | None) -> trio.testing.MockClock | None:
     """pytest-trio runs the test on this clock (None: the real one)."""
     return store_clock
-
-
-async def drain(system: actors.System) -> None:
-    with trio.fail_after(HANG):  # fail, not hang, if something was stranded
-        await system.drain()
-
-
-def rows(path: str, sql: str) -> list[Any]:
-    conn = apsw.Connection(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def states(path: str) -> dict[str, Any]:
