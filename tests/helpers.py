@@ -32,6 +32,16 @@ def rows(path: str, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
         conn.close()
 
 
+def drain_nowait(subscription: actors.Subscription[Any]) -> list[Any]:
+    """Everything buffered in ``subscription`` right now."""
+    out = []
+    while True:
+        try:
+            out.append(subscription.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+
+
 # -- handlers ---------------------------------------------------------------------
 
 
