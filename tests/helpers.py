@@ -6,7 +6,8 @@ Fixtures live in conftest.py; these are plain functions and classes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import apsw
 import trio
@@ -14,6 +15,8 @@ from click.testing import CliRunner, Result
 
 import actors
 from actors._cli import cli
+
+E = TypeVar("E", bound=BaseException)
 
 HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
 
@@ -40,6 +43,23 @@ def drain_nowait(subscription: actors.Subscription[Any]) -> list[Any]:
             out.append(subscription.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
             return out
+
+
+def find_cause(
+    exc: BaseException, kind: type[E], where: Callable[[E], bool] = lambda e: True
+) -> E | None:
+    """The first ``kind`` (that ``where`` accepts) among ``exc``, its causes and contexts."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind) and where(e):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 # -- handlers ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ import pytest
 import trio
 import trio.testing
 from faultvfs import FaultVFS
-from helpers import HANG, drain
+from helpers import HANG, drain, find_cause
 from test_storage_faults import Ledger, integrity, rows, until_the_system_fails
 
 import actors
@@ -82,17 +82,7 @@ BEGIN_FAULTS: dict[str, BeginFault] = {
 
 def apsw_cause(exc: BaseException) -> apsw.Error | None:
     """The apsw error somewhere in ``exc``'s chain of causes."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, apsw.Error):
-            return e
-        todo += [e.__cause__, e.__context__]
-    return None
+    return find_cause(exc, apsw.Error)
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])

@@ -33,7 +33,7 @@ import trio
 import trio.testing
 from deadprocess import mark_in_flight_started
 from faultvfs import FaultVFS
-from helpers import HANG, drain
+from helpers import HANG, drain, find_cause
 
 import actors
 
@@ -113,17 +113,7 @@ def rows(path: str, sql: str = "SELECT id, state, attempts FROM messages ORDER B
 
 def injected_cause(exc: BaseException) -> BaseException | None:
     """The exception the VFS raised, somewhere in ``exc``'s chain of causes."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, apsw.Error) and "faultvfs" in str(e):
-            return e
-        todo += [e.__cause__, e.__context__]
-    return None
+    return find_cause(exc, apsw.Error, lambda e: "faultvfs" in str(e))
 
 
 async def recover(path: str, ledger: Ledger, vfs: FaultVFS, fault_name: str) -> None:
