@@ -28,7 +28,9 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from click.testing import CliRunner, Result
+from click.testing import Result
+from helpers import ainvoke, invoke
+from helpers import rows as sql
 
 import actors
 import actors._cli
@@ -38,7 +40,6 @@ from actors._cli import (
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_USAGE,
-    cli,
 )
 from actors._demo import DemoOptions, run_demo
 from actors._lock import DatabaseLock
@@ -47,22 +48,6 @@ from actors._starts import StartTable, database_identity
 
 async def nothing(ctx: actors.Context, msg: actors.Message) -> None:
     pass
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
-
-
-async def ainvoke(*args: str) -> Result:
-    return await trio.to_thread.run_sync(lambda: invoke(*args))
-
-
-def sql(path: str, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    conn = apsw.Connection(path)
-    try:
-        return conn.execute(query, params).fetchall()
-    finally:
-        conn.close()
 
 
 async def dead_letters(path: str, n: int) -> list[int]:
@@ -77,11 +62,12 @@ async def dead_letters(path: str, n: int) -> list[int]:
     return ids
 
 
-def watch_requests(monkeypatch: pytest.MonkeyPatch, asked: trio.Event) -> None:
-    """Set ``asked`` once the command line has written its request and polls.
+def watch_requests(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """An event set once the command line has written its request and polls.
 
     (The command runs in a worker thread of the test's trio run.)
     """
+    asked = trio.Event()
     real = actors._cli.request
     token = trio.lowlevel.current_trio_token()
 
@@ -94,6 +80,7 @@ def watch_requests(monkeypatch: pytest.MonkeyPatch, asked: trio.Event) -> None:
         return real(*args, stopped=watched, **kwargs)
 
     monkeypatch.setattr(actors._cli, "request", spy)
+    return asked
 
 
 # -- a change asked while the system stops ------------------------------------------
@@ -103,8 +90,7 @@ async def test_a_change_asked_of_a_stopping_system_is_applied_directly(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = await dead_letters(db_path, 2)
-    asked = trio.Event()
-    watch_requests(monkeypatch, asked)
+    asked = watch_requests(monkeypatch)
     done: list[int] = []
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
@@ -146,8 +132,7 @@ async def test_a_request_taken_by_a_system_that_stopped_is_finished_once(
     db_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = await dead_letters(db_path, 1)
-    asked = trio.Event()
-    watch_requests(monkeypatch, asked)
+    asked = watch_requests(monkeypatch)
     lock = DatabaseLock(db_path)  # stands for a system that takes the request, then stops
     lock.acquire()
     result: list[Result] = []

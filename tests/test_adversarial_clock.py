@@ -25,13 +25,6 @@ START = 1_800_000_000.0  # the fake wall clock's time at the first start
 HOUR = 3600.0
 
 
-@pytest.fixture(params=["mock", "real"])
-def clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    if request.param == "mock":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
-
-
 @pytest.fixture
 def wall(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """A wall clock that says ``wall[0]``, whatever the time (trio's clock moves on)."""

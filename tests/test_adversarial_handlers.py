@@ -25,25 +25,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 import trio
 import trio.testing
+from helpers import HANG, drain, drain_nowait, rows
 
 import actors
 from actors._failure import MAX_REPORT_CHARS, MAX_SUMMARY_CHARS, WarningLimiter, describe
 from actors.testing import fast_options, quiescent
 
-HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
 SURROGATE = b"caf\xc3\xa9 \xff\xfe".decode("utf-8", "surrogateescape")  # 'café \udcff\udcfe'
-
-
-@pytest.fixture(params=["inline", "threaded"])
-def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
-    if request.param == "inline":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
 
 
 @pytest.fixture
@@ -52,30 +43,8 @@ def clock(store_clock: trio.testing.MockClock | None) -> trio.testing.MockClock 
     return store_clock
 
 
-async def drain(system: actors.System) -> None:
-    with trio.fail_after(HANG):  # fail, not hang, if something was stranded
-        await system.drain()
-
-
-def rows(path: str, sql: str) -> list[Any]:
-    conn = apsw.Connection(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 def states(path: str) -> dict[str, Any]:
     return {s: json.loads(v) for s, v in rows(path, "SELECT session_id, value FROM state")}
-
-
-def events_now(events: actors.Subscription[actors.StatusEvent]) -> list[actors.StatusEvent]:
-    seen = []
-    while True:
-        try:
-            seen.append(events.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return seen
 
 
 # -- 1. text the store cannot encode ---------------------------------------------
@@ -155,7 +124,7 @@ async def test_text_the_store_cannot_encode_fails_only_that_attempt(
         await drain(system)
         [letter] = system.dead_letters()
         stats = system.statistics()
-        seen = events_now(events)
+        seen = drain_nowait(events)
     assert sorted(done) == ["after", "elsewhere"]
     assert (letter.body, letter.attempts) == ("bad", 2)
     assert error in letter.last_error
@@ -273,7 +242,7 @@ async def test_an_exception_that_misbehaves_fails_only_its_attempt(
         await drain(system)
         [letter] = system.dead_letters()
         stats = system.statistics()
-        seen = events_now(events)
+        seen = drain_nowait(events)
     assert (stats.processed, stats.dead, stats.failed_attempts) == (1, 1, 2)
     assert letter.attempts == 2
     # The exception's line names its type, whatever the message's size.
@@ -316,7 +285,7 @@ async def test_hooks_raising_exceptions_that_misbehave(
         await system.send("s", 1)
         with trio.fail_after(HANG):
             stats = await quiescent(system, passivated=True)
-        seen = events_now(events)
+        seen = drain_nowait(events)
     # The failed start is charged to the session's head message (invariant
     # 5: a start that always fails must end in dead letters, not loop).
     assert (stats.processed, stats.failed_attempts) == (1, 1)
@@ -377,7 +346,7 @@ async def test_reject_dead_letters_at_once_without_retries(
         await drain(system)
         [letter] = system.dead_letters()
         stats = system.statistics()
-        seen = events_now(events)
+        seen = drain_nowait(events)
     assert actors.Reject in {type(e) for e in _leaves(info.value)}
     assert calls == [("first", 1), ("unknown", 1), ("after", 1)]  # no retry
     assert (letter.body, letter.attempts) == ("unknown", 1)

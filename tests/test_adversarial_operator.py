@@ -27,6 +27,7 @@ import pytest
 import trio
 import trio.testing
 from click.testing import CliRunner, Result
+from helpers import heartbeat_fields
 
 import actors
 from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, cli, visible
@@ -168,21 +169,9 @@ def test_status_says_stopping_and_a_restarted_system_does_not_inherit_it(tmp_pat
 
 def test_a_heartbeat_without_the_stopping_field_still_reads() -> None:
     # Written by an earlier version of actors (a system still running it).
-    fields = {
-        "at": 1.0,
-        "interval": 1.0,
-        "started_at": 0.0,
-        "last_progress_at": 0.5,
-        "pid": 7,
-        "host": "h",
-        "processed": 1,
-        "dead_lettered": 0,
-        "failed_attempts": 0,
-        "restarts": 0,
-        "pending": 0,
-        "in_flight": 0,
-        "dead": 0,
-    }
+    fields = heartbeat_fields(
+        at=1.0, interval=1.0, started_at=0.0, last_progress_at=0.5, pid=7, processed=1
+    )
     beat = Heartbeat.from_json(json.dumps(fields))
     assert beat is not None and beat.stopping is False
     assert Heartbeat.from_json(json.dumps({**fields, "stopping": True})) == Heartbeat(

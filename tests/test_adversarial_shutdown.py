@@ -20,32 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-import apsw
 import pytest
 import trio
 import trio.testing
+from helpers import Blocking, rerun, rows
 
 import actors
-
-
-def rows(db_path: str, sql: str) -> list[tuple[object, ...]]:
-    conn = apsw.Connection(db_path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
-async def rerun(db_path: str) -> list[tuple[object, int]]:
-    """Start again on ``db_path``; return (body, attempt) of every handler call."""
-    seen: list[tuple[object, int]] = []
-
-    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        seen.append((msg.body, msg.attempt))
-
-    async with actors.run_system(db_path, handler=handler) as system:
-        await system.drain()
-    return seen
 
 
 async def test_a_handler_that_finishes_within_grace_is_acked_and_not_run_again(
@@ -85,25 +65,15 @@ async def test_a_handler_that_finishes_within_grace_is_acked_and_not_run_again(
 async def test_a_handler_that_overruns_grace_is_cancelled_and_stays_pending(
     db_path: str, autojump_clock: object
 ) -> None:
-    entered = trio.Event()
-    cancelled: list[object] = []
-
-    async def stuck(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.append(msg.body)
-            raise
-
+    stuck = Blocking()
     async with actors.run_system(db_path, handler=stuck, shutdown_timeout=100) as system:
         await system.send("s", 1)
-        await entered.wait()
+        await stuck.entered.wait()
         began = trio.current_time()
         await system.shutdown(2)
     # The grace of shutdown(), not shutdown_timeout.
     assert trio.current_time() - began == pytest.approx(2, abs=0.01)
-    assert cancelled == [1]
+    assert stuck.cancelled == [1]
     # Pending again, the attempt counted: its redelivery says attempt 2.
     assert rows(db_path, "SELECT body, state, attempts FROM messages") == [("1", 0, 1)]
     assert await rerun(db_path) == [(1, 2)]
@@ -141,12 +111,7 @@ async def test_nothing_starts_after_shutdown_begins(db_path: str, autojump_clock
 async def test_shutdown_is_idempotent_and_a_second_call_can_only_shorten_the_grace(
     db_path: str, autojump_clock: object
 ) -> None:
-    entered = trio.Event()
-
-    async def slow(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        await trio.sleep(50)
-
+    slow = Blocking(50)
     returned: list[float] = []
 
     async def stop(system: actors.System, grace: float) -> None:
@@ -156,7 +121,7 @@ async def test_shutdown_is_idempotent_and_a_second_call_can_only_shorten_the_gra
     async with trio.open_nursery() as outside:
         async with actors.run_system(db_path, handler=slow) as system:
             await system.send("s", 1)
-            await entered.wait()
+            await slow.entered.wait()
             began = trio.current_time()
             outside.start_soon(stop, system, 30)
             outside.start_soon(stop, system, 40)  # longer: changes nothing
@@ -171,7 +136,7 @@ async def test_shutdown_is_idempotent_and_a_second_call_can_only_shorten_the_gra
     assert rows(db_path, "SELECT attempts FROM messages") == [(1,)]
 
     # shutdown(0) after shutdown(30): the handler is cancelled now.
-    entered = trio.Event()
+    slow.entered = trio.Event()
     hastened: list[float] = []
 
     async def then_at_once(system: actors.System) -> None:
@@ -180,7 +145,7 @@ async def test_shutdown_is_idempotent_and_a_second_call_can_only_shorten_the_gra
         await system.shutdown(0)
 
     async with trio.open_nursery() as outside, actors.run_system(db_path, handler=slow) as system:
-        await entered.wait()
+        await slow.entered.wait()
         began = trio.current_time()
         outside.start_soon(stop, system, 30)
         outside.start_soon(then_at_once, system)
@@ -194,18 +159,13 @@ async def test_shutdown_after_the_block_began_to_leave_shortens_its_grace(
 ) -> None:
     # Leaving the block starts the stop with shutdown_timeout; a shutdown()
     # from elsewhere meanwhile (a signal during a slow stop) brings it closer.
-    entered = trio.Event()
-
-    async def slow(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        await trio.sleep(50)
-
+    slow = Blocking(50)
     async with (
         trio.open_nursery() as outside,
         actors.run_system(db_path, handler=slow, shutdown_timeout=30) as system,
     ):
         await system.send("s", 1)
-        await entered.wait()
+        await slow.entered.wait()
         began = trio.current_time()
 
         async def later() -> None:
@@ -342,17 +302,12 @@ async def test_outside_the_block_sends_are_refused_and_shutdown_returns_when_sto
 async def test_an_outside_sender_during_the_grace_is_refused(
     db_path: str, autojump_clock: object
 ) -> None:
-    entered = trio.Event()
-
-    async def slow(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        await trio.sleep(3)
-
+    slow = Blocking(3)
     refused: list[BaseException] = []
 
     async with trio.open_nursery() as outside, actors.run_system(db_path, handler=slow) as system:
         await system.send("s", 1)
-        await entered.wait()
+        await slow.entered.wait()
 
         async def send_during_grace() -> None:
             await trio.sleep(1)  # the stop began; a handler still runs
@@ -419,15 +374,10 @@ async def test_bad_grace_is_refused_and_the_system_runs_on(
 
 
 async def test_infinite_grace_waits_for_the_handler(db_path: str, autojump_clock: object) -> None:
-    entered = trio.Event()
-
-    async def slow(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        await trio.sleep(10_000)
-
+    slow = Blocking(10_000)
     async with actors.run_system(db_path, handler=slow, handler_timeout=None) as system:
         await system.send("s", 1)
-        await entered.wait()
+        await slow.entered.wait()
         began = trio.current_time()
         await system.shutdown(math.inf)
     assert trio.current_time() - began == pytest.approx(10_000, abs=0.01)

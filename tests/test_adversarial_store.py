@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import apsw
@@ -31,46 +29,19 @@ import pytest
 import trio
 import trio.testing
 from faultvfs import FaultVFS
-from test_storage_faults import HANG, Ledger, drain, integrity, rows, until_the_system_fails
+from helpers import HANG, drain, find_cause
+from test_storage_faults import Ledger, integrity, rows, until_the_system_fails
 
 import actors
 from actors import _store
 
-
-@pytest.fixture(params=["inline", "threaded"])
-def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
-    if request.param == "inline":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
-
-
-FAULTS: Counter[str] = Counter()  # faults injected, by kind (printed with -s)
+FAULTS: Counter[str] = Counter()  # faults injected, by kind (the vfs fixture adds; printed with -s)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report() -> Iterator[None]:
     yield
     print(f"\nstore faults injected: {dict(FAULTS)}")
-
-
-@pytest.fixture
-def vfs(tmp_path: Path) -> Iterator[FaultVFS]:
-    with FaultVFS(under=str(tmp_path)) as shim:
-        yield shim
-    FAULTS.update(shim.injected)
-
-
-@pytest.fixture
-def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
-    """Exceptions that ended a thread (a worker thread, the sync thread) unhandled."""
-    errors: list[BaseException] = []
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        errors.append(args.exc_value or RuntimeError(repr(args)))
-
-    monkeypatch.setattr(threading, "excepthook", hook)
-    return errors
 
 
 def write_elsewhere(path: str) -> None:
@@ -111,17 +82,7 @@ BEGIN_FAULTS: dict[str, BeginFault] = {
 
 def apsw_cause(exc: BaseException) -> apsw.Error | None:
     """The apsw error somewhere in ``exc``'s chain of causes."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, apsw.Error):
-            return e
-        todo += [e.__cause__, e.__context__]
-    return None
+    return find_cause(exc, apsw.Error)
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import HANG, drain
 
 import actors
 import actors._actor
@@ -33,18 +34,11 @@ import actors._router
 import actors._store
 import actors._supervisor
 
-HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
-
-
-async def drain(system: actors.System) -> None:
-    with trio.fail_after(HANG):  # fail, not hang
-        await system.drain()
-
-
 # -- item 6: a Cancelled that was not for the handler ---------------------
 
 
-async def _raise_inner_cancelled() -> None:
+async def _cancelled_from_inner_scope() -> BaseException:
+    """A Cancelled caught inside a scope that has ended: not for the caller."""
     saved: BaseException | None = None
     with trio.move_on_after(0):
         try:
@@ -53,7 +47,11 @@ async def _raise_inner_cancelled() -> None:
             saved = exc
             raise
     assert saved is not None
-    raise saved
+    return saved
+
+
+async def _raise_inner_cancelled() -> None:
+    raise await _cancelled_from_inner_scope()
 
 
 async def _raise_cancelled_group_from_nursery() -> None:
@@ -73,14 +71,7 @@ async def _raise_cancelled_group_from_nursery() -> None:
 
 
 async def _raise_group_of_cancelled_and_error() -> None:
-    saved: BaseException | None = None
-    with trio.move_on_after(0):
-        try:
-            await trio.sleep(1)
-        except trio.Cancelled as exc:
-            saved = exc
-            raise
-    assert saved is not None
+    saved = await _cancelled_from_inner_scope()
     raise BaseExceptionGroup("mixed", [saved, ValueError("and an error")])
 
 

@@ -40,32 +40,20 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import helpers
 import pytest
 import trio
 import trio.testing
 from faultvfs import FaultVFS
+from helpers import drain
 
 import actors
-
-HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
-
-
-@pytest.fixture(params=["inline", "threaded"])
-def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
-    if request.param == "inline":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
 
 
 def rows(
     path: str, sql: str = "SELECT body, state, attempts FROM messages ORDER BY id"
 ) -> list[Any]:
-    conn = apsw.Connection(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return helpers.rows(path, sql)
 
 
 class Recorder:
@@ -80,11 +68,6 @@ class Recorder:
     @property
     def bodies(self) -> list[Any]:
         return [b for _, b, _ in self.seen]
-
-
-async def drain(system: actors.System) -> None:
-    with trio.fail_after(HANG):  # fail, not hang, if something was stranded
-        await system.drain()
 
 
 @pytest.fixture(scope="module", autouse=True)

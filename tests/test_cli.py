@@ -21,36 +21,21 @@ from typing import Any
 import apsw
 import pytest
 import trio
-from click.testing import CliRunner, Result
+from click.testing import Result
+from helpers import ainvoke, invoke
+from helpers import rows as sql
 from rich.console import Console
 
 import actors
-from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, cli, parse_duration
+from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, parse_duration
 from actors._demo import DemoOptions, LiveDisplay, run_demo
 from actors._lock import DatabaseLock
 from actors._starts import StartTable, database_identity
 
 
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
-
-
-async def ainvoke(*args: str) -> Result:
-    """In a thread: a command that acts directly runs trio.run of its own."""
-    return await trio.to_thread.run_sync(lambda: invoke(*args))
-
-
 def as_json(result: Result) -> Any:
     assert result.exit_code in (EXIT_OK, EXIT_FAILED), result.output
     return json.loads(result.output)
-
-
-def sql(path: str, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    conn = apsw.Connection(path)
-    try:
-        return conn.execute(query, params).fetchall()
-    finally:
-        conn.close()
 
 
 async def fill(path: str) -> dict[str, list[int]]:

@@ -26,7 +26,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -173,34 +173,38 @@ def run_and_check(
         assert not dead, f"{name} left dead letters: {dead}"
 
 
+@pytest.fixture
+def check(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[[str, str], None]:
+    """``run_and_check(code, name)`` in ``tmp_path``, made the current directory."""
+    monkeypatch.chdir(tmp_path)
+
+    def check(code: str, name: str) -> None:
+        run_and_check(code, name, tmp_path, caplog, capsys)
+
+    return check
+
+
 @pytest.mark.parametrize(
     ("path", "index", "code"),
     [pytest.param(*block, id=f"{block[0].relative_to(ROOT)}#{block[1]}") for block in RUNNABLE],
 )
 def test_python_block_runs_twice_in_one_directory(
-    path: Path,
-    index: int,
-    code: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    capsys: pytest.CaptureFixture[str],
+    path: Path, index: int, code: str, check: Callable[[str, str], None]
 ) -> None:
     # Twice: a reader runs an example again, and it must not trip on the
     # database (or anything else) its last run left.
-    monkeypatch.chdir(tmp_path)
     for run in (1, 2):
-        name = f"{path.relative_to(ROOT)}[python block {index}, run {run}]"
-        run_and_check(code, name, tmp_path, caplog, capsys)
+        check(code, f"{path.relative_to(ROOT)}[python block {index}, run {run}]")
 
 
 def test_the_doc_test_catches_what_goes_wrong_silently(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, check: Callable[[str, str], None]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
     poison = """
 import trio
 
@@ -220,28 +224,26 @@ async def main() -> None:
 trio.run(main)
 """
     with pytest.raises(AssertionError, match="logged errors"):
-        run_and_check(poison, "poison", tmp_path, caplog, capsys)
+        check(poison, "poison")
     marked = "# expect: logged errors\n" + poison
     with pytest.raises(AssertionError, match="left dead letters"):
-        run_and_check(marked, "marked", tmp_path, caplog, capsys)
-    run_and_check(
-        "# expect: logged errors, dead letters\n" + poison, "ok", tmp_path, caplog, capsys
-    )
+        check(marked, "marked")
+    check("# expect: logged errors, dead letters\n" + poison, "ok")
     for leftover in tmp_path.glob("x.db*"):  # the cases below start without dead letters
         leftover.unlink()
     # A stale marker fails too, and so does a typo in one.
     with pytest.raises(AssertionError, match="expects logged errors"):
-        run_and_check("# expect: logged errors\nx = 1\n", "stale", tmp_path, caplog, capsys)
+        check("# expect: logged errors\nx = 1\n", "stale")
     with pytest.raises(AssertionError, match="unknown"):
-        run_and_check("# expect: dead letter\nx = 1\n", "typo", tmp_path, caplog, capsys)
+        check("# expect: dead letter\nx = 1\n", "typo")
     warning = "import warnings\nwarnings.warn('deprecated', DeprecationWarning)\n"
     with pytest.raises(AssertionError, match="warned"):
-        run_and_check(warning, "warning", tmp_path, caplog, capsys)
+        check(warning, "warning")
     printing = (
         "import traceback\ntry:\n    1 / 0\nexcept ZeroDivisionError:\n    traceback.print_exc()\n"
     )
     with pytest.raises(AssertionError, match="printed a traceback"):
-        run_and_check(printing, "printing", tmp_path, caplog, capsys)
+        check(printing, "printing")
 
 
 # The interrupted run is abandoned, not finished, and trio says so.

@@ -10,6 +10,9 @@ the database when the line overflows).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+
 import pytest
 import trio
 
@@ -49,6 +52,16 @@ def bound(waiting_ahead: int) -> int:
     return 2 * (waiting_ahead + 1) * FAIR_SHARE + 1
 
 
+def fair_system(db_path: str, log: Log) -> AbstractAsyncContextManager[actors.System]:
+    """Two slots, rotated every ``FAIR_SHARE`` messages; ``log`` handles."""
+    return actors.run_system(db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE)
+
+
+def backlogs(hogs: Sequence[str], n: int = HOG_MESSAGES) -> list[tuple[str, int]]:
+    """``n`` messages for each of ``hogs``, taking turns."""
+    return [(s, i) for i in range(n) for s in hogs]
+
+
 async def hogs_then_newcomers(system: actors.System, log: Log, newcomers: list[str]) -> None:
     await log.entered.wait()
     for name in newcomers:
@@ -68,10 +81,8 @@ async def test_a_newcomer_gets_a_slot_after_a_fair_share_of_two_hogs(
     db_path: str, autojump_clock: object, waiting_limit: int
 ) -> None:
     log = Log()
-    async with actors.run_system(
-        db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
-    ) as system:
-        await system.send_many([(s, i) for i in range(HOG_MESSAGES) for s in ("hog-a", "hog-b")])
+    async with fair_system(db_path, log) as system:
+        await system.send_many(backlogs(("hog-a", "hog-b")))
         await hogs_then_newcomers(system, log, ["newcomer"])
     assert len(log.handled) == 2 * HOG_MESSAGES + 1
     assert log.before("newcomer") <= bound(0)
@@ -83,12 +94,10 @@ async def test_after_a_restart_old_backlogs_do_not_come_first_every_time(
     # The hogs' backlogs are older than anything sent after the restart:
     # the line must still rotate (a refill from the database goes by age).
     async with actors.run_system(db_path, handler=Log().handler, max_active=1) as system:
-        await system.send_many([(s, i) for i in range(HOG_MESSAGES) for s in ("hog-a", "hog-b")])
+        await system.send_many(backlogs(("hog-a", "hog-b")))
         await system.shutdown(0)
     log = Log()
-    async with actors.run_system(
-        db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
-    ) as system:
+    async with fair_system(db_path, log) as system:
         await hogs_then_newcomers(system, log, ["newcomer"])
     assert log.before("newcomer") <= bound(0)
 
@@ -98,10 +107,8 @@ async def test_each_newcomer_waits_for_those_ahead_of_it_only(
 ) -> None:
     newcomers = [f"new-{i}" for i in range(4)]
     log = Log()
-    async with actors.run_system(
-        db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
-    ) as system:
-        await system.send_many([(s, i) for i in range(HOG_MESSAGES) for s in ("hog-a", "hog-b")])
+    async with fair_system(db_path, log) as system:
+        await system.send_many(backlogs(("hog-a", "hog-b")))
         await hogs_then_newcomers(system, log, newcomers)
     for ahead, name in enumerate(newcomers):
         # Messages of the hogs (not of the other newcomers, one each) before its own.
@@ -115,10 +122,8 @@ async def test_hogs_share_the_slots_in_turn(
     # Three hogs, two slots: none of them waits for another's whole backlog.
     log = Log()
     hogs = ["hog-a", "hog-b", "hog-c"]
-    async with actors.run_system(
-        db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
-    ) as system:
-        await system.send_many([(s, i) for i in range(HOG_MESSAGES) for s in hogs])
+    async with fair_system(db_path, log) as system:
+        await system.send_many(backlogs(hogs))
         await system.drain()
     # The longest run of messages without a given hog's, while it has work
     # left: about two turns of the others (the one it waits for, and the
@@ -148,9 +153,7 @@ async def test_hogs_fed_while_they_run_still_yield(
             await trio.sleep(pace)
 
     async with (
-        actors.run_system(
-            db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
-        ) as system,
+        fair_system(db_path, log) as system,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(feed, system, "hog-a")
@@ -167,14 +170,12 @@ async def test_a_burst_handed_to_running_hogs_does_not_extend_their_turn(
     # each running session is handed to its actor (claimed on delivery).
     # The burst counts in the turn: each yields after fair_share.
     log = Log()
-    async with actors.run_system(
-        db_path, handler=log.handler, max_active=2, fair_share=FAIR_SHARE
-    ) as system:
+    async with fair_system(db_path, log) as system:
         await system.send_many([("hog-a", -1), ("hog-b", -1)])
         await log.entered.wait()
         await system.send("newcomer", "hello")
         assert system.statistics().waiting_sessions == 1
-        await system.send_many([(s, i) for i in range(200) for s in ("hog-a", "hog-b")])
+        await system.send_many(backlogs(("hog-a", "hog-b"), 200))
         await system.drain()
     assert len(log.handled) == 2 * 201 + 1
     assert log.before("newcomer") <= bound(0)

@@ -17,6 +17,7 @@ import attrs
 import pytest
 import trio
 from click.testing import CliRunner
+from helpers import heartbeat_fields
 
 import actors
 from actors._admin import default_stale_after
@@ -290,25 +291,7 @@ def test_cli_health_without_a_database_is_a_usage_error(tmp_path: object) -> Non
 
 
 def test_stale_after_defaults_to_five_intervals_or_ten_seconds() -> None:
-    beat = Heartbeat.from_json(
-        json.dumps(
-            {
-                "at": 0,
-                "interval": 4,
-                "started_at": 0,
-                "last_progress_at": 0,
-                "pid": 1,
-                "host": "h",
-                "processed": 0,
-                "dead_lettered": 0,
-                "failed_attempts": 0,
-                "restarts": 0,
-                "pending": 0,
-                "in_flight": 0,
-                "dead": 0,
-            }
-        )
-    )
+    beat = Heartbeat.from_json(json.dumps(heartbeat_fields(interval=4)))
     assert beat is not None
     assert default_stale_after(beat) == 20
     assert default_stale_after(attrs.evolve(beat, interval=0.5)) == 10

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 from deadprocess import mark_in_flight_started
+from helpers import Blocking, rerun, rows
 
 import actors
 
@@ -29,14 +30,6 @@ async def left_by_a_dead_process(db_path: str, insert: str) -> None:
     conn.execute(insert)
     conn.close()
     mark_in_flight_started(db_path)  # their handlers had started
-
-
-def rows(db_path: str, sql: str) -> list[tuple[object, ...]]:
-    conn = apsw.Connection(db_path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 async def test_second_system_on_same_file_fails_at_once_naming_the_owner(db_path: str) -> None:
@@ -189,53 +182,29 @@ async def test_delayed_message_survives_restart(db_path: str, autojump_clock: ob
 
 
 async def test_graceful_shutdown_lets_handlers_finish(db_path: str, autojump_clock: object) -> None:
-    entered = trio.Event()
-    done: list[int] = []
-
-    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        await trio.sleep(3)
-        done.append(msg.body)
-
+    handler = Blocking(3)
     async with actors.run_system(db_path, handler=handler, shutdown_timeout=10) as system:
         await system.send("s", 1)
         await system.send("s", 2)
-        await entered.wait()
-    assert done == [1]  # finished; the next one was not started
+        await handler.entered.wait()
+    assert handler.done == [1]  # finished; the next one was not started
     assert rows(db_path, "SELECT body, state, attempts FROM messages") == [("2", 0, 0)]
 
 
 async def test_shutdown_timeout_cancels_and_keeps_the_message_pending(
     db_path: str, autojump_clock: object
 ) -> None:
-    entered = trio.Event()
-    cancelled: list[int] = []
-
-    async def stuck(ctx: actors.Context, msg: actors.Message) -> None:
-        entered.set()
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.append(msg.body)
-            raise
-
+    stuck = Blocking()
     async with actors.run_system(db_path, handler=stuck, shutdown_timeout=2) as system:
         await system.send("s", 1)
-        await entered.wait()
+        await stuck.entered.wait()
         stop_at = trio.current_time()
     assert trio.current_time() - stop_at == pytest.approx(2, abs=0.01)
-    assert cancelled == [1]
+    assert stuck.cancelled == [1]
     # Pending again. The attempt stays counted: the handler ran, so the
     # redelivery must say so.
     assert rows(db_path, "SELECT body, state, attempts FROM messages") == [("1", 0, 1)]
-    seen: list[tuple[int, int]] = []
-
-    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        seen.append((msg.body, msg.attempt))
-
-    async with actors.run_system(db_path, handler=handler) as system:
-        await system.drain()
-    assert seen == [(1, 2)]
+    assert await rerun(db_path) == [(1, 2)]
 
 
 async def test_exception_in_body_stops_system_and_keeps_work(db_path: str) -> None:

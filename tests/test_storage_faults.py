@@ -21,23 +21,23 @@ see both at the end of the module.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import apsw
+import helpers
 import pytest
 import trio
 import trio.testing
 from deadprocess import mark_in_flight_started
 from faultvfs import FaultVFS
+from helpers import HANG, drain, find_cause
 
 import actors
 
-FAULTS: Counter[str] = Counter()
+FAULTS: Counter[str] = Counter()  # by kind; the vfs fixture (conftest.py) adds to it
 LOST: Counter[str] = Counter()
 
 
@@ -60,33 +60,6 @@ FAULT_KINDS = {
     ),
 }
 FAULT_PARAMS = [pytest.param(fault, id=name) for name, fault in FAULT_KINDS.items()]
-
-
-@pytest.fixture(params=["inline", "threaded"])
-def store_clock(request: pytest.FixtureRequest) -> trio.testing.MockClock | None:
-    """A MockClock (the store runs inline) or None (real clock: the store's committer)."""
-    if request.param == "inline":
-        return trio.testing.MockClock(autojump_threshold=0)
-    return None
-
-
-@pytest.fixture
-def vfs(tmp_path: Path) -> Iterator[FaultVFS]:
-    with FaultVFS(under=str(tmp_path)) as shim:
-        yield shim
-    FAULTS.update(shim.injected)
-
-
-@pytest.fixture
-def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
-    """Exceptions that ended a thread (the store's sync thread, a worker thread) unhandled."""
-    errors: list[BaseException] = []
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        errors.append(args.exc_value or RuntimeError(repr(args)))
-
-    monkeypatch.setattr(threading, "excepthook", hook)
-    return errors
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,14 +93,6 @@ class Ledger:
         return Counter(i for i, _, _ in self.handled)
 
 
-HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
-
-
-async def drain(system: actors.System) -> None:
-    with trio.fail_after(HANG):  # fail, not hang, if something was stranded
-        await system.drain()
-
-
 async def until_the_system_fails() -> None:
     """Wait to be cancelled by the failing system (fail, not hang, if it goes on)."""
     with trio.fail_after(HANG):
@@ -143,26 +108,12 @@ def integrity(path: str) -> str:
 
 
 def rows(path: str, sql: str = "SELECT id, state, attempts FROM messages ORDER BY id") -> list[Any]:
-    conn = apsw.Connection(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return helpers.rows(path, sql)
 
 
 def injected_cause(exc: BaseException) -> BaseException | None:
     """The exception the VFS raised, somewhere in ``exc``'s chain of causes."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, apsw.Error) and "faultvfs" in str(e):
-            return e
-        todo += [e.__cause__, e.__context__]
-    return None
+    return find_cause(exc, apsw.Error, lambda e: "faultvfs" in str(e))
 
 
 async def recover(path: str, ledger: Ledger, vfs: FaultVFS, fault_name: str) -> None:

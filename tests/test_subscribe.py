@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from helpers import drain_nowait
 
 import actors
 from actors.testing import fast_options
@@ -23,16 +24,6 @@ from actors.testing import fast_options
 
 class Boom(Exception):
     pass
-
-
-def drain_nowait(subscription: actors.Subscription[Any]) -> list[Any]:
-    """Everything buffered in ``subscription`` right now."""
-    out = []
-    while True:
-        try:
-            out.append(subscription.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return out
 
 
 # -- outputs --------------------------------------------------------------------
