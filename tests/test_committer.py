@@ -149,7 +149,11 @@ async def test_checkpoints_run_beside_the_commits_and_the_wal_starts_over(db_pat
         await send_pages(system, 6000)
         stats = store.statistics()
         assert stats.bulk_checkpoints >= 2, stats
-        assert stats.checkpoints >= 2, stats
+        # Each bulk checkpoint is followed up by a short one at the next
+        # transaction; the last may finish after the last commit, and then
+        # waits for a commit that this test does not make (seen once in 4
+        # full runs on a quiet machine: bulk 2, short 1).
+        assert stats.checkpoints >= max(1, stats.bulk_checkpoints - 1), stats
         assert stats.wal_pages < _store.WAL_LIMIT_PAGES, stats
     assert threads and threading.get_ident() not in threads
     # Reused from the start: far smaller than the 6,000 x 2 KB written.
