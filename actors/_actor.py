@@ -350,6 +350,20 @@ def _name(fn: object) -> str:
     return name if isinstance(name, str) else type(fn).__name__
 
 
+def failure_of(exc: BaseException) -> BaseException | None:
+    """The failure that ``exc``, raised by user code (the factory, a hook, a
+    handler), records; None if it must go on (the caller re-raises it).
+
+    An ``Exception`` is itself the failure; a stray ``Cancelled`` (see
+    :func:`stray_cancellation`) fails as a RuntimeError that says so; a
+    real cancellation, ``KeyboardInterrupt``, ``SystemExit`` and the like
+    go on. (``type()``: an exception's ``__class__`` may raise.)
+    """
+    if issubclass(type(exc), Exception):
+        return exc
+    return stray_cancellation(exc)
+
+
 def stray_cancellation(exc: BaseException) -> RuntimeError | None:
     """The failure to record if ``exc``, raised by user code, is a cancellation not for us.
 
@@ -665,21 +679,17 @@ class SessionActor:
                 outcome = await self._serve(instance, ctx)
             except StoreError:
                 raise
-            except Exception as exc:  # the factory or started() failed: a crash
-                text = describe(exc)
-                self._failure_text = (exc, text)
+            except BaseException as exc:  # the factory or started() failed: a crash
+                failure = failure_of(exc)
+                if failure is None:
+                    raise
+                text = describe(failure)
+                self._failure_text = (failure, text)
                 log.error(
                     "starting the actor of session %r failed:\n%s", self.session_id, text.report
                 )
-                self._failure = exc
-                self._start_failed = True
-                outcome = Exit.CRASH
-            except BaseException as exc:
-                stray = stray_cancellation(exc)  # (see _serve_loop)
-                if stray is None:
-                    raise
-                log.error("starting the actor of session %r failed", self.session_id, exc_info=exc)
-                self._failure = stray
+                self._failure = failure
+                self._start_failed = failure is exc
                 outcome = Exit.CRASH
             else:
                 if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
@@ -719,19 +729,14 @@ class SessionActor:
     async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
         try:
             await instance.stopped(ctx)
-        except Exception as exc:
+        except BaseException as exc:
+            failure = failure_of(exc)
+            if failure is None:
+                raise
             log.error(  # (describe(): the exception may misbehave, or be huge)
                 "stopped() hook of session %r raised; ignored:\n%s",
                 self.session_id,
-                describe(exc).report,
-            )
-        except BaseException as exc:
-            if stray_cancellation(exc) is None:
-                raise
-            log.error(
-                "stopped() hook of session %r raised a stray Cancelled; ignored",
-                self.session_id,
-                exc_info=exc,
+                describe(failure).report,
             )
 
     async def _serve(self, instance: Actor, ctx: Context) -> Exit:
@@ -914,27 +919,21 @@ class SessionActor:
                     if ctx._state_used or ctx._outbox is not None or msg.key is not None
                     else msg.id
                 )
-            except Exception as exc:
+            except BaseException as exc:
+                # An Exception fails the attempt, and so does a Cancelled
+                # that is not for this task (caught by the handler from an
+                # inner scope and raised again outside it): let through, no
+                # scope of ours would catch it, and the supervisor's nursery
+                # would end quietly. KeyboardInterrupt and the like (and a
+                # real cancellation) go on.
+                failure = failure_of(exc)
+                if failure is None:
+                    raise
                 self.handler_running = False
                 ctx._message = None
                 if self.timed_out:
                     return Exit.TIMEOUT  # the watchdog cancelled it as it raised
-                self._failure = exc
-                await self._stop_instance(instance, ctx)
-                return Exit.CRASH
-            except BaseException as exc:
-                # A Cancelled that is not for this task (caught by the
-                # handler from an inner scope and raised again outside it)
-                # fails the attempt: let through, no scope of ours would
-                # catch it, and the supervisor's nursery would end quietly.
-                # KeyboardInterrupt and the like (and a real cancellation)
-                # go on.
-                stray = stray_cancellation(exc)
-                if stray is None:
-                    raise
-                self.handler_running = False
-                ctx._message = None
-                self._failure = stray
+                self._failure = failure
                 await self._stop_instance(instance, ctx)
                 return Exit.CRASH
             ctx._message = None
