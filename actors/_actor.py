@@ -689,7 +689,7 @@ class SessionActor:
                     "starting the actor of session %r failed:\n%s", self.session_id, text.report
                 )
                 self._failure = failure
-                self._start_failed = failure is exc
+                self._start_failed = True
                 outcome = Exit.CRASH
             else:
                 if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:

@@ -110,7 +110,9 @@ async def test_handler_raising_a_stray_cancelled_fails_the_attempt(
 
 
 async def test_started_and_stopped_raising_a_stray_cancelled(db_path: str, clock: object) -> None:
-    """started() raising one crashes the incarnation (retried); stopped() raising one is ignored."""
+    """started() raising one is a failed start, charged to the head message as
+    any failed start is (the handler then sees attempt 2); stopped() raising
+    one is ignored."""
     calls: list[str] = []
 
     class Hostile(actors.Actor):
@@ -136,9 +138,35 @@ async def test_started_and_stopped_raising_a_stray_cancelled(db_path: str, clock
         await drain(system)
         await system.send("s", "two")
         await drain(system)
-    assert calls[:3] == ["started", "started", "handle one 1"]
+    assert calls[:3] == ["started", "started", "handle one 2"]
     assert "handle two 1" in calls
     assert "stopped" in calls
+
+
+async def test_started_always_raising_a_stray_cancelled_ends_in_dead_letters(
+    db_path: str, clock: object
+) -> None:
+    """No crash loop (invariant 5): each failed start uses an attempt of the head."""
+
+    class NeverStarts(actors.Actor):
+        async def started(self, ctx: actors.Context) -> None:
+            await _raise_inner_cancelled()
+
+        async def handle(self, ctx: actors.Context, msg: actors.Message) -> None:
+            raise AssertionError("never reached")
+
+    async with actors.run_system(
+        db_path,
+        handler=NeverStarts,
+        max_attempts=3,
+        retry_backoff=actors.Backoff(initial=0.01, jitter=0),
+        restart_policy=actors.RestartPolicy(backoff=actors.Backoff(initial=0.01, jitter=0)),
+    ) as system:
+        await system.send("s", "one")
+        await drain(system)
+        dead = system.dead_letters()
+    assert [(d.session_id, d.attempts) for d in dead] == [("s", 3)]
+    assert "stray" in dead[0].last_error or "Cancelled" in dead[0].last_error
 
 
 # -- item 7: KeyboardInterrupt between registering a task and parking it ----
