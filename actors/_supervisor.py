@@ -252,13 +252,7 @@ class Supervisor:
         pending, their attempt counted if their handler had started (a claim
         whose handler never started gives its attempt back).
         """
-        self.stopping = True
-        self._waiting.clear()
-        self._waiting_set.clear()
-        self._behind.clear()
-        self._behind_set.clear()
-        for actor in list(self._actors.values()):
-            actor.wake()
+        self.begin_stop()
         if self._actors:
             with trio.CancelScope(deadline=min(deadline, self._stop_deadline)) as grace:
                 self._grace = grace
@@ -268,6 +262,21 @@ class Supervisor:
                     self._grace = None
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def begin_stop(self) -> None:
+        """No handler starts from now on (synchronous: in the step that asks).
+
+        Actors are woken to leave, the line for slots is dropped (those
+        sessions' work stays in the database), and what is delivered later
+        (the router's last batch) stays pending. Idempotent.
+        """
+        self.stopping = True
+        self._waiting.clear()
+        self._waiting_set.clear()
+        self._behind.clear()
+        self._behind_set.clear()
+        for actor in list(self._actors.values()):
+            actor.wake()
 
     def hasten(self, deadline: float) -> None:
         """Bring the end of the stop's grace to ``deadline`` if that is sooner."""
@@ -360,11 +369,6 @@ class Supervisor:
         """Hold ``actor``'s next claim while another actor runs alone."""
         while self.isolating is not None and self.isolating is not actor:
             await self._isolation_over.wait()
-
-    def in_actor_task(self) -> bool:
-        """Whether the calling task is a session actor's (a handler runs in it)."""
-        nursery = self._nursery
-        return nursery is not None and trio.lowlevel.current_task().parent_nursery is nursery
 
     def is_live(self, session_id: str) -> bool:
         """Whether ``session_id`` has an actor right now."""

@@ -29,7 +29,7 @@ from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._timer import Timer
-from ._validate import check_int, check_message_id, check_seconds
+from ._validate import check_int, check_message_id, check_number, check_seconds
 
 log = logging.getLogger("actors.system")
 
@@ -154,6 +154,9 @@ class System:
         self._stop_begun = True
         self._closed = True
         self._router.close()
+        # No handler starts from this step on (the router's last batch still
+        # commits and its senders are answered; its messages stay pending).
+        self._sup.begin_stop()
         # Unhealthy from now on, for `actors health` in another process too.
         self._health.begin_stop(self._store, self.config.status_interval)
         if self._nursery is None:  # pragma: no cover - always set once running
@@ -220,16 +223,14 @@ class System:
           ValueError: ``grace`` is negative or NaN (``math.inf`` waits for
             the handlers without limit).
         """
-        if isinstance(grace, bool) or not isinstance(grace, int | float):
-            raise TypeError(f"grace must be a number of seconds, got {type(grace).__name__}")
-        if math.isnan(grace) or grace < 0:
-            raise ValueError(f"grace must be a number of seconds >= 0, got {grace!r}")
+        grace = check_number("grace", grace, minimum=0, maximum=math.inf)
         if not self._stopped.is_set():
-            self._begin_stop(float(grace))
+            self._begin_stop(grace)
             if self._body is not None:
                 self._body.cancel()
-        if self._sup.in_actor_task():
-            # A handler: waiting here would hold up the stop it waits for.
+        if self._calling_actor() is not None:
+            # A handler (or a task it started): waiting here would hold up
+            # the stop it waits for.
             await trio.lowlevel.checkpoint()
             return
         await self._stopped.wait()
@@ -340,14 +341,13 @@ class System:
         if self._closed:
             await self._refuse()
         session_id = check_session_id(session_id)
-        if self._sup.actor_tasks:
-            actor = self._calling_actor()
-            if actor is not None and actor.session_id == session_id:
-                raise RuntimeError(
-                    f"ask() of session {session_id!r} from its own actor would wait for "
-                    "itself: the session runs one message at a time, and this one is "
-                    "running (send() it, or ask another session)"
-                )
+        actor = self._calling_actor()
+        if actor is not None and actor.session_id == session_id:
+            raise RuntimeError(
+                f"ask() of session {session_id!r} from its own actor would wait for "
+                "itself: the session runs one message at a time, and this one is "
+                "running (send() it, or ask another session)"
+            )
         data = encode_body(body, self.config.max_message_bytes)
         seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
@@ -525,13 +525,12 @@ class System:
           RuntimeError: called from a session's actor (its handler, its
             hooks, or a task they started), which would wait for itself.
         """
-        if self._sup.actor_tasks:
-            actor = self._calling_actor()
-            if actor is not None:
-                raise RuntimeError(
-                    f"drain() called from the actor of session {actor.session_id!r} would "
-                    "wait for its own message, and never return: call it outside handlers"
-                )
+        actor = self._calling_actor()
+        if actor is not None:
+            raise RuntimeError(
+                f"drain() called from the actor of session {actor.session_id!r} would "
+                "wait for its own message, and never return: call it outside handlers"
+            )
         # Sends whose batch is committing count too: their messages enter
         # the outstanding count only once durable.
         await self._router.flushed()
@@ -541,9 +540,12 @@ class System:
         """The session actor whose task, or a task started inside it, calls (if any).
 
         Walks the calling task's parents (a handler may call from a nursery
-        of its own); done by drain() and ask() only, not per message.
+        of its own); done by drain(), ask() and shutdown() only, not per
+        message, and only while some actor runs.
         """
         tasks = self._sup.actor_tasks
+        if not tasks:
+            return None
         task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
         while task is not None:
             actor = tasks.get(task)

@@ -62,7 +62,10 @@ def describe(value: object) -> str:
 
 
 def _range_text(minimum: float, maximum: float) -> str:
-    return f"from {minimum:g} to {maximum:g}" if maximum < 1e15 else f">= {minimum:g}"
+    if maximum == float("inf"):
+        return f"number >= {minimum:g} (not NaN)"
+    bound = f"from {minimum:g} to {maximum:g}" if maximum < 1e15 else f">= {minimum:g}"
+    return f"finite number {bound}"
 
 
 def check_int(name: str, value: object, *, minimum: int = 0, maximum: int = MAX_INT) -> int:
@@ -127,9 +130,7 @@ def check_number(name: str, value: object, *, minimum: float, maximum: float = _
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not minimum <= value <= maximum:
-        raise ValueError(
-            f"{name} must be a finite number {_range_text(minimum, maximum)}, got {describe(value)}"
-        )
+        raise ValueError(f"{name} must be a {_range_text(minimum, maximum)}, got {describe(value)}")
     return float(value)
 
 

@@ -345,6 +345,26 @@ async def test_a_handler_can_stop_the_system_and_is_acked(
     assert rows(db_path, "SELECT value FROM state") == [('{"stopped":true}',)]
 
 
+async def test_a_task_a_handler_started_can_stop_the_system_and_is_acked(
+    db_path: str, autojump_clock: object
+) -> None:
+    """shutdown() from a task in the handler's own nursery returns at once too:
+    waiting, it would hold the handler (and so the stop) for the whole grace."""
+
+    async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ctx.system.shutdown, math.inf)
+        ctx.state["stopped"] = True
+
+    async with actors.run_system(db_path, handler=handler) as system:
+        await system.send_many([("s", "stop"), ("s", "after")])
+        began = trio.current_time()
+        await trio.sleep_forever()  # cancelled by the shutdown()
+    assert trio.current_time() - began < 1  # not a grace's worth (it is infinite)
+    assert rows(db_path, "SELECT body, attempts FROM messages") == [('"after"', 0)]
+    assert rows(db_path, "SELECT value FROM state") == [('{"stopped":true}',)]
+
+
 @pytest.mark.parametrize(
     ("grace", "error"),
     [
