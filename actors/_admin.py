@@ -22,9 +22,9 @@ import apsw
 import attrs
 
 from ._health import HEARTBEAT_KEY, Health, Heartbeat, judge, seconds_text
-from ._lock import is_held, lock_file, real_path
+from ._lock import is_held, lock_file
 from ._records import DeadLetter
-from ._starts import database_identity, read_marks
+from ._starts import database_identity, read_marks, starts_file
 from ._store import SCHEMA_VERSION, Store, database_path
 
 
@@ -213,7 +213,7 @@ _SESSIONS = (
 def starts_path(path: str) -> str:
     """The start table a system keeps beside the database (see ``_starts.py``),
     by its resolved path, as the store names it."""
-    return real_path(database_path(path)) + ".starts"
+    return starts_file(database_path(path))
 
 
 @attrs.frozen

@@ -53,6 +53,12 @@ class StartTableStatistics:
     marks: int  # handler starts written since the table opened
 
 
+def starts_file(db_path: str) -> str:
+    """The start table of the database at ``db_path``, by its resolved path
+    (as the lock's sidecar): every name of the file reaches the same one."""
+    return os.path.realpath(db_path) + ".starts"
+
+
 def database_identity(db_path: str) -> tuple[int, int]:
     """(device, inode) of the database file."""
     st = os.stat(db_path)

@@ -66,7 +66,7 @@ from ._codec import decode_body
 from ._codec import encode_json as _json_array
 from ._errors import SchemaVersionError, StoreError
 from ._records import DeadLetter, Message, new_message
-from ._starts import StartTable, database_identity, read_marks
+from ._starts import StartTable, database_identity, read_marks, starts_file
 from ._wake import WOKEN
 
 log = logging.getLogger("actors.store")
@@ -94,16 +94,16 @@ def _idle_waiter() -> Callable[[], Awaitable[None]]:
         return trio.testing.wait_all_tasks_blocked
 
 
-# WAL pages after which a checkpoint starts (SQLite's autocheckpoint
-# default): the bulk beside the commits (_checkpointer.py), then a short one
-# between two transactions. Past WAL_LIMIT_PAGES (the bulk could not keep
-# up) the committer checkpoints all of it with the commits held.
 # Room kept in a row, under SQLite's limit on a value (SQLITE_LIMIT_LENGTH,
 # which bounds a whole row too), for what sits beside the largest value a
 # user makes: a session id and a key (at most 1 KiB each), ids and times,
 # and an error text (at most 20,000 characters, 80 KB as UTF-8).
 ROW_ROOM = 1 << 17
 
+# WAL pages after which a checkpoint starts (SQLite's autocheckpoint
+# default): the bulk beside the commits (_checkpointer.py), then a short one
+# between two transactions. Past WAL_LIMIT_PAGES (the bulk could not keep
+# up) the committer checkpoints all of it with the commits held.
 CHECKPOINT_PAGES = 1000
 WAL_LIMIT_PAGES = 8 * CHECKPOINT_PAGES
 
@@ -441,7 +441,7 @@ class Store:
         self.path = path
         # Side files go by the resolved name, as the lock's (and SQLite's
         # -wal and -shm): a symbolic link or "x/../" reaches the same ones.
-        self.starts_path = os.path.realpath(path) + ".starts"
+        self.starts_path = starts_file(path)
         self.starts: StartTable | None = None  # created once the database is open
         # (device, inode) of the file opened; check_file() compares the path's with it.
         self.identity: tuple[int, int] | None = None
