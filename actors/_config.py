@@ -17,7 +17,7 @@ def _durability(_inst: object, attribute: attrs.Attribute[str], value: object) -
     if not isinstance(value, str):
         raise TypeError(f"durability must be a str, got {type(value).__name__}")
     if value not in ("normal", "full"):
-        raise ValueError(f"durability must be 'normal' or 'full', got {v.describe(value)}")
+        raise ValueError(f"durability must be 'normal' or 'full', got {v.value_text(value)}")
 
 
 @attrs.frozen(kw_only=True)

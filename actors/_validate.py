@@ -45,7 +45,7 @@ MAX_MESSAGE_BYTES = 2**29  # 512 MiB
 _MAX_FLOAT = sys.float_info.max
 
 
-def describe(value: object) -> str:
+def value_text(value: object) -> str:
     """``repr(value)`` for an error message: short, and never raising.
 
     A huge int (past Python's digit limit for ``str``) or an object whose
@@ -80,7 +80,7 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int = MAX_
         bound = (
             f"from {minimum} to {maximum}" if maximum != MAX_INT else f"from {minimum} to 2**63-1"
         )
-        raise ValueError(f"{name} must be an int {bound}, got {describe(value)}")
+        raise ValueError(f"{name} must be an int {bound}, got {value_text(value)}")
     return int(value)
 
 
@@ -116,7 +116,7 @@ def check_seconds(
         bound = "> 0" if positive else ">= 0"
         raise ValueError(
             f"{name} must be a finite number of seconds {bound} and at most {maximum:g}, "
-            f"got {describe(value)}"
+            f"got {value_text(value)}"
         )
     return float(value)
 
@@ -130,7 +130,9 @@ def check_number(name: str, value: object, *, minimum: float, maximum: float = _
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be a {_range_text(minimum, maximum)}, got {describe(value)}")
+        raise ValueError(
+            f"{name} must be a {_range_text(minimum, maximum)}, got {value_text(value)}"
+        )
     return float(value)
 
 
