@@ -211,8 +211,8 @@ class System:
 
         Returns once all of that is done. Called from inside the block (the
         usual signal-handling recipe, see docs/lifecycle.md), the caller is
-        cancelled with the block; the stop goes on. Called from a handler,
-        it returns at once (the stop waits for that handler, which finishes
+        cancelled with the block; the stop goes on. Called from a handler
+        (its hooks, or a task they started), it returns at once (the stop waits for that handler, which finishes
         and is acknowledged like any other running one). Idempotent: a
         later call waits for the same stop, and can only shorten the grace
         (``shutdown(0)`` cancels the running handlers now). Leaving the
