@@ -9,9 +9,9 @@ actor or the whole process dies.
         await system.send("session-1", {"kind": "observation"})
 """
 
-from ._actor import Actor, Context
 from ._bridge import AsyncioSubscription, BlockingSubscription, Bridge, BridgeStatistics
 from ._config import Config
+from ._context import Actor, Context
 from ._errors import (
     ActorKilledError,
     ActorsError,

@@ -1,9 +1,16 @@
-"""One session's actor: claim the head message, run the handler, ack / retry / dead.
+"""One session's actor: a written state machine that claims, runs and acks its messages.
 
 A :class:`SessionActor` lives in the supervisor's registry while its session
 is active. It runs *incarnations* one after another: each incarnation is a
 fresh instance of the user's actor, so a crash never leaks state into the
-next attempt.
+next attempt. Where it is at any moment is its :class:`Phase`; every change
+of phase goes through :meth:`SessionActor._to`, which asserts that the
+change is one of :data:`TRANSITIONS` (the table in docs/architecture.md,
+checked against this one by tests/test_architecture.py).
+
+Serving is a loop of a synchronous decision (:meth:`SessionActor._next_step`:
+what to do next, given the phase and what is known) and the awaits that
+carry it out, as trio's ``send_nowait``/``send`` split decisions from waits.
 
 The database is the source of truth for order. Every message reaches the
 handler claimed in the database, its attempt counted: either by the actor's
@@ -19,335 +26,124 @@ seq N"); an actor with nothing to do parks until a notice beyond what it
 claimed, a handoff or a wake-up reschedules it. Acks are pipelined: the
 next handed message runs while the previous ack commits (acks commit in
 order; the start table keeps recovery honest).
+
+The actor sees its supervisor only through :class:`ActorHost`, and its
+handler's context only through :class:`~actors._session.SessionData`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import inspect
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
 import attrs
 import trio
 
-from ._codec import check_encoded, check_session_id, decode_body, encode_body, encode_json
+from ._clock import Clock
+from ._config import Config
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
 from ._failure import FailureText, describe, rejected
+from ._gauge import Gauge
 from ._records import Message
-from ._store import Ack, Claim
+from ._reply import Reply
+from ._session import SessionData
+from ._starts import StartTable
+from ._store import Ack, Claim, Store
+from ._streams import Outputs
 from ._wake import WOKEN
-
-if TYPE_CHECKING:
-    from ._supervisor import Supervisor
-    from ._system import System
+from ._watchdog import IdleWatch, Watchdog
 
 log = logging.getLogger("actors.actor")
 
 
-class Context:
-    """What a handler gets besides the message: its session, state and outbox.
+class Instance(Protocol):
+    """One incarnation of the user's actor (an ``actors.Actor``)."""
+
+    async def started(self, ctx: Any) -> None: ...
+    async def handle(self, ctx: Any, msg: Message) -> Any: ...
+    async def stopped(self, ctx: Any) -> None: ...
+
+
+@attrs.frozen
+class Behaviour:
+    """What the session actors run, made from ``run_system``'s handler (``actor_factory``).
 
     Attributes:
-      session_id: the session this actor serves.
-      system: the running :class:`System` (``ctx.system.send`` sends at
-        once, outside the message's transaction; ``ctx.send`` is usually
-        what you want).
-
-    A context belongs to one incarnation of the session's actor: a restart
-    gets a fresh one, loaded from what was committed.
+      new_instance: builds a fresh instance for each incarnation.
+      loads_state_at_start: the instance has its own ``started`` hook, which
+        may read ``ctx.state``: the state is loaded before it (otherwise
+        with the first claim, in the same transaction).
+      function: a function handler, called directly with ``(ctx, msg)``
+        instead of through its instance's ``handle`` (one frame fewer per
+        message).
     """
 
-    __slots__ = (
-        "_message",
-        "_outbox",
-        "_state",
-        "_state_json",
-        "_state_used",
-        "session_id",
-        "system",
-    )
+    new_instance: Callable[[], Instance]
+    loads_state_at_start: bool
+    function: Callable[[Any, Message], Awaitable[Any]] | None
 
-    def __init__(self, session_id: str, system: System) -> None:
-        self.session_id = session_id
-        self.system = system
-        self._state: dict[str, Any] | None = None  # None until loaded
-        self._state_json = "{}"  # the state as last committed (or about to be)
-        self._state_used = False  # the handler may have changed it: compare at the ack
-        self._outbox: list[tuple[str, str | bytes, float]] | None = None
-        self._message: Message | None = None  # the message being handled
 
-    def __repr__(self) -> str:
-        return f"<Context session_id={self.session_id!r}>"
+class ActorHost(Protocol):
+    """What a session actor may read, ask and tell of its supervisor.
 
-    # -- durable state ------------------------------------------------------
+    Read: the options, the clock, the store, whether the system stops,
+    whether others wait for a slot, who runs alone, and the objects an
+    actor reports to on its hot path (the busy count, the deadline
+    watches, the idle set, the replies and subscribers). Ask: a context,
+    a restart delay, a retry delay, isolation, leave. Tell: what happened
+    (started, acked, sent, dead-lettered, failed, rejected).
+    """
+
+    config: Config
+    clock: Clock
+    store: Store
+    behaviour: Behaviour
+    busy: Gauge  # actors holding a claimed message: follows SessionActor.in_flight
+    watchdog: Watchdog
+    idle_watch: IdleWatch
+    idle_actors: set[SessionActor]  # parked actors (an idle one leaves first for a waiter)
+    actor_tasks: dict[trio.lowlevel.Task, SessionActor]
+    outputs: Outputs
+    observer: Callable[[Message, float], None] | None
+    stopping: bool
+    isolating: SessionActor | None
 
     @property
-    def state(self) -> dict[str, Any]:
-        """The session's durable state: a dict of JSON-compatible values.
-
-        Empty for a new session. Change it in place (or assign a new dict);
-        the change is committed in the same transaction as the ack of the
-        message being handled, so a crash never applies a message to the
-        state twice and never loses an applied change. If the handler fails
-        (raises, times out, is killed), the state is as it was before the
-        message. Values make a JSON round trip: tuples come back as lists,
-        dict keys as strings.
-
-        The same dict is the state from ``started`` to the end of the
-        incarnation (unless you assign another): a reference kept from
-        ``started`` or an earlier message is the live state, and what
-        ``started`` changes is committed with the next acknowledged
-        message. Changes made in ``stopped`` are never committed.
-        """
-        state = self._state
-        if state is None:
-            raise RuntimeError(
-                "ctx.state is loaded with the session's first message: use it in handle()"
-            )
-        self._state_used = True
-        return state
-
-    @state.setter
-    def state(self, value: dict[str, Any]) -> None:
-        if not isinstance(value, dict):
-            raise TypeError(f"ctx.state must be a dict, got {type(value).__name__}")
-        self._state = value
-        self._state_used = True
-
-    def _load_state(self, text: str | None) -> None:
-        if text is None:
-            self._state, self._state_json = {}, "{}"
-            return
-        value = decode_body(text)
-        if not isinstance(value, dict):
-            raise ValueError(f"stored state of session {self.session_id!r} is not an object")
-        self._state, self._state_json = value, text
-
-    # -- the outbox ---------------------------------------------------------
-
-    def send(self, session_id: str, body: Any) -> _Queued:
-        """Send ``body`` to ``session_id`` when, and only if, this message is acked.
-
-        The message is committed in the same transaction as the ack of the
-        message being handled (a transactional outbox): if the handler
-        fails, nothing is sent, and a redelivered message does not send
-        twice. Validated now (as ``System.send`` validates); delivered after
-        the commit. Awaiting the result is allowed and optional.
-
-        Raises:
-          RuntimeError: called outside ``handle``.
-          TypeError / ValueError: as ``System.send``.
-        """
-        if self._message is None:
-            raise RuntimeError(
-                "ctx.send() commits with the ack of the message being handled: call it in "
-                "handle() (elsewhere, use ctx.system.send())"
-            )
-        session_id = check_session_id(session_id)
-        system = self.system
-        data = encode_body(body, system.config.max_message_bytes)
-        if self._outbox is None:
-            self._outbox = []
-        self._outbox.append((session_id, data, system._clock.now()))
-        return _QUEUED
-
-    # -- outputs ------------------------------------------------------------
-
-    async def emit(self, value: Any) -> None:
-        """Stream ``value`` to the session's subscribers (``System.subscribe``).
-
-        Waits while a subscriber's buffer is full (backpressure); returns at
-        once if nobody subscribes. Outputs are live, not durable: a
-        redelivered message emits again.
-        """
-        await self.system._sup.outputs.publish(self.session_id, value)
-
-    # -- the actor's side ---------------------------------------------------
-
-    def _ack(self, msg: Message) -> int | Ack:
-        """What the ack of ``msg`` must write: its id alone, or an Ack.
-
-        Raises TypeError if the handler left ``state`` not JSON-compatible,
-        ValueError if its text is too large for the database
-        (``Store.max_value_bytes``): the attempt fails, and the state is
-        rolled back.
-        """
-        state_json: str | None = None
-        if self._state_used:
-            try:
-                text = encode_json(self._state)
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise TypeError(f"ctx.state is not JSON-compatible: {exc}") from None
-            if text != self._state_json:
-                # Checked only when it is written: a text equal to the
-                # committed one passed this check when it was written.
-                check_encoded(self._state, text, "ctx.state is not JSON-compatible: it")
-                limit = self.system._store.max_value_bytes
-                if len(text) > limit >> 2:  # (UTF-8 takes at most 4 bytes a character)
-                    _check_state_size(text, limit)
-                state_json = self._state_json = text
-        outbox, self._outbox = self._outbox, None
-        if state_json is None and outbox is None and msg.key is None:
-            return msg.id
-        return Ack(msg.id, self.session_id, state_json, outbox, msg.key, self.system._clock.now())
-
-
-def _check_state_size(text: str, limit: int) -> None:
-    """Refuse a state the database cannot store (the attempt fails, the system goes on)."""
-    size = len(text) if text.isascii() else len(text.encode("utf-8"))
-    if size > limit:
-        raise ValueError(
-            f"ctx.state is {size} bytes encoded; the database stores at most {limit} "
-            "(SQLite's SQLITE_LIMIT_LENGTH, less room for the rest of the row)"
-        )
-
-
-class _Queued:
-    """What ``ctx.send`` returns: nothing to wait for, but awaitable."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield  # pragma: no cover - makes this a generator
-
-
-_QUEUED = _Queued()
-
-
-class Actor:
-    """Base class of a class-based actor: one instance per active session.
-
-    Subclass it and pass the class as ``run_system(..., handler=MyActor)``.
-    An instance is created when the session's actor starts (on demand, after
-    a passivation, or after a crash: a crash always gets a fresh instance),
-    so attributes set in ``started`` or ``handle`` live exactly as long as
-    the actor is active. Durable state belongs in the database.
-
-    ``handle`` is required; ``started`` and ``stopped`` are optional hooks.
-    ``stopped`` runs when the actor passivates, yields its slot, stops with
-    the system, or after its handler raised; it does not run after a kill
-    or a crash of the process, just as no code runs after a real crash.
-    """
-
-    async def started(self, ctx: Context) -> None:
-        """Called once per instance, before its first message."""
-
-    async def handle(self, ctx: Context, msg: Message) -> None:
-        """Process one message. Raise to fail the attempt (it will be retried)."""
-        raise NotImplementedError(f"{type(self).__name__} must define handle(self, ctx, msg)")
-
-    async def stopped(self, ctx: Context) -> None:
-        """Called when the instance is retired (not after a kill)."""
-
-
-Handler = Callable[[Context, Message], Awaitable[Any]]
-
-
-class _FunctionActor(Actor):
-    """The function spelling of an actor: ``handler(ctx, msg)`` and nothing else.
-
-    The actor calls ``_fn`` directly, without this class's ``handle`` frame.
-    """
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Handler) -> None:
-        self._fn = fn
-
-    async def handle(self, ctx: Context, msg: Message) -> None:
-        await self._fn(ctx, msg)
-
-
-def actor_factory(handler: object) -> Callable[[], Actor]:
-    """Turn ``run_system``'s ``handler`` into a factory of fresh actor instances.
-
-    The handler's signature is checked here, once, so that a handler that
-    cannot take ``(ctx, msg)`` is refused at ``run_system`` rather than
-    failing every attempt of every message. A callable whose signature
-    cannot be inspected (some builtins and C extensions) is taken on trust.
-
-    Raises:
-      TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
-        nor a subclass of :class:`Actor` that can be built with no
-        arguments and whose ``handle(self, ctx, msg)`` (and
-        ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
-        ``async def`` and take those arguments.
-    """
-    if isinstance(handler, type):
-        if issubclass(handler, Actor):
-            if handler.handle is Actor.handle:
-                raise TypeError(f"{handler.__name__} must define handle(self, ctx, msg)")
-            _check_method(handler, "handle", "ctx, msg")
-            _check_method(handler, "started", "ctx")
-            _check_method(handler, "stopped", "ctx")
-            # The runtime builds each instance as handler(): a class whose
-            # __init__ needs an argument would fail every start of every
-            # session, before any message is claimed.
-            name = handler.__name__
-            _check_call(
-                handler,
-                0,
-                f"actor class {name}",
-                f"no arguments: the runtime builds each instance as {name}()",
-            )
-            return handler
-        raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
-    if isinstance(handler, Actor):
-        raise TypeError(
-            "pass the Actor subclass itself, not an instance: each session gets fresh instances"
-        )
-    if callable(handler) and (
-        inspect.iscoroutinefunction(handler)
-        or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - async __call__
-    ):
-        _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
-        fn: Handler = handler
-        return lambda: _FunctionActor(fn)
-    raise TypeError(
-        "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
-        f"got {handler!r}"
-    )
-
-
-def _check_method(cls: type[Actor], name: str, params: str) -> None:
-    """Refuse ``cls.<name>`` unless it is ``async def <name>(self, <params>)``."""
-    raw = inspect.getattr_static(cls, name)
-    if raw is getattr(Actor, name):
-        return  # Actor's own hook
-    method = getattr(cls, name)
-    where = f"{cls.__name__}.{name}"
-    if not inspect.iscoroutinefunction(method):
-        raise TypeError(f"{where} must be an async method: async def {name}(self, {params})")
-    # A plain function is called on an instance: it takes self too.
-    count = params.count(",") + 1
-    if not isinstance(raw, (staticmethod, classmethod)):
-        count += 1
-    _check_call(method, count, where, f"(self, {params})")
-
-
-def _check_call(fn: object, count: int, where: str, expected: str) -> None:
-    """Refuse ``fn`` if it cannot be called with ``count`` positional arguments."""
-    try:
-        signature = inspect.signature(fn)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return  # no signature to inspect (a builtin, a C extension): trust it
-    try:
-        signature.bind(*range(count))
-    except TypeError as exc:
-        raise TypeError(
-            f"{where} must take {expected}; its signature is {signature} ({exc})"
-        ) from None
-
-
-def _name(fn: object) -> str:
-    name = getattr(fn, "__qualname__", None)
-    return name if isinstance(name, str) else type(fn).__name__
+    def replies(self) -> Mapping[int, Reply]: ...  # message ids an ask() waits for
+    @property
+    def has_waiters(self) -> bool: ...
+    def new_context(self, data: SessionData) -> Any: ...
+    def retry_delay(self, attempt: int) -> float: ...
+    def on_restart(
+        self, actor: SessionActor, failure: BaseException, summary: str | None = None
+    ) -> tuple[float, bool]: ...
+    async def isolate(self, actor: SessionActor) -> None: ...
+    def end_isolation(self, actor: SessionActor) -> None: ...
+    async def wait_isolation(self, actor: SessionActor) -> None: ...
+    def retire(self, actor: SessionActor, outcome: Exit) -> bool: ...
+    def forget(self, actor: SessionActor) -> None: ...
+    def on_actor_started(self, actor: SessionActor) -> None: ...
+    def on_acked(self) -> None: ...
+    def on_acks_committed(self, result: tuple[int, list[tuple[str, int]] | None]) -> None: ...
+    def on_sent(self, sent: list[tuple[str, int]]) -> None: ...
+    def on_dead_lettered(
+        self, session_id: str, count: int, ids: tuple[int, ...] = (), reason: str = ""
+    ) -> None: ...
+    def on_rejected(self, actor: SessionActor) -> None: ...
+    def answer(self, msg_id: int, result: object) -> None: ...
+    def on_attempt_failed(
+        self,
+        session_id: str,
+        msg: Message,
+        failure: BaseException,
+        dead: bool,
+        text: FailureText | None = None,
+    ) -> None: ...
 
 
 def failure_of(exc: BaseException) -> BaseException | None:
@@ -401,7 +197,123 @@ class Exit(enum.Enum):
     WAIT = "wait"  # the head waits for its retry time; the timer brings it back
     STOP = "stop"  # the system is stopping
     CRASH = "crash"  # handler raised, timed out, was killed, or a hook failed
+    START_FAILED = "start failed"  # (internal) the factory or started() raised
     TIMEOUT = "timeout"  # (internal to _serve) the handler outlived handler_timeout
+
+
+class Phase(enum.Enum):
+    """Where a session actor is. The legal changes are :data:`TRANSITIONS`."""
+
+    NEW = "new"  # registered; its task has not run yet
+    STARTING = "starting"  # builds an instance, loads the state, runs started()
+    CLAIMING = "claiming"  # a claim of the session's head (with the previous ack) commits
+    HOLDING = "holding"  # holds a claimed message whose handler has not started
+    RUNNING = "running"  # the handler runs (handler_timeout applies)
+    ACKING = "acking"  # waits for its ack to commit (before an answer, a leave, isolation)
+    EMITTING = "emitting"  # waits for subscribers to take the handler's result
+    IDLE = "idle"  # nothing to do: parked until a notice, a handoff or a wake-up
+    HANDOFF = "handoff"  # waits for messages being inserted claimed for it
+    ISOLATION = "isolation"  # waits while a crash suspect runs alone, or to run one alone
+    DUE = "due"  # waits (keeping its slot) for its head's retry time, which is near
+    STOPPING = "stopping"  # runs the instance's stopped() hook
+    FAILING = "failing"  # records a crash: fails the attempt, gives back what it holds
+    BACKOFF = "backoff"  # waits out the restart delay before the next incarnation
+    RELEASING = "releasing"  # gives back the messages it holds (they were not started)
+    LEFT = "left"  # out of the registry; its task ends
+
+
+# Phases of serving (an incarnation between started() and its end): the
+# router may hand such an actor messages claimed on delivery.
+SERVING = frozenset(
+    {
+        Phase.CLAIMING,
+        Phase.HOLDING,
+        Phase.RUNNING,
+        Phase.ACKING,
+        Phase.EMITTING,
+        Phase.IDLE,
+        Phase.HANDOFF,
+        Phase.ISOLATION,
+        Phase.DUE,
+    }
+)
+# Anywhere a kill, a handler timeout or a hard stop can land (an await
+# inside an incarnation's cancel scope).
+_CANCELLABLE = SERVING | {Phase.STARTING, Phase.STOPPING, Phase.RELEASING}
+
+# {phase: the phases it may change to}. docs/architecture.md prints this
+# table; tests/test_architecture.py checks that the two agree.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.NEW: frozenset({Phase.STARTING, Phase.RELEASING}),
+    Phase.STARTING: frozenset(
+        {Phase.CLAIMING, Phase.HOLDING, Phase.HANDOFF, Phase.ISOLATION, Phase.RELEASING}
+        | {Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.CLAIMING: frozenset(
+        {Phase.HOLDING, Phase.IDLE, Phase.ISOLATION, Phase.DUE, Phase.CLAIMING}
+        | {Phase.HANDOFF, Phase.ACKING, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.HOLDING: frozenset({Phase.RUNNING, Phase.RELEASING, Phase.FAILING}),
+    Phase.RUNNING: frozenset(
+        {Phase.HOLDING, Phase.CLAIMING, Phase.IDLE, Phase.ACKING, Phase.EMITTING}
+        | {Phase.HANDOFF, Phase.ISOLATION, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.ACKING: frozenset(
+        {Phase.EMITTING, Phase.HOLDING, Phase.CLAIMING, Phase.IDLE, Phase.HANDOFF}
+        | {Phase.ISOLATION, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.EMITTING: frozenset(
+        {Phase.HOLDING, Phase.CLAIMING, Phase.IDLE, Phase.ACKING, Phase.HANDOFF}
+        | {Phase.ISOLATION, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.IDLE: frozenset(
+        {Phase.HOLDING, Phase.CLAIMING, Phase.HANDOFF, Phase.ISOLATION, Phase.ACKING}
+        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.HANDOFF: frozenset(
+        {Phase.HOLDING, Phase.CLAIMING, Phase.ISOLATION, Phase.HANDOFF, Phase.ACKING}
+        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.ISOLATION: frozenset(
+        {Phase.CLAIMING, Phase.HOLDING, Phase.HANDOFF, Phase.ACKING, Phase.ISOLATION}
+        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.DUE: frozenset(
+        {Phase.CLAIMING, Phase.HOLDING, Phase.HANDOFF, Phase.ISOLATION, Phase.ACKING}
+        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+    ),
+    Phase.STOPPING: frozenset({Phase.STARTING, Phase.FAILING, Phase.RELEASING, Phase.LEFT}),
+    Phase.FAILING: frozenset(
+        {Phase.STARTING, Phase.BACKOFF, Phase.RELEASING, Phase.FAILING, Phase.LEFT}
+    ),
+    Phase.BACKOFF: frozenset({Phase.STARTING, Phase.RELEASING, Phase.LEFT}),
+    Phase.RELEASING: frozenset(
+        {Phase.STOPPING, Phase.STARTING, Phase.ISOLATION, Phase.FAILING, Phase.RELEASING}
+        | {Phase.LEFT}
+    ),
+    Phase.LEFT: frozenset(),
+}
+
+
+class Step(enum.Enum):
+    """What a serving actor does next (SessionActor._next_step)."""
+
+    STOP = "stop"  # the system stops: flush the ack, give back what it holds
+    YIELD = "yield"  # its fair share is used and others wait: leave for the back of the line
+    END_ISOLATION = "end isolation"  # the suspect it ran alone is done: let others claim
+    WAIT_ISOLATION = "wait isolation"  # another actor runs a suspect alone: hold nothing, wait
+    WAIT_HANDOFF = "wait handoff"  # messages are being inserted claimed for it
+    TAKE_HANDED = "take handed"  # run the next message it was handed
+    CLAIM = "claim"  # claim the session's head from the database
+    NEXT = "next"  # (after a step) decide again
+    AWAIT_WORK = "await work"  # (after a step) nothing to do: wait for work
+
+
+class Cancel(enum.Enum):
+    """Why the incarnation's cancel scope was cancelled (a kill wins over a timeout)."""
+
+    KILLED = "killed"
+    TIMED_OUT = "timed out"
 
 
 @attrs.frozen
@@ -409,6 +321,7 @@ class SessionActorStatistics:
     """One session actor right now."""
 
     session_id: str
+    phase: str  # Phase.value
     in_flight: int | None  # the id of the message it holds
     handler_running: bool
     idle: bool
@@ -420,42 +333,64 @@ class SessionActorStatistics:
     parked: bool  # waiting for work (its task parked until someone brings it)
 
 
-class SessionActor:
-    """A session's slot in the registry: its handed messages and its incarnations."""
+class _Serving:
+    """One serving period's working set (SessionActor._serve)."""
 
-    def __init__(self, session_id: str, supervisor: Supervisor) -> None:
+    __slots__ = ("ack", "alone", "ctx", "data", "handle", "instance", "starts")
+
+    def __init__(
+        self,
+        instance: Instance,
+        data: SessionData,
+        ctx: Any,
+        function: Callable[[Any, Message], Awaitable[Any]] | None,
+        starts: StartTable | None,
+    ) -> None:
+        self.instance = instance
+        self.starts = starts  # the start table, if this actor has a slot in it
+        self.data = data
+        self.ctx = ctx
+        self.handle: Callable[[Any, Message], Awaitable[Any]] = (
+            function if function is not None else instance.handle
+        )
+        # The previous message's ack when it is not yet submitted: it goes
+        # with the next claim, or is flushed before a wait.
+        self.ack: int | Ack | None = None
+        self.alone = False  # this actor holds the isolation (see Supervisor.isolate)
+
+
+class SessionActor:
+    """A session's slot in the registry: its phase, its handed messages and its incarnations."""
+
+    def __init__(self, session_id: str, host: ActorHost) -> None:
         self.session_id = session_id
-        self._sup = supervisor
+        self._host = host
+        self.phase = Phase.NEW  # changed only by _to()
         # The claimed message a handler is (about to be) running, until its
         # ack commits. Set and cleared only right after a store call returns,
         # so it always agrees with the database: whatever ends the
         # incarnation, this is the message to fail or release. (A property:
-        # the supervisor's busy count follows it.)
+        # the host's busy count follows it.)
         self._in_flight: Message | None = None
-        # Whether the handler was started for in_flight (a kill before that
-        # gives the attempt back).
+        # Whether in_flight's attempt is spent: its handler started (a kill
+        # before that gives the attempt back).
         self.handler_started = False
         # The live incarnation's cancel scope (None between incarnations):
-        # kill() cancels it, and only it.
+        # kill() and time_out() cancel it, and only it; _cancel says which.
         self._scope: trio.CancelScope | None = None
-        self._killed = False
+        self._cancel: Cancel | None = None
         self._failure: BaseException | None = None
         # The failure and its text, when the text was made where it was
         # caught (a failing started() logs it); else _after_crash makes it.
         self._failure_text: tuple[BaseException, FailureText] | None = None
-        # The incarnation failed to start (its constructor or started()
-        # raised): _after_crash charges that to the session's head message.
-        self._start_failed = False
-        # ... and found no message to charge it to: the actor may leave.
-        self._nothing_to_start = False
-        # Cancelled to cut a backoff wait short (stop, a waiter, a wake-up).
+        # Cancelled to cut a backoff or due wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
         # The task, while it waits for work (parked: no cancel scope, no
         # channel); unpark() reschedules it. The IdleWatch ends the wait at
         # idle_deadline.
         self._parked: trio.lowlevel.Task | None = None
         self.idle_deadline = math.inf
-        self.idle_watched = False
+        self.idle_watched = False  # the IdleWatch's heap has an entry for this actor
         self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
         self.notified_seq = 0  # highest seq the router announced
         # Whether every message of the session in the database up to
@@ -475,10 +410,6 @@ class SessionActor:
         # (_wait_handoff); take_handoff() reschedules it, as unpark() does
         # for the wait for work (cheaper than an Event per reservation).
         self._handoff_waiter: trio.lowlevel.Task | None = None
-        # Whether the serve loop runs and may take handoffs (not during a
-        # claim from the database, which would find them in flight).
-        self._serving = False
-        self._claiming = False
         # Serving periods (one per _serve call) and the one a reservation was
         # made in. A handoff is taken only in the period it was reserved in:
         # the store judged "nothing of the session pending" at insert time,
@@ -487,24 +418,26 @@ class SessionActor:
         self._serve_gen = 0
         self._reserve_gen = -1
         # This actor's slot in the start table (see _starts.py).
-        starts = supervisor.store.starts
+        starts = host.store.starts
         self.slot = starts.acquire() if starts is not None else -1
-        # handler_timeout (see Watchdog): set around each handler call.
-        self.handler_running = False
+        # handler_timeout (see Watchdog): set before each handler call.
         self.handler_deadline = math.inf
-        self.watched = False  # the watchdog's heap has an entry for this actor
-        # Set with the cancel of the incarnation's scope by time_out(): what
-        # tells a timeout from a kill (_killed) once the scope has caught it.
-        self.timed_out = False
+        self.watched = False  # the Watchdog's heap has an entry for this actor
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
+
+    def _to(self, phase: Phase) -> None:
+        """Change phase: the one place that does, and it asserts the change is legal."""
+        assert phase in TRANSITIONS[self.phase], f"{self.phase.name} -> {phase.name}"
+        self.phase = phase
 
     def statistics(self) -> SessionActorStatistics:
         """A snapshot of this actor."""
         return SessionActorStatistics(
             session_id=self.session_id,
+            phase=self.phase.value,
             in_flight=self._in_flight.id if self._in_flight is not None else None,
-            handler_running=self._in_flight is not None and self.handler_started,
+            handler_running=self.handler_running,
             idle=self.idle,
             caught_up=self.caught_up,
             claimed_seq=self.claimed_seq,
@@ -522,8 +455,18 @@ class SessionActor:
     @in_flight.setter
     def in_flight(self, msg: Message | None) -> None:
         if (msg is None) != (self._in_flight is None):
-            self._sup.busy.add(1 if msg is not None else -1)
+            self._host.busy.add(1 if msg is not None else -1)
         self._in_flight = msg
+
+    @property
+    def handler_running(self) -> bool:
+        """The handler runs now (the Watchdog times it)."""
+        return self.phase is Phase.RUNNING
+
+    @property
+    def serving(self) -> bool:
+        """Between started() and the end of the incarnation."""
+        return self.phase in SERVING
 
     # -- called by router / supervisor (sync, trio thread) ---------------
 
@@ -540,7 +483,7 @@ class SessionActor:
                 self.unpark()
 
     def wake(self) -> None:
-        """Cut an idle or backoff wait short, so the actor looks again."""
+        """Cut an idle, due or backoff wait short, so the actor looks again."""
         if self._parked is not None:
             self.unpark()
         elif self._wait_scope is not None:
@@ -549,7 +492,7 @@ class SessionActor:
     def _abort_park(self, _: object) -> trio.lowlevel.Abort:
         # The parked task is cancelled (a kill, or the system stopping hard).
         self._parked = None
-        self._sup.idle_actors.discard(self)
+        self._host.idle_actors.discard(self)
         return trio.lowlevel.Abort.SUCCEEDED
 
     @property
@@ -562,7 +505,7 @@ class SessionActor:
         task = self._parked
         if task is not None:
             self._parked = None
-            self._sup.idle_actors.discard(self)
+            self._host.idle_actors.discard(self)
             trio.lowlevel.reschedule(task, WOKEN)
 
     @property
@@ -575,18 +518,18 @@ class SessionActor:
     def time_out(self) -> None:
         """The running handler passed its deadline (Watchdog): cancel it.
 
-        It cancels the incarnation's scope, as kill() does; ``timed_out``
-        tells the two apart (_incarnation).
+        It cancels the incarnation's scope, as kill() does; ``_cancel`` tells
+        the two apart (_incarnation).
         """
-        if self.handler_running and self._scope is not None and not self._killed:
-            self.timed_out = True
+        if self.phase is Phase.RUNNING and self._scope is not None and self._cancel is None:
+            self._cancel = Cancel.TIMED_OUT
             self._scope.cancel()
 
     def kill(self) -> bool:
         """Crash the live incarnation now. Returns False if none is running."""
-        if self._scope is None or self._killed:
+        if self._scope is None or self._cancel is Cancel.KILLED:
             return False
-        self._killed = True
+        self._cancel = Cancel.KILLED
         self._scope.cancel()
         return True
 
@@ -598,37 +541,19 @@ class SessionActor:
 
     async def run(self) -> None:
         """Incarnations until the session is idle, waits, yields, or the system stops."""
-        sup = self._sup
+        host = self._host
         task = trio.lowlevel.current_task()
-        sup.actor_tasks[task] = self  # (once per activation: see System._calling_actor)
+        host.actor_tasks[task] = self  # (once per activation: see System._calling_actor)
         # One frame, not a wrapper around the loop: every resumption of the
         # actor's task walks its chain of coroutines (a wrapper measured one
         # more call per message in the profile).
         try:
             while True:
-                outcome = await self._incarnation()
-                if outcome is Exit.CRASH:
-                    delay = await self._after_crash()
-                    if sup.stopping:
-                        await self._release_in_flight()
-                        outcome = Exit.STOP
-                    elif self._nothing_to_start:
-                        outcome = Exit.IDLE  # (it stays if work came: retire() says)
-                    elif delay > 0 and (delay > sup.config.idle_timeout or sup.has_waiters):
-                        # Leave the slot. The wait must be on the head in the
-                        # database, or nothing would bring the session back.
-                        if self.wait_until is None:
-                            until = sup.clock.now() + delay
-                            store = sup.store
-                            if await store.call(store.op_defer_head, self.session_id, until):
-                                self.wait_until = until
-                        outcome = Exit.IDLE if self.wait_until is None else Exit.WAIT
-                    else:
-                        await self._wait(delay)
-                        if not sup.stopping:
-                            continue
-                        outcome = Exit.STOP  # (woken by the stop: no instance to start for it)
-                if sup.retire(self, outcome):
+                outcome: Exit | None = await self._incarnation()
+                if outcome is Exit.CRASH or outcome is Exit.START_FAILED:
+                    outcome = await self._recover(outcome is Exit.START_FAILED)
+                if outcome is not None and host.retire(self, outcome):
+                    self._to(Phase.LEFT)
                     return
         except BaseException as exc:
             # Cancelled by a hard stop (or the system failing): the message
@@ -637,23 +562,50 @@ class SessionActor:
             # says attempt > 1. Anything else escaping a handler
             # (KeyboardInterrupt, SystemExit) is treated like a dead process.
             await self._release_in_flight(crashed=not isinstance(exc, trio.Cancelled))
-            sup.forget(self)
+            host.forget(self)
+            self._to(Phase.LEFT)
             raise
         finally:
-            del sup.actor_tasks[task]
+            del host.actor_tasks[task]
+
+    async def _recover(self, start_failed: bool) -> Exit | None:
+        """After a crash: record it, then how to leave (None: start again now)."""
+        host = self._host
+        delay, nothing_to_start = await self._after_crash(start_failed)
+        if host.stopping:
+            await self._release_in_flight()
+            return Exit.STOP
+        if nothing_to_start:
+            return Exit.IDLE  # (it stays if work came: retire() says)
+        if delay > 0 and (delay > host.config.idle_timeout or host.has_waiters):
+            # Leave the slot. The wait must be on the head in the database,
+            # or nothing would bring the session back.
+            if self.wait_until is None:
+                until = host.clock.now() + delay
+                store = host.store
+                if await store.call(store.op_defer_head, self.session_id, until):
+                    self.wait_until = until
+            return Exit.IDLE if self.wait_until is None else Exit.WAIT
+        self._to(Phase.BACKOFF)
+        await self._wait(delay)
+        if not host.stopping:
+            return None
+        return Exit.STOP  # (woken by the stop: no instance to start for it)
 
     async def _incarnation(self) -> Exit:
-        sup = self._sup
-        ctx = Context(self.session_id, sup.system)
-        self._killed = False
-        self.timed_out = False
+        host = self._host
+        self._to(Phase.STARTING)
+        data = SessionData(
+            self.session_id, host.clock.now, host.outputs, host.store.max_value_bytes
+        )
+        ctx = host.new_context(data)
+        self._cancel = None
         self._failure = None
         self._failure_text = None
-        self._start_failed = False
         self.turn = 0
         self.caught_up = False
         outcome = Exit.CRASH
-        instance: Actor | None = None
+        instance: Instance | None = None
         # One cancel scope per incarnation, cancelled by kill() and by the
         # Watchdog's time_out() alike: trio's scopes cost enough (a
         # CancelStatus, a context manager, the deadline bookkeeping) that a
@@ -661,60 +613,64 @@ class SessionActor:
         with trio.CancelScope() as scope:
             self._scope = scope
             try:
-                instance = sup.factory()
-                if type(instance).started is not Actor.started:
-                    # started() may read the state: load it now (a function
-                    # handler gets it with its first claim instead). The
-                    # dict it sees is the state for the whole incarnation:
-                    # a reference kept from started() is the state handle()
-                    # sees, and what started() changes is committed with the
-                    # next message's ack. (If started() used it, every ack
-                    # compares it: a kept reference may change it unseen.)
-                    store = sup.store
-                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
-                    await instance.started(ctx)
-                else:
-                    await instance.started(ctx)
-                sup.on_actor_started(self)
-                outcome = await self._serve(instance, ctx)
+                instance = await self._start_instance(data, ctx)
+                outcome = await self._serve(instance, data, ctx)
             except StoreError:
                 raise
             except BaseException as exc:  # the factory or started() failed: a crash
-                failure = failure_of(exc)
-                if failure is None:
-                    raise
-                text = describe(failure)
-                self._failure_text = (failure, text)
-                log.error(
-                    "starting the actor of session %r failed:\n%s", self.session_id, text.report
-                )
-                self._failure = failure
-                self._start_failed = True
-                outcome = Exit.CRASH
+                outcome = self._start_failed(exc)
             else:
                 if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
                     await self._stop_instance(instance, ctx)
             finally:
                 self._scope = None
-                sup.end_isolation(self)
+                host.end_isolation(self)
         if scope.cancelled_caught or outcome is Exit.TIMEOUT:
             # Cancelled by kill() or by time_out() (a kill wins); or the
             # handler timed out as it raised or returned (Exit.TIMEOUT).
             outcome = Exit.CRASH
             killed = True
-            if self.timed_out and not self._killed:
+            if self._cancel is Cancel.TIMED_OUT:
                 assert instance is not None  # (only a running handler times out)
                 killed = await self._stop_timed_out(instance, ctx)
             if killed:
                 self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
         return outcome
 
-    async def _stop_timed_out(self, instance: Actor, ctx: Context) -> bool:
+    async def _start_instance(self, data: SessionData, ctx: Any) -> Instance:
+        host = self._host
+        behaviour = host.behaviour
+        instance = behaviour.new_instance()
+        if behaviour.loads_state_at_start:
+            # started() may read the state: load it now. The dict it sees is
+            # the state for the whole incarnation: a reference kept from
+            # started() is the state handle() sees, and what started()
+            # changes is committed with the next message's ack. (If started()
+            # used it, every ack compares it: a kept reference may change it
+            # unseen.)
+            store = host.store
+            data.load(await store.call(store.op_load_state, self.session_id))
+        await instance.started(ctx)
+        host.on_actor_started(self)
+        return instance
+
+    def _start_failed(self, exc: BaseException) -> Exit:
+        """The factory or started() raised ``exc``: log it, and say so (or re-raise)."""
+        failure = failure_of(exc)
+        if failure is None:
+            raise exc
+        text = describe(failure)
+        self._failure_text = (failure, text)
+        log.error("starting the actor of session %r failed:\n%s", self.session_id, text.report)
+        self._failure = failure
+        return Exit.START_FAILED
+
+    async def _stop_timed_out(self, instance: Instance, ctx: Any) -> bool:
         """After a handler timeout: record it, and run stopped() in a scope a kill reaches.
 
         Returns True if a kill cancelled stopped() (the attempt ends killed).
         """
-        timeout = self._sup.config.handler_timeout
+        timeout = self._host.config.handler_timeout
         self._failure = HandlerTimeoutError(
             f"handler ran longer than handler_timeout={timeout}s and was cancelled"
         )
@@ -726,7 +682,8 @@ class SessionActor:
                 self._scope = None
         return stopping.cancelled_caught
 
-    async def _stop_instance(self, instance: Actor, ctx: Context) -> None:
+    async def _stop_instance(self, instance: Instance, ctx: Any) -> None:
+        self._to(Phase.STOPPING)
         try:
             await instance.stopped(ctx)
         except BaseException as exc:
@@ -739,264 +696,309 @@ class SessionActor:
                 describe(failure).report,
             )
 
-    async def _serve(self, instance: Actor, ctx: Context) -> Exit:
+    async def _serve(self, instance: Instance, data: SessionData, ctx: Any) -> Exit:
         # The incarnation's cancel scope serves every handler call of it as
-        # its timeout: the supervisor's Watchdog cancels it (time_out()) when
-        # a running handler passes its deadline, and _incarnation tells that
+        # its timeout: the host's Watchdog cancels it (time_out()) when a
+        # running handler passes its deadline, and _incarnation tells that
         # from a kill (a scope per message, or a deadline moved around each
         # call, would cost more than the rest of the message's way through
         # the actor). Returns Exit.TIMEOUT if the handler timed out but the
         # cancellation did not propagate (it raised or returned as it came).
-        self._serving = True
+        host = self._host
+        starts = host.store.starts if self.slot >= 0 else None
+        serving = _Serving(instance, data, ctx, host.behaviour.function, starts)
         try:
-            return await self._serve_loop(instance, ctx)
+            while True:
+                step = self._next_step(serving)
+                if step is Step.TAKE_HANDED:
+                    nxt: Message | Step | Exit | None = await self._take_handed(serving)
+                elif step is Step.CLAIM:
+                    nxt = await self._claim(serving)
+                else:
+                    nxt = await self._between(step, serving)
+                if type(nxt) is Message:
+                    nxt = await self._run_handler(serving, nxt)
+                if nxt is Step.AWAIT_WORK:
+                    # Here, not deeper: the frames of the last message (its
+                    # body, its handler's result, the claim it came with)
+                    # are gone, so an idle actor keeps only its state.
+                    nxt = await self._await_work()
+                if isinstance(nxt, Exit):
+                    return nxt
         finally:
-            # No more handoffs: whatever comes next claims from the
-            # database (handed messages are given back first).
-            self._serving = False
+            # No more handoffs from this period: whatever comes next claims
+            # from the database (handed messages are given back first).
             self._serve_gen += 1
             self.caught_up = False
-            self.handler_running = False
 
-    async def _serve_loop(self, instance: Actor, ctx: Context) -> Exit:
-        sup = self._sup
-        config = sup.config
-        store = sup.store
-        timeout = config.handler_timeout
-        handle = instance._fn if isinstance(instance, _FunctionActor) else instance.handle
-        watchdog = sup.watchdog
-        starts = store.starts if self.slot >= 0 else None
-        now = sup.clock.trio_time  # = trio.current_time, two calls fewer
-        acked = sup.on_acks_committed  # (bound once: ack_soon takes it per message)
-        ack: int | Ack | None = None
-        alone = False  # this actor holds the isolation (see Supervisor.isolate)
-        # What one message leaves behind: cleared before every wait for
-        # work, so an idle actor keeps nothing of its last message (its
-        # body, its handler's result, the claim it came with and the
-        # messages that claim took behind it), only the session's state.
-        msg: Message | None = None
-        claim: Claim | None = None
-        result: Any = None
-        done: int | Ack | None = None
-        while True:
-            if sup.stopping:
-                await self._flush_ack(ack)
-                await self._release_in_flight()
-                return Exit.STOP
-            if self.turn >= config.fair_share and sup.has_waiters:
-                # Its turn is up (counted since this activation, the
-                # messages handed to it included): to the back of the line.
-                await self._flush_ack(ack)
-                await self._release_handed()  # not started: the next activation claims them
-                return Exit.YIELD
-            if alone and ack is not None:  # the suspect ran: let the others go on
-                await self._flush_ack(ack)
-                ack = None
-                sup.end_isolation(self)
-                alone = False
-            if sup.isolating is not None and sup.isolating is not self:
-                await self._flush_ack(ack)
-                ack = None
-                # Nothing of ours may be in flight while a suspect runs
-                # alone: give handed messages back (reserve() refuses now).
-                if self.reserved:
-                    await self._wait_handoff()
-                await self._release_handed()
-                await sup.wait_isolation(self)
-                continue
+    def _next_step(self, serving: _Serving) -> Step:
+        """What to do next, decided without waiting (the serve loop does the waiting)."""
+        host = self._host
+        if host.stopping:
+            return Step.STOP
+        if self.turn >= host.config.fair_share and host.has_waiters:
+            # Its turn is up (counted since this activation, the messages
+            # handed to it included): to the back of the line.
+            return Step.YIELD
+        if serving.alone and serving.ack is not None:
+            return Step.END_ISOLATION  # the suspect ran: let the others go on
+        isolating = host.isolating
+        if isolating is not None and isolating is not self:
+            return Step.WAIT_ISOLATION
+        if self.reserved:
+            # Messages are being inserted claimed for this actor: a claim now
+            # would find them in flight. Wait until they are handed.
+            return Step.WAIT_HANDOFF
+        if self.handed:
+            return Step.TAKE_HANDED
+        return Step.CLAIM
+
+    async def _between(self, step: Step, serving: _Serving) -> Step | Exit:
+        """Carry out a step that runs no message."""
+        if step is Step.STOP:
+            await self._flush_ack(serving)
+            await self._release_in_flight()
+            return Exit.STOP
+        if step is Step.YIELD:
+            await self._flush_ack(serving)
+            await self._release_handed()  # not started: the next activation claims them
+            return Exit.YIELD
+        if step is Step.END_ISOLATION:
+            await self._flush_ack(serving)
+            self._host.end_isolation(self)
+            serving.alone = False
+        elif step is Step.WAIT_ISOLATION:
+            await self._flush_ack(serving)
+            # Nothing of ours may be in flight while a suspect runs alone:
+            # give handed messages back (reserve() refuses now).
             if self.reserved:
-                # Messages are being inserted claimed for this actor: a claim
-                # now would find them in flight. Wait until they are handed.
                 await self._wait_handoff()
-                continue
-            if self.handed:
-                # Claimed on delivery: committed with the message itself, and
-                # nothing of the session in the database comes before it.
-                if ack is not None:
-                    store.ack_soon(ack, acked)
-                    ack = None
-                if ctx._state is None:  # handed before this incarnation's first claim
-                    self.in_flight = self.handed[0]
-                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
-                msg = self.handed.popleft()
-                if self._in_flight is None:  # (the in_flight setter, inline: per message)
-                    sup.busy.add(1)
-                self._in_flight = msg
-                seq = msg.id
-            else:
-                announced = self.notified_seq  # committed before this claim runs
-                self._claiming = True
-                try:
-                    claim = await store.call(
-                        store.op_claim_next,
-                        self.session_id,
-                        ack,
-                        sup.clock.now(),
-                        config.max_attempts,
-                        alone,
-                        ctx._state is None,
-                        self._bulk(alone),
-                    )
-                finally:
-                    self._claiming = False
-                # Committed: the ack (if any) and the claim (if any). Record
-                # both before the next checkpoint, so a kill sees the truth.
-                # (The ack's outbox first: drain() must not see zero between.)
-                if claim.sent:
-                    sup.on_sent(claim.sent)
-                if ack is not None:
-                    sup.on_acked()
-                    ack = None
-                self.in_flight = claim.message
-                self.handler_started = False
-                if claim.dead:
-                    sup.on_dead_lettered(
-                        self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
-                    )
-                if ctx._state is None:
-                    ctx._load_state(claim.state)
-                msg = claim.message
-                if alone and msg is None:  # nothing to run alone after all
-                    sup.end_isolation(self)
-                    alone = False
-                if msg is None:
-                    # The claim saw everything announced before it: caught up.
-                    self.claimed_seq = max(self.claimed_seq, announced)
-                    self.caught_up = claim.wait_until is None and not claim.alone
-                    if claim.alone:
-                        await sup.isolate(self)
-                        alone = True
-                        continue
-                    if claim.wait_until is not None:
-                        delay = sup.clock.to_trio(claim.wait_until) - trio.current_time()
-                        if delay > config.idle_timeout or sup.has_waiters:
-                            self.wait_until = claim.wait_until
-                            return Exit.WAIT
-                        await self._wait(delay)
-                        continue
-                    claim = result = done = None
-                    leave = await self._await_work()
-                    if leave is not None:
-                        return leave
-                    continue
-                seq = claim.seq
-                if claim.extra:
-                    # Claimed with it, and before anything handed meanwhile
-                    # (a handoff's insert was queued after this claim).
-                    self.handed.extendleft(reversed(claim.extra))
-                # Nothing queued behind it: once it is handled, everything of
-                # the session up to here is, and the router's notices tell
-                # of anything later (so handoffs may start).
-                self.caught_up = not claim.more
-            self.handler_started = False
-            if seq > self.claimed_seq:
-                self.claimed_seq = seq
-            if sup.stopping:
-                await self._release_in_flight()
-                return Exit.STOP
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self.handler_started = True
-            if starts is not None:
-                starts.mark(self.slot, msg.id)  # before the handler: survives a crash
-            observer = sup.observer
-            if timeout is not None or observer is not None:
-                started_at = now()
-                self.handler_deadline = started_at + timeout if timeout is not None else math.inf
-                if timeout is not None:
-                    watchdog.watch(self)
-            else:
-                started_at = 0.0
-                self.handler_deadline = math.inf
-            self.handler_running = True
-            ctx._message = msg
-            try:
-                result = await handle(ctx, msg)
-                # What the ack writes: the id alone unless the handler touched
-                # state or the outbox, or the message has a key (then an Ack;
-                # raises if the state cannot be committed).
-                done = (
-                    ctx._ack(msg)
-                    if ctx._state_used or ctx._outbox is not None or msg.key is not None
-                    else msg.id
-                )
-            except BaseException as exc:
-                # An Exception fails the attempt, and so does a Cancelled
-                # that is not for this task (caught by the handler from an
-                # inner scope and raised again outside it): let through, no
-                # scope of ours would catch it, and the supervisor's nursery
-                # would end quietly. KeyboardInterrupt and the like (and a
-                # real cancellation) go on.
-                failure = failure_of(exc)
-                if failure is None:
-                    raise
-                self.handler_running = False
-                ctx._message = None
-                if self.timed_out:
-                    return Exit.TIMEOUT  # the watchdog cancelled it as it raised
-                self._failure = failure
-                await self._stop_instance(instance, ctx)
-                return Exit.CRASH
-            ctx._message = None
-            # (A Cancelled from the watchdog propagates to _serve's scope.)
-            self.handler_running = False
-            if self.timed_out:
-                # The watchdog cancelled it just as it returned: it did
-                # outlive handler_timeout, and the scope is spent.
-                return Exit.TIMEOUT
-            if observer is not None:
-                observer(msg, trio.current_time() - started_at)
-            if sup.replies and msg.id in sup.replies:
-                # An ask waits for this message: it gets the result once the
-                # ack has committed (not pipelined), so a reply says the
-                # state and the outbox are durable. (The call is shielded:
-                # a kill meanwhile lands after the answer.)
-                await self._flush_ack(done)
-                done = None
-                sup.answer(msg.id, result)
-            if result is not None and sup.outputs.listening(self.session_id):
-                # Backpressure: wait for the slowest subscriber. (A kill here
-                # drops the ack: the message runs again, as after any kill.)
-                await sup.outputs.publish(self.session_id, result)
-            ack = done
-            self.turn += 1
-            if self.caught_up and self.notified_seq <= self.claimed_seq and not alone:
-                # Nothing is known to follow: commit the ack without waiting
-                # for it (no claim that would find nothing), and wait for
-                # work. The store commits operations in order, so any later
-                # claim of this session commits after this ack.
-                if ack is not None:
-                    if self._in_flight is not None:  # (the in_flight setter, inline)
-                        sup.busy.add(-1)
-                        self._in_flight = None
-                    store.ack_soon(ack, acked)
-                    ack = None
-                if self.handed and not sup.stopping:
-                    # The next message is here already: no wait, and no
-                    # checkpoint (the queue is bounded, and the router only
-                    # refills it when this task yields).
-                    continue
-                msg = claim = result = done = None
-                leave = await self._await_work()
-                if leave is not None:
-                    return leave
+            await self._release_handed()
+            self._to(Phase.ISOLATION)
+            await self._host.wait_isolation(self)
+        else:
+            assert step is Step.WAIT_HANDOFF
+            await self._wait_handoff()
+        return Step.NEXT
+
+    async def _take_handed(self, serving: _Serving) -> Message:
+        """Take the next handed message: claimed on delivery, nothing before it in the database."""
+        host = self._host
+        if serving.ack is not None:
+            host.store.ack_soon(serving.ack, host.on_acks_committed)
+            serving.ack = None
+        self._to(Phase.HOLDING)
+        data = serving.data
+        if data.state is None:  # handed before this incarnation's first claim
+            self.in_flight = self.handed[0]
+            store = host.store
+            data.load(await store.call(store.op_load_state, self.session_id))
+        msg = self.handed.popleft()
+        if self._in_flight is None:  # (the in_flight setter, inline: per message)
+            host.busy.add(1)
+        self._in_flight = msg
+        if msg.id > self.claimed_seq:
+            self.claimed_seq = msg.id
+        return msg
+
+    async def _claim(self, serving: _Serving) -> Message | Step | Exit:
+        """Claim the session's head (acking the previous message in the same transaction)."""
+        host = self._host
+        store = host.store
+        announced = self.notified_seq  # committed before this claim runs
+        self._to(Phase.CLAIMING)
+        ack, data = serving.ack, serving.data
+        claim: Claim = await store.call(
+            store.op_claim_next,
+            self.session_id,
+            ack,
+            host.clock.now(),
+            host.config.max_attempts,
+            serving.alone,
+            data.state is None,
+            self._bulk(serving.alone),
+        )
+        # Committed: the ack (if any) and the claim (if any). Record both
+        # before the next checkpoint, so a kill sees the truth. (The ack's
+        # outbox first: drain() must not see zero between.)
+        if claim.sent:
+            host.on_sent(claim.sent)
+        if ack is not None:
+            host.on_acked()
+            serving.ack = None
+        self.in_flight = claim.message
+        if claim.dead:
+            host.on_dead_lettered(
+                self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
+            )
+        if data.state is None:
+            data.load(claim.state)
+        msg = claim.message
+        if msg is None:
+            if serving.alone:  # nothing to run alone after all
+                host.end_isolation(self)
+                serving.alone = False
+            return await self._claimed_nothing(serving, claim, announced)
+        if claim.extra:
+            # Claimed with it, and before anything handed meanwhile (a
+            # handoff's insert was queued after this claim).
+            self.handed.extendleft(reversed(claim.extra))
+        # Nothing queued behind it: once it is handled, everything of the
+        # session up to here is, and the router's notices tell of anything
+        # later (so handoffs may start).
+        self.caught_up = not claim.more
+        if claim.seq > self.claimed_seq:
+            self.claimed_seq = claim.seq
+        self._to(Phase.HOLDING)
+        return msg
+
+    async def _claimed_nothing(
+        self, serving: _Serving, claim: Claim, announced: int
+    ) -> Step | Exit:
+        """The claim found no message to run: isolate, wait for the head, or wait for work."""
+        host = self._host
+        # The claim saw everything announced before it: caught up.
+        self.claimed_seq = max(self.claimed_seq, announced)
+        self.caught_up = claim.wait_until is None and not claim.alone
+        if claim.alone:
+            self._to(Phase.ISOLATION)
+            await host.isolate(self)
+            serving.alone = True
+            return Step.NEXT
+        if claim.wait_until is not None:
+            delay = host.clock.to_trio(claim.wait_until) - trio.current_time()
+            if delay > host.config.idle_timeout or host.has_waiters:
+                self.wait_until = claim.wait_until
+                return Exit.WAIT
+            self._to(Phase.DUE)
+            await self._wait(delay)
+            return Step.NEXT
+        return Step.AWAIT_WORK
+
+    async def _run_handler(self, serving: _Serving, msg: Message) -> Step | Exit:
+        """Run the handler on ``msg`` (held, claimed); then ack it as the next step allows."""
+        host = self._host
+        self.handler_started = False
+        if host.stopping:
+            await self._release_in_flight()
+            return Exit.STOP
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.handler_started = True
+        if serving.starts is not None:
+            serving.starts.mark(self.slot, msg.id)  # before the handler: survives a crash
+        timeout = host.config.handler_timeout
+        observer = host.observer
+        started_at = 0.0
+        if timeout is not None or observer is not None:
+            started_at = trio.current_time()
+            if timeout is not None:
+                self.handler_deadline = started_at + timeout
+                host.watchdog.watch(self)
+        self._to(Phase.RUNNING)
+        data = serving.data
+        data.message = msg
+        try:
+            result = await serving.handle(serving.ctx, msg)
+            # What the ack writes: the id alone unless the handler touched
+            # state or the outbox, or the message has a key (then an Ack;
+            # raises if the state cannot be committed).
+            done = (
+                data.ack(msg)
+                if data.state_used or data.outbox is not None or msg.key is not None
+                else msg.id
+            )
+        except BaseException as exc:
+            data.message = None
+            return await self._handler_failed(serving, exc)
+        data.message = None
+        # (A Cancelled from the watchdog propagates to the incarnation's scope.)
+        if self._cancel is Cancel.TIMED_OUT:
+            # The watchdog cancelled it just as it returned: it did outlive
+            # handler_timeout, and the scope is spent.
+            return Exit.TIMEOUT
+        if observer is not None:
+            observer(msg, trio.current_time() - started_at)
+        return await self._handled(serving, msg, result, done)
+
+    async def _handler_failed(self, serving: _Serving, exc: BaseException) -> Exit:
+        # An Exception fails the attempt, and so does a Cancelled that is
+        # not for this task (caught by the handler from an inner scope and
+        # raised again outside it): let through, no scope of ours would
+        # catch it, and the supervisor's nursery would end quietly.
+        # KeyboardInterrupt and the like (and a real cancellation) go on.
+        failure = failure_of(exc)
+        if failure is None:
+            raise exc
+        if self._cancel is Cancel.TIMED_OUT:
+            return Exit.TIMEOUT  # the watchdog cancelled it as it raised
+        self._failure = failure
+        await self._stop_instance(serving.instance, serving.ctx)
+        return Exit.CRASH
+
+    async def _handled(
+        self, serving: _Serving, msg: Message, result: Any, done: int | Ack
+    ) -> Step | Exit:
+        """The handler returned: answer an asker, publish the result, pipeline the ack."""
+        host = self._host
+        if host.replies and msg.id in host.replies:
+            # An ask waits for this message: it gets the result once the ack
+            # has committed (not pipelined), so a reply says the state and
+            # the outbox are durable. (The call is shielded: a kill
+            # meanwhile lands after the answer.)
+            serving.ack = done
+            await self._flush_ack(serving)
+            host.answer(msg.id, result)
+        else:
+            serving.ack = done
+        if result is not None and host.outputs.listening(self.session_id):
+            # Backpressure: wait for the slowest subscriber. (A kill here
+            # drops the ack: the message runs again, as after any kill.)
+            self._to(Phase.EMITTING)
+            await host.outputs.publish(self.session_id, result)
+        self.turn += 1
+        if not (self.caught_up and self.notified_seq <= self.claimed_seq and not serving.alone):
+            return Step.NEXT  # the ack goes with the next claim, or before the next wait
+        # Nothing is known to follow: commit the ack without waiting for it
+        # (no claim that would find nothing), and wait for work. The store
+        # commits operations in order, so any later claim of this session
+        # commits after this ack.
+        ack = serving.ack
+        if ack is not None:
+            if self._in_flight is not None:  # (the in_flight setter, inline)
+                host.busy.add(-1)
+                self._in_flight = None
+            host.store.ack_soon(ack, host.on_acks_committed)
+            serving.ack = None
+        if self.handed and not host.stopping:
+            # The next message is here already: no wait, and no checkpoint
+            # (the queue is bounded, and the router only refills it when
+            # this task yields).
+            return Step.NEXT
+        return Step.AWAIT_WORK
 
     def _bulk(self, alone: bool) -> int:
         """How many messages behind the head a claim may take too (see Store._claim_following)."""
         if alone:
             return 0  # a crash suspect runs alone: nothing else of ours in flight
-        sup = self._sup
-        if sup.has_waiters:  # no more than this turn will run before it yields
-            return max(0, min(sup.config.mailbox_size, sup.config.fair_share - self.turn - 1))
-        return sup.config.mailbox_size
+        host = self._host
+        mailbox_size = host.config.mailbox_size
+        if host.has_waiters:  # no more than this turn will run before it yields
+            return max(0, min(mailbox_size, host.config.fair_share - self.turn - 1))
+        return mailbox_size
 
-    async def _flush_ack(self, ack: int | Ack | None) -> None:
-        if ack is not None:
-            sup = self._sup
-            sent = await sup.store.call(sup.store.op_ack, ack)
-            self.in_flight = None
-            if sent:  # first: drain() must not see zero between
-                sup.on_sent(sent)
-            sup.on_acked()
+    async def _flush_ack(self, serving: _Serving) -> None:
+        """Commit the pending ack (if any) and wait for it."""
+        ack = serving.ack
+        if ack is None:
+            return
+        serving.ack = None
+        self._to(Phase.ACKING)
+        host = self._host
+        sent = await host.store.call(host.store.op_ack, ack)
+        self.in_flight = None
+        if sent:  # first: drain() must not see zero between
+            host.on_sent(sent)
+        host.on_acked()
 
     # KI-protected: a KeyboardInterrupt between registering the task and
     # parking it would leave the registration behind, and the task would be
@@ -1013,23 +1015,24 @@ class SessionActor:
         actor's wait is once per message, and what it allocates is what
         Python's collector promotes while the actor waits.
         """
-        sup = self._sup
-        if sup.has_waiters:
-            return Exit.STOP if sup.stopping else Exit.IDLE
+        host = self._host
+        if host.has_waiters:
+            return Exit.STOP if host.stopping else Exit.IDLE
+        self._to(Phase.IDLE)
         if self.handed or self.notified_seq > self.claimed_seq:
             await trio.lowlevel.checkpoint()
             return None
-        if sup.stopping:  # stop() may have woken us before we got here
+        if host.stopping:  # stop() may have woken us before we got here
             await trio.lowlevel.checkpoint()
             return Exit.STOP
-        self.idle_deadline = sup.clock.trio_time() + sup.config.idle_timeout
-        sup.idle_watch.watch(self)
+        self.idle_deadline = host.clock.trio_time() + host.config.idle_timeout
+        host.idle_watch.watch(self)
         self._parked = trio.lowlevel.current_task()
-        sup.idle_actors.add(self)
+        host.idle_actors.add(self)
         await trio.lowlevel.wait_task_rescheduled(self._abort_park)
         if self.handed or self.notified_seq > self.claimed_seq:
             return None
-        return Exit.STOP if sup.stopping else Exit.IDLE
+        return Exit.STOP if host.stopping else Exit.IDLE
 
     # -- claim on delivery (Supervisor.reserve / hand_over) ---------------
 
@@ -1043,7 +1046,9 @@ class SessionActor:
         overtake a message in the database (Store._drop_overtaking).
         """
         return (
-            self._serving and not self.reserved and len(self.handed) < self._sup.config.mailbox_size
+            self.phase in SERVING
+            and not self.reserved
+            and len(self.handed) < self._host.config.mailbox_size
         )
 
     def reserve(self) -> None:
@@ -1058,6 +1063,7 @@ class SessionActor:
     @trio.lowlevel.enable_ki_protection  # (as _await_work: registers, then parks)
     async def _wait_handoff(self) -> None:
         """Wait until the reservation (``self.reserved``) is settled by take_handoff()."""
+        self._to(Phase.HANDOFF)
         self._handoff_waiter = trio.lowlevel.current_task()
         await trio.lowlevel.wait_task_rescheduled(self._abort_handoff_wait)
 
@@ -1081,7 +1087,7 @@ class SessionActor:
             trio.lowlevel.reschedule(waiter, WOKEN)
         if not msgs:
             return True  # none was inserted claimed after all
-        if not self._serving or self._reserve_gen != self._serve_gen:
+        if self.phase not in SERVING or self._reserve_gen != self._serve_gen:
             return False  # it stopped serving since: they may overtake a failed message
         self.handed.extend(msgs)
         self.claimed_seq = max(self.claimed_seq, msgs[-1].id)
@@ -1096,17 +1102,19 @@ class SessionActor:
         """Give back every handed message (they were never started)."""
         if not self.handed:
             return
+        self._to(Phase.RELEASING)
         ids = [m.id for m in self.handed]
         self.handed.clear()
         self.caught_up = False
         # If the store failed, the rows stay in flight and are recovered
         # (attempt given back: never started) at the next start.
         with contextlib.suppress(StoreError):
-            await self._sup.store.call(self._sup.store.op_release_many, ids)
+            store = self._host.store
+            await store.call(store.op_release_many, ids)
 
     async def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds unless woken (stop, a waiter, an abort)."""
-        if delay <= 0 or math.isnan(delay) or self._sup.stopping:
+        if delay <= 0 or math.isnan(delay) or self._host.stopping:
             await trio.lowlevel.checkpoint()
             return
         with trio.move_on_after(delay) as scope:
@@ -1116,15 +1124,18 @@ class SessionActor:
             finally:
                 self._wait_scope = None
 
-    async def _after_crash(self) -> float:
-        """Record the failed attempt; return the seconds before the next incarnation.
+    # -- after a crash ----------------------------------------------------
+
+    async def _after_crash(self, start_failed: bool) -> tuple[float, bool]:
+        """Record the failed attempt; return (seconds before the next incarnation,
+        whether the session has nothing at all to start for).
 
         The failure is turned into text here, once and safely (describe():
         a user's exception may misbehave in repr() or str(), or hold text
         the database cannot store), and only that text goes on.
         """
-        sup = self._sup
-        config = sup.config
+        self._to(Phase.FAILING)
+        host = self._host
         failure = self._failure or ActorKilledError("actor crashed")
         made, self._failure_text = self._failure_text, None
         text = made[1] if made is not None and made[0] is failure else describe(failure)
@@ -1134,39 +1145,48 @@ class SessionActor:
         # not count it, and the next incarnation starts at once.
         rejection = rejected(failure) if msg is not None and self.handler_started else None
         if rejection is None:
-            delay, _suspended = sup.on_restart(self, failure, text.summary)
+            delay, _suspended = host.on_restart(self, failure, text.summary)
         else:
             delay = 0.0
-            if sup.events.active:  # its instance is done (stopped() ran): say so
-                sup.emit("actor_stopped", self.session_id, detail="rejected")
+            host.on_rejected(self)  # its instance is done (stopped() ran)
         await self._release_handed()
-        self._nothing_to_start = False
-        if self._start_failed and msg is None and not sup.stopping:
+        self._to(Phase.FAILING)
+        if start_failed and msg is None and not host.stopping:
             msg = await self._charge_failed_start()
             if msg is None:  # nothing due to charge: wait for the head, or leave
                 if self.wait_until is None:
-                    return delay
-                now = sup.clock.now()
+                    return delay, True
+                now = host.clock.now()
                 self.wait_until = max(self.wait_until, now + delay)
-                return self.wait_until - now
+                return self.wait_until - now, False
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
+            self._to(Phase.FAILING)
             msg = None
         if msg is not None:
-            if rejection is None:
-                retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
-                max_attempts = config.max_attempts
-            else:
-                retry_delay, max_attempts = 0.0, 0  # (op_fail: no attempt left)
-            retry_at = sup.clock.now() + retry_delay
-            outcome = await sup.store.call(
-                sup.store.op_fail, msg.id, text.report, retry_at, max_attempts
-            )
-            self.in_flight = None
-            sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead", text)
-            if outcome == "retry":
-                self.wait_until = retry_at
-                return retry_delay
+            return await self._fail_attempt(msg, failure, text, delay, rejection is None), False
+        self.wait_until = None
+        return delay, False
+
+    async def _fail_attempt(
+        self, msg: Message, failure: BaseException, text: FailureText, delay: float, retry: bool
+    ) -> float:
+        """Fail ``msg``'s attempt in the store: retry it later, or dead-letter it."""
+        host = self._host
+        config = host.config
+        if retry:
+            retry_delay = max(delay, host.retry_delay(msg.attempt))
+            max_attempts = config.max_attempts
+        else:
+            retry_delay, max_attempts = 0.0, 0  # (rejected: op_fail finds no attempt left)
+        retry_at = host.clock.now() + retry_delay
+        store = host.store
+        outcome = await store.call(store.op_fail, msg.id, text.report, retry_at, max_attempts)
+        self.in_flight = None
+        host.on_attempt_failed(self.session_id, msg, failure, outcome == "dead", text)
+        if outcome == "retry":
+            self.wait_until = retry_at
+            return retry_delay
         self.wait_until = None
         return delay
 
@@ -1183,28 +1203,26 @@ class SessionActor:
         runs, so a crash suspect at its last attempt need not wait for the
         system to run it alone. Returns the claimed message (in flight,
         counted as started), or None if the session has nothing due (then
-        ``wait_until`` is when its head is, or ``_nothing_to_start`` says
-        there is nothing at all).
+        ``wait_until`` is when its head is, or None if there is nothing).
         """
-        sup = self._sup
-        store = sup.store
+        host = self._host
+        store = host.store
         claim: Claim = await store.call(
             store.op_claim_next,
             self.session_id,
             None,
-            sup.clock.now(),
-            sup.config.max_attempts,
+            host.clock.now(),
+            host.config.max_attempts,
             True,
         )
         if claim.dead:
-            sup.on_dead_lettered(
+            host.on_dead_lettered(
                 self.session_id, len(claim.dead), claim.dead, "its attempts ran out"
             )
-        if claim.seq > self.claimed_seq:  # (as a claim in _serve_loop: notices up to it are seen)
+        if claim.seq > self.claimed_seq:  # (as a claim in _claim: notices up to it are seen)
             self.claimed_seq = claim.seq
         if claim.message is None:
             self.wait_until = claim.wait_until
-            self._nothing_to_start = claim.wait_until is None
             return None
         self.in_flight = claim.message
         self.handler_started = True  # (the attempt was used: a hard stop keeps it counted)
@@ -1212,7 +1230,7 @@ class SessionActor:
 
     async def _release_in_flight(self, *, crashed: bool = False) -> None:
         """Put the held messages back; an attempt is given back if no handler started."""
-        self._serving = False
+        self._to(Phase.RELEASING)
         await self._release_handed()
         msg = self.in_flight
         if msg is None:
@@ -1221,6 +1239,5 @@ class SessionActor:
         uncount = not self.handler_started
         # If the store failed, the row stays in flight and is recovered at the next start.
         with contextlib.suppress(StoreError):
-            await self._sup.store.call(
-                self._sup.store.op_release, msg.id, uncount, crashed and not uncount
-            )
+            store = self._host.store
+            await store.call(store.op_release, msg.id, uncount, crashed and not uncount)

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ._actor import Actor, Exit, SessionActor
+from ._actor import Behaviour, Exit, SessionActor
 from ._clock import Clock
 from ._config import Config
 from ._errors import ActorKilledError, DeadLetteredError, HandlerTimeoutError, StoreError
 from ._failure import FailureText, WarningLimiter, describe, rejected
+from ._gauge import Gauge
 from ._policy import RestartTracker
 from ._records import Message
 from ._reply import Reply
@@ -45,7 +46,7 @@ from ._streams import Events, Outputs, StatusEvent
 from ._watchdog import IdleWatch, Watchdog
 
 if TYPE_CHECKING:
-    from ._system import System
+    from ._session import SessionData
     from ._timer import Timer
 
 log = logging.getLogger("actors.supervisor")
@@ -65,44 +66,6 @@ def _kind(failure: BaseException) -> str:
         return f"{cls.__module__}.{cls.__qualname__}"
     except Exception:  # a metaclass with hostile names
         return "<unknown>"
-
-
-class Gauge:
-    """A count that tasks can wait on until it falls to a level.
-
-    Cheaper than an AsyncValue on the hot path: changing it costs one
-    truth test unless someone waits.
-    """
-
-    __slots__ = ("_waiters", "value")
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-        self._waiters: list[tuple[int, trio.Event]] = []  # (level, set when value <= level)
-
-    def add(self, n: int) -> None:
-        self.value += n
-        if self._waiters:
-            still = []
-            for level, event in self._waiters:
-                if self.value <= level:
-                    event.set()
-                else:
-                    still.append((level, event))
-            self._waiters = still
-
-    async def wait_at_most(self, level: int) -> None:
-        """Return once the count is ``level`` or less (at once if it is)."""
-        if self.value <= level:
-            await trio.lowlevel.checkpoint()
-            return
-        event = trio.Event()
-        self._waiters.append((level, event))
-        await event.wait()
-
-    async def wait_zero(self) -> None:
-        """Return once the count is zero or less."""
-        await self.wait_at_most(0)
 
 
 def _ignore(_result: object) -> None:
@@ -130,21 +93,21 @@ class Supervisor:
     def __init__(
         self,
         *,
-        system: System,
         store: Store,
         clock: Clock,
         config: Config,
-        factory: Callable[[], Actor],
+        behaviour: Behaviour,
+        new_context: Callable[[SessionData], object],
         timer: Timer,
         pending: int,
         dead: int,
         rng: random.Random | None = None,
     ) -> None:
-        self.system = system
         self.store = store
         self.clock = clock
         self.config = config
-        self.factory = factory
+        self.behaviour = behaviour
+        self.new_context = new_context  # the handler's view of a SessionData (a Context)
         self.timer = timer
         self.rng = rng
         self.restarts = RestartTracker(config.restart_policy, rng)
@@ -567,6 +530,15 @@ class Supervisor:
                 reply.set_error(DeadLetteredError(msg_id, reason or "its attempts ran out"))
             if self.events.active:
                 self.emit("dead_lettered", session_id, message_id=msg_id, detail=reason)
+
+    def on_rejected(self, actor: SessionActor) -> None:
+        """The handler raised Reject: its message is dead-lettered, its instance is done."""
+        if self.events.active:
+            self.emit("actor_stopped", actor.session_id, detail="rejected")
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds before a failed attempt ``attempt`` of a message is tried again."""
+        return self.config.retry_backoff.delay(attempt, self.rng)
 
     def answer(self, msg_id: int, result: object) -> None:
         """The handler of ``msg_id`` returned ``result``: answer its asker, if any."""

@@ -13,11 +13,12 @@ from typing import Any, NoReturn
 import trio
 from trio_util import periodic
 
-from ._actor import SessionActor, actor_factory
+from ._actor import SessionActor
 from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
 from ._config import Config
+from ._context import Context, actor_factory
 from ._control import Control, purge_batches, purge_scope
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
@@ -58,11 +59,11 @@ class System:
         self._clock = Clock()
         self._timer = Timer(store, self._clock)
         self._sup = Supervisor(
-            system=self,
             store=store,
             clock=self._clock,
             config=config,
-            factory=actor_factory(handler),
+            behaviour=actor_factory(handler),
+            new_context=lambda data: Context(data.session_id, self, data),
             timer=self._timer,
             pending=opened.pending,
             dead=opened.dead,
@@ -212,8 +213,9 @@ class System:
         Returns once all of that is done. Called from inside the block (the
         usual signal-handling recipe, see docs/lifecycle.md), the caller is
         cancelled with the block; the stop goes on. Called from a handler
-        (its hooks, or a task they started), it returns at once (the stop waits for that handler, which finishes
-        and is acknowledged like any other running one). Idempotent: a
+        (its hooks, or a task they started), it returns at once (the stop
+        waits for that handler, which finishes and is acknowledged like any
+        other running one). Idempotent: a
         later call waits for the same stop, and can only shorten the grace
         (``shutdown(0)`` cancels the running handlers now). Leaving the
         block on its own, or calling it after the system stopped, is fine.

@@ -41,8 +41,8 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 import trio
 
-from ._actor import Actor, Context, actor_factory
 from ._config import Config
+from ._context import Actor, Context, actor_factory
 from ._policy import Backoff, RestartPolicy
 from ._records import DeadLetter, Message, SystemStatistics
 from ._system import System
