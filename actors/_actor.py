@@ -295,6 +295,18 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 
+class TransitionError(BaseException):
+    """A session actor was asked to change phase against :data:`TRANSITIONS`: a bug of ours.
+
+    Not an ``Exception``: no path that records a handler's failure may take
+    it for one. It ends the actor's task (its messages go back to pending)
+    and fails the system, whose ``async with`` raises it.
+    """
+
+    def __init__(self, session_id: str, old: Phase, new: Phase) -> None:
+        super().__init__(f"session {session_id!r}: illegal phase change {old.value} -> {new.value}")
+
+
 class Step(enum.Enum):
     """What a serving actor does next (SessionActor._next_step)."""
 
@@ -428,7 +440,8 @@ class SessionActor:
 
     def _to(self, phase: Phase) -> None:
         """Change phase: the one place that does, and it asserts the change is legal."""
-        assert phase in TRANSITIONS[self.phase], f"{self.phase.name} -> {phase.name}"
+        if phase not in TRANSITIONS[self.phase]:
+            raise TransitionError(self.session_id, self.phase, phase)
         self.phase = phase
 
     def statistics(self) -> SessionActorStatistics:
