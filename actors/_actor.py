@@ -111,8 +111,9 @@ class ActorHost(Protocol):
     outputs: Outputs
     observer: Callable[[Message, float], None] | None
     stopping: bool
-    isolating: SessionActor | None
 
+    @property
+    def isolating(self) -> SessionActor | None: ...  # the actor running a suspect alone
     @property
     def replies(self) -> Mapping[int, Reply]: ...  # message ids an ask() waits for
     @property
@@ -380,9 +381,8 @@ class SessionActor:
         self.phase = Phase.NEW  # changed only by _to()
         # The claimed message a handler is (about to be) running, until its
         # ack commits. Set and cleared only right after a store call returns,
-        # so it always agrees with the database: whatever ends the
-        # incarnation, this is the message to fail or release. (A property:
-        # the host's busy count follows it.)
+        # so it agrees with the database: whatever ends the incarnation, this
+        # is the message to fail or release. (The host's busy count follows it.)
         self._in_flight: Message | None = None
         # Whether in_flight's attempt is spent: its handler started (a kill
         # before that gives the attempt back).
@@ -397,9 +397,8 @@ class SessionActor:
         self._failure_text: tuple[BaseException, FailureText] | None = None
         # Cancelled to cut a backoff or due wait short (stop, a waiter, a wake-up).
         self._wait_scope: trio.CancelScope | None = None
-        # The task, while it waits for work (parked: no cancel scope, no
-        # channel); unpark() reschedules it. The IdleWatch ends the wait at
-        # idle_deadline.
+        # The task while it waits for work (parked: no scope, no channel);
+        # unpark() reschedules it; the IdleWatch does at idle_deadline.
         self._parked: trio.lowlevel.Task | None = None
         self.idle_deadline = math.inf
         self.idle_watched = False  # the IdleWatch's heap has an entry for this actor
@@ -418,9 +417,8 @@ class SessionActor:
         # incarnation gives them back (_release_handed) before any claim.
         self.reserved = False
         self.handed: deque[Message] = deque()
-        # The actor's task while it waits for its reservation to be settled
-        # (_wait_handoff); take_handoff() reschedules it, as unpark() does
-        # for the wait for work (cheaper than an Event per reservation).
+        # The task while it waits for its reservation to settle
+        # (_wait_handoff); take_handoff() reschedules it, as unpark() does.
         self._handoff_waiter: trio.lowlevel.Task | None = None
         # Serving periods (one per _serve call) and the one a reservation was
         # made in. A handoff is taken only in the period it was reserved in:

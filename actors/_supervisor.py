@@ -6,17 +6,8 @@ leave when idle, yield their slot after ``fair_share`` messages while other
 sessions wait, and are restarted after a crash with the restart policy's
 backoff. At most ``max_active`` actors are alive at once.
 
-Sessions waiting for a slot form one line, first come first served: a
-session that yields its slot goes to the back, behind every session that
-waited before it yielded, so a slot comes to a waiting session after about
-(sessions ahead of it + 1) x ``fair_share`` messages of others, however old
-their backlogs. The front of the line is held in memory, up to a bound;
-past it, and after a restart, waiting sessions are found in the database
-instead ("overflow"), oldest head first (a session that has not run since
-it got work began waiting when its head was sent), so memory grows with
-active actors, not with pending work. Sessions that yield while the line
-overflows wait in memory behind the overflow (``_behind``), up to a bound
-too; beyond both bounds the order falls back to the age of the heads.
+Sessions waiting for a slot wait in one line, fair across sessions
+(``_line.py``).
 """
 
 from __future__ import annotations
@@ -25,19 +16,21 @@ import contextlib
 import logging
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
+from . import _line
 from ._actor import Behaviour, Exit, SessionActor
 from ._clock import Clock
 from ._config import Config
 from ._errors import ActorKilledError, DeadLetteredError, HandlerTimeoutError, StoreError
 from ._failure import FailureText, WarningLimiter, describe, rejected
 from ._gauge import Gauge
+from ._isolation import Isolation
+from ._line import WaitingLine
 from ._policy import RestartTracker
 from ._records import Message
 from ._reply import Reply
@@ -51,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("actors.supervisor")
 
-WAITING_LIMIT = 10_000  # sessions queued in memory; the rest are found in the database
-BEHIND_LIMIT = 10_000  # sessions that yielded while the line overflowed, kept in memory
 
 # Failures that are not the handler's own error: a kill (reported where it
 # is asked for) and a handler timeout (the watchdog warns of it).
@@ -113,49 +104,26 @@ class Supervisor:
         self.restarts = RestartTracker(config.restart_policy, rng)
         self.watchdog = Watchdog()
         self.idle_watch = IdleWatch()  # idle_timeout of actors waiting for work
-        # {session_id: its live actor}; at most one per session, ever: an
-        # actor is registered before its task starts and removed only by
-        # retire()/forget() in the same step that ends it.
+        # {session_id: its live actor}; at most one per session, ever: added
+        # before its task starts, removed only by retire()/forget().
         self._actors: dict[str, SessionActor] = {}
         # len(_actors), for waiting until every actor has left (actors.testing).
         self.live = Gauge(0)
-        # Sessions with work and no actor, waiting for a slot, in arrival
-        # order. _waiting_set mirrors _waiting; neither holds a live session.
-        self._waiting: deque[str] = deque()
-        self._waiting_set: set[str] = set()
-        # True when sessions with work may exist that are in neither
-        # _actors nor _waiting: they are found in the database, oldest head
-        # first. _overflow_gen counts the times it was set, so a refill
-        # clears it only if nothing set it again while the refill read.
-        self._overflow = pending > 0
-        self._overflow_gen = 0
-        # Sessions that yielded their slot while the line overflowed, in
-        # yield order, with the store's next seq at that moment: they wait
-        # behind every session of the database whose head is older (it
-        # waited before they yielded), so a refill merges the two lines by
-        # that order. Non-empty only while _overflow holds; _behind_set
-        # mirrors it, and neither holds a live session or one in _waiting.
-        self._behind: deque[tuple[int, str]] = deque()
-        self._behind_set: set[str] = set()
+        # Sessions with work and no actor, waiting for a slot; none is live.
+        self.line = WaitingLine(overflow=pending > 0)
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
-        # {task: the session actor it runs}, while it runs (SessionActor.run):
-        # what tells System.drain()/ask() they are called from a handler.
+        # {task: the actor it runs}: tells drain()/ask() they are called from one.
         self.actor_tasks: dict[trio.lowlevel.Task, SessionActor] = {}
         # Actors holding a claimed message (SessionActor.in_flight is set).
         self.busy = Gauge(0)
         # Actors reserved for a handoff whose message is not yet committed.
         self.reserved = Gauge(0)
-        # The actor running a crash suspect alone, if any: while it is set,
-        # no other actor claims, and it claims only once busy reaches 0.
-        # The lock queues suspects (FIFO), one at a time.
-        self.isolating: SessionActor | None = None
-        self._isolation_lock = trio.Lock()
-        self._isolation_over = trio.Event()
+        self.isolation: Isolation[SessionActor] = Isolation(self.busy, self.reserved)
         self.stopping = False
         self._all_retired = trio.Event()
-        # The stop's wait for running handlers (None outside it), and the
-        # earliest end of it asked for (hasten() may come before stop()).
+        # The stop's wait for running handlers (None outside it), and its
+        # earliest end asked for (hasten() may come before stop()).
         self._grace: trio.CancelScope | None = None
         self._stop_deadline = math.inf
         self._nursery: trio.Nursery | None = None
@@ -169,12 +137,10 @@ class Supervisor:
         self.dead_lettered = 0
         self.restart_count = 0
         self.outbox_sent = 0  # messages committed by ctx.send with their ack
-        # {message id: the reply an ask() waits for}; an entry leaves when
-        # it is answered, or when its asker stops waiting.
+        # {message id: the reply an ask() waits for}, until answered or given up.
         self.replies: dict[int, Reply] = {}
         self.outputs = Outputs()  # System.subscribe
-        # Called after each successful handler with (message, seconds the
-        # handler ran); None (the default) costs one test per message.
+        # Called after each handled message with (message, seconds it ran).
         self.observer: Callable[[Message, float], None] | None = None
         self.events = Events()  # System.events
 
@@ -234,10 +200,7 @@ class Supervisor:
         (the router's last batch) stays pending. Idempotent.
         """
         self.stopping = True
-        self._waiting.clear()
-        self._waiting_set.clear()
-        self._behind.clear()
-        self._behind_set.clear()
+        self.line.clear()
         for actor in list(self._actors.values()):
             actor.wake()
 
@@ -258,7 +221,7 @@ class Supervisor:
             else:
                 actor.wake()
             return
-        if self.stopping or session_id in self._waiting_set or session_id in self._behind_set:
+        if self.stopping or session_id in self.line:
             return
         if len(self._actors) < self.config.max_active and not self.has_waiters:
             self._start(session_id)
@@ -278,7 +241,7 @@ class Supervisor:
             idle=len(self.idle_actors),
             reserved=self.reserved.value,
             waiting=self.waiting,
-            overflow=self._overflow,
+            overflow=self.line.overflow,
             isolating=self.isolating.session_id if self.isolating is not None else None,
             restarts=self.restart_count,
             stopping=self.stopping,
@@ -287,7 +250,7 @@ class Supervisor:
     @property
     def has_waiters(self) -> bool:
         """Whether some session with work waits for a slot."""
-        return bool(self._waiting) or self._overflow
+        return self.line.has_waiters
 
     @property
     def active(self) -> int:
@@ -297,7 +260,7 @@ class Supervisor:
     @property
     def waiting(self) -> int:
         """Sessions queued in memory for a slot."""
-        return len(self._waiting) + len(self._behind)
+        return len(self.line)
 
     def in_flight(self) -> int:
         """Messages a handler holds right now."""
@@ -305,33 +268,22 @@ class Supervisor:
 
     # -- running a crash suspect alone ------------------------------------
 
-    async def isolate(self, actor: SessionActor) -> None:
-        """Become the only actor with a message in flight (see op_claim_next).
+    @property
+    def isolating(self) -> SessionActor | None:
+        """The actor running a crash suspect alone, if any (see Isolation)."""
+        return self.isolation.holder
 
-        Waits for any other isolation to end, stops every other actor from
-        claiming, then waits until nothing else is in flight.
-        """
-        await self._isolation_lock.acquire()
-        self.isolating = actor
-        self._isolation_over = trio.Event()
-        log.warning(
-            "session %r: a message that was in flight when the process died runs alone",
-            actor.session_id,
-        )
-        await self.reserved.wait_zero()
-        await self.busy.wait_zero()
+    async def isolate(self, actor: SessionActor) -> None:
+        """Become the only actor with a message in flight (see Isolation.enter)."""
+        await self.isolation.enter(actor, actor.session_id)
 
     def end_isolation(self, actor: SessionActor) -> None:
         """Let everyone claim again (no-op unless ``actor`` is isolating)."""
-        if self.isolating is actor:
-            self.isolating = None
-            self._isolation_over.set()
-            self._isolation_lock.release()
+        self.isolation.end(actor)
 
     async def wait_isolation(self, actor: SessionActor) -> None:
         """Hold ``actor``'s next claim while another actor runs alone."""
-        while self.isolating is not None and self.isolating is not actor:
-            await self._isolation_over.wait()
+        await self.isolation.wait(actor)
 
     def is_live(self, session_id: str) -> bool:
         """Whether ``session_id`` has an actor right now."""
@@ -646,33 +598,17 @@ class Supervisor:
         self.live.add(1)
 
     def _queue(self, session_id: str, *, yielded: bool = False) -> None:
-        """Put ``session_id`` at the back of the line for a slot.
+        """Put ``session_id`` at the back of the line for a slot (see WaitingLine.add).
 
-        ``yielded``: it just left a slot after its fair share. Its head is
-        old, so the database's age order would put it first again: it is
-        kept in memory, at the back (the slot it freed takes a session off
-        the line at once, so the line does not grow).
+        A session that ``yielded`` frees a slot as it joins, which takes a
+        session off the line at once, so the line does not grow.
         """
-        if yielded and not self._overflow:
-            self._waiting.append(session_id)
-            self._waiting_set.add(session_id)
-        elif yielded and len(self._behind) < BEHIND_LIMIT:
-            self._behind.append((self.store.next_seq, session_id))
-            self._behind_set.add(session_id)
-        elif self._overflow or len(self._waiting) >= WAITING_LIMIT:
-            self._set_overflow()  # it is in the database; a refill finds it in age order
-        else:
-            self._waiting.append(session_id)
-            self._waiting_set.add(session_id)
+        overflowed = self.line.add(session_id, yielded=yielded, next_seq=self.store.next_seq)
+        if overflowed and len(self._actors) < self.config.max_active:
+            self._want_refill()
         if len(self._actors) >= self.config.max_active and self.idle_actors:
             # Free a slot: an idle actor leaves at once.
             self.idle_actors.pop().wake()
-
-    def _set_overflow(self) -> None:
-        self._overflow = True
-        self._overflow_gen += 1
-        if len(self._actors) < self.config.max_active:
-            self._want_refill()
 
     def _after_leave(self) -> None:
         self.live.add(-1)
@@ -685,51 +621,35 @@ class Supervisor:
         if self.stopping:
             return
         max_active = self.config.max_active
-        while self._waiting and len(self._actors) < max_active:
-            session_id = self._waiting.popleft()
-            self._waiting_set.discard(session_id)
+        line = self.line
+        while len(self._actors) < max_active:
+            session_id = line.pop()
+            if session_id is None:
+                break
             if session_id not in self._actors:
                 self._start(session_id)
-        if self._overflow and len(self._actors) < max_active:
+        if line.overflow and len(self._actors) < max_active:
             self._want_refill()
 
     def _want_refill(self) -> None:
         self._refill_wanted.set()
 
     async def _refill_loop(self) -> None:
+        line = self.line
         while True:
             await self._refill_wanted.wait()
             self._refill_wanted = trio.Event()
             while (
-                self._overflow
-                and not self._waiting
+                line.overflow
+                and line.front_empty
                 and not self.stopping
                 and len(self._actors) < self.config.max_active
             ):
-                generation = self._overflow_gen
-                exclude = frozenset(self._actors) | self._behind_set
+                generation = line.generation()
+                exclude = frozenset(self._actors) | line.behind
+                limit = _line.WAITING_LIMIT
                 found: list[tuple[str, int]] = await self.store.call(
-                    self.store.op_sessions_with_work, WAITING_LIMIT, exclude
+                    self.store.op_sessions_with_work, limit, exclude
                 )
-                if len(found) < WAITING_LIMIT and generation == self._overflow_gen:
-                    self._overflow = False
-                # Merge the sessions found (oldest head first) with those
-                # that yielded meanwhile, by when each began to wait. While
-                # more remain in the database, a yielded one comes only
-                # before the last head found: the rest may be older.
-                behind = self._behind
-                for session_id, head in found:
-                    while behind and behind[0][0] <= head:
-                        self._line_up(behind.popleft()[1])
-                    self._line_up(session_id)
-                if not self._overflow:
-                    while behind:
-                        self._line_up(behind.popleft()[1])
+                line.refilled(found, len(found) < limit, generation, self._actors.keys())
                 self._fill()
-
-    def _line_up(self, session_id: str) -> None:
-        """Append a session of the overflow to the line in memory (refill)."""
-        self._behind_set.discard(session_id)
-        if session_id not in self._actors and session_id not in self._waiting_set:
-            self._waiting.append(session_id)
-            self._waiting_set.add(session_id)

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import actors
-import actors._supervisor as supervisor_module
+import actors._line as line_module
 
 FAIR_SHARE = 8
 HOG_MESSAGES = 300
@@ -73,7 +73,7 @@ async def hogs_then_newcomers(system: actors.System, log: Log, newcomers: list[s
 def waiting_limit(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
     """Run with the waiting line in memory, and with every waiter beyond
     the first found in the database (the line's overflow)."""
-    monkeypatch.setattr(supervisor_module, "WAITING_LIMIT", request.param)
+    monkeypatch.setattr(line_module, "WAITING_LIMIT", request.param)
     return int(request.param)
 
 

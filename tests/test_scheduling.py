@@ -93,9 +93,9 @@ async def test_long_retry_wait_frees_the_slot_and_timer_brings_it_back(
 async def test_many_sessions_beyond_the_waiting_queue_are_found_in_the_database(
     db_path: str, autojump_clock: object, monkeypatch: object
 ) -> None:
-    import actors._supervisor as supervisor_module
+    import actors._line as line_module
 
-    monkeypatch.setattr(supervisor_module, "WAITING_LIMIT", 10)  # type: ignore[attr-defined]
+    monkeypatch.setattr(line_module, "WAITING_LIMIT", 10)  # type: ignore[attr-defined]
     seen: dict[str, list[int]] = {}
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
