@@ -42,11 +42,11 @@ from ._records import Message
 from ._reply import Reply
 from ._store import Store
 from ._streams import Events, Outputs, StatusEvent
+from ._timer import Timer
 from ._watchdog import IdleWatch, Watchdog
 
 if TYPE_CHECKING:
     from ._system import System
-    from ._timer import Timer
 
 log = logging.getLogger("actors.supervisor")
 
@@ -135,7 +135,6 @@ class Supervisor:
         clock: Clock,
         config: Config,
         factory: Callable[[], Actor],
-        timer: Timer,
         pending: int,
         dead: int,
         rng: random.Random | None = None,
@@ -145,7 +144,7 @@ class Supervisor:
         self.clock = clock
         self.config = config
         self.factory = factory
-        self.timer = timer
+        self.timer = Timer(store, clock, self.ensure)
         self.rng = rng
         self.restarts = RestartTracker(config.restart_policy, rng)
         self.watchdog = Watchdog()

@@ -28,7 +28,6 @@ from ._router import Batch, Router
 from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
-from ._timer import Timer
 from ._validate import check_int, check_message_id, check_number, check_seconds
 
 log = logging.getLogger("actors.system")
@@ -56,19 +55,17 @@ class System:
         self.config = config
         self._store = store
         self._clock = Clock()
-        self._timer = Timer(store, self._clock)
         self._sup = Supervisor(
             system=self,
             store=store,
             clock=self._clock,
             config=config,
             factory=actor_factory(handler),
-            timer=self._timer,
             pending=opened.pending,
             dead=opened.dead,
             rng=rng,
         )
-        self._timer.supervisor = self._sup
+        self._timer = self._sup.timer
         self._router = Router(store, self._sup, self._timer, config.key_retention)
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -212,11 +209,12 @@ class System:
         Returns once all of that is done. Called from inside the block (the
         usual signal-handling recipe, see docs/lifecycle.md), the caller is
         cancelled with the block; the stop goes on. Called from a handler
-        (its hooks, or a task they started), it returns at once (the stop waits for that handler, which finishes
-        and is acknowledged like any other running one). Idempotent: a
-        later call waits for the same stop, and can only shorten the grace
-        (``shutdown(0)`` cancels the running handlers now). Leaving the
-        block on its own, or calling it after the system stopped, is fine.
+        (its hooks, or a task they started), it returns at once (the stop
+        waits for that handler, which finishes and is acknowledged like any
+        other running one). Idempotent: a later call waits for the same
+        stop, and can only shorten the grace (``shutdown(0)`` cancels the
+        running handlers now). Leaving the block on its own, or calling it
+        after the system stopped, is fine.
 
         Raises:
           TypeError: ``grace`` is not a number.
