@@ -53,7 +53,7 @@ from ._errors import DatabaseInUseError, StoreError
 from ._health import Health, seconds_text
 from ._lock import DatabaseLock
 from ._store import Store, database_path
-from ._validate import MAX_SECONDS
+from ._validate import MAX_INT, MAX_SECONDS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -80,8 +80,7 @@ class _JsonError(click.ClickException):
         _echo_json({"ok": False, "error": self.message, "exit_code": self.exit_code})
 
 
-# Ids, seqs and limits are SQLite integers: beyond this one they cannot be stored.
-MAX_INT = 2**63 - 1
+# Ids, seqs and limits are SQLite integers: beyond MAX_INT they cannot be stored.
 ID = click.IntRange(1, MAX_INT)
 LIMIT = click.IntRange(1, MAX_INT)
 

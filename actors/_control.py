@@ -30,16 +30,15 @@ import attrs
 import trio
 from trio_util import periodic
 
-from ._codec import check_session_id
 from ._errors import StoreError
+from ._purge import purge_batches
 from ._store import IN_FLIGHT, Store
-from ._validate import check_flag, check_message_id, check_seconds
+from ._validate import check_message_id, purge_scope
 
 log = logging.getLogger("actors.control")
 
 COMMANDS = ("abort", "purge", "retry")
 TAKE_LIMIT = 100  # requests taken per look
-PURGE_LIMIT = 10_000  # messages deleted per purge transaction
 CONTROL_RETENTION = 7 * 86400.0  # seconds a finished request stays in the table
 
 
@@ -59,53 +58,6 @@ class Target(Protocol):
 
 
 # -- arguments and outcome (both sides) --------------------------------------
-
-
-def purge_scope(
-    session_id: str | None, dead: bool, older_than: float | None, now: float
-) -> tuple[str | None, float | None]:
-    """Validate ``purge``'s arguments; returns (session_id, before).
-
-    Raises:
-      ValueError: neither a session nor ``dead=True``; ``older_than``
-        without ``dead=True``; ``older_than`` out of range.
-      TypeError: a session id, ``dead`` or ``older_than`` of the wrong type.
-    """
-    check_flag("dead", dead)
-    if session_id is not None:
-        session_id = check_session_id(session_id)
-    elif not dead:
-        raise ValueError("purge needs a session_id, or dead=True (dead letters of every session)")
-    if older_than is None:
-        return session_id, None
-    if not dead:
-        raise ValueError("older_than applies to dead letters only: pass dead=True")
-    return session_id, now - check_seconds("older_than", older_than)
-
-
-async def purge_batches(
-    store: Store,
-    session_id: str | None,
-    dead_only: bool,
-    before: float | None,
-    deleted: Callable[[int, int, list[int]], None],
-) -> int:
-    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
-
-    Batches keep each transaction short, so other work runs between them.
-    """
-    total = 0
-    while True:
-        pending: int
-        dead: int
-        ids: list[int]
-        pending, dead, ids = await store.call(
-            store.op_purge, session_id, dead_only, before, PURGE_LIMIT
-        )
-        deleted(pending, dead, ids)
-        total += pending + dead
-        if pending + dead < PURGE_LIMIT:
-            return total
 
 
 def _message_id(args: dict[str, Any]) -> int:

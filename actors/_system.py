@@ -18,17 +18,25 @@ from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
 from ._config import Config
-from ._control import Control, purge_batches, purge_scope
+from ._control import Control
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
 from ._lock import DatabaseLock
-from ._records import DeadLetter, SystemStatistics
+from ._purge import purge_batches
+from ._records import DeadLetter, Message, SystemStatistics
 from ._reply import Reply
 from ._router import Batch, Router
 from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import StatusEvent, Subscription
 from ._supervisor import Supervisor
-from ._validate import check_int, check_message_id, check_number, check_seconds
+from ._validate import (
+    check_instance,
+    check_int,
+    check_message_id,
+    check_number,
+    check_seconds,
+    purge_scope,
+)
 
 log = logging.getLogger("actors.system")
 
@@ -810,8 +818,7 @@ async def run_system(
     """
     config = Config.from_options(options)
     actor_factory(handler)  # validate before touching the file
-    if rng is not None and not isinstance(rng, random.Random):
-        raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
+    check_instance("rng", rng, random.Random, optional=True)
     db_path = database_path(path)
     lock = DatabaseLock(db_path)
     try:
