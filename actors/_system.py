@@ -6,8 +6,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn
 
 import trio
@@ -27,7 +27,7 @@ from ._records import DeadLetter, Message, SystemStatistics
 from ._reply import Reply
 from ._router import Batch, Router
 from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
-from ._streams import StatusEvent, Subscription
+from ._streams import HandlerObserver, HandlerObservers, StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._validate import (
     check_instance,
@@ -87,6 +87,7 @@ class System:
         self._stopped = trio.Event()
         self._body: trio.CancelScope | None = None
         self.recovered = opened.recovered
+        self._observers = HandlerObservers(self._set_observer)
         self._health = HealthMonitor(self.statistics, self._clock)
         self._control = Control(
             self, store, self._clock.now, config.control_interval, config.busy_timeout
@@ -592,6 +593,44 @@ class System:
             sends=self._router.sends,
             commits=self._store.statistics().transactions,
         )
+
+    def now(self) -> float:
+        """The system's clock: seconds since the epoch, as it stamps ``Message.enqueued_at``.
+
+        It follows trio's clock (a ``MockClock`` in tests) from the wall
+        time read when the system started, so ``system.now() -
+        msg.enqueued_at`` is how long ago ``msg`` was sent, even if the
+        system's wall clock jumped since (see docs/guarantees.md).
+        """
+        return self._clock.now()
+
+    def add_handler_observer(self, observer: HandlerObserver) -> Callable[[], None]:
+        """Call ``observer(message, seconds)`` after every successful handler call.
+
+        ``message`` is the Message handled, ``seconds`` how long its handler
+        ran (on trio's clock). It is called on the trio thread, in the
+        session's actor, right after the handler returned and before its
+        acknowledgement commits; not for a call that raised, timed out or
+        was killed. The session waits for it: it must be a quick, plain
+        function (metrics, counters; :mod:`actors.prometheus` is built on
+        it). Several observers may be added; they are called in the order
+        they were added. An exception from an observer is logged (its
+        first one, with the traceback, on the ``actors.streams`` logger)
+        and otherwise ignored: the message, the other observers and this
+        one go on as before.
+
+        Returns a function that removes this observer (calling it again
+        does nothing). With no observer installed the runtime pays nothing
+        for the hook.
+
+        Raises:
+          TypeError: ``observer`` is not callable.
+        """
+        return self._observers.add(observer)
+
+    def _set_observer(self, hook: Callable[[Message, float], None] | None) -> None:
+        # The supervisor calls one hook per handled message (None: none).
+        self._sup.observer = hook
 
     def is_active(self, session_id: str) -> bool:
         """Whether ``session_id`` has a live actor right now.
