@@ -46,6 +46,7 @@ from ._config import Config
 from ._policy import Backoff, RestartPolicy
 from ._records import DeadLetter, Message, SystemStatistics
 from ._system import System
+from ._validate import MAX_INT
 
 __all__ = [
     "ChaosMonkey",
@@ -570,14 +571,28 @@ async def quiescent(system: System, *, passivated: bool = False) -> SystemStatis
     Sends still waiting for their commit are not known to the system yet:
     await them before. Call it inside the ``async with run_system`` block.
     """
-    live = system._sup.live  # the supervisor's count of live actors (package-private)
     while True:
         await system.drain()
         if passivated:
-            await live.wait_zero()
+            await _passivated(system)
         stats = system.statistics()
-        if stats.pending == 0 and stats.in_flight == 0 and not (passivated and live.value):
+        if stats.pending == 0 and stats.in_flight == 0 and not (passivated and stats.active_actors):
             return stats
+
+
+async def _passivated(system: System) -> None:
+    """Return once no actor is live (``active_actors == 0``), or the system stopped."""
+    if not system.statistics().active_actors:
+        await trio.lowlevel.checkpoint()
+        return
+    # An actor that leaves emits "actor_stopped" in the step that takes it
+    # off the count: look again after each event. The buffer is unbounded
+    # (the largest allowed), so no event is dropped and none is waited for
+    # in vain.
+    async with system.events(buffer=MAX_INT) as events:
+        async for _ in events:
+            if not system.statistics().active_actors:
+                return
 
 
 # -- the recorder ---------------------------------------------------------------
