@@ -308,41 +308,51 @@ def request(
             (command, json.dumps(args), time.time()),
         )
         request_id = db.last_insert_rowid()
-
-        def withdraw() -> bool:
-            # Only a request no system has taken: one statement decides.
-            db.execute(
-                "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
-                (request_id,),
-            )
-            return db.changes() == 1
-
-        def answered() -> dict[str, Any] | None:
-            rows = db.execute(
-                "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
-            ).fetchall()
-            if rows and rows[0][0] is not None:
-                outcome: dict[str, Any] = json.loads(str(rows[0][1]))
-                return outcome
-            return None
-
-        deadline = time.monotonic() + wait
         try:
-            while True:
-                outcome = answered()
-                if outcome is not None:
-                    return outcome
-                if stopped is not None and stopped():
-                    # It may have answered just before it went: look once more.
-                    outcome = answered()
-                    if outcome is not None:
-                        return outcome
-                    raise SystemStoppedError(request_id, withdrawn=withdraw())
-                if time.monotonic() >= deadline:
-                    raise RequestTimeoutError(request_id, wait, withdrawn=withdraw())
-                time.sleep(poll)
+            return _await_outcome(db, request_id, wait, poll, stopped)
         except KeyboardInterrupt:
-            withdraw()
+            _withdraw(db, request_id)
             raise
     finally:
         db.close()
+
+
+def _await_outcome(
+    db: apsw.Connection,
+    request_id: int,
+    wait: float,
+    poll: float,
+    stopped: Callable[[], bool] | None,
+) -> dict[str, Any]:
+    """Poll for the request's outcome (see :func:`request`)."""
+    deadline = time.monotonic() + wait
+    while True:
+        outcome = _outcome(db, request_id)
+        if outcome is not None:
+            return outcome
+        if stopped is not None and stopped():
+            # It may have answered just before it went: look once more.
+            outcome = _outcome(db, request_id)
+            if outcome is not None:
+                return outcome
+            raise SystemStoppedError(request_id, withdrawn=_withdraw(db, request_id))
+        if time.monotonic() >= deadline:
+            raise RequestTimeoutError(request_id, wait, withdrawn=_withdraw(db, request_id))
+        time.sleep(poll)
+
+
+def _withdraw(db: apsw.Connection, request_id: int) -> bool:
+    # Only a request no system has taken: one statement decides.
+    db.execute(
+        "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
+        (request_id,),
+    )
+    return db.changes() == 1
+
+
+def _outcome(db: apsw.Connection, request_id: int) -> dict[str, Any] | None:
+    rows = db.execute("SELECT done_at, result FROM control WHERE id = ?", (request_id,)).fetchall()
+    if rows and rows[0][0] is not None:
+        outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+        return outcome
+    return None

@@ -95,6 +95,33 @@ class System:
 
     # -- lifecycle (run_system) -------------------------------------------
 
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """Run the system's tasks around the ``async with`` block, then stop and close the store."""
+        try:
+            async with _single_error(), trio.open_nursery() as nursery:
+                await self._start(nursery)
+                try:
+                    # shutdown() cancels the block's code through this scope,
+                    # which absorbs that cancellation: the stop goes on below
+                    # and the block exits normally.
+                    with trio.CancelScope() as body:
+                        self._body = body
+                        yield
+                except BaseException:
+                    self._closed = True
+                    nursery.cancel_scope.cancel()
+                    raise
+                finally:
+                    self._body = None
+                await self._shutdown(nursery)
+        finally:
+            self._close_streams()
+            try:
+                await self._store.aclose()
+            finally:
+                self._stopped.set()
+
     async def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         log.info(
@@ -348,13 +375,7 @@ class System:
         if self._closed:
             await self._refuse()
         session_id = check_session_id(session_id)
-        actor = self._calling_actor()
-        if actor is not None and actor.session_id == session_id:
-            raise RuntimeError(
-                f"ask() of session {session_id!r} from its own actor would wait for "
-                "itself: the session runs one message at a time, and this one is "
-                "running (send() it, or ask another session)"
-            )
+        self._check_not_own_actor(session_id)
         data = encode_body(body, self.config.max_message_bytes)
         seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
@@ -376,15 +397,19 @@ class System:
                 if not reply.done.is_set() and msg_id is not None:
                     self._sup.replies.pop(msg_id, None)
         if scope.cancelled_caught:
-            where = (
-                " (the message may or may not have been persisted: the timeout came first)"
-                if msg_id is None
-                else f" (message {msg_id} is still processed)"
-            )
-            raise AskTimeoutError(f"no reply from session {session_id!r} within {timeout}s{where}")
+            raise _ask_timeout(session_id, timeout, msg_id)
         if reply.error is not None:
             raise reply.error
         return reply.value
+
+    def _check_not_own_actor(self, session_id: str) -> None:
+        actor = self._calling_actor()
+        if actor is not None and actor.session_id == session_id:
+            raise RuntimeError(
+                f"ask() of session {session_id!r} from its own actor would wait for "
+                "itself: the session runs one message at a time, and this one is "
+                "running (send() it, or ask another session)"
+            )
 
     async def send_many(
         self, items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
@@ -400,39 +425,7 @@ class System:
         """
         if self._closed:
             await self._refuse()
-        sessions: list[str] = []
-        bodies: list[str | bytes] = []
-        keys: list[str | None] | None = None  # once an item has a key
-        limit = self.config.max_message_bytes
-        for i, item in enumerate(items):
-            try:
-                key = None
-                if type(item) is tuple and len(item) == 2:
-                    session_id, body = item
-                else:
-                    if not isinstance(item, tuple | list):
-                        # A str or a dict would unpack into its characters or keys.
-                        raise TypeError(
-                            f"expected a (session_id, body) tuple, got {type(item).__name__}"
-                        )
-                    session_id, body, *rest = item
-                    if len(rest) > 1:
-                        raise ValueError(
-                            f"expected (session_id, body) or (session_id, body, key), "
-                            f"got {len(rest) + 2} values"
-                        )
-                    if rest and rest[0] is not None:
-                        key = check_key(rest[0])
-                sessions.append(check_session_id(session_id))
-                bodies.append(encode_body(body, limit))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"item {i}: {exc}") from None
-            if key is not None:
-                if keys is None:
-                    keys = [None] * i
-                keys.append(key)
-            elif keys is not None:
-                keys.append(None)
+        sessions, bodies, keys = _check_items(items, self.config.max_message_bytes)
         if not sessions:
             await trio.lowlevel.checkpoint()
             return []
@@ -859,63 +852,95 @@ async def run_system(
     actor_factory(handler)  # validate before touching the file
     check_instance("rng", rng, random.Random, optional=True)
     db_path = database_path(path)
+    with _locked(db_path) as lock:
+        store, opened = await Store.open(
+            db_path, durability=config.durability, busy_timeout=config.busy_timeout
+        )
+        try:
+            _check_opened(store, lock, config, db_path)
+            system = System(
+                path=db_path, store=store, opened=opened, config=config, handler=handler, rng=rng
+            )
+        except BaseException:
+            await store.aclose()
+            raise
+        async with system._running():
+            yield system
+
+
+@contextmanager
+def _locked(db_path: str) -> Iterator[DatabaseLock]:
+    """Hold the database's lock (what a refused attempt opened is released too)."""
     lock = DatabaseLock(db_path)
     try:
         try:
             lock.acquire()
         except OSError as exc:
             raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
-    except BaseException:
-        lock.release()  # what a refused attempt kept open
-        raise
-    try:
-        store, opened = await Store.open(
-            db_path, durability=config.durability, busy_timeout=config.busy_timeout
-        )
-        system_ref: list[System] = []
-        try:
-            if store.identity != lock.identity:  # renamed over between the two opens
-                raise StoreError(f"the database file {db_path!r} was replaced while opening")
-            if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)
-                raise ValueError(
-                    f"max_message_bytes={config.max_message_bytes} is more than this SQLite "
-                    f"stores in a row ({store.max_value_bytes} bytes)"
-                )
-            async with _single_error(), trio.open_nursery() as nursery:
-                system = System(
-                    path=db_path,
-                    store=store,
-                    opened=opened,
-                    config=config,
-                    handler=handler,
-                    rng=rng,
-                )
-                system_ref.append(system)
-                await system._start(nursery)
-                try:
-                    # shutdown() cancels the block's code through this scope,
-                    # which absorbs that cancellation: the stop goes on below
-                    # and the block exits normally.
-                    with trio.CancelScope() as body:
-                        system._body = body
-                        yield system
-                except BaseException:
-                    system._closed = True
-                    nursery.cancel_scope.cancel()
-                    raise
-                finally:
-                    system._body = None
-                await system._shutdown(nursery)
-        finally:
-            if system_ref:
-                system_ref[0]._close_streams()
-            try:
-                await store.aclose()
-            finally:
-                if system_ref:
-                    system_ref[0]._stopped.set()
+        yield lock
     finally:
         lock.release()
+
+
+def _check_opened(store: Store, lock: DatabaseLock, config: Config, db_path: str) -> None:
+    if store.identity != lock.identity:  # renamed over between the two opens
+        raise StoreError(f"the database file {db_path!r} was replaced while opening")
+    if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)
+        raise ValueError(
+            f"max_message_bytes={config.max_message_bytes} is more than this SQLite "
+            f"stores in a row ({store.max_value_bytes} bytes)"
+        )
+
+
+def _check_items(
+    items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]], limit: int
+) -> tuple[list[str], list[str | bytes], list[str | None] | None]:
+    """``send_many``'s items, checked and encoded: (sessions, bodies, keys or None).
+
+    Raises TypeError / ValueError as ``send`` does, naming the item's index.
+    """
+    sessions: list[str] = []
+    bodies: list[str | bytes] = []
+    keys: list[str | None] | None = None  # once an item has a key
+    for i, item in enumerate(items):
+        try:
+            key = None
+            if type(item) is tuple and len(item) == 2:
+                session_id, body = item
+            else:
+                if not isinstance(item, tuple | list):
+                    # A str or a dict would unpack into its characters or keys.
+                    raise TypeError(
+                        f"expected a (session_id, body) tuple, got {type(item).__name__}"
+                    )
+                session_id, body, *rest = item
+                if len(rest) > 1:
+                    raise ValueError(
+                        f"expected (session_id, body) or (session_id, body, key), "
+                        f"got {len(rest) + 2} values"
+                    )
+                if rest and rest[0] is not None:
+                    key = check_key(rest[0])
+            sessions.append(check_session_id(session_id))
+            bodies.append(encode_body(body, limit))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"item {i}: {exc}") from None
+        if key is not None:
+            if keys is None:
+                keys = [None] * i
+            keys.append(key)
+        elif keys is not None:
+            keys.append(None)
+    return sessions, bodies, keys
+
+
+def _ask_timeout(session_id: str, timeout: float | None, msg_id: int | None) -> AskTimeoutError:
+    where = (
+        " (the message may or may not have been persisted: the timeout came first)"
+        if msg_id is None
+        else f" (message {msg_id} is still processed)"
+    )
+    return AskTimeoutError(f"no reply from session {session_id!r} within {timeout}s{where}")
 
 
 @asynccontextmanager
