@@ -56,6 +56,7 @@ __all__ = [
     "Kill",
     "Recorder",
     "RecorderStatistics",
+    "Violations",
     "chaos",
     "fast_options",
     "flaky",
@@ -641,6 +642,42 @@ class RecorderStatistics:
     messages: int
 
 
+@attrs.frozen
+class Violations:
+    """What a :class:`Recorder`'s checks found (``Recorder.violations()``).
+
+    Each attribute lists the violations of one check, one sentence each,
+    as the ``assert_*`` methods word them; empty when the check passed.
+
+    Attributes:
+      lost: acknowledged ids neither completed nor dead (``assert_no_loss``).
+      out_of_order: starts out of send order (``assert_fifo``).
+      overlapping: a session's calls that overlapped (``assert_one_at_a_time``).
+      dishonest: attempt numbers that lied (``assert_honest_attempts``).
+
+    ``str()`` of it is the text ``assert_all`` raises with ("" when ``ok``).
+    """
+
+    lost: tuple[str, ...] = ()
+    out_of_order: tuple[str, ...] = ()
+    overlapping: tuple[str, ...] = ()
+    dishonest: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not (self.lost or self.out_of_order or self.overlapping or self.dishonest)
+
+    def __str__(self) -> str:
+        checks = (
+            ("no loss", self.lost),
+            ("FIFO per session", self.out_of_order),
+            ("one at a time per session", self.overlapping),
+            ("honest attempts", self.dishonest),
+        )
+        return "\n".join(_describe(name, list(found)) for name, found in checks if found)
+
+
 class Recorder:
     """Records every call of the handlers it wraps, and checks the runtime's promises.
 
@@ -654,6 +691,8 @@ class Recorder:
     ``record_start`` / ``record_end`` write the history by hand: that is
     what the wrapper calls, and how a test feeds the checks a history of its
     own. ``events`` is the history, oldest first (read it, don't change it).
+    :meth:`violations` runs the checks without raising, for a report of
+    your own; :meth:`attempts` gives each message's attempts as seen.
     """
 
     def __init__(self) -> None:
@@ -751,6 +790,14 @@ class Recorder:
         """Ids of the messages a handler call completed (returned normally) for."""
         return {e.message_id for e in self.events if e.outcome == "completed"}
 
+    def attempts(self) -> dict[int, list[int]]:
+        """``{message id: the attempt of each of its calls}``, in the order the calls began."""
+        seen: defaultdict[int, list[int]] = defaultdict(list)
+        for event in self.events:
+            if event.kind == "start":
+                seen[event.message_id].append(event.attempt)
+        return dict(seen)
+
     async def wait_until(self, predicate: Callable[[Recorder], bool]) -> None:
         """Return once ``predicate(recorder)`` is true, checking after every event.
 
@@ -828,16 +875,31 @@ class Recorder:
         Raises:
           AssertionError: listing the violations of every check that failed.
         """
-        dead_ids = _ids(dead)
-        problems = [
-            ("no loss", self._lost(sent_ids, dead_ids)),
-            ("FIFO per session", self._out_of_order(dead_ids)),
-            ("one at a time per session", self._overlapping()),
-            ("honest attempts", self._dishonest(True)),
-        ]
-        text = "\n".join(_describe(name, found) for name, found in problems if found)
-        if text:
-            raise AssertionError(text)
+        found = self.violations(sent_ids, dead)
+        if not found.ok:
+            raise AssertionError(str(found))
+
+    def violations(
+        self,
+        sent_ids: Iterable[int] | None = None,
+        dead: Iterable[int | DeadLetter] | None = None,
+        *,
+        seen_all: bool = True,
+    ) -> Violations:
+        """Run the four checks and return what they found, without raising.
+
+        The checks and their arguments are those of the ``assert_*``
+        methods: ``lost`` is checked only with ``sent_ids``; FIFO holds
+        messages back behind a retry only with ``dead`` (as
+        :meth:`assert_fifo`); ``seen_all`` is :meth:`assert_honest_attempts`'s.
+        """
+        dead_ids = None if dead is None else _ids(dead)
+        return Violations(
+            lost=() if sent_ids is None else tuple(self._lost(sent_ids, dead_ids or set())),
+            out_of_order=tuple(self._out_of_order(dead_ids)),
+            overlapping=tuple(self._overlapping()),
+            dishonest=tuple(self._dishonest(seen_all)),
+        )
 
     # -- the checks, as lists of violations -----------------------------------
 
