@@ -341,24 +341,6 @@ def status(
                 (json.dumps(found.handed_ids),),
             )
         }
-        in_flight = [
-            InFlightRow(
-                id=_int(i),
-                session_id=str(s),
-                attempt=_int(a),
-                age=_age(now, t),
-            )
-            for i, s, a, t in db.execute(
-                "SELECT id, session_id, attempts, enqueued_at FROM messages WHERE state = 1"
-                " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-                (json.dumps(found.handed_ids), limit),
-            )
-        ]
-        open_requests = 0
-        if "control" in _tables(db):
-            open_requests = _int(
-                db.execute("SELECT count(*) FROM control WHERE done_at IS NULL").fetchall()[0][0]
-            )
         pending = counts.get(0, (0, 0, 0))
         return Status(
             path=path,
@@ -375,10 +357,34 @@ def status(
             attempts=attempts,
             session_count=session_count,
             sessions=_sessions(db, now, limit, found),
-            in_flight_messages=in_flight,
-            open_requests=open_requests,
+            in_flight_messages=_in_flight(db, now, limit, found),
+            open_requests=_open_requests(db),
             heartbeat=read_heartbeat(db),
         )
+
+
+def _in_flight(db: apsw.Connection, now: float, limit: int, found: Claimed) -> list[InFlightRow]:
+    """The messages in flight, oldest first (handed ones count as pending)."""
+    return [
+        InFlightRow(
+            id=_int(i),
+            session_id=str(s),
+            attempt=_int(a),
+            age=_age(now, t),
+        )
+        for i, s, a, t in db.execute(
+            "SELECT id, session_id, attempts, enqueued_at FROM messages WHERE state = 1"
+            " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+            (json.dumps(found.handed_ids), limit),
+        )
+    ]
+
+
+def _open_requests(db: apsw.Connection) -> int:
+    """Control requests not answered yet (0 on a database without the table)."""
+    if "control" not in _tables(db):
+        return 0
+    return _int(db.execute("SELECT count(*) FROM control WHERE done_at IS NULL").fetchall()[0][0])
 
 
 def sessions(
@@ -510,26 +516,30 @@ def check_health(
                 f" {seconds_text(stale)}): the system's loop or its database writer is not"
                 " running",
             )
-        oldest = oldest_due(db, now)
-        progress_age = max(now - heartbeat.last_progress_at, 0.0)
-        healthy, reason = judge(
-            oldest_pending_age=oldest, last_progress_age=progress_age, stall_after=stall_after
-        )
-        found = counts(db, claimed(db, path).count)
-        return verdict(
-            healthy,
-            reason,
-            Health(
-                healthy=healthy,
-                reason=reason,
-                checked_at=now,
-                stall_after=stall_after,
-                oldest_pending_age=oldest,
-                last_progress_age=progress_age,
-                pending=found["pending"],
-                in_flight=found["in_flight"],
-                dead=found["dead"],
-                processed=heartbeat.processed,
-                dead_lettered=heartbeat.dead_lettered,
-            ),
-        )
+        health = _running_health(db, path, now, heartbeat, stall_after)
+        return verdict(health.healthy, health.reason, health)
+
+
+def _running_health(
+    db: apsw.Connection, path: str, now: float, heartbeat: Heartbeat, stall_after: float
+) -> Health:
+    """A running system's health, from its fresh heartbeat and the database now."""
+    oldest = oldest_due(db, now)
+    progress_age = max(now - heartbeat.last_progress_at, 0.0)
+    healthy, reason = judge(
+        oldest_pending_age=oldest, last_progress_age=progress_age, stall_after=stall_after
+    )
+    found = counts(db, claimed(db, path).count)
+    return Health(
+        healthy=healthy,
+        reason=reason,
+        checked_at=now,
+        stall_after=stall_after,
+        oldest_pending_age=oldest,
+        last_progress_age=progress_age,
+        pending=found["pending"],
+        in_flight=found["in_flight"],
+        dead=found["dead"],
+        processed=heartbeat.processed,
+        dead_lettered=heartbeat.dead_lettered,
+    )

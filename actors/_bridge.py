@@ -59,16 +59,11 @@ class Bridge:
 
     def __init__(self, system: System, token: trio.lowlevel.TrioToken, nursery: trio.Nursery):
         self._system = system
-        self._token = token
-        self._nursery = nursery
-        self._lock = threading.Lock()
-        self._calls = 0
-        self._running = 0
+        self._carrier = _Carrier(system, token, nursery)
 
     def statistics(self) -> BridgeStatistics:
         """Calls so far, and calls still running."""
-        with self._lock:
-            return BridgeStatistics(calls=self._calls, running=self._running)
+        return self._carrier.statistics()
 
     # -- blocking calls (plain threads) ---------------------------------------
 
@@ -87,9 +82,11 @@ class Bridge:
         the send itself goes on, and may or may not commit. It is checked
         (as ``System.send`` checks ``delay``) before anything is sent.
         """
-        self._refuse_trio_thread()
+        self._carrier.refuse_trio_thread()
         timeout = _check_timeout(timeout)
-        future = self._submit(lambda: self._system.send(session_id, body, delay=delay, key=key))
+        future = self._carrier.submit(
+            lambda: self._system.send(session_id, body, delay=delay, key=key)
+        )
         return future.result(timeout)
 
     def send_many(
@@ -99,15 +96,15 @@ class Bridge:
         timeout: float | None = None,
     ) -> list[int]:
         """``System.send_many`` from another thread: one transaction for all."""
-        self._refuse_trio_thread()
+        self._carrier.refuse_trio_thread()
         timeout = _check_timeout(timeout)
         batch = list(items)  # read here, in the caller's thread
-        return self._submit(lambda: self._system.send_many(batch)).result(timeout)
+        return self._carrier.submit(lambda: self._system.send_many(batch)).result(timeout)
 
     def ask(self, session_id: str, body: Any, *, timeout: float | None = None) -> Any:
         """``System.ask`` from another thread."""
-        self._refuse_trio_thread()
-        return self._submit(lambda: self._system.ask(session_id, body, timeout)).result()
+        self._carrier.refuse_trio_thread()
+        return self._carrier.submit(lambda: self._system.ask(session_id, body, timeout)).result()
 
     def subscribe(self, session_id: str, *, buffer: int = 16) -> BlockingSubscription:
         """``System.subscribe`` as a blocking iterator, for a consumer thread.
@@ -116,11 +113,14 @@ class Bridge:
         ``close()`` it (or use ``with``) to stop earlier. Backpressure holds:
         a consumer that reads slowly slows the session.
         """
-        self._refuse_trio_thread()
-        sub = self._submit(
+        return BlockingSubscription(self._carrier, self._subscribe(session_id, buffer))
+
+    def _subscribe(self, session_id: str, buffer: int) -> Subscription[Any]:
+        # Registered on the trio thread, before this returns.
+        self._carrier.refuse_trio_thread()
+        return self._carrier.submit(
             _sync_to_async(lambda: self._system.subscribe(session_id, buffer=buffer))
-        )
-        return BlockingSubscription(self, sub.result())
+        ).result()
 
     # -- asyncio --------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class Bridge:
         ends when the system stops, ``close()`` to stop earlier). Creating it
         waits briefly for the trio thread to register the subscription.
         """
-        return AsyncioSubscription(self.subscribe(session_id, buffer=buffer))
+        return AsyncioSubscription(self._carrier, self._subscribe(session_id, buffer))
 
     async def send_async(
         self,
@@ -143,17 +143,38 @@ class Bridge:
         key: str | None = None,
     ) -> int:
         """``System.send`` from an asyncio event loop in another thread."""
-        future = self._submit(lambda: self._system.send(session_id, body, delay=delay, key=key))
+        future = self._carrier.submit(
+            lambda: self._system.send(session_id, body, delay=delay, key=key)
+        )
         return await asyncio.wrap_future(future)
 
     async def ask_async(self, session_id: str, body: Any, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """``System.ask`` from an asyncio event loop in another thread."""
-        future = self._submit(lambda: self._system.ask(session_id, body, timeout))
+        future = self._carrier.submit(lambda: self._system.ask(session_id, body, timeout))
         return await asyncio.wrap_future(future)
 
-    # -- the carrying ---------------------------------------------------------
 
-    def _refuse_trio_thread(self) -> None:
+class _Carrier:
+    """Carries calls to the trio thread, as tasks in the system's nursery.
+
+    One per bridge, shared with the subscriptions it made (they carry their
+    steps the same way, counted in the bridge's statistics).
+    """
+
+    def __init__(self, system: System, token: trio.lowlevel.TrioToken, nursery: trio.Nursery):
+        self._system = system
+        self._token = token
+        self._nursery = nursery
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._running = 0
+
+    def statistics(self) -> BridgeStatistics:
+        with self._lock:
+            return BridgeStatistics(calls=self._calls, running=self._running)
+
+    def refuse_trio_thread(self) -> None:
+        """Raise RuntimeError in the system's own trio thread (a blocking call would hang it)."""
         try:
             token = trio.lowlevel.current_trio_token()
         except RuntimeError:
@@ -164,12 +185,18 @@ class Bridge:
                 "(they would block the loop that answers them); await the System's methods"
             )
 
-    def _submit(
+    def submit(
         self, call: Callable[[], Awaitable[T]], *, while_stopping: bool = False
     ) -> concurrent.futures.Future[T]:
-        # while_stopping: run even once the system began to stop, as long as
-        # its nursery takes tasks (a subscription's next output: handlers
-        # may still emit during the shutdown grace period).
+        """Run ``call()`` as a task of the system; its outcome comes in the future.
+
+        while_stopping: run even once the system began to stop, as long as
+        its nursery takes tasks (a subscription's next output: handlers
+        may still emit during the shutdown grace period).
+
+        Raises:
+          SystemClosedError: the trio run is over.
+        """
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         system = self._system
 
@@ -209,6 +236,27 @@ class Bridge:
             raise SystemClosedError("the system has stopped") from None
         return future
 
+    def take_buffered(self, subscription: Subscription[Any]) -> Any:
+        """An output still buffered in ``subscription`` (the system stopped), or ``_END``."""
+        taken: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                taken.set_result(subscription.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                taken.set_result(_END)
+
+        try:
+            self._token.run_sync_soon(take)  # on the trio thread, if it still runs
+        except trio.RunFinishedError:
+            take()  # the trio run is over: no other thread uses the channel now
+        return taken.result()
+
+    def close(self, subscription: Subscription[Any]) -> None:
+        """Unregister ``subscription`` (from any thread)."""
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(subscription.close)
+
 
 _END = object()  # BlockingSubscription: nothing more is buffered
 
@@ -236,49 +284,33 @@ class BlockingSubscription:
     RuntimeError, as every blocking bridge call does.
     """
 
-    def __init__(self, bridge: Bridge, subscription: Subscription[Any]) -> None:
-        self._bridge = bridge
+    def __init__(self, carrier: _Carrier, subscription: Subscription[Any]) -> None:
+        self._carrier = carrier
         self._sub = subscription
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
-        self._bridge._refuse_trio_thread()
+        self._carrier.refuse_trio_thread()
         try:
-            # _submit itself raises SystemClosedError once the trio run is over
+            # submit() itself raises SystemClosedError once the trio run is over
             # (a consumer thread that outlives it).
-            return self._bridge._submit(self._sub.__anext__, while_stopping=True).result()
+            return self._carrier.submit(self._sub.__anext__, while_stopping=True).result()
         except StopAsyncIteration:
             raise StopIteration from None
         except SystemClosedError:
             pass
         # The system has stopped. Outputs it published before are still this
         # consumer's, as they are for an async subscriber: hand them out, then end.
-        value = self._take_buffered()
+        value = self._carrier.take_buffered(self._sub)
         if value is _END:
             raise StopIteration
         return value
 
-    def _take_buffered(self) -> Any:
-        taken: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def take() -> None:
-            try:
-                taken.set_result(self._sub.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                taken.set_result(_END)
-
-        try:
-            self._bridge._token.run_sync_soon(take)  # on the trio thread, if it still runs
-        except trio.RunFinishedError:
-            take()  # the trio run is over: no other thread uses the channel now
-        return taken.result()
-
     def close(self) -> None:
         """Unregister (from any thread)."""
-        with contextlib.suppress(trio.RunFinishedError):
-            self._bridge._token.run_sync_soon(self._sub.close)
+        self._carrier.close(self._sub)
 
     def __enter__(self) -> BlockingSubscription:
         return self
@@ -294,27 +326,28 @@ class AsyncioSubscription:
     ``asyncio.wrap_future``, so the asyncio loop runs on while it waits.
     """
 
-    def __init__(self, blocking: BlockingSubscription) -> None:
-        self._blocking = blocking
+    def __init__(self, carrier: _Carrier, subscription: Subscription[Any]) -> None:
+        self._carrier = carrier
+        self._sub = subscription
 
     def __aiter__(self) -> AsyncioSubscription:
         return self
 
     async def __anext__(self) -> Any:
-        blocking = self._blocking
         try:
-            future = blocking._bridge._submit(blocking._sub.__anext__, while_stopping=True)
+            future = self._carrier.submit(self._sub.__anext__, while_stopping=True)
             return await asyncio.wrap_future(future)
         except SystemClosedError:
             pass
-        value = blocking._take_buffered()  # the system stopped: what it published, then end
+        # The system stopped: what it published, then the end.
+        value = self._carrier.take_buffered(self._sub)
         if value is _END:
             raise StopAsyncIteration
         return value
 
     def close(self) -> None:
         """Unregister (from any thread)."""
-        self._blocking.close()
+        self._carrier.close(self._sub)
 
     async def __aenter__(self) -> AsyncioSubscription:
         return self

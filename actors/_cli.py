@@ -48,12 +48,19 @@ from ._control import (
     apply,
     request,
 )
-from ._demo import DemoDatabaseError, DemoOptions, LiveDisplay, check_demo_database, run_demo
+from ._demo import (
+    DemoDatabaseError,
+    DemoOptions,
+    LiveDisplay,
+    Report,
+    check_demo_database,
+    run_demo,
+)
 from ._errors import DatabaseInUseError, StoreError
 from ._health import Health, seconds_text
 from ._lock import DatabaseLock
 from ._store import Store, database_path
-from ._validate import MAX_SECONDS
+from ._validate import MAX_INT, MAX_SECONDS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -80,8 +87,7 @@ class _JsonError(click.ClickException):
         _echo_json({"ok": False, "error": self.message, "exit_code": self.exit_code})
 
 
-# Ids, seqs and limits are SQLite integers: beyond this one they cannot be stored.
-MAX_INT = 2**63 - 1
+# Ids, seqs and limits are SQLite integers: beyond MAX_INT they cannot be stored.
 ID = click.IntRange(1, MAX_INT)
 LIMIT = click.IntRange(1, MAX_INT)
 
@@ -377,26 +383,34 @@ def demo(
         progress_interval=0.1 if live else _DEMO.progress_interval,
     )
 
+    report = _run_demo(options, console, live)
+    click.echo(f"\nverification after {report.seconds:.1f}s")
+    _show_verdict(report, console, live)
+
+
+def _run_demo(options: DemoOptions, console: Console, live: bool) -> Report:
     try:
         if live:
 
             def out(text: str) -> None:
                 console.print(text, markup=False, soft_wrap=True)
 
-            with LiveDisplay(console, sessions * messages) as display:
-                report = trio.run(run_demo, options, out, display.update)
-        else:
-            # click.echo flushes every line: output to a file or a pipe is
-            # block-buffered, and a run killed with kill -9 would otherwise
-            # take its last progress lines along (tests check they arrive).
-            report = trio.run(run_demo, options, click.echo)
+            with LiveDisplay(console, options.sessions * options.messages) as display:
+                return trio.run(run_demo, options, out, display.update)
+        # click.echo flushes every line: output to a file or a pipe is
+        # block-buffered, and a run killed with kill -9 would otherwise
+        # take its last progress lines along (tests check they arrive).
+        return trio.run(run_demo, options, click.echo)
     except KeyboardInterrupt:
         click.echo("\ninterrupted: unfinished messages stay in the database (see --db)")
         sys.exit(130)
     except BaseException as exc:
         _demo_error(exc)
         raise
-    click.echo(f"\nverification after {report.seconds:.1f}s")
+
+
+def _show_verdict(report: Report, console: Console, live: bool) -> NoReturn:
+    """Print the verification table and the verdict; exit 0 if it is OK, else 1."""
     if live:
         table = Table("check", "count", "meaning")
         table.columns[1].justify = "right"

@@ -13,13 +13,6 @@ _COUNT = v.field(v.check_option_int)
 _POSITIVE_SECONDS = v.field(v.check_seconds, positive=True)
 
 
-def _durability(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"durability must be a str, got {type(value).__name__}")
-    if value not in ("normal", "full"):
-        raise ValueError(f"durability must be 'normal' or 'full', got {v.value_text(value)}")
-
-
 @attrs.frozen(kw_only=True)
 class Config:
     """Every option of :func:`run_system`, with its default.
@@ -76,7 +69,9 @@ class Config:
     restart_policy: RestartPolicy = attrs.field(
         factory=RestartPolicy, validator=v.instance_of(RestartPolicy)
     )
-    durability: Literal["normal", "full"] = attrs.field(default="normal", validator=_durability)
+    durability: Literal["normal", "full"] = attrs.field(
+        default="normal", validator=v.field(v.check_choice, choices=("normal", "full"))
+    )
     max_message_bytes: int = attrs.field(
         default=1 << 20,
         validator=v.field(v.check_int, minimum=1, maximum=v.MAX_MESSAGE_BYTES),

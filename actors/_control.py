@@ -30,16 +30,15 @@ import attrs
 import trio
 from trio_util import periodic
 
-from ._codec import check_session_id
 from ._errors import StoreError
+from ._purge import purge_batches
 from ._store import IN_FLIGHT, Store
-from ._validate import check_flag, check_message_id, check_seconds
+from ._validate import check_message_id, purge_scope
 
 log = logging.getLogger("actors.control")
 
 COMMANDS = ("abort", "purge", "retry")
 TAKE_LIMIT = 100  # requests taken per look
-PURGE_LIMIT = 10_000  # messages deleted per purge transaction
 CONTROL_RETENTION = 7 * 86400.0  # seconds a finished request stays in the table
 
 
@@ -59,53 +58,6 @@ class Target(Protocol):
 
 
 # -- arguments and outcome (both sides) --------------------------------------
-
-
-def purge_scope(
-    session_id: str | None, dead: bool, older_than: float | None, now: float
-) -> tuple[str | None, float | None]:
-    """Validate ``purge``'s arguments; returns (session_id, before).
-
-    Raises:
-      ValueError: neither a session nor ``dead=True``; ``older_than``
-        without ``dead=True``; ``older_than`` out of range.
-      TypeError: a session id, ``dead`` or ``older_than`` of the wrong type.
-    """
-    check_flag("dead", dead)
-    if session_id is not None:
-        session_id = check_session_id(session_id)
-    elif not dead:
-        raise ValueError("purge needs a session_id, or dead=True (dead letters of every session)")
-    if older_than is None:
-        return session_id, None
-    if not dead:
-        raise ValueError("older_than applies to dead letters only: pass dead=True")
-    return session_id, now - check_seconds("older_than", older_than)
-
-
-async def purge_batches(
-    store: Store,
-    session_id: str | None,
-    dead_only: bool,
-    before: float | None,
-    deleted: Callable[[int, int, list[int]], None],
-) -> int:
-    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
-
-    Batches keep each transaction short, so other work runs between them.
-    """
-    total = 0
-    while True:
-        pending: int
-        dead: int
-        ids: list[int]
-        pending, dead, ids = await store.call(
-            store.op_purge, session_id, dead_only, before, PURGE_LIMIT
-        )
-        deleted(pending, dead, ids)
-        total += pending + dead
-        if pending + dead < PURGE_LIMIT:
-            return total
 
 
 def _message_id(args: dict[str, Any]) -> int:
@@ -356,41 +308,51 @@ def request(
             (command, json.dumps(args), time.time()),
         )
         request_id = db.last_insert_rowid()
-
-        def withdraw() -> bool:
-            # Only a request no system has taken: one statement decides.
-            db.execute(
-                "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
-                (request_id,),
-            )
-            return db.changes() == 1
-
-        def answered() -> dict[str, Any] | None:
-            rows = db.execute(
-                "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
-            ).fetchall()
-            if rows and rows[0][0] is not None:
-                outcome: dict[str, Any] = json.loads(str(rows[0][1]))
-                return outcome
-            return None
-
-        deadline = time.monotonic() + wait
         try:
-            while True:
-                outcome = answered()
-                if outcome is not None:
-                    return outcome
-                if stopped is not None and stopped():
-                    # It may have answered just before it went: look once more.
-                    outcome = answered()
-                    if outcome is not None:
-                        return outcome
-                    raise SystemStoppedError(request_id, withdrawn=withdraw())
-                if time.monotonic() >= deadline:
-                    raise RequestTimeoutError(request_id, wait, withdrawn=withdraw())
-                time.sleep(poll)
+            return _await_outcome(db, request_id, wait, poll, stopped)
         except KeyboardInterrupt:
-            withdraw()
+            _withdraw(db, request_id)
             raise
     finally:
         db.close()
+
+
+def _await_outcome(
+    db: apsw.Connection,
+    request_id: int,
+    wait: float,
+    poll: float,
+    stopped: Callable[[], bool] | None,
+) -> dict[str, Any]:
+    """Poll for the request's outcome (see :func:`request`)."""
+    deadline = time.monotonic() + wait
+    while True:
+        outcome = _outcome(db, request_id)
+        if outcome is not None:
+            return outcome
+        if stopped is not None and stopped():
+            # It may have answered just before it went: look once more.
+            outcome = _outcome(db, request_id)
+            if outcome is not None:
+                return outcome
+            raise SystemStoppedError(request_id, withdrawn=_withdraw(db, request_id))
+        if time.monotonic() >= deadline:
+            raise RequestTimeoutError(request_id, wait, withdrawn=_withdraw(db, request_id))
+        time.sleep(poll)
+
+
+def _withdraw(db: apsw.Connection, request_id: int) -> bool:
+    # Only a request no system has taken: one statement decides.
+    db.execute(
+        "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
+        (request_id,),
+    )
+    return db.changes() == 1
+
+
+def _outcome(db: apsw.Connection, request_id: int) -> dict[str, Any] | None:
+    rows = db.execute("SELECT done_at, result FROM control WHERE id = ?", (request_id,)).fetchall()
+    if rows and rows[0][0] is not None:
+        outcome: dict[str, Any] = json.loads(str(rows[0][1]))
+        return outcome
+    return None

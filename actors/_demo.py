@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from itertools import pairwise
 
@@ -129,7 +129,9 @@ def check_demo_database(db: str) -> str:
 class Ledger:
     """What the demo's runs on one database acknowledged and completed, on disk.
 
-    A small SQLite file beside the database (``<db>.demo-ledger``). An id is
+    A small SQLite file beside the database (``<db>.demo-ledger``), written
+    with the standard library's ``sqlite3``: the demo is an application of
+    ``actors``, and its own bookkeeping is not the store's. An id is
     written as soon as ``send()`` returns it; a completion before the
     handler returns, so before its acknowledgement can commit. Each write
     commits on its own (WAL, ``synchronous=OFF``: what is written survives
@@ -142,23 +144,29 @@ class Ledger:
 
     def __init__(self, db_path: str) -> None:
         self.path = db_path + LEDGER_SUFFIX
-        self._db = apsw.Connection(self.path)
-        self._db.set_busy_timeout(5000)
-        # One demo at a time holds the database (its lock): no shared memory
-        # to coordinate readers, which halves the cost of a write.
-        self._db.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
-        self._db.execute("PRAGMA journal_mode = WAL").fetchall()
-        self._db.execute("PRAGMA synchronous = OFF")
-        with self._db:
-            self._db.execute(
+        # isolation_level=None: each write commits on its own (autocommit).
+        self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        try:
+            # One demo at a time holds the database (its lock): no shared memory
+            # to coordinate readers, which halves the cost of a write.
+            self._db.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
+            self._db.execute("PRAGMA journal_mode = WAL").fetchall()
+            self._db.execute("PRAGMA synchronous = OFF")
+            self._db.executescript(
+                "BEGIN;"
                 "CREATE TABLE IF NOT EXISTS runs (run INTEGER PRIMARY KEY, started_at REAL);"
                 "CREATE TABLE IF NOT EXISTS sent (id INTEGER PRIMARY KEY, run INTEGER NOT NULL)"
                 " WITHOUT ROWID;"
                 "CREATE TABLE IF NOT EXISTS completed (id INTEGER PRIMARY KEY,"
-                " run INTEGER NOT NULL) WITHOUT ROWID"
+                " run INTEGER NOT NULL) WITHOUT ROWID;"
+                "COMMIT"
             )
-            self._db.execute("INSERT INTO runs (started_at) VALUES (?)", (time.time(),))
-            self.run = self._db.last_insert_rowid()
+            cursor = self._db.execute("INSERT INTO runs (started_at) VALUES (?)", (time.time(),))
+        except BaseException:
+            self._db.close()
+            raise
+        assert cursor.lastrowid is not None
+        self.run = cursor.lastrowid
         self.earlier_sent: set[int] = {
             int(i) for (i,) in self._db.execute("SELECT id FROM sent WHERE run < ?", (self.run,))
         }
@@ -344,22 +352,14 @@ def count_lost(sent: Iterable[int], completed: set[int], dead: set[int]) -> int:
     return sum(1 for i in sent if i not in completed and i not in dead)
 
 
-def count_out_of_order(starts: dict[str, list[int]]) -> int:
-    """Handler starts whose id is older than one already started in that session.
-
-    Ids grow in send order, so a session's starts must never go back: a
-    redelivery repeats the current id, and nothing behind it starts before.
-    """
-    bad = 0
-    for ids in starts.values():
-        for before, after in pairwise(ids):
-            if after < before:
-                bad += 1
-    return bad
-
-
 def count_dishonest(sent: Iterable[int], attempts: dict[int, list[int]]) -> int:
-    """Ids whose first delivery was not attempt 1, or whose attempts did not grow."""
+    """Ids whose first delivery was not attempt 1, or whose attempts did not grow.
+
+    Weaker than ``Recorder``'s honest-attempts check on purpose: a kill that
+    lands after a handler returned, before its acknowledgement, runs the
+    message again (at least once), and the messages of earlier runs were
+    not all seen, so only this run's ids (``sent``) are checked.
+    """
     bad = 0
     for i in sent:
         seen = attempts.get(i)
@@ -368,19 +368,6 @@ def count_dishonest(sent: Iterable[int], attempts: dict[int, list[int]]) -> int:
         if seen[0] != 1 or any(b <= a for a, b in pairwise(seen)):
             bad += 1
     return bad
-
-
-def _starts_and_attempts(
-    recorder: Recorder,
-) -> tuple[dict[str, list[int]], dict[int, list[int]]]:
-    """From the recorder's history: {session: ids in start order}, {id: attempts seen}."""
-    starts: defaultdict[str, list[int]] = defaultdict(list)
-    attempts: defaultdict[int, list[int]] = defaultdict(list)
-    for event in recorder.events:
-        if event.kind == "start":
-            starts[event.session_id].append(event.message_id)
-            attempts[event.message_id].append(event.attempt)
-    return starts, attempts
 
 
 def make_handler(
@@ -419,128 +406,93 @@ async def run_demo(
         (see :func:`check_demo_database`); nothing was touched.
     """
     if options.db is not None:
-        return await _run(options, check_demo_database(options.db), out, show)
+        return await _DemoRun(options, check_demo_database(options.db), out, show).run()
     with tempfile.TemporaryDirectory(prefix="actors-demo-") as tmp:
-        return await _run(options, os.path.join(tmp, "demo.db"), out, show)
+        return await _DemoRun(options, os.path.join(tmp, "demo.db"), out, show).run()
 
 
-async def _run(
-    options: DemoOptions,
-    db: str,
-    out: Callable[[str], None],
-    show: Callable[[Snapshot], None] | None,
-) -> Report:
-    rng = random.Random(options.seed)
-    recorder = Recorder()
-    sent: list[int] = []
-    mine: set[int] = set()  # sent, as a set
-    kills = 0
-    processed = 0
-    earlier_done = 0
-    names = [f"session-{i:04d}" for i in range(options.sessions)]
-    total = options.sessions * options.messages
-    spacing = options.duration / options.messages  # mean seconds between a session's sends
-    # What earlier runs left unfinished (a killed run's messages among them).
-    left = unfinished_ids(db)
+@attrs.frozen
+class _Outcome:
+    """What a run left, read once its system stopped (each id one way: see _DemoRun.report)."""
 
-    def completed(message_id: int) -> None:
-        nonlocal processed, earlier_done
-        if message_id in left:
-            earlier_done += 1
-        else:
-            processed += 1
+    stats: actors.SystemStatistics
+    dead: set[int]
+    waiting: set[int]
+    done: set[int]
+    earlier: set[int]
 
-    async def produce(session: str) -> None:
-        for n in range(options.messages):
-            body = {"n": n, "poison": rng.random() < options.poison_rate}
-            message_id = await system.send(session, body)
-            ledger.sent(message_id)  # at once: no checkpoint in between
-            sent.append(message_id)
-            mine.add(message_id)
-            await trio.sleep(rng.uniform(0.5, 1.5) * spacing)
 
-    async def chaos() -> None:
-        nonlocal kills
-        while True:
-            await trio.sleep(rng.expovariate(1 / options.kill_interval))
-            busy = recorder.running()
-            if busy and system.kill(rng.choice(sorted(busy))):
-                kills += 1
+class _DemoRun:
+    """One run of the demo on ``db``: its workload, its progress and its verification.
 
-    # The dead letters' ids (which run a dead letter belongs to is told by
-    # its id), read again only when the system's count of them changed.
-    dead_count = -1
-    dead_now: set[int] = set()
+    The handler's calls are recorded by an ``actors.testing.Recorder``,
+    whose checks say whether sessions ran in order and one message at a
+    time; the ledger says what was acknowledged and completed, across runs.
+    """
 
-    def snapshot() -> Snapshot:
-        nonlocal dead_count, dead_now
-        s = system.statistics()
-        if s.dead != dead_count:
-            dead_count, dead_now = s.dead, {d.id for d in system.dead_letters()}
-        dead_mine = len(dead_now & mine)
-        return Snapshot(
-            seconds=time.monotonic() - started,
-            sent=len(sent),
-            total=total,
-            processed=processed,
-            dead=dead_mine,
-            earlier_left=len(left),
-            earlier_done=earlier_done,
-            earlier_dead=len(dead_now) - dead_mine,
-            in_flight=s.in_flight,
-            pending=s.pending,
-            failed_attempts=s.failed_attempts,
-            kills=kills,
+    def __init__(
+        self,
+        options: DemoOptions,
+        db: str,
+        out: Callable[[str], None],
+        show: Callable[[Snapshot], None] | None,
+    ) -> None:
+        self.options = options
+        self.db = db
+        self.out = out
+        self.show = show
+        self.rng = random.Random(options.seed)
+        self.recorder = Recorder()
+        self.sent: list[int] = []
+        self.mine: set[int] = set()  # sent, as a set
+        self.kills = 0
+        self.processed = 0  # this run's ids the handler completed
+        self.earlier_done = 0  # earlier runs' ids the handler completed
+        # What earlier runs left unfinished (a killed run's messages among them).
+        self.left = unfinished_ids(db)
+        self.stopped_by: str | None = None  # the signal that stopped the run, if one did
+        self.timed_out = False
+        self.started = time.monotonic()
+        # The dead letters' ids (which run a dead letter belongs to is told by
+        # its id), read again only when the system's count of them changed.
+        self._dead_count = -1
+        self._dead_now: set[int] = set()
+
+    async def run(self) -> Report:
+        """Run the workload, wait for it (or a signal), and verify."""
+        options = self.options
+        self.out(
+            f"demo: {options.sessions} sessions x {options.messages} messages on {self.db},"
+            f" sent over ~{options.duration:g}s\n"
+            f"      handler sleeps {options.latency[0] * 1000:g}-{options.latency[1] * 1000:g}"
+            f" ms, fails {options.fail_rate:.0%} of attempts, poison {options.poison_rate:.1%},"
+            f" hangs {options.hang_rate:.1%}; chaos kills a busy actor every"
+            f" ~{options.kill_interval * 1000:g} ms"
         )
+        self.started = time.monotonic()
+        try:
+            ledger = Ledger(self.db)
+        except sqlite3.Error as exc:
+            raise actors.StoreError(
+                f"cannot open the demo's ledger {self.db + LEDGER_SUFFIX!r}: {exc}"
+            ) from exc
+        try:
+            system = await self._drive(ledger)
+            outcome = self._outcome(system, ledger)
+        finally:
+            ledger.close()
+        return self.report(outcome)
 
-    async def progress() -> None:
-        while True:
-            await trio.sleep(options.progress_interval)
-            if show is not None:
-                show(snapshot())
-            else:
-                out(snapshot().line())
-
-    out(
-        f"demo: {options.sessions} sessions x {options.messages} messages on {db},"
-        f" sent over ~{options.duration:g}s\n"
-        f"      handler sleeps {options.latency[0] * 1000:g}-{options.latency[1] * 1000:g} ms,"
-        f" fails {options.fail_rate:.0%} of attempts, poison {options.poison_rate:.1%},"
-        f" hangs {options.hang_rate:.1%}; chaos kills a busy actor every"
-        f" ~{options.kill_interval * 1000:g} ms"
-    )
-    started = time.monotonic()
-    try:
-        ledger = Ledger(db)
-    except apsw.Error as exc:
-        raise actors.StoreError(
-            f"cannot open the demo's ledger {db + LEDGER_SUFFIX!r}: {exc}"
-        ) from exc
-    stopped_by: list[str] = []  # the signal that stopped the run, if one did
-    timed_out = False
-
-    async def stop_on_signals(system: actors.System, signals: AsyncIterator[int]) -> None:
-        # Outside the system's block: shutdown() cancels the block, and this
-        # task must live on to take a second signal.
-        async for signum in signals:
-            if stopped_by:
-                out(f"{signal.Signals(signum).name} again: stopping now")
-                await system.shutdown(0)
-                continue
-            stopped_by.append(signal.Signals(signum).name)
-            out(
-                f"{stopped_by[0]}: stopping gracefully (running handlers finish, the rest stays"
-                " pending; a second signal stops at once)"
-            )
-            outer.start_soon(system.shutdown, STOP_GRACE)
-
-    try:
+    async def _drive(self, ledger: Ledger) -> actors.System:
+        """The system's whole run: until drained, timed out or stopped by a signal."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as outer:
                 async with actors.run_system(
-                    db,
-                    handler=recorder.wrap(make_handler(ledger, rng, options, completed)),
-                    rng=rng,
+                    self.db,
+                    handler=self.recorder.wrap(
+                        make_handler(ledger, self.rng, self.options, self._completed)
+                    ),
+                    rng=self.rng,
                     max_attempts=MAX_ATTEMPTS,
                     handler_timeout=0.1,
                     retry_backoff=actors.Backoff(initial=0.005, maximum=0.05),
@@ -550,65 +502,147 @@ async def _run(
                         backoff=actors.Backoff(initial=0.001, maximum=0.01),
                     ),
                 ) as system:
-                    outer.start_soon(stop_on_signals, system, signals)
-                    if ledger.earlier_sent or left:
-                        out(
+                    outer.start_soon(self._stop_on_signals, system, signals, outer)
+                    if ledger.earlier_sent or self.left:
+                        self.out(
                             f"      earlier runs on this file acknowledged"
-                            f" {len(ledger.earlier_sent)} message(s); {len(left)} were unfinished"
-                            f" ({system.recovered} left in flight by a process that died): this"
-                            " run finishes and checks them too"
+                            f" {len(ledger.earlier_sent)} message(s); {len(self.left)} were"
+                            f" unfinished ({system.recovered} left in flight by a process that"
+                            " died): this run finishes and checks them too"
                         )
-                    async with trio.open_nursery() as workload:
-                        workload.start_soon(chaos)
-                        workload.start_soon(progress)
-                        async with trio.open_nursery() as producers:
-                            for name in names:
-                                producers.start_soon(produce, name)
-                        with trio.move_on_after(options.timeout) as waited:
-                            await system.drain()
-                        timed_out = waited.cancelled_caught
-                        workload.cancel_scope.cancel()
+                    await self._workload(system, ledger)
                 # (A signal's shutdown() cancels the block and ends it here.)
                 outer.cancel_scope.cancel()  # the signal watcher
-        if show is not None:
-            show(snapshot())  # the final state
+        return system
+
+    async def _workload(self, system: actors.System, ledger: Ledger) -> None:
+        """Send from every session with chaos and progress going, then drain (bounded)."""
+        async with trio.open_nursery() as workload:
+            workload.start_soon(self._chaos, system)
+            workload.start_soon(self._progress, system)
+            async with trio.open_nursery() as producers:
+                for i in range(self.options.sessions):
+                    producers.start_soon(self._produce, system, ledger, f"session-{i:04d}")
+            with trio.move_on_after(self.options.timeout) as waited:
+                await system.drain()
+            self.timed_out = waited.cancelled_caught
+            workload.cancel_scope.cancel()
+
+    def _completed(self, message_id: int) -> None:
+        if message_id in self.left:
+            self.earlier_done += 1
+        else:
+            self.processed += 1
+
+    async def _produce(self, system: actors.System, ledger: Ledger, session: str) -> None:
+        options = self.options
+        spacing = options.duration / options.messages  # mean seconds between a session's sends
+        for n in range(options.messages):
+            body = {"n": n, "poison": self.rng.random() < options.poison_rate}
+            message_id = await system.send(session, body)
+            ledger.sent(message_id)  # at once: no checkpoint in between
+            self.sent.append(message_id)
+            self.mine.add(message_id)
+            await trio.sleep(self.rng.uniform(0.5, 1.5) * spacing)
+
+    async def _chaos(self, system: actors.System) -> None:
+        while True:
+            await trio.sleep(self.rng.expovariate(1 / self.options.kill_interval))
+            busy = self.recorder.running()
+            if busy and system.kill(self.rng.choice(sorted(busy))):
+                self.kills += 1
+
+    async def _progress(self, system: actors.System) -> None:
+        while True:
+            await trio.sleep(self.options.progress_interval)
+            if self.show is not None:
+                self.show(self.snapshot(system))
+            else:
+                self.out(self.snapshot(system).line())
+
+    async def _stop_on_signals(
+        self, system: actors.System, signals: AsyncIterator[int], outer: trio.Nursery
+    ) -> None:
+        # Outside the system's block: shutdown() cancels the block, and this
+        # task must live on to take a second signal.
+        async for signum in signals:
+            if self.stopped_by is not None:
+                self.out(f"{signal.Signals(signum).name} again: stopping now")
+                await system.shutdown(0)
+                continue
+            self.stopped_by = signal.Signals(signum).name
+            self.out(
+                f"{self.stopped_by}: stopping gracefully (running handlers finish, the rest"
+                " stays pending; a second signal stops at once)"
+            )
+            outer.start_soon(system.shutdown, STOP_GRACE)
+
+    def snapshot(self, system: actors.System) -> Snapshot:
+        """The progress now."""
+        s = system.statistics()
+        if s.dead != self._dead_count:
+            self._dead_count, self._dead_now = s.dead, {d.id for d in system.dead_letters()}
+        dead_mine = len(self._dead_now & self.mine)
+        return Snapshot(
+            seconds=time.monotonic() - self.started,
+            sent=len(self.sent),
+            total=self.options.sessions * self.options.messages,
+            processed=self.processed,
+            dead=dead_mine,
+            earlier_left=len(self.left),
+            earlier_done=self.earlier_done,
+            earlier_dead=len(self._dead_now) - dead_mine,
+            in_flight=s.in_flight,
+            pending=s.pending,
+            failed_attempts=s.failed_attempts,
+            kills=self.kills,
+        )
+
+    def _outcome(self, system: actors.System, ledger: Ledger) -> _Outcome:
+        if self.show is not None:
+            self.show(self.snapshot(system))  # the final state
         stats = system.statistics()
-        if timed_out:
-            out(
-                f"drain() did not finish within {options.timeout:g}s: {stats.pending}"
+        if self.timed_out:
+            self.out(
+                f"drain() did not finish within {self.options.timeout:g}s: {stats.pending}"
                 " message(s) still pending in the database"
             )
-        dead = {d.id for d in system.dead_letters()}
-        waiting = unfinished_ids(db)
-        done = ledger.completed_ids()
-        earlier = ledger.earlier_sent
-    finally:
-        ledger.close()
-    mine = set(sent)
-    # Each id one way, in this order (a message completed just before a crash
-    # runs again after it, and may even end dead: at least once).
-    dead -= done
-    waiting -= done | dead
-    starts, attempts = _starts_and_attempts(recorder)
-    return Report(
-        sent=len(sent),
-        processed=len(mine & done),
-        dead=len(mine & dead),
-        pending=len(mine & waiting),
-        earlier_sent=len(earlier),
-        earlier_processed=len(earlier & done),
-        earlier_dead=len(earlier & dead),
-        earlier_pending=len(earlier & waiting),
-        failed_attempts=stats.failed_attempts,
-        retried=sum(1 for seen in attempts.values() if max(seen) > 1),
-        kills=kills,
-        lost=count_lost([*earlier, *sent], done, dead | waiting),
-        out_of_order=count_out_of_order(starts),
-        overlapping=len(recorder._overlapping()),
-        dishonest_attempts=count_dishonest(sent, attempts),
-        seconds=time.monotonic() - started,
-        stopped_by=stopped_by[0] if stopped_by else None,
-    )
+        return _Outcome(
+            stats=stats,
+            dead={d.id for d in system.dead_letters()},
+            waiting=unfinished_ids(self.db),
+            done=ledger.completed_ids(),
+            earlier=ledger.earlier_sent,
+        )
+
+    def report(self, outcome: _Outcome) -> Report:
+        """The verification of what the run left."""
+        mine, done, earlier = set(self.sent), outcome.done, outcome.earlier
+        # Each id one way, in this order (a message completed just before a crash
+        # runs again after it, and may even end dead: at least once).
+        dead = outcome.dead - done
+        waiting = outcome.waiting - (done | dead)
+        found = self.recorder.violations()
+        attempts = self.recorder.attempts()
+        return Report(
+            sent=len(self.sent),
+            processed=len(mine & done),
+            dead=len(mine & dead),
+            pending=len(mine & waiting),
+            earlier_sent=len(earlier),
+            earlier_processed=len(earlier & done),
+            earlier_dead=len(earlier & dead),
+            earlier_pending=len(earlier & waiting),
+            failed_attempts=outcome.stats.failed_attempts,
+            retried=sum(1 for seen in attempts.values() if max(seen) > 1),
+            kills=self.kills,
+            lost=count_lost([*earlier, *self.sent], done, dead | waiting),
+            out_of_order=len(found.out_of_order),
+            overlapping=len(found.overlapping),
+            dishonest_attempts=count_dishonest(self.sent, attempts),
+            seconds=time.monotonic() - self.started,
+            stopped_by=self.stopped_by,
+        )
 
 
 class LiveDisplay:

@@ -44,8 +44,7 @@ class Backoff:
         """
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int, got {type(n).__name__}")
-        if rng is not None and not isinstance(rng, random.Random):
-            raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
+        v.check_instance("rng", rng, random.Random, optional=True)
         if n < 1:
             return 0.0
         base = self._undithered(n)

@@ -297,34 +297,8 @@ class Router:
                     raise
                 batch, self._committing = self._committing, None
                 assert batch is not None
-                handoffs, claimed = self._handoffs, self._claimed
-                self._handoffs, self._claimed = {}, set()
-                batch.finish()  # (first_id and duplicates were set by _committed())
-                self.batches += 1
-                self.sends += len(batch) - (len(duplicates) if duplicates else 0)
-                self.handoffs += len(claimed)
-                if duplicates:
-                    self.duplicates += len(duplicates)
-                    log.debug(
-                        "%d keyed send(s) were duplicates: nothing persisted", len(duplicates)
-                    )
-                bodies, enqueued = batch.bodies, batch.enqueued
-                for actor, indices in handoffs.items():
-                    session_id = actor.session_id
-                    self._sup.hand_over(
-                        actor,
-                        [
-                            # (id, session_id, body, attempt, enqueued_at)
-                            new_message(
-                                first + i, session_id, decode_body(bodies[i]), 1, enqueued[i]
-                            )
-                            for i in indices
-                            if i in claimed
-                        ],
-                    )
-                self._deliver(batch, first)
-                # Nothing of this batch waits with the task for the next one.
-                del batch, bodies, enqueued, handoffs, claimed
+                self._after_commit(batch, first, duplicates)
+                del batch  # nothing of this batch waits with the task for the next one
         finally:
             # However the task ends, no sender may wait for a batch forever.
             self._closed = True
@@ -335,6 +309,31 @@ class Router:
                 self._open.finish()
                 self._open = None
             self.finished.set()
+
+    def _after_commit(self, batch: Batch, first: int, duplicates: dict[int, int] | None) -> None:
+        """The batch committed: wake its senders, hand its claimed messages over, deliver."""
+        handoffs, claimed = self._handoffs, self._claimed
+        self._handoffs, self._claimed = {}, set()
+        batch.finish()  # (first_id and duplicates were set by _committed())
+        self.batches += 1
+        self.sends += len(batch) - (len(duplicates) if duplicates else 0)
+        self.handoffs += len(claimed)
+        if duplicates:
+            self.duplicates += len(duplicates)
+            log.debug("%d keyed send(s) were duplicates: nothing persisted", len(duplicates))
+        bodies, enqueued = batch.bodies, batch.enqueued
+        for actor, indices in handoffs.items():
+            session_id = actor.session_id
+            self._sup.hand_over(
+                actor,
+                [
+                    # (id, session_id, body, attempt, enqueued_at)
+                    new_message(first + i, session_id, decode_body(bodies[i]), 1, enqueued[i])
+                    for i in indices
+                    if i in claimed
+                ],
+            )
+        self._deliver(batch, first)
 
     def _seal(self) -> tuple[Any, ...]:
         """Take the open batch for the transaction starting now: op_append's arguments.

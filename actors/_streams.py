@@ -1,4 +1,4 @@
-"""Live streams out of a running system: a session's outputs, and status events.
+"""Live streams out of a running system: a session's outputs, status events, handler observers.
 
 Both are built on trio memory channels, not async generators (an async
 generator must not yield inside a nursery or cancel scope). A
@@ -18,6 +18,10 @@ The two hubs differ in what a slow consumer does:
 * :class:`Events` (``system.events``) never blocks the runtime: an event
   that finds a subscriber's buffer full is dropped for that subscriber and
   counted in its ``dropped``.
+
+:class:`HandlerObservers` (``system.add_handler_observer``) are plain
+functions called in the actor's task after each successful handler call,
+for metrics: no channel, nothing buffered.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, Literal, TypeVar
 import attrs
 import trio
 
+from ._records import Message
 from ._validate import check_int
 
 log = logging.getLogger("actors.streams")
@@ -360,3 +365,81 @@ class Events:
         return EventsStatistics(
             subscribers=len(self._subs), emitted=self.emitted, dropped=self.dropped
         )
+
+
+HandlerObserver = Callable[[Message, float], object]
+"""``observer(message, seconds)`` after a successful handler call (System.add_handler_observer)."""
+
+
+@attrs.frozen
+class ObserversStatistics:
+    """The handler observers right now."""
+
+    observers: int  # installed
+    errors: int  # calls of an observer that raised, since start
+
+
+class _Entry:
+    """One installed observer (by identity: the same callable may be added twice)."""
+
+    __slots__ = ("failed", "observer")
+
+    def __init__(self, observer: HandlerObserver) -> None:
+        self.observer = observer
+        self.failed = False  # its first error was logged
+
+
+class HandlerObservers:
+    """The observers of successful handler calls (``System.add_handler_observer``).
+
+    ``changed(hook)`` is called whenever the set of observers changes:
+    ``hook`` is None while there is none (the runtime then pays one test
+    per message), else one function that calls every observer, in the
+    order they were added. An observer that raises is logged once (its
+    first error, with the traceback) and counted; the message, the other
+    observers and the observer itself go on as before.
+    """
+
+    def __init__(self, changed: Callable[[Callable[[Message, float], None] | None], None]) -> None:
+        self._changed = changed
+        self._entries: tuple[
+            _Entry, ...
+        ] = ()  # replaced, never mutated: a call iterates a snapshot
+        self.errors = 0
+
+    def add(self, observer: HandlerObserver) -> Callable[[], None]:
+        """Install ``observer``; returns the function that removes it (idempotent).
+
+        Raises:
+          TypeError: ``observer`` is not callable.
+        """
+        if not callable(observer):
+            raise TypeError(f"observer must be callable, got {type(observer).__name__}")
+        entry = _Entry(observer)
+        self._entries = (*self._entries, entry)
+        self._changed(self._call)
+
+        def remove() -> None:
+            if any(e is entry for e in self._entries):
+                self._entries = tuple(e for e in self._entries if e is not entry)
+                self._changed(self._call if self._entries else None)
+
+        return remove
+
+    def _call(self, msg: Message, seconds: float) -> None:
+        for entry in self._entries:
+            try:
+                entry.observer(msg, seconds)
+            except Exception:
+                self.errors += 1
+                if not entry.failed:
+                    entry.failed = True
+                    log.exception(
+                        "handler observer %r raised; the message is processed as usual"
+                        " (later errors of this observer are counted, not logged)",
+                        entry.observer,
+                    )
+
+    def statistics(self) -> ObserversStatistics:
+        """Observers installed, and their errors since start."""
+        return ObserversStatistics(observers=len(self._entries), errors=self.errors)

@@ -36,11 +36,11 @@ from ._records import Message
 from ._reply import Reply
 from ._store import Store
 from ._streams import Events, Outputs, StatusEvent
+from ._timer import Timer
 from ._watchdog import IdleWatch, Watchdog
 
 if TYPE_CHECKING:
     from ._session import SessionData
-    from ._timer import Timer
 
 log = logging.getLogger("actors.supervisor")
 
@@ -89,7 +89,6 @@ class Supervisor:
         config: Config,
         behaviour: Behaviour,
         new_context: Callable[[SessionData], object],
-        timer: Timer,
         pending: int,
         dead: int,
         rng: random.Random | None = None,
@@ -99,7 +98,7 @@ class Supervisor:
         self.config = config
         self.behaviour = behaviour
         self.new_context = new_context  # the handler's view of a SessionData (a Context)
-        self.timer = timer
+        self.timer = Timer(store, clock, self.ensure)
         self.rng = rng
         self.restarts = RestartTracker(config.restart_policy, rng)
         self.watchdog = Watchdog()

@@ -6,8 +6,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn
 
 import trio
@@ -19,18 +19,25 @@ from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
 from ._config import Config
 from ._context import Context, actor_factory
-from ._control import Control, purge_batches, purge_scope
+from ._control import Control
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
 from ._lock import DatabaseLock
-from ._records import DeadLetter, SystemStatistics
+from ._purge import purge_batches
+from ._records import DeadLetter, Message, SystemStatistics
 from ._reply import Reply
 from ._router import Batch, Router
 from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
-from ._streams import StatusEvent, Subscription
+from ._streams import HandlerObserver, HandlerObservers, StatusEvent, Subscription
 from ._supervisor import Supervisor
-from ._timer import Timer
-from ._validate import check_int, check_message_id, check_number, check_seconds
+from ._validate import (
+    check_instance,
+    check_int,
+    check_message_id,
+    check_number,
+    check_seconds,
+    purge_scope,
+)
 
 log = logging.getLogger("actors.system")
 
@@ -57,19 +64,17 @@ class System:
         self.config = config
         self._store = store
         self._clock = Clock()
-        self._timer = Timer(store, self._clock)
         self._sup = Supervisor(
             store=store,
             clock=self._clock,
             config=config,
             behaviour=actor_factory(handler),
             new_context=lambda data: Context(data.session_id, self, data),
-            timer=self._timer,
             pending=opened.pending,
             dead=opened.dead,
             rng=rng,
         )
-        self._timer.supervisor = self._sup
+        self._timer = self._sup.timer
         self._router = Router(store, self._sup, self._timer, config.key_retention)
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -83,12 +88,40 @@ class System:
         self._stopped = trio.Event()
         self._body: trio.CancelScope | None = None
         self.recovered = opened.recovered
+        self._observers = HandlerObservers(self._set_observer)
         self._health = HealthMonitor(self.statistics, self._clock)
         self._control = Control(
             self, store, self._clock.now, config.control_interval, config.busy_timeout
         )
 
     # -- lifecycle (run_system) -------------------------------------------
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """Run the system's tasks around the ``async with`` block, then stop and close the store."""
+        try:
+            async with _single_error(), trio.open_nursery() as nursery:
+                await self._start(nursery)
+                try:
+                    # shutdown() cancels the block's code through this scope,
+                    # which absorbs that cancellation: the stop goes on below
+                    # and the block exits normally.
+                    with trio.CancelScope() as body:
+                        self._body = body
+                        yield
+                except BaseException:
+                    self._closed = True
+                    nursery.cancel_scope.cancel()
+                    raise
+                finally:
+                    self._body = None
+                await self._shutdown(nursery)
+        finally:
+            self._close_streams()
+            try:
+                await self._store.aclose()
+            finally:
+                self._stopped.set()
 
     async def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -215,10 +248,10 @@ class System:
         cancelled with the block; the stop goes on. Called from a handler
         (its hooks, or a task they started), it returns at once (the stop
         waits for that handler, which finishes and is acknowledged like any
-        other running one). Idempotent: a
-        later call waits for the same stop, and can only shorten the grace
-        (``shutdown(0)`` cancels the running handlers now). Leaving the
-        block on its own, or calling it after the system stopped, is fine.
+        other running one). Idempotent: a later call waits for the same
+        stop, and can only shorten the grace (``shutdown(0)`` cancels the
+        running handlers now). Leaving the block on its own, or calling it
+        after the system stopped, is fine.
 
         Raises:
           TypeError: ``grace`` is not a number.
@@ -343,13 +376,7 @@ class System:
         if self._closed:
             await self._refuse()
         session_id = check_session_id(session_id)
-        actor = self._calling_actor()
-        if actor is not None and actor.session_id == session_id:
-            raise RuntimeError(
-                f"ask() of session {session_id!r} from its own actor would wait for "
-                "itself: the session runs one message at a time, and this one is "
-                "running (send() it, or ask another session)"
-            )
+        self._check_not_own_actor(session_id)
         data = encode_body(body, self.config.max_message_bytes)
         seconds = None if timeout is None else check_seconds("timeout", timeout)
         reply = Reply()
@@ -371,15 +398,19 @@ class System:
                 if not reply.done.is_set() and msg_id is not None:
                     self._sup.replies.pop(msg_id, None)
         if scope.cancelled_caught:
-            where = (
-                " (the message may or may not have been persisted: the timeout came first)"
-                if msg_id is None
-                else f" (message {msg_id} is still processed)"
-            )
-            raise AskTimeoutError(f"no reply from session {session_id!r} within {timeout}s{where}")
+            raise _ask_timeout(session_id, timeout, msg_id)
         if reply.error is not None:
             raise reply.error
         return reply.value
+
+    def _check_not_own_actor(self, session_id: str) -> None:
+        actor = self._calling_actor()
+        if actor is not None and actor.session_id == session_id:
+            raise RuntimeError(
+                f"ask() of session {session_id!r} from its own actor would wait for "
+                "itself: the session runs one message at a time, and this one is "
+                "running (send() it, or ask another session)"
+            )
 
     async def send_many(
         self, items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
@@ -395,39 +426,7 @@ class System:
         """
         if self._closed:
             await self._refuse()
-        sessions: list[str] = []
-        bodies: list[str | bytes] = []
-        keys: list[str | None] | None = None  # once an item has a key
-        limit = self.config.max_message_bytes
-        for i, item in enumerate(items):
-            try:
-                key = None
-                if type(item) is tuple and len(item) == 2:
-                    session_id, body = item
-                else:
-                    if not isinstance(item, tuple | list):
-                        # A str or a dict would unpack into its characters or keys.
-                        raise TypeError(
-                            f"expected a (session_id, body) tuple, got {type(item).__name__}"
-                        )
-                    session_id, body, *rest = item
-                    if len(rest) > 1:
-                        raise ValueError(
-                            f"expected (session_id, body) or (session_id, body, key), "
-                            f"got {len(rest) + 2} values"
-                        )
-                    if rest and rest[0] is not None:
-                        key = check_key(rest[0])
-                sessions.append(check_session_id(session_id))
-                bodies.append(encode_body(body, limit))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"item {i}: {exc}") from None
-            if key is not None:
-                if keys is None:
-                    keys = [None] * i
-                keys.append(key)
-            elif keys is not None:
-                keys.append(None)
+        sessions, bodies, keys = _check_items(items, self.config.max_message_bytes)
         if not sessions:
             await trio.lowlevel.checkpoint()
             return []
@@ -588,6 +587,44 @@ class System:
             sends=self._router.sends,
             commits=self._store.statistics().transactions,
         )
+
+    def now(self) -> float:
+        """The system's clock: seconds since the epoch, as it stamps ``Message.enqueued_at``.
+
+        It follows trio's clock (a ``MockClock`` in tests) from the wall
+        time read when the system started, so ``system.now() -
+        msg.enqueued_at`` is how long ago ``msg`` was sent, even if the
+        system's wall clock jumped since (see docs/guarantees.md).
+        """
+        return self._clock.now()
+
+    def add_handler_observer(self, observer: HandlerObserver) -> Callable[[], None]:
+        """Call ``observer(message, seconds)`` after every successful handler call.
+
+        ``message`` is the Message handled, ``seconds`` how long its handler
+        ran (on trio's clock). It is called on the trio thread, in the
+        session's actor, right after the handler returned and before its
+        acknowledgement commits; not for a call that raised, timed out or
+        was killed. The session waits for it: it must be a quick, plain
+        function (metrics, counters; :mod:`actors.prometheus` is built on
+        it). Several observers may be added; they are called in the order
+        they were added. An exception from an observer is logged (its
+        first one, with the traceback, on the ``actors.streams`` logger)
+        and otherwise ignored: the message, the other observers and this
+        one go on as before.
+
+        Returns a function that removes this observer (calling it again
+        does nothing). With no observer installed the runtime pays nothing
+        for the hook.
+
+        Raises:
+          TypeError: ``observer`` is not callable.
+        """
+        return self._observers.add(observer)
+
+    def _set_observer(self, hook: Callable[[Message, float], None] | None) -> None:
+        # The supervisor calls one hook per handled message (None: none).
+        self._sup.observer = hook
 
     def is_active(self, session_id: str) -> bool:
         """Whether ``session_id`` has a live actor right now.
@@ -814,66 +851,97 @@ async def run_system(
     """
     config = Config.from_options(options)
     actor_factory(handler)  # validate before touching the file
-    if rng is not None and not isinstance(rng, random.Random):
-        raise TypeError(f"rng must be a random.Random or None, got {type(rng).__name__}")
+    check_instance("rng", rng, random.Random, optional=True)
     db_path = database_path(path)
+    with _locked(db_path) as lock:
+        store, opened = await Store.open(
+            db_path, durability=config.durability, busy_timeout=config.busy_timeout
+        )
+        try:
+            _check_opened(store, lock, config, db_path)
+            system = System(
+                path=db_path, store=store, opened=opened, config=config, handler=handler, rng=rng
+            )
+        except BaseException:
+            await store.aclose()
+            raise
+        async with system._running():
+            yield system
+
+
+@contextmanager
+def _locked(db_path: str) -> Iterator[DatabaseLock]:
+    """Hold the database's lock (what a refused attempt opened is released too)."""
     lock = DatabaseLock(db_path)
     try:
         try:
             lock.acquire()
         except OSError as exc:
             raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
-    except BaseException:
-        lock.release()  # what a refused attempt kept open
-        raise
-    try:
-        store, opened = await Store.open(
-            db_path, durability=config.durability, busy_timeout=config.busy_timeout
-        )
-        system_ref: list[System] = []
-        try:
-            if store.identity != lock.identity:  # renamed over between the two opens
-                raise StoreError(f"the database file {db_path!r} was replaced while opening")
-            if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)
-                raise ValueError(
-                    f"max_message_bytes={config.max_message_bytes} is more than this SQLite "
-                    f"stores in a row ({store.max_value_bytes} bytes)"
-                )
-            async with _single_error(), trio.open_nursery() as nursery:
-                system = System(
-                    path=db_path,
-                    store=store,
-                    opened=opened,
-                    config=config,
-                    handler=handler,
-                    rng=rng,
-                )
-                system_ref.append(system)
-                await system._start(nursery)
-                try:
-                    # shutdown() cancels the block's code through this scope,
-                    # which absorbs that cancellation: the stop goes on below
-                    # and the block exits normally.
-                    with trio.CancelScope() as body:
-                        system._body = body
-                        yield system
-                except BaseException:
-                    system._closed = True
-                    nursery.cancel_scope.cancel()
-                    raise
-                finally:
-                    system._body = None
-                await system._shutdown(nursery)
-        finally:
-            if system_ref:
-                system_ref[0]._close_streams()
-            try:
-                await store.aclose()
-            finally:
-                if system_ref:
-                    system_ref[0]._stopped.set()
+        yield lock
     finally:
         lock.release()
+
+
+def _check_opened(store: Store, lock: DatabaseLock, config: Config, db_path: str) -> None:
+    if store.identity != lock.identity:  # renamed over between the two opens
+        raise StoreError(f"the database file {db_path!r} was replaced while opening")
+    if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)
+        raise ValueError(
+            f"max_message_bytes={config.max_message_bytes} is more than this SQLite "
+            f"stores in a row ({store.max_value_bytes} bytes)"
+        )
+
+
+def _check_items(
+    items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]], limit: int
+) -> tuple[list[str], list[str | bytes], list[str | None] | None]:
+    """``send_many``'s items, checked and encoded: (sessions, bodies, keys or None).
+
+    Raises TypeError / ValueError as ``send`` does, naming the item's index.
+    """
+    sessions: list[str] = []
+    bodies: list[str | bytes] = []
+    keys: list[str | None] | None = None  # once an item has a key
+    for i, item in enumerate(items):
+        try:
+            key = None
+            if type(item) is tuple and len(item) == 2:
+                session_id, body = item
+            else:
+                if not isinstance(item, tuple | list):
+                    # A str or a dict would unpack into its characters or keys.
+                    raise TypeError(
+                        f"expected a (session_id, body) tuple, got {type(item).__name__}"
+                    )
+                session_id, body, *rest = item
+                if len(rest) > 1:
+                    raise ValueError(
+                        f"expected (session_id, body) or (session_id, body, key), "
+                        f"got {len(rest) + 2} values"
+                    )
+                if rest and rest[0] is not None:
+                    key = check_key(rest[0])
+            sessions.append(check_session_id(session_id))
+            bodies.append(encode_body(body, limit))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"item {i}: {exc}") from None
+        if key is not None:
+            if keys is None:
+                keys = [None] * i
+            keys.append(key)
+        elif keys is not None:
+            keys.append(None)
+    return sessions, bodies, keys
+
+
+def _ask_timeout(session_id: str, timeout: float | None, msg_id: int | None) -> AskTimeoutError:
+    where = (
+        " (the message may or may not have been persisted: the timeout came first)"
+        if msg_id is None
+        else f" (message {msg_id} is still processed)"
+    )
+    return AskTimeoutError(f"no reply from session {session_id!r} within {timeout}s{where}")
 
 
 @asynccontextmanager

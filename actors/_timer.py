@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -24,9 +24,6 @@ from ._clock import Clock
 from ._store import Store
 
 log = logging.getLogger("actors.timer")
-
-if TYPE_CHECKING:
-    from ._supervisor import Supervisor
 
 PROMOTE_BATCH = 1000
 
@@ -40,15 +37,21 @@ class TimerStatistics:
 
 
 class Timer:
-    """Wakes sessions when delays and retry waits end."""
+    """Wakes sessions when delays and retry waits end.
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    ``wake(session_id, seq)`` is told of each session whose work is due:
+    ``seq`` is the highest delayed message that entered its queue, 0 for a
+    session whose retry wait ended (the supervisor's ``ensure``, which owns
+    the timer: the timer knows nothing of actors).
+    """
+
+    def __init__(self, store: Store, clock: Clock, wake: Callable[[str, int], None]) -> None:
         self._store = store
         self._clock = clock
+        self._wake = wake
         # Waits are written with the run's clock, and so is their writing time
         # (see Store._bound_waits), not with a wall clock read anew.
         store.clock_now = clock.now
-        self.supervisor: Supervisor | None = None
         # Retry deadlines at or before _horizon have been handled (epoch s).
         self._horizon = 0.0
         # The sleep in progress; schedule() pulls its deadline earlier.
@@ -67,9 +70,8 @@ class Timer:
 
         A retry wait that has already ended wakes ``session_id`` at once.
         """
-        assert self.supervisor is not None
         if session_id is not None and wall <= self._clock.now():
-            self.supervisor.ensure(session_id)
+            self._wake(session_id, 0)
             return
         self._scheduled = min(self._scheduled, wall)
         if self._sleep is not None:
@@ -78,8 +80,7 @@ class Timer:
     async def run(self) -> None:
         """Sleep to the next deadline, handle what is due, repeat."""
         store = self._store
-        sup = self.supervisor
-        assert sup is not None
+        wake = self._wake
         while True:
             self._scheduled = math.inf
             nxt = await store.call(store.op_next_due, self._horizon)
@@ -104,9 +105,9 @@ class Timer:
                         len(sessions),
                     )
                 for session_id, seq in promoted:
-                    sup.ensure(session_id, seq)
+                    wake(session_id, seq)
                 for session_id in sessions:
-                    sup.ensure(session_id)
+                    wake(session_id, 0)
                 if not more:
                     break
             self._horizon = now

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
+
+from ._codec import check_session_id
 
 MAX_INT = 2**63 - 1  # SQLite's INTEGER
 MAX_OPTION_INT = 2**31 - 1  # run_system's counts: far beyond need, safe in any arithmetic
@@ -43,6 +45,8 @@ MAX_BUSY_TIMEOUT = 86400.0  # one day
 # its session id and key must fit in one.
 MAX_MESSAGE_BYTES = 2**29  # 512 MiB
 _MAX_FLOAT = sys.float_info.max
+
+T = TypeVar("T")
 
 
 def value_text(value: object) -> str:
@@ -147,6 +151,31 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+def purge_scope(
+    session_id: str | None, dead: bool, older_than: float | None, now: float
+) -> tuple[str | None, float | None]:
+    """Check ``purge``'s arguments; returns (session_id, before).
+
+    ``before`` is ``now - older_than`` (dead letters sent before it go), or
+    None without ``older_than``.
+
+    Raises:
+      ValueError: neither a session nor ``dead=True``; ``older_than``
+        without ``dead=True``; ``older_than`` out of range.
+      TypeError: a session id, ``dead`` or ``older_than`` of the wrong type.
+    """
+    check_flag("dead", dead)
+    if session_id is not None:
+        session_id = check_session_id(session_id)
+    elif not dead:
+        raise ValueError("purge needs a session_id, or dead=True (dead letters of every session)")
+    if older_than is None:
+        return session_id, None
+    if not dead:
+        raise ValueError("older_than applies to dead letters only: pass dead=True")
+    return session_id, now - check_seconds("older_than", older_than)
+
+
 def field(
     check: Callable[..., object], **bounds: Any
 ) -> Callable[[object, attrs.Attribute[Any], Any], None]:
@@ -170,13 +199,38 @@ def optional(
     return validate
 
 
+def check_instance(name: str, value: object, cls: type[T], *, optional: bool = False) -> T | None:
+    """A ``cls`` (or None, with ``optional``).
+
+    Raises:
+      TypeError: anything else, naming ``cls`` as ``module.Name`` unless it
+        is one of this package's.
+    """
+    if isinstance(value, cls) or (optional and value is None):
+        return value
+    what = (
+        cls.__name__ if cls.__module__.startswith("actors") else f"{cls.__module__}.{cls.__name__}"
+    )
+    raise TypeError(
+        f"{name} must be a {what}{' or None' if optional else ''}, got {type(value).__name__}"
+    )
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """One of the strings ``choices``.
+
+    Raises:
+      TypeError: not a str. ValueError: not one of them.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if value not in choices:
+        *rest, last = (repr(c) for c in choices)
+        allowed = f"{', '.join(rest)} or {last}" if rest else last
+        raise ValueError(f"{name} must be {allowed}, got {value_text(value)}")
+    return value
+
+
 def instance_of(cls: type) -> Callable[[object, attrs.Attribute[Any], Any], None]:
     """An attrs validator: ``TypeError`` naming the field unless ``value`` is a ``cls``."""
-
-    def validate(_inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if not isinstance(value, cls):
-            raise TypeError(
-                f"{attribute.name} must be a {cls.__name__}, got {type(value).__name__}"
-            )
-
-    return validate
+    return field(check_instance, cls=cls)

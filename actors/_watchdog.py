@@ -14,15 +14,56 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import attrs
 import trio
 
-if TYPE_CHECKING:
-    from ._actor import SessionActor
+from ._records import Message
 
 log = logging.getLogger("actors.watchdog")
+
+
+class Watched(Protocol):
+    """What the :class:`Watchdog` reads and calls on an actor (a ``SessionActor``)."""
+
+    watched: bool  # the watchdog's heap has an entry for it; the watchdog sets it
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def handler_running(self) -> bool: ...
+
+    @property
+    def handler_deadline(self) -> float:
+        """Trio time by which the running handler must end."""
+
+    @property
+    def in_flight(self) -> Message | None: ...
+
+    def time_out(self) -> None:
+        """Cancel the running handler: it outlived its deadline."""
+
+
+class IdleWatched(Protocol):
+    """What the :class:`IdleWatch` reads and calls on an actor (a ``SessionActor``)."""
+
+    idle_watched: bool  # the watch's heap has an entry for it; the watch sets it
+
+    @property
+    def parked(self) -> bool:
+        """Whether its task waits for work."""
+
+    @property
+    def idle_deadline(self) -> float:
+        """Trio time at which its wait for work ends."""
+
+    def unpark(self) -> None:
+        """End its wait for work (it passivates)."""
+
+
+A = TypeVar("A")  # what a watch keeps deadlines of
 
 
 @attrs.frozen
@@ -33,7 +74,7 @@ class WatchdogStatistics:
     timeouts: int
 
 
-class DeadlineWatch:
+class DeadlineWatch(Generic[A]):
     """A deadline per actor, with one task and one heap of at most one entry per actor.
 
     Subclasses say where the actor keeps its flag and its current deadline,
@@ -45,29 +86,29 @@ class DeadlineWatch:
     def __init__(self) -> None:
         # (deadline, tie-breaker, actor); at most one entry per actor, the
         # ones whose flag is set.
-        self._heap: list[tuple[float, int, SessionActor]] = []
+        self._heap: list[tuple[float, int, A]] = []
         self._tie = itertools.count()
         self._armed = trio.Event()  # set when the heap gets its first entry
         self._compact_at = 64  # heap size at which stale entries are dropped
 
     # -- what subclasses define --------------------------------------------
 
-    def _flag(self, actor: SessionActor) -> bool:
+    def _flag(self, actor: A) -> bool:
         raise NotImplementedError
 
-    def _set_flag(self, actor: SessionActor, value: bool) -> None:
+    def _set_flag(self, actor: A, value: bool) -> None:
         raise NotImplementedError
 
-    def _deadline(self, actor: SessionActor) -> float | None:
+    def _deadline(self, actor: A) -> float | None:
         """The actor's current deadline, or None if it no longer waits for one."""
         raise NotImplementedError
 
-    def _expire(self, actor: SessionActor) -> None:
+    def _expire(self, actor: A) -> None:
         raise NotImplementedError
 
     # -- the heap ---------------------------------------------------------
 
-    def _push(self, actor: SessionActor, deadline: float) -> None:
+    def _push(self, actor: A, deadline: float) -> None:
         if self._flag(actor):
             return  # its entry will be re-armed to the new deadline when it comes due
         self._set_flag(actor, True)
@@ -78,7 +119,7 @@ class DeadlineWatch:
         if len(heap) == 1:
             self._armed.set()
 
-    def forget(self, actor: SessionActor) -> None:
+    def forget(self, actor: A) -> None:
         """``actor`` left the registry; its entry goes at the next compaction."""
         self._set_flag(actor, False)
 
@@ -114,7 +155,7 @@ class DeadlineWatch:
                     heapq.heappush(heap, (deadline, next(self._tie), actor))
 
 
-class Watchdog(DeadlineWatch):
+class Watchdog(DeadlineWatch[Watched]):
     """Cancels handlers that outlive their deadline."""
 
     def __init__(self) -> None:
@@ -124,21 +165,21 @@ class Watchdog(DeadlineWatch):
     def statistics(self) -> WatchdogStatistics:
         return WatchdogStatistics(watched=len(self._heap), timeouts=self.timeouts)
 
-    def watch(self, actor: SessionActor) -> None:
+    def watch(self, actor: Watched) -> None:
         """``actor`` started a handler with ``actor.handler_deadline`` set."""
         if not actor.watched:  # (else its entry is re-armed when it comes due)
             self._push(actor, actor.handler_deadline)
 
-    def _flag(self, actor: SessionActor) -> bool:
+    def _flag(self, actor: Watched) -> bool:
         return actor.watched
 
-    def _set_flag(self, actor: SessionActor, value: bool) -> None:
+    def _set_flag(self, actor: Watched, value: bool) -> None:
         actor.watched = value
 
-    def _deadline(self, actor: SessionActor) -> float | None:
+    def _deadline(self, actor: Watched) -> float | None:
         return actor.handler_deadline if actor.handler_running else None
 
-    def _expire(self, actor: SessionActor) -> None:
+    def _expire(self, actor: Watched) -> None:
         self.timeouts += 1
         in_flight = actor.in_flight
         log.warning(
@@ -149,26 +190,26 @@ class Watchdog(DeadlineWatch):
         actor.time_out()
 
 
-class IdleWatch(DeadlineWatch):
+class IdleWatch(DeadlineWatch[IdleWatched]):
     """Ends the idle waits of actors that had no work for ``idle_timeout``.
 
     An idle actor parks its task (no cancel scope, no channel): whoever
     brings work reschedules it, and this watch does when the wait is over.
     """
 
-    def watch(self, actor: SessionActor) -> None:
+    def watch(self, actor: IdleWatched) -> None:
         """``actor`` parked with ``actor.idle_deadline`` set."""
         if not actor.idle_watched:  # (else its entry is re-armed when it comes due)
             self._push(actor, actor.idle_deadline)
 
-    def _flag(self, actor: SessionActor) -> bool:
+    def _flag(self, actor: IdleWatched) -> bool:
         return actor.idle_watched
 
-    def _set_flag(self, actor: SessionActor, value: bool) -> None:
+    def _set_flag(self, actor: IdleWatched, value: bool) -> None:
         actor.idle_watched = value
 
-    def _deadline(self, actor: SessionActor) -> float | None:
+    def _deadline(self, actor: IdleWatched) -> float | None:
         return actor.idle_deadline if actor.parked else None
 
-    def _expire(self, actor: SessionActor) -> None:
+    def _expire(self, actor: IdleWatched) -> None:
         actor.unpark()

@@ -10,8 +10,9 @@ Install with ``pip install 'actors[prometheus]'``, then, inside the
 ``prometheus_client.CollectorRegistry`` (the default one unless you pass
 another). There is no background task: the gauges and counters are read
 from :meth:`actors.System.statistics` at scrape time, and the two
-histograms are filled by a hook that runs after each successful handler
-call. With ``namespace="actors"`` (the default) a scrape exposes:
+histograms are filled by a handler observer
+(:meth:`actors.System.add_handler_observer`), called after each successful
+handler call. With ``namespace="actors"`` (the default) a scrape exposes:
 
 =========================================  =========  ===================================
 metric                                     type       from
@@ -205,9 +206,8 @@ class Metrics:
         self._latency = _Histogram(len(buckets) + 1)
         self._scrapes = 0
         self._closed = False
-        # The observer we replaced (chained), and the one we installed.
-        self._previous: Callable[[Message, float], None] | None = None
-        self._observer: Callable[[Message, float], None] | None = None
+        registry.register(self)  # raises before anything is installed
+        self._remove = system.add_handler_observer(self._observer())
 
     # -- the collector protocol of prometheus_client ----------------------
 
@@ -239,36 +239,28 @@ class Metrics:
 
     # -- recording -------------------------------------------------------
 
-    def _install(self) -> None:
-        sup = self.system._sup
-        previous = sup.observer
+    def _observer(self) -> Callable[[Message, float], None]:
         bounds = self.buckets
         handler = self._handler
         latency = self._latency
         handler_counts = handler.counts
         latency_counts = latency.counts
-        now = sup.clock.now  # the clock that stamped enqueued_at (MockClock in tests)
+        now = self.system.now  # the clock that stamped enqueued_at (MockClock in tests)
         find = bisect.bisect_left  # first bound >= value: Prometheus's "le"
-        metrics = self
 
         # Runs once per message on the trio thread: a few list and float
         # updates, no lock (about 0.3 µs; prometheus_client's Histogram
         # takes 0.7-1.2 µs per observation).
         def observe(msg: Message, seconds: float) -> None:
-            if not metrics._closed:
-                handler_counts[find(bounds, seconds)] += 1
-                handler.sum += seconds
-                waited = now() - msg.enqueued_at
-                if waited < 0.0:  # the wall clock went back since the send
-                    waited = 0.0
-                latency_counts[find(bounds, waited)] += 1
-                latency.sum += waited
-            if previous is not None:
-                previous(msg, seconds)
+            handler_counts[find(bounds, seconds)] += 1
+            handler.sum += seconds
+            waited = now() - msg.enqueued_at
+            if waited < 0.0:  # the wall clock went back since the send
+                waited = 0.0
+            latency_counts[find(bounds, waited)] += 1
+            latency.sum += waited
 
-        self._previous = previous
-        self._observer = observe
-        sup.observer = observe
+        return observe
 
     def statistics(self) -> MetricsStatistics:
         """Messages observed, scrapes, and whether it is closed."""
@@ -281,18 +273,15 @@ class Metrics:
     def close(self) -> None:
         """Unregister from the registry and stop recording (idempotent).
 
-        The observer that was installed before :func:`instrument` is put
-        back. If another one was installed on top of ours since, ours stays
-        in the chain but records nothing and only passes each call on.
+        Only this collector's handler observer is removed: other observers
+        of the system, added before or after, stay.
         """
         if self._closed:
             return
         self._closed = True
+        self._remove()
         with contextlib.suppress(KeyError):  # someone unregistered it already
             self.registry.unregister(self)
-        sup = self.system._sup
-        if sup.observer is self._observer:
-            sup.observer = self._previous
 
     def __enter__(self) -> Metrics:
         return self
@@ -322,9 +311,10 @@ def instrument(
     bounds in seconds, increasing (``+Inf`` is added).
 
     From now on every successful handler call is recorded in the two
-    histograms, through the system's per-message hook (an observer that was
-    set already is still called, after ours). Call :meth:`Metrics.close`
-    (or use the result as a context manager) to unregister.
+    histograms, through a handler observer of the system
+    (:meth:`actors.System.add_handler_observer`; other observers are not
+    disturbed). Call :meth:`Metrics.close` (or use the result as a context
+    manager) to unregister and remove it.
 
     Raises:
       ValueError: ``namespace`` is not a valid metric name prefix;
@@ -347,12 +337,9 @@ def instrument(
             raise ValueError(f"buckets must be finite numbers of seconds > 0, got {bound!r}")
     if any(a >= b for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"buckets must increase, got {bounds!r}")
-    metrics = Metrics(
+    return Metrics(
         system,
         prometheus_client.REGISTRY if registry is None else registry,
         namespace,
         tuple(float(b) for b in bounds),
     )
-    metrics.registry.register(metrics)  # raises before anything is installed
-    metrics._install()
-    return metrics

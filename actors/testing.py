@@ -46,6 +46,7 @@ from ._context import Actor, Context, actor_factory
 from ._policy import Backoff, RestartPolicy
 from ._records import DeadLetter, Message, SystemStatistics
 from ._system import System
+from ._validate import MAX_INT
 
 __all__ = [
     "ChaosMonkey",
@@ -55,6 +56,7 @@ __all__ = [
     "Kill",
     "Recorder",
     "RecorderStatistics",
+    "Violations",
     "chaos",
     "fast_options",
     "flaky",
@@ -570,14 +572,28 @@ async def quiescent(system: System, *, passivated: bool = False) -> SystemStatis
     Sends still waiting for their commit are not known to the system yet:
     await them before. Call it inside the ``async with run_system`` block.
     """
-    live = system._sup.live  # the supervisor's count of live actors (package-private)
     while True:
         await system.drain()
         if passivated:
-            await live.wait_zero()
+            await _passivated(system)
         stats = system.statistics()
-        if stats.pending == 0 and stats.in_flight == 0 and not (passivated and live.value):
+        if stats.pending == 0 and stats.in_flight == 0 and not (passivated and stats.active_actors):
             return stats
+
+
+async def _passivated(system: System) -> None:
+    """Return once no actor is live (``active_actors == 0``), or the system stopped."""
+    if not system.statistics().active_actors:
+        await trio.lowlevel.checkpoint()
+        return
+    # An actor that leaves emits "actor_stopped" in the step that takes it
+    # off the count: look again after each event. The buffer is unbounded
+    # (the largest allowed), so no event is dropped and none is waited for
+    # in vain.
+    async with system.events(buffer=MAX_INT) as events:
+        async for _ in events:
+            if not system.statistics().active_actors:
+                return
 
 
 # -- the recorder ---------------------------------------------------------------
@@ -626,6 +642,42 @@ class RecorderStatistics:
     messages: int
 
 
+@attrs.frozen
+class Violations:
+    """What a :class:`Recorder`'s checks found (``Recorder.violations()``).
+
+    Each attribute lists the violations of one check, one sentence each,
+    as the ``assert_*`` methods word them; empty when the check passed.
+
+    Attributes:
+      lost: acknowledged ids neither completed nor dead (``assert_no_loss``).
+      out_of_order: starts out of send order (``assert_fifo``).
+      overlapping: a session's calls that overlapped (``assert_one_at_a_time``).
+      dishonest: attempt numbers that lied (``assert_honest_attempts``).
+
+    ``str()`` of it is the text ``assert_all`` raises with ("" when ``ok``).
+    """
+
+    lost: tuple[str, ...] = ()
+    out_of_order: tuple[str, ...] = ()
+    overlapping: tuple[str, ...] = ()
+    dishonest: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return not (self.lost or self.out_of_order or self.overlapping or self.dishonest)
+
+    def __str__(self) -> str:
+        checks = (
+            ("no loss", self.lost),
+            ("FIFO per session", self.out_of_order),
+            ("one at a time per session", self.overlapping),
+            ("honest attempts", self.dishonest),
+        )
+        return "\n".join(_describe(name, list(found)) for name, found in checks if found)
+
+
 class Recorder:
     """Records every call of the handlers it wraps, and checks the runtime's promises.
 
@@ -639,6 +691,8 @@ class Recorder:
     ``record_start`` / ``record_end`` write the history by hand: that is
     what the wrapper calls, and how a test feeds the checks a history of its
     own. ``events`` is the history, oldest first (read it, don't change it).
+    :meth:`violations` runs the checks without raising, for a report of
+    your own; :meth:`attempts` gives each message's attempts as seen.
     """
 
     def __init__(self) -> None:
@@ -736,6 +790,14 @@ class Recorder:
         """Ids of the messages a handler call completed (returned normally) for."""
         return {e.message_id for e in self.events if e.outcome == "completed"}
 
+    def attempts(self) -> dict[int, list[int]]:
+        """``{message id: the attempt of each of its calls}``, in the order the calls began."""
+        seen: defaultdict[int, list[int]] = defaultdict(list)
+        for event in self.events:
+            if event.kind == "start":
+                seen[event.message_id].append(event.attempt)
+        return dict(seen)
+
     async def wait_until(self, predicate: Callable[[Recorder], bool]) -> None:
         """Return once ``predicate(recorder)`` is true, checking after every event.
 
@@ -813,16 +875,31 @@ class Recorder:
         Raises:
           AssertionError: listing the violations of every check that failed.
         """
-        dead_ids = _ids(dead)
-        problems = [
-            ("no loss", self._lost(sent_ids, dead_ids)),
-            ("FIFO per session", self._out_of_order(dead_ids)),
-            ("one at a time per session", self._overlapping()),
-            ("honest attempts", self._dishonest(True)),
-        ]
-        text = "\n".join(_describe(name, found) for name, found in problems if found)
-        if text:
-            raise AssertionError(text)
+        found = self.violations(sent_ids, dead)
+        if not found.ok:
+            raise AssertionError(str(found))
+
+    def violations(
+        self,
+        sent_ids: Iterable[int] | None = None,
+        dead: Iterable[int | DeadLetter] | None = None,
+        *,
+        seen_all: bool = True,
+    ) -> Violations:
+        """Run the four checks and return what they found, without raising.
+
+        The checks and their arguments are those of the ``assert_*``
+        methods: ``lost`` is checked only with ``sent_ids``; FIFO holds
+        messages back behind a retry only with ``dead`` (as
+        :meth:`assert_fifo`); ``seen_all`` is :meth:`assert_honest_attempts`'s.
+        """
+        dead_ids = None if dead is None else _ids(dead)
+        return Violations(
+            lost=() if sent_ids is None else tuple(self._lost(sent_ids, dead_ids or set())),
+            out_of_order=tuple(self._out_of_order(dead_ids)),
+            overlapping=tuple(self._overlapping()),
+            dishonest=tuple(self._dishonest(seen_all)),
+        )
 
     # -- the checks, as lists of violations -----------------------------------
 

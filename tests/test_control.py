@@ -19,6 +19,7 @@ import trio
 
 import actors
 import actors._control as control
+import actors._purge
 from actors._control import RequestTimeoutError, apply, request
 
 
@@ -127,7 +128,7 @@ async def test_purge_refuses_what_it_cannot_mean(db_path: str, autojump_clock: o
 async def test_purge_works_in_batches(
     db_path: str, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(control, "PURGE_LIMIT", 3)
+    monkeypatch.setattr(actors._purge, "PURGE_LIMIT", 3)
     async with actors.run_system(db_path, handler=fail, max_attempts=1) as system:
         await system.send_many([(f"s{i}", i) for i in range(10)])
         await system.drain()

@@ -154,67 +154,90 @@ async def test_a_scrape_may_run_in_another_thread(db_path: str) -> None:
     assert b"actors_processed_messages_total 2.0" in text
 
 
-async def test_an_earlier_observer_is_chained_and_put_back(
-    db_path: str, autojump_clock: object
-) -> None:
-    earlier: list[int] = []
+async def test_closing_removes_only_its_own_observer(db_path: str, autojump_clock: object) -> None:
+    before: list[int] = []
+    after: list[int] = []
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
         pass
 
-    def observer(msg: actors.Message, seconds: float) -> None:
-        earlier.append(msg.id)
-
     registry = CollectorRegistry()
     async with actors.run_system(db_path, handler=handler) as system:
-        system._sup.observer = observer
+        remove_before = system.add_handler_observer(lambda msg, _s: before.append(msg.id))
         metrics = actors.prometheus.instrument(system, registry=registry)
-        assert system._sup.observer is not observer
+        remove_after = system.add_handler_observer(lambda msg, _s: after.append(msg.id))
         first = await system.send("a", 1)
         await system.drain()
-        assert earlier == [first]  # still called
+        assert before == after == [first]
         assert metrics.statistics().observed == 1
 
         metrics.close()
-        assert system._sup.observer is observer  # put back
         second = await system.send("a", 2)
         await system.drain()
-        assert earlier == [first, second]
+        assert before == after == [first, second]  # theirs stay
         assert metrics.statistics() == actors.prometheus.MetricsStatistics(
             observed=1, scrapes=0, closed=True
         )
         # Unregistered: the registry has no actors metrics any more.
         assert "actors_" not in generate_latest(registry).decode()
         metrics.close()  # idempotent
+        remove_before()
+        remove_after()
+        assert system._sup.observer is None  # nothing left to call per message
 
 
-async def test_closed_under_a_later_observer_it_records_nothing_and_passes_on(
-    db_path: str, autojump_clock: object
+async def test_handler_observers_run_in_order_and_survive_their_errors(
+    db_path: str, autojump_clock: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    later: list[int] = []
+    calls: list[tuple[str, int, float]] = []
 
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
-        pass
+        await trio.sleep(msg.body)
+        if msg.body == 2:
+            raise RuntimeError("not observed: the call failed")
 
-    registry = CollectorRegistry()
-    async with actors.run_system(db_path, handler=handler) as system:
-        metrics = actors.prometheus.instrument(system, registry=registry)
-        ours = system._sup.observer
-        assert ours is not None
+    def first(msg: actors.Message, seconds: float) -> None:
+        calls.append(("first", msg.id, seconds))
 
-        def observer(msg: actors.Message, seconds: float) -> None:
-            later.append(msg.id)
-            ours(msg, seconds)
+    def broken(msg: actors.Message, seconds: float) -> None:
+        raise ValueError(f"observer bug on message {msg.id}")
 
-        system._sup.observer = observer  # someone chains on top of us
-        await system.send("a", 1)
+    def last(msg: actors.Message, seconds: float) -> None:
+        calls.append(("last", msg.id, seconds))
+
+    async with actors.run_system(db_path, handler=handler, max_attempts=1) as system:
+        with pytest.raises(TypeError, match="callable"):
+            system.add_handler_observer("not a function")  # type: ignore[arg-type]
+        assert system._sup.observer is None
+        system.add_handler_observer(first)
+        remove_broken = system.add_handler_observer(broken)
+        remove_last = system.add_handler_observer(last)
+        remove_twice = system.add_handler_observer(last)  # the same callable again: called twice
+        ids = await system.send_many([("a", 1), ("a", 2), ("a", 0.5)])
         await system.drain()
-        metrics.close()
-        assert system._sup.observer is observer  # theirs stays installed
-        await system.send("a", 2)
+        remove_twice()
+        remove_twice()  # idempotent, and removes only the one it was returned for
+        await system.send("a", 0)
         await system.drain()
-    assert len(later) == 2
-    assert metrics.statistics().observed == 1
+        remove_broken()
+        remove_last()
+
+    one, _, three = ids
+    assert [c[:2] for c in calls[:6]] == [
+        ("first", one),
+        ("last", one),
+        ("last", one),
+        ("first", three),
+        ("last", three),
+        ("last", three),
+    ]
+    assert calls[0][2] == 1.0 and calls[3][2] == 0.5  # seconds the handler ran (MockClock)
+    assert [c[0] for c in calls[6:]] == ["first", "last"]
+    # The broken observer raised three times, and was logged once.
+    logged = [r for r in caplog.records if "handler observer" in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None
+    assert "observer bug on message" in str(logged[0].exc_info[1])
 
 
 async def test_the_default_registry_and_a_second_namespace(
