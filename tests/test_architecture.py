@@ -9,6 +9,7 @@ which names every illegal import and its line.
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -67,3 +68,44 @@ def test_import_contract_holds(contract: str) -> None:
     result = lint_imports(contract)
     if result.returncode != 0 or "Contracts: 1 kept, 0 broken." not in result.stdout:
         pytest.fail(f"import-linter:\n{result.stdout}{result.stderr}", pytrace=False)
+
+
+LONGEST = 60  # lines of a function's body (its docstring not counted)
+
+
+def _long_functions(package: Path) -> list[str]:
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            first = body[0]
+            if (
+                len(body) > 1
+                and isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                first = body[1]
+            lines = (node.end_lineno or node.lineno) - first.lineno + 1
+            if lines > LONGEST:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
+    return found
+
+
+def test_no_function_of_the_package_is_longer_than_a_screen() -> None:
+    """A function that does not fit on a screen hides its decisions: split it."""
+    assert _long_functions(ROOT / "actors") == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONGEST + 1))
+    (tmp_path / "long.py").write_text(f'def f():\n    """Doc."""\n{body}\n')
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        assert _long_functions(tmp_path) == [f"long.py:1 f: {LONGEST + 1} lines"]
+    finally:
+        ROOT = saved
