@@ -39,8 +39,8 @@ from ._codec import check_encoded, check_session_id, decode_body, encode_body, e
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
 from ._failure import FailureText, describe, rejected
 from ._records import Message
-from ._store import Ack, Claim
 from ._wake import WOKEN
+from .store import Ack, Claim
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -486,7 +486,7 @@ class SessionActor:
         # may have made that false.
         self._serve_gen = 0
         self._reserve_gen = -1
-        # This actor's slot in the start table (see _starts.py).
+        # This actor's slot in the start table (see store/starts.py).
         starts = supervisor.store.starts
         self.slot = starts.acquire() if starts is not None else -1
         # handler_timeout (see Watchdog): set around each handler call.
@@ -620,7 +620,7 @@ class SessionActor:
                         if self.wait_until is None:
                             until = sup.clock.now() + delay
                             store = sup.store
-                            if await store.call(store.op_defer_head, self.session_id, until):
+                            if await store.defer_head(self.session_id, until):
                                 self.wait_until = until
                         outcome = Exit.IDLE if self.wait_until is None else Exit.WAIT
                     else:
@@ -671,7 +671,7 @@ class SessionActor:
                     # next message's ack. (If started() used it, every ack
                     # compares it: a kept reference may change it unseen.)
                     store = sup.store
-                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
+                    ctx._load_state(await store.load_state(self.session_id))
                     await instance.started(ctx)
                 else:
                     await instance.started(ctx)
@@ -817,7 +817,7 @@ class SessionActor:
                     ack = None
                 if ctx._state is None:  # handed before this incarnation's first claim
                     self.in_flight = self.handed[0]
-                    ctx._load_state(await store.call(store.op_load_state, self.session_id))
+                    ctx._load_state(await store.load_state(self.session_id))
                 msg = self.handed.popleft()
                 if self._in_flight is None:  # (the in_flight setter, inline: per message)
                     sup.busy.add(1)
@@ -827,8 +827,7 @@ class SessionActor:
                 announced = self.notified_seq  # committed before this claim runs
                 self._claiming = True
                 try:
-                    claim = await store.call(
-                        store.op_claim_next,
+                    claim = await store.claim_next(
                         self.session_id,
                         ack,
                         sup.clock.now(),
@@ -981,7 +980,7 @@ class SessionActor:
                     return leave
 
     def _bulk(self, alone: bool) -> int:
-        """How many messages behind the head a claim may take too (see Store._claim_following)."""
+        """How many messages behind the head a claim may take too (see Store.claim_next)."""
         if alone:
             return 0  # a crash suspect runs alone: nothing else of ours in flight
         sup = self._sup
@@ -992,7 +991,7 @@ class SessionActor:
     async def _flush_ack(self, ack: int | Ack | None) -> None:
         if ack is not None:
             sup = self._sup
-            sent = await sup.store.call(sup.store.op_ack, ack)
+            sent = await sup.store.ack(ack)
             self.in_flight = None
             if sent:  # first: drain() must not see zero between
                 sup.on_sent(sent)
@@ -1040,7 +1039,7 @@ class SessionActor:
         flight (up to ``mailbox_size``). A claim under way was queued in the
         store before the insert, so it cannot see them; and the store inserts
         them claimed only if nothing of the session is pending, so they never
-        overtake a message in the database (Store._drop_overtaking).
+        overtake a message in the database (Store.append).
         """
         return (
             self._serving and not self.reserved and len(self.handed) < self._sup.config.mailbox_size
@@ -1102,7 +1101,7 @@ class SessionActor:
         # If the store failed, the rows stay in flight and are recovered
         # (attempt given back: never started) at the next start.
         with contextlib.suppress(StoreError):
-            await self._sup.store.call(self._sup.store.op_release_many, ids)
+            await self._sup.store.release_many(ids)
 
     async def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds unless woken (stop, a waiter, an abort)."""
@@ -1157,11 +1156,9 @@ class SessionActor:
                 retry_delay = max(delay, config.retry_backoff.delay(msg.attempt, sup.rng))
                 max_attempts = config.max_attempts
             else:
-                retry_delay, max_attempts = 0.0, 0  # (op_fail: no attempt left)
+                retry_delay, max_attempts = 0.0, 0  # (store.fail: no attempt left)
             retry_at = sup.clock.now() + retry_delay
-            outcome = await sup.store.call(
-                sup.store.op_fail, msg.id, text.report, retry_at, max_attempts
-            )
+            outcome = await sup.store.fail(msg.id, text.report, retry_at, max_attempts)
             self.in_flight = None
             sup.on_attempt_failed(self.session_id, msg, failure, outcome == "dead", text)
             if outcome == "retry":
@@ -1188,8 +1185,7 @@ class SessionActor:
         """
         sup = self._sup
         store = sup.store
-        claim: Claim = await store.call(
-            store.op_claim_next,
+        claim: Claim = await store.claim_next(
             self.session_id,
             None,
             sup.clock.now(),
@@ -1221,6 +1217,4 @@ class SessionActor:
         uncount = not self.handler_started
         # If the store failed, the row stays in flight and is recovered at the next start.
         with contextlib.suppress(StoreError):
-            await self._sup.store.call(
-                self._sup.store.op_release, msg.id, uncount, crashed and not uncount
-            )
+            await self._sup.store.release(msg.id, uncount, crashed and not uncount)

@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import apsw
 import attrs
 import trio
 from trio_util import periodic
 
 from ._codec import check_session_id
 from ._errors import StoreError
-from ._store import IN_FLIGHT, Store
 from ._validate import check_flag, check_message_id, check_seconds
+from .store import MessageState, Store
+from .store.sqlite_views import SqliteControlRequests
 
 log = logging.getLogger("actors.control")
 
@@ -90,21 +90,16 @@ async def purge_batches(
     before: float | None,
     deleted: Callable[[int, int, list[int]], None],
 ) -> int:
-    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
+    """Run ``Store.purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
 
     Batches keep each transaction short, so other work runs between them.
     """
     total = 0
     while True:
-        pending: int
-        dead: int
-        ids: list[int]
-        pending, dead, ids = await store.call(
-            store.op_purge, session_id, dead_only, before, PURGE_LIMIT
-        )
-        deleted(pending, dead, ids)
-        total += pending + dead
-        if pending + dead < PURGE_LIMIT:
+        purged = await store.purge(session_id, dead_only, before, PURGE_LIMIT)
+        deleted(purged.pending, purged.dead, purged.ids)
+        total += purged.pending + purged.dead
+        if purged.pending + purged.dead < PURGE_LIMIT:
             return total
 
 
@@ -174,13 +169,13 @@ class DirectTarget:
         return False
 
     async def retry_dead(self, message_id: int | None = None) -> int:
-        return len(await self._store.call(self._store.op_retry_dead, message_id))
+        return len(await self._store.retry_dead(message_id))
 
     async def abort(self, message_id: int) -> bool:
-        found = await self._store.call(self._store.op_abort, message_id)
+        found = await self._store.abort(message_id)
         if found is None:
             return False
-        if found[0] == IN_FLIGHT:  # pragma: no cover - recovery on open leaves none
+        if found.state == MessageState.IN_FLIGHT:  # pragma: no cover - recovery leaves none
             raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
         return True
 
@@ -206,10 +201,10 @@ class ControlStatistics:
 class Control:
     """The running system's task that applies requests from the control table.
 
-    It looks through a read-only connection of its own (a cheap indexed
-    read that never blocks the writer and costs no transaction), and only
-    when a request is open does it go through the store: take the open
-    requests, apply each through the system, write each outcome.
+    It looks with a read of the store's that never blocks the writer and
+    costs no transaction (``Store.has_open_requests``), and only when a
+    request is open does it queue operations: take the open requests, apply
+    each through the system, write each outcome.
     """
 
     def __init__(
@@ -218,14 +213,11 @@ class Control:
         store: Store,
         now: Callable[[], float],
         interval: float,
-        busy_timeout: float,
     ) -> None:
         self._target = target
         self._store = store
         self._now = now
         self._interval = interval
-        self._busy_ms = int(busy_timeout * 1000)
-        self._reader: apsw.Connection | None = None
         self._looks = 0
         self._applied = 0
         self._refused = 0
@@ -233,54 +225,39 @@ class Control:
 
     async def run(self) -> None:
         """Look every ``interval`` seconds until cancelled."""
-        try:
-            async for _ in periodic(self._interval):
-                # A stopping system takes no more requests: they wait for
-                # the next start (or their command line withdraws them).
-                if not self._target.closed and self._has_open_requests():
-                    await self.serve()
-        finally:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+        async for _ in periodic(self._interval):
+            # A stopping system takes no more requests: they wait for
+            # the next start (or their command line withdraws them).
+            if not self._target.closed and self._has_open_requests():
+                await self.serve()
 
     def _has_open_requests(self) -> bool:
         self._looks += 1
         try:
-            if self._reader is None:
-                self._reader = apsw.Connection(self._store.path, flags=apsw.SQLITE_OPEN_READONLY)
-                self._reader.set_busy_timeout(self._busy_ms)
-            rows = self._reader.execute(
-                "SELECT EXISTS (SELECT 1 FROM control WHERE done_at IS NULL)"
-            ).fetchall()
-        except apsw.Error as exc:
+            return self._store.has_open_requests()
+        except StoreError as exc:
             # Never fail the system for this: say so once, look again later.
             if not self._warned:
                 self._warned = True
-                log.warning("cannot read the control table of %r: %s", self._store.path, exc)
+                log.warning("%s", exc)
             return False
-        return bool(rows[0][0])
 
     async def serve(self) -> None:
         """Take the open requests and apply them, oldest first."""
         store = self._store
-        for request_id, command, args in await store.call(store.op_take_control, TAKE_LIMIT):
+        for taken in await store.take_control(TAKE_LIMIT):
             # Apply and record as one unit: a stop of the system in between
             # would apply the request again at the next start.
             with trio.CancelScope(shield=True):
-                outcome = await apply(self._target, command, args)
+                outcome = await apply(self._target, taken.command, taken.args)
                 now = self._now()
-                await store.call(
-                    store.op_finish_control,
-                    request_id,
-                    now,
-                    json.dumps(outcome),
-                    now - CONTROL_RETENTION,
+                await store.finish_control(
+                    taken.id, now, json.dumps(outcome), now - CONTROL_RETENTION
                 )
             self._applied += 1
             if not outcome["ok"]:
                 self._refused += 1
-            log.info("control request %d (%s %s): %s", request_id, command, args, outcome)
+            log.info("control request %d (%s %s): %s", taken.id, taken.command, taken.args, outcome)
 
     def statistics(self) -> ControlStatistics:
         """Looks, applied and refused requests since start."""
@@ -346,33 +323,18 @@ def request(
     Raises:
       RequestTimeoutError: no outcome within ``wait``.
       SystemStoppedError: ``stopped()`` said yes before an outcome came.
-      apsw.Error: the database cannot be written.
+      StoreError: the database cannot be written.
     """
-    db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+    requests = SqliteControlRequests(path, busy_timeout)
     try:
-        db.set_busy_timeout(int(busy_timeout * 1000))
-        db.execute(
-            "INSERT INTO control (command, args, requested_at) VALUES (?, ?, ?)",
-            (command, json.dumps(args), time.time()),
-        )
-        request_id = db.last_insert_rowid()
-
-        def withdraw() -> bool:
-            # Only a request no system has taken: one statement decides.
-            db.execute(
-                "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
-                (request_id,),
-            )
-            return db.changes() == 1
+        request_id = requests.submit(command, json.dumps(args), time.time())
 
         def answered() -> dict[str, Any] | None:
-            rows = db.execute(
-                "SELECT done_at, result FROM control WHERE id = ?", (request_id,)
-            ).fetchall()
-            if rows and rows[0][0] is not None:
-                outcome: dict[str, Any] = json.loads(str(rows[0][1]))
-                return outcome
-            return None
+            result = requests.answer(request_id)
+            if result is None:
+                return None
+            outcome: dict[str, Any] = json.loads(result)
+            return outcome
 
         deadline = time.monotonic() + wait
         try:
@@ -385,12 +347,14 @@ def request(
                     outcome = answered()
                     if outcome is not None:
                         return outcome
-                    raise SystemStoppedError(request_id, withdrawn=withdraw())
+                    raise SystemStoppedError(request_id, withdrawn=requests.withdraw(request_id))
                 if time.monotonic() >= deadline:
-                    raise RequestTimeoutError(request_id, wait, withdrawn=withdraw())
+                    raise RequestTimeoutError(
+                        request_id, wait, withdrawn=requests.withdraw(request_id)
+                    )
                 time.sleep(poll)
         except KeyboardInterrupt:
-            withdraw()
+            requests.withdraw(request_id)
             raise
     finally:
-        db.close()
+        requests.close()

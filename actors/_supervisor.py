@@ -40,9 +40,9 @@ from ._failure import FailureText, WarningLimiter, describe, rejected
 from ._policy import RestartTracker
 from ._records import Message
 from ._reply import Reply
-from ._store import Store
 from ._streams import Events, Outputs, StatusEvent
 from ._watchdog import IdleWatch, Watchdog
+from .store import Store
 
 if TYPE_CHECKING:
     from ._system import System
@@ -103,10 +103,6 @@ class Gauge:
     async def wait_zero(self) -> None:
         """Return once the count is zero or less."""
         await self.wait_at_most(0)
-
-
-def _ignore(_result: object) -> None:
-    pass
 
 
 @attrs.frozen
@@ -343,7 +339,7 @@ class Supervisor:
     # -- running a crash suspect alone ------------------------------------
 
     async def isolate(self, actor: SessionActor) -> None:
-        """Become the only actor with a message in flight (see op_claim_next).
+        """Become the only actor with a message in flight (see Store.claim_next).
 
         Waits for any other isolation to end, stops every other actor from
         claiming, then waits until nothing else is in flight.
@@ -391,7 +387,7 @@ class Supervisor:
         order}. An actor qualifies when it serves (SessionActor.can_take_handoff:
         idle, busy or claiming, with room for them) and nothing runs alone;
         whether they are then inserted claimed is the store's decision (not
-        while the session has pending messages: Store._drop_overtaking). Not
+        while the session has pending messages: Store.append). Not
         one that used its fair share while others wait for a slot: it should
         finish and leave. A reserved actor does not leave until hand_over()
         (it counts in ``reserved``, which isolation waits for too).
@@ -440,7 +436,7 @@ class Supervisor:
             return
         # The actor crashed, is leaving, or is gone: give the claims back.
         with contextlib.suppress(StoreError):
-            self.store.submit(self.store.op_release_many, [m.id for m in msgs], done=_ignore)
+            self.store.release_many_soon([m.id for m in msgs])
         self.ensure(actor.session_id)
 
     def unhand(self, *, message_id: int | None = None, session_id: str | None = None) -> list[int]:
@@ -519,7 +515,7 @@ class Supervisor:
         if slot < 0 or starts is None:
             return
         with contextlib.suppress(StoreError):
-            self.store.submit(self.store.op_nothing, done=lambda _: starts.release(slot))
+            self.store.after_commits(lambda: starts.release(slot))
 
     def emit(self, kind: str, session_id: str | None = None, **fields: object) -> None:
         """Publish a status event (cheap when nobody listens: check ``events.active`` first)."""
@@ -736,9 +732,7 @@ class Supervisor:
             ):
                 generation = self._overflow_gen
                 exclude = frozenset(self._actors) | self._behind_set
-                found: list[tuple[str, int]] = await self.store.call(
-                    self.store.op_sessions_with_work, WAITING_LIMIT, exclude
-                )
+                found = await self.store.sessions_with_work(WAITING_LIMIT, exclude)
                 if len(found) < WAITING_LIMIT and generation == self._overflow_gen:
                     self._overflow = False
                 # Merge the sessions found (oldest head first) with those
