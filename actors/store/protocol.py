@@ -156,7 +156,8 @@ class Store(Protocol):
         made until its transaction starts, and a claim called before the
         seal cannot see messages inserted claimed for its actor.
 
-        Ids (and seqs) are ``first + index``, consecutive and never reused.
+        Ids are ``first + index``, consecutive and never reused, and so are
+        the seqs (a delayed message gets its seq when its delay ends).
         An index in ``batch.claimed`` is inserted claimed (in flight, attempt
         1: claim on delivery), unless its session has a pending message,
         which it must not overtake: such indices are removed from
@@ -184,8 +185,10 @@ class Store(Protocol):
 
         When it returns, the ack and the claim, with its attempt counted,
         are durable: the attempt is on disk before any handler runs. The
-        head is the session's pending message of lowest seq whose wait
-        (``not_before``) has passed at epoch ``now``. A head whose attempts
+        head is the session's queued message of lowest seq (the caller holds
+        no claim of the session); if its wait (``not_before``) has not passed
+        at epoch ``now``, nothing is claimed and ``Claim.wait_until`` says
+        until when. A head whose attempts
         were used up by deaths of the process, or whose body cannot be
         decoded, is dead-lettered on the way (``Claim.dead``). A crash
         suspect on its last attempt is not claimed unless ``alone``

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
@@ -22,6 +22,9 @@ from .errors import UnusableDatabaseError, map_exceptions
 from .records import Claimed, InFlight, MessageCounts, SessionCounts
 from .sqlite_schema import HEARTBEAT_KEY, check_schema, one, tables
 from .starts import database_identity, read_marks, starts_file
+
+if TYPE_CHECKING:
+    from .protocol import ControlRequests, StoreViews
 
 
 def connect_reader(path: str, busy_ms: int) -> apsw.Connection:
@@ -310,3 +313,11 @@ class SqliteControlRequests:
 
     def close(self) -> None:
         self._db.close()
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_protocols(
+        views: SqliteViews, requests: SqliteControlRequests
+    ) -> tuple[StoreViews, ControlRequests]:
+        return views, requests  # mypy checks that they are what the protocols say
