@@ -52,11 +52,10 @@ from ._gauge import Gauge
 from ._records import Message
 from ._reply import Reply
 from ._session import SessionData
-from ._starts import StartTable
-from ._store import Ack, Claim, Store
 from ._streams import Outputs
 from ._wake import WOKEN
 from ._watchdog import IdleWatch, Watchdog
+from .store import Ack, Claim, StartMarks, Store
 
 log = logging.getLogger("actors.actor")
 
@@ -357,7 +356,7 @@ class _Serving:
         data: SessionData,
         ctx: Any,
         function: Callable[[Any, Message], Awaitable[Any]] | None,
-        starts: StartTable | None,
+        starts: StartMarks | None,
     ) -> None:
         self.instance = instance
         self.starts = starts  # the start table, if this actor has a slot in it
@@ -594,7 +593,7 @@ class SessionActor:
             if self.wait_until is None:
                 until = host.clock.now() + delay
                 store = host.store
-                if await store.call(store.op_defer_head, self.session_id, until):
+                if await store.defer_head(self.session_id, until):
                     self.wait_until = until
             return Exit.IDLE if self.wait_until is None else Exit.WAIT
         self._to(Phase.BACKOFF)
@@ -660,7 +659,7 @@ class SessionActor:
             # used it, every ack compares it: a kept reference may change it
             # unseen.)
             store = host.store
-            data.load(await store.call(store.op_load_state, self.session_id))
+            data.load(await store.load_state(self.session_id))
         await instance.started(ctx)
         host.on_actor_started(self)
         return instance
@@ -803,7 +802,7 @@ class SessionActor:
         if data.state is None:  # handed before this incarnation's first claim
             self.in_flight = self.handed[0]
             store = host.store
-            data.load(await store.call(store.op_load_state, self.session_id))
+            data.load(await store.load_state(self.session_id))
         msg = self.handed.popleft()
         if self._in_flight is None:  # (the in_flight setter, inline: per message)
             host.busy.add(1)
@@ -819,8 +818,7 @@ class SessionActor:
         announced = self.notified_seq  # committed before this claim runs
         self._to(Phase.CLAIMING)
         ack, data = serving.ack, serving.data
-        claim: Claim = await store.call(
-            store.op_claim_next,
+        claim: Claim = await store.claim_next(
             self.session_id,
             ack,
             host.clock.now(),
@@ -988,7 +986,7 @@ class SessionActor:
         return Step.AWAIT_WORK
 
     def _bulk(self, alone: bool) -> int:
-        """How many messages behind the head a claim may take too (see Store._claim_following)."""
+        """How many messages behind the head a claim may take too (see Store.claim_next)."""
         if alone:
             return 0  # a crash suspect runs alone: nothing else of ours in flight
         host = self._host
@@ -1005,7 +1003,7 @@ class SessionActor:
         serving.ack = None
         self._to(Phase.ACKING)
         host = self._host
-        sent = await host.store.call(host.store.op_ack, ack)
+        sent = await host.store.ack(ack)
         self.in_flight = None
         if sent:  # first: drain() must not see zero between
             host.on_sent(sent)
@@ -1054,7 +1052,7 @@ class SessionActor:
         flight (up to ``mailbox_size``). A claim under way was queued in the
         store before the insert, so it cannot see them; and the store inserts
         them claimed only if nothing of the session is pending, so they never
-        overtake a message in the database (Store._drop_overtaking).
+        overtake a message in the database (Store.append).
         """
         return (
             self.phase in SERVING
@@ -1121,7 +1119,7 @@ class SessionActor:
         # (attempt given back: never started) at the next start.
         with contextlib.suppress(StoreError):
             store = self._host.store
-            await store.call(store.op_release_many, ids)
+            await store.release_many(ids)
 
     async def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds unless woken (stop, a waiter, an abort)."""
@@ -1189,10 +1187,10 @@ class SessionActor:
             retry_delay = max(delay, host.retry_delay(msg.attempt))
             max_attempts = config.max_attempts
         else:
-            retry_delay, max_attempts = 0.0, 0  # (rejected: op_fail finds no attempt left)
+            retry_delay, max_attempts = 0.0, 0  # (rejected: Store.fail finds no attempt left)
         retry_at = host.clock.now() + retry_delay
         store = host.store
-        outcome = await store.call(store.op_fail, msg.id, text.report, retry_at, max_attempts)
+        outcome = await store.fail(msg.id, text.report, retry_at, max_attempts)
         self.in_flight = None
         host.on_attempt_failed(self.session_id, msg, failure, outcome == "dead", text)
         if outcome == "retry":
@@ -1218,8 +1216,7 @@ class SessionActor:
         """
         host = self._host
         store = host.store
-        claim: Claim = await store.call(
-            store.op_claim_next,
+        claim: Claim = await store.claim_next(
             self.session_id,
             None,
             host.clock.now(),
@@ -1251,4 +1248,4 @@ class SessionActor:
         # If the store failed, the row stays in flight and is recovered at the next start.
         with contextlib.suppress(StoreError):
             store = self._host.store
-            await store.call(store.op_release, msg.id, uncount, crashed and not uncount)
+            await store.release(msg.id, uncount, crashed and not uncount)

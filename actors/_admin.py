@@ -1,40 +1,29 @@
 """Read-only views of a database for the command line: status, sessions, dead letters.
 
-Everything here reads through a read-only connection of its own, with a
-busy timeout. The database is in WAL mode, so a reader never blocks the
-running system's writer and the writer never blocks a reader: reads work
-while a system runs, and neither makes the other fail with "database is
-locked". Each view reads in one transaction (a consistent snapshot) and
-returns plain frozen records, which the command line prints as tables or
-as JSON.
+Everything here reads through the store's read views (``StoreViews``),
+which never block a running system's writer nor wait for it: reads work
+while a system runs. Each view reads in one snapshot (a consistent state)
+and returns plain frozen records, which the command line prints as tables
+or as JSON. The reading is the store's; the judging and the wording are
+here.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import apsw
 import attrs
 
-from ._health import HEARTBEAT_KEY, Health, Heartbeat, judge, seconds_text
+from ._health import Health, Heartbeat, judge, seconds_text
 from ._lock import is_held, lock_file
 from ._records import DeadLetter
-from ._starts import database_identity, read_marks, starts_file
-from ._store import SCHEMA_VERSION, Store, database_path
+from .store import Claimed, SessionCounts, StoreError, StoreViews, database_path
+from .store.sqlite_views import SqliteViews
+from .store.starts import starts_file
 
 
-def _int(value: object) -> int:
-    assert isinstance(value, int), value
-    return value
-
-
-def _age(now: float, value: object) -> float:
-    assert isinstance(value, int | float), value
+def _age(now: float, value: float) -> float:
     return max(now - value, 0.0)
 
 
@@ -42,49 +31,17 @@ class AdminError(Exception):
     """The database cannot be used: missing, not an actors database, or too new."""
 
 
-def open_readonly(path: str, busy_timeout: float = 5.0) -> apsw.Connection:
-    """Open an existing actors database read-only.
+def open_readonly(path: str, busy_timeout: float = 5.0) -> StoreViews:
+    """Open an existing actors database read-only (close it after use).
 
     Raises:
       AdminError: no such file, not an SQLite database, no actors schema,
         or a schema newer than this version of actors.
     """
-    if not os.path.isfile(path):
-        raise AdminError(f"no database file at {path!r}")
     try:
-        db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error as exc:
-        raise AdminError(f"cannot open {path!r}: {exc}") from exc
-    try:
-        db.set_busy_timeout(int(busy_timeout * 1000))
-        version = db.execute("PRAGMA user_version").fetchall()[0][0]
-        tables = {
-            str(name)
-            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
-    except apsw.Error as exc:
-        db.close()
-        raise AdminError(f"{path!r} is not an actors database: {exc}") from exc
-    if not isinstance(version, int) or version < 1 or "messages" not in tables:
-        db.close()
-        raise AdminError(f"{path!r} is not an actors database (it has no actors schema)")
-    if version > SCHEMA_VERSION:
-        db.close()
-        raise AdminError(
-            f"{path!r} has schema version {version}, newer than this version of actors"
-            f" understands ({SCHEMA_VERSION}); upgrade actors"
-        )
-    return db
-
-
-@contextmanager
-def snapshot(db: apsw.Connection) -> Iterator[apsw.Connection]:
-    """One read transaction: every query inside sees the same state."""
-    db.execute("BEGIN")
-    try:
-        yield db
-    finally:
-        db.execute("ROLLBACK")
+        return SqliteViews.open(path, busy_timeout)
+    except StoreError as exc:
+        raise AdminError(str(exc)) from exc
 
 
 def lock_path(path: str) -> str:
@@ -105,10 +62,10 @@ def is_running(path: str) -> bool:
     return is_held(database_path(path))
 
 
-def read_heartbeat(db: apsw.Connection) -> Heartbeat | None:
+def read_heartbeat(views: StoreViews) -> Heartbeat | None:
     """The last heartbeat a running system wrote, if any."""
-    rows = db.execute("SELECT value FROM meta WHERE key = ?", (HEARTBEAT_KEY,)).fetchall()
-    return Heartbeat.from_json(rows[0][0]) if rows else None
+    text = views.heartbeat()
+    return None if text is None else Heartbeat.from_json(text)
 
 
 STALE_FLOOR = 10.0  # seconds: a heartbeat younger than this is never stale
@@ -120,15 +77,10 @@ def default_stale_after(heartbeat: Heartbeat) -> float:
     return max(STALE_FLOOR, 5 * heartbeat.interval)
 
 
-def oldest_due(db: apsw.Connection, now: float) -> float | None:
+def oldest_due(views: StoreViews, now: float) -> float | None:
     """Age of the oldest message that is due (pending, not waiting for a delay
-    or a retry) or in flight; None if there is none. As Store.op_oldest_due."""
-    rows = db.execute(
-        "SELECT min(enqueued_at) FROM messages WHERE state < 2 AND seq IS NOT NULL"
-        " AND (not_before IS NULL OR not_before <= ?)",
-        (now,),
-    ).fetchall()
-    oldest = rows[0][0]
+    or a retry) or in flight; None if there is none. As Store.oldest_due."""
+    oldest = views.oldest_due(now)
     return None if oldest is None else _age(now, oldest)
 
 
@@ -136,7 +88,7 @@ def oldest_due(db: apsw.Connection, now: float) -> float | None:
 class SessionRow:
     """One session's messages by state (``actors sessions``, ``actors status``).
 
-    ``in_flight``: messages whose handler has started (see :func:`claimed`);
+    ``in_flight``: messages whose handler has started (see ``StoreViews.claimed``);
     ``handed``: claimed by the session's actor, waiting in its memory, not
     started. ``oldest_age``: seconds since its oldest pending, handed or
     in-flight message was sent (None if it has none); ``most_attempts``:
@@ -170,7 +122,7 @@ class Status:
     ``pending`` counts every message waiting in the database; of them
     ``delayed`` wait for their delay, ``retry_waiting`` for a retry
     deadline, and the rest are due. ``handed`` and ``in_flight`` are as in
-    :func:`claimed` (``statistics().pending`` of the running system counts
+    ``StoreViews.claimed`` (``statistics().pending`` of the running system counts
     the handed ones as pending). ``oldest_pending_age`` is as in Health. ``attempts`` maps an
     attempt count to how many pending or in-flight messages have used that
     many (a message with 2 or more has been retried). ``sessions`` are the
@@ -198,242 +150,87 @@ class Status:
     heartbeat: Heartbeat | None
 
 
-# Attempts a message has used: a handed message's claim counted one that its
-# handler has not started (recovery would give it back). The parameter is
-# the JSON array of handed ids (Claimed.handed_ids).
-_USED = "(attempts - (id IN (SELECT value FROM json_each(?))))"
-_SESSIONS = (
-    "SELECT session_id, sum(state = 0), sum(state = 1), sum(state = 2),"
-    f" min(CASE WHEN state < 2 THEN enqueued_at END), max({_USED})"
-    " FROM messages{where} GROUP BY session_id"
-    " ORDER BY sum(state < 2) DESC, sum(state = 2) DESC, session_id LIMIT ?"
-)
-
-
 def starts_path(path: str) -> str:
-    """The start table a system keeps beside the database (see ``_starts.py``),
+    """The start table a system keeps beside the database (see ``store/starts.py``),
     by its resolved path, as the store names it."""
     return starts_file(database_path(path))
 
 
-@attrs.frozen
-class Claimed:
-    """The claimed messages (``state`` 1) whose handler has not started.
-
-    ``handed``: how many per session; ``handed_ids``: their ids. Every
-    other claimed message is in flight.
-    """
-
-    handed: dict[str, int]
-    handed_ids: list[int]
-
-    @property
-    def count(self) -> int:
-        return len(self.handed_ids)
+def _session_row(row: SessionCounts, now: float, found: Claimed) -> SessionRow:
+    handed = found.handed.get(row.session_id, 0)
+    return SessionRow(
+        session_id=row.session_id,
+        pending=row.pending,
+        handed=handed,
+        in_flight=row.claimed - handed,
+        dead=row.dead,
+        oldest_age=None if row.oldest_enqueued_at is None else _age(now, row.oldest_enqueued_at),
+        most_attempts=row.most_attempts,
+    )
 
 
-def claimed(db: apsw.Connection, path: str) -> Claimed:
-    """Tell the claimed messages whose handler started from the ones merely handed.
-
-    The database marks a message claimed (``state`` 1) when an actor takes
-    it, and an actor takes more than the one it runs: messages claimed on
-    delivery or in bulk wait in its memory, not started. The start table
-    (``<db>.starts``, see ``_starts.py``) holds, per live actor, the id of
-    the last message whose handler started, and a session's messages run in
-    order: every claimed message of that session up to it (in the session's
-    order) has started (it runs, or it ran and its acknowledgement has not
-    committed yet), and every one after it is handed. This is the rule
-    recovery applies after a crash, so for a process that died it tells
-    what the next start will charge an attempt. Without a start table of
-    this database, every claimed message counts as started, as recovery
-    counts them. Read-only: the table is read, never written.
-
-    Call inside the snapshot, after a first read: the marks are then at
-    least as new as the snapshot (a message that started since may count
-    as started a moment early, never the reverse).
-    """
-    try:
-        marks = read_marks(starts_path(path), database_identity(path))
-    except OSError:
-        marks = None
-    if marks is None:
-        return Claimed({}, [])
-    started: dict[str, int] = {
-        str(session): _int(seq)
-        for session, seq in db.execute(
-            "SELECT session_id, max(seq) FROM messages WHERE state = 1"
-            " AND id IN (SELECT value FROM json_each(?)) GROUP BY session_id",
-            (json.dumps(marks),),
-        )
-    }
-    handed: dict[str, int] = {}
-    ids: list[int] = []
-    for msg_id, session, seq in db.execute(
-        "SELECT id, session_id, seq FROM messages WHERE state = 1 ORDER BY id"
-    ):
-        last = started.get(str(session))
-        if last is None or (seq is not None and _int(seq) > last):
-            ids.append(_int(msg_id))
-            handed[str(session)] = handed.get(str(session), 0) + 1
-    return Claimed(handed, ids)
-
-
-def _sessions(
-    db: apsw.Connection,
-    now: float,
-    limit: int,
-    found: Claimed,
-    session_id: str | None = None,
-) -> list[SessionRow]:
-    where, params = ("", ()) if session_id is None else (" WHERE session_id = ?", (session_id,))
-    out = []
-    for session, pending, claimed_, dead, oldest, attempts in db.execute(
-        _SESSIONS.format(where=where), (json.dumps(found.handed_ids), *params, limit)
-    ):
-        handed = found.handed.get(str(session), 0)
-        out.append(
-            SessionRow(
-                session_id=str(session),
-                pending=_int(pending),
-                handed=handed,
-                in_flight=_int(claimed_) - handed,
-                dead=_int(dead),
-                oldest_age=None if oldest is None else _age(now, oldest),
-                most_attempts=_int(attempts),
-            )
-        )
-    return out
-
-
-def _tables(db: apsw.Connection) -> set[str]:
-    return {
-        str(name) for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-
-
-def status(
-    db: apsw.Connection, path: str, now: float, *, limit: int = 20, running: bool = False
-) -> Status:
+def status(views: StoreViews, now: float, *, limit: int = 20, running: bool = False) -> Status:
     """Read the database's state in one snapshot (the deepest ``limit`` sessions).
 
     ``running``: whether a system runs on it (:func:`is_running`), as the caller found.
+    ``handed`` and ``in_flight`` are told apart by ``StoreViews.claimed``.
     """
-    with snapshot(db):
-        version = _int(db.execute("PRAGMA user_version").fetchall()[0][0])
-        counts: dict[int, tuple[int, int, int]] = {
-            _int(state): (_int(n), _int(delayed), _int(waiting))
-            for state, n, delayed, waiting in db.execute(
-                "SELECT state, count(*), count(CASE WHEN seq IS NULL THEN 1 END),"
-                " count(CASE WHEN seq IS NOT NULL AND not_before > ? THEN 1 END)"
-                " FROM messages GROUP BY state",
-                (now,),
-            )
-        }
-        session_count = _int(
-            db.execute("SELECT count(DISTINCT session_id) FROM messages").fetchall()[0][0]
-        )
-        found = claimed(db, path)
-        attempts = {
-            _int(a): _int(n)
-            for a, n in db.execute(
-                f"SELECT {_USED} AS used, count(*) FROM messages WHERE state < 2 AND used > 0"
-                " GROUP BY used ORDER BY used",
-                (json.dumps(found.handed_ids),),
-            )
-        }
-        pending = counts.get(0, (0, 0, 0))
+    with views.snapshot():
+        version = views.schema_version()
+        counts = views.counts(now)
+        session_count = views.session_count()
+        found = views.claimed()  # (after a first read: see StoreViews.claimed)
         return Status(
-            path=path,
+            path=views.path,
             checked_at=now,
             running=running,
             schema_version=version,
-            pending=pending[0],
-            delayed=pending[1],
-            retry_waiting=pending[2],
+            pending=counts.pending,
+            delayed=counts.delayed,
+            retry_waiting=counts.retry_waiting,
             handed=found.count,
-            in_flight=counts.get(1, (0, 0, 0))[0] - found.count,
-            dead=counts.get(2, (0, 0, 0))[0],
-            oldest_pending_age=oldest_due(db, now),
-            attempts=attempts,
+            in_flight=counts.claimed - found.count,
+            dead=counts.dead,
+            oldest_pending_age=oldest_due(views, now),
+            attempts=views.attempts_used(found.handed_ids),
             session_count=session_count,
-            sessions=_sessions(db, now, limit, found),
-            in_flight_messages=_in_flight(db, now, limit, found),
-            open_requests=_open_requests(db),
-            heartbeat=read_heartbeat(db),
+            sessions=[
+                _session_row(row, now, found) for row in views.sessions(limit, found.handed_ids)
+            ],
+            in_flight_messages=[
+                InFlightRow(
+                    id=m.id,
+                    session_id=m.session_id,
+                    attempt=m.attempt,
+                    age=_age(now, m.enqueued_at),
+                )
+                for m in views.in_flight(found.handed_ids, limit)
+            ],
+            open_requests=views.open_requests(),
+            heartbeat=read_heartbeat(views),
         )
-
-
-def _in_flight(db: apsw.Connection, now: float, limit: int, found: Claimed) -> list[InFlightRow]:
-    """The messages in flight, oldest first (handed ones count as pending)."""
-    return [
-        InFlightRow(
-            id=_int(i),
-            session_id=str(s),
-            attempt=_int(a),
-            age=_age(now, t),
-        )
-        for i, s, a, t in db.execute(
-            "SELECT id, session_id, attempts, enqueued_at FROM messages WHERE state = 1"
-            " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-            (json.dumps(found.handed_ids), limit),
-        )
-    ]
-
-
-def _open_requests(db: apsw.Connection) -> int:
-    """Control requests not answered yet (0 on a database without the table)."""
-    if "control" not in _tables(db):
-        return 0
-    return _int(db.execute("SELECT count(*) FROM control WHERE done_at IS NULL").fetchall()[0][0])
 
 
 def sessions(
-    db: apsw.Connection,
-    path: str,
-    now: float,
-    *,
-    limit: int = 100,
-    session_id: str | None = None,
+    views: StoreViews, now: float, *, limit: int = 100, session_id: str | None = None
 ) -> tuple[list[SessionRow], int]:
     """Sessions with messages, deepest queue first (only ``session_id`` if given),
     and how many sessions have messages (of which at most ``limit`` are listed)."""
-    where, params = ("", ()) if session_id is None else (" WHERE session_id = ?", (session_id,))
-    with snapshot(db):
-        count = _int(
-            db.execute(
-                f"SELECT count(DISTINCT session_id) FROM messages{where}", params
-            ).fetchall()[0][0]
-        )
-        return _sessions(db, now, limit, claimed(db, path), session_id), count
+    with views.snapshot():
+        count = views.session_count(session_id)
+        found = views.claimed()
+        rows = views.sessions(limit, found.handed_ids, session_id)
+        return [_session_row(row, now, found) for row in rows], count
 
 
 def dead_letters(
-    db: apsw.Connection, session_id: str | None = None, limit: int | None = None
+    views: StoreViews, session_id: str | None = None, limit: int | None = None
 ) -> tuple[list[DeadLetter], int]:
     """Dead letters, oldest first (the same reader as ``System.dead_letters()``),
     and how many there are (of which at most ``limit`` are listed)."""
-    where, params = ("", ()) if session_id is None else (" AND session_id = ?", (session_id,))
-    with snapshot(db):
-        count = _int(
-            db.execute(f"SELECT count(*) FROM messages WHERE state = 2{where}", params).fetchall()[
-                0
-            ][0]
-        )
-        return Store._read_dead_letters(db, session_id, limit), count
-
-
-def counts(db: apsw.Connection, handed: int = 0) -> dict[str, int]:
-    """Messages by state, as ``statistics()`` counts them: ``{"pending": n, "in_flight": n,
-    "dead": n}``; ``handed`` claimed messages (see :func:`claimed`) count as pending."""
-    found = {
-        _int(s): _int(n)
-        for s, n in db.execute("SELECT state, count(*) FROM messages GROUP BY state")
-    }
-    return {
-        "pending": found.get(0, 0) + handed,
-        "in_flight": found.get(1, 0) - handed,
-        "dead": found.get(2, 0),
-    }
+    with views.snapshot():
+        count = views.dead_count(session_id)
+        return views.dead_letters(session_id, limit), count
 
 
 def to_plain(value: Any) -> Any:
@@ -469,8 +266,7 @@ class HealthReport:
 
 
 def check_health(
-    db: apsw.Connection,
-    path: str,
+    views: StoreViews,
     now: float,
     *,
     running: bool,
@@ -483,8 +279,8 @@ def check_health(
     message is read from the database now, the last progress from the
     heartbeat; a system whose heartbeat says it is stopping is unhealthy.
     """
-    with snapshot(db):
-        heartbeat = read_heartbeat(db)
+    with views.snapshot():
+        heartbeat = read_heartbeat(views)
         age = None if heartbeat is None else max(now - heartbeat.at, 0.0)
         stale = None
         if heartbeat is not None:
@@ -492,7 +288,7 @@ def check_health(
 
         def verdict(healthy: bool, reason: str, health: Health | None = None) -> HealthReport:
             return HealthReport(
-                path=path,
+                path=views.path,
                 running=running,
                 healthy=healthy,
                 reason=reason,
@@ -503,7 +299,7 @@ def check_health(
 
         if not running:
             last = "" if age is None else f" (last heartbeat {seconds_text(age)} ago)"
-            return verdict(False, f"no system is running on {path}{last}")
+            return verdict(False, f"no system is running on {views.path}{last}")
         if heartbeat is None or age is None or stale is None:
             return verdict(False, "the running system has written no heartbeat yet")
         if heartbeat.stopping:
@@ -516,20 +312,19 @@ def check_health(
                 f" {seconds_text(stale)}): the system's loop or its database writer is not"
                 " running",
             )
-        health = _running_health(db, path, now, heartbeat, stall_after)
+        health = _judge(views, now, heartbeat, stall_after)
         return verdict(health.healthy, health.reason, health)
 
 
-def _running_health(
-    db: apsw.Connection, path: str, now: float, heartbeat: Heartbeat, stall_after: float
-) -> Health:
-    """A running system's health, from its fresh heartbeat and the database now."""
-    oldest = oldest_due(db, now)
+def _judge(views: StoreViews, now: float, heartbeat: Heartbeat, stall_after: float) -> Health:
+    """The Health of a running system with a fresh heartbeat (inside the snapshot)."""
+    oldest = oldest_due(views, now)
     progress_age = max(now - heartbeat.last_progress_at, 0.0)
     healthy, reason = judge(
         oldest_pending_age=oldest, last_progress_age=progress_age, stall_after=stall_after
     )
-    found = counts(db, claimed(db, path).count)
+    counts = views.counts(now)
+    handed = views.claimed().count  # (counted as pending, as statistics() does)
     return Health(
         healthy=healthy,
         reason=reason,
@@ -537,9 +332,9 @@ def _running_health(
         stall_after=stall_after,
         oldest_pending_age=oldest,
         last_progress_age=progress_age,
-        pending=found["pending"],
-        in_flight=found["in_flight"],
-        dead=found["dead"],
+        pending=counts.pending + handed,
+        in_flight=counts.claimed - handed,
+        dead=counts.dead,
         processed=heartbeat.processed,
         dead_lettered=heartbeat.dead_lettered,
     )

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-import apsw
 import click
 import trio
 from rich.console import Console
@@ -59,8 +58,9 @@ from ._demo import (
 from ._errors import DatabaseInUseError, StoreError
 from ._health import Health, seconds_text
 from ._lock import DatabaseLock
-from ._store import Store, database_path
 from ._validate import MAX_INT, MAX_SECONDS
+from .store import StoreViews, database_path
+from .store.sqlite import SqliteStore
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -184,21 +184,21 @@ def _path(db: str) -> str:
         raise DatabaseError(str(exc)) from None
 
 
-def _open(path: str) -> apsw.Connection:
+def _open(path: str) -> StoreViews:
     try:
         return _admin.open_readonly(path)
     except _admin.AdminError as exc:
         raise DatabaseError(str(exc)) from None
 
 
-def _read(path: str, read: Callable[[apsw.Connection], Any]) -> Any:
-    conn = _open(path)
+def _read(path: str, read: Callable[[StoreViews], Any]) -> Any:
+    views = _open(path)
     try:
-        return read(conn)
-    except apsw.Error as exc:
-        raise click.ClickException(f"cannot read {path!r}: {exc}") from None
+        return read(views)
+    except StoreError as exc:  # ("cannot read <path>: ...")
+        raise click.ClickException(str(exc)) from None
     finally:
-        conn.close()
+        views.close()
 
 
 def _age(seconds: float | None) -> str:
@@ -528,7 +528,7 @@ def status(db: str, as_json: bool, limit: int) -> None:
     running = _admin.is_running(path)
     now = time.time()
     st: _admin.Status = _read(
-        path, lambda conn: _admin.status(conn, path, now, limit=limit, running=running)
+        path, lambda views: _admin.status(views, now, limit=limit, running=running)
     )
     if as_json:
         _echo_json(st)
@@ -589,7 +589,7 @@ def sessions(db: str, as_json: bool, session_id: str | None, limit: int) -> None
     now = time.time()
     rows: list[_admin.SessionRow]
     rows, count = _read(
-        path, lambda conn: _admin.sessions(conn, path, now, limit=limit, session_id=session_id)
+        path, lambda views: _admin.sessions(views, now, limit=limit, session_id=session_id)
     )
     if as_json:
         _echo_json(rows)
@@ -611,7 +611,7 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
     """Dead letters, oldest first, with their last error (in full with --json)."""
     path = _path(db)
     now = time.time()
-    letters, count = _read(path, lambda conn: _admin.dead_letters(conn, session_id, limit))
+    letters, count = _read(path, lambda views: _admin.dead_letters(views, session_id, limit))
     if as_json:
         _echo_json(letters)
         return
@@ -657,8 +657,8 @@ def health(db: str, as_json: bool, stall_after: float, stale_after: float | None
     now = time.time()
     report: _admin.HealthReport = _read(
         path,
-        lambda conn: _admin.check_health(
-            conn, path, now, running=running, stall_after=stall_after, stale_after=stale_after
+        lambda views: _admin.check_health(
+            views, now, running=running, stall_after=stall_after, stale_after=stale_after
         ),
     )
     code = EXIT_OK if report.healthy else EXIT_FAILED if report.running else EXIT_NOT_RUNNING
@@ -693,14 +693,12 @@ async def _apply_directly(
     answering; its outcome is written into it, so that no later system
     applies it again.
     """
-    store, _ = await Store.open(path, durability="full", busy_timeout=5.0)
+    store, _ = await SqliteStore.open(path, durability="full", busy_timeout=5.0)
     try:
         outcome = await apply(DirectTarget(store), command, json.dumps(args))
         if finish is not None:
             now = time.time()
-            await store.call(
-                store.op_finish_control, finish, now, json.dumps(outcome), now - CONTROL_RETENTION
-            )
+            await store.finish_control(finish, now, json.dumps(outcome), now - CONTROL_RETENTION)
         return outcome
     finally:
         await store.aclose()
@@ -748,10 +746,8 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
                 where = "directly: the system stopped before it answered"
             except RequestTimeoutError as exc:
                 _fail(as_json, str(exc), EXIT_TIMEOUT, withdrawn=exc.withdrawn)
-            except apsw.Error as exc:
-                raise click.ClickException(
-                    f"cannot write the request into {path!r}: {exc}"
-                ) from None
+            except StoreError as exc:  # ("cannot write the request into <path>: ...")
+                raise click.ClickException(str(exc)) from None
             except OSError as exc:
                 raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
         if applied_by == "command line":

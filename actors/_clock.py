@@ -8,7 +8,7 @@ process lives and follow ``trio.testing.MockClock`` in tests.
 The wall clock is read once per run, when the run starts (``wall_time``):
 a jump of the system's clock while a system runs moves none of its
 deadlines. Across a restart, a clock that went back is caught by the store
-(``Store._bound_waits``): no wait lasts longer than it was when written.
+(``sqlite_schema.bound_waits``): no wait lasts longer than it was when written.
 """
 
 from __future__ import annotations

@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import apsw
 import attrs
 import trio
 from trio_util import periodic
 
 from ._errors import StoreError
 from ._purge import purge_batches
-from ._store import IN_FLIGHT, Store
 from ._validate import check_message_id, purge_scope
+from .store import MessageState, Store
+from .store.sqlite_views import SqliteControlRequests
 
 log = logging.getLogger("actors.control")
 
@@ -126,13 +126,13 @@ class DirectTarget:
         return False
 
     async def retry_dead(self, message_id: int | None = None) -> int:
-        return len(await self._store.call(self._store.op_retry_dead, message_id))
+        return len(await self._store.retry_dead(message_id))
 
     async def abort(self, message_id: int) -> bool:
-        found = await self._store.call(self._store.op_abort, message_id)
+        found = await self._store.abort(message_id)
         if found is None:
             return False
-        if found[0] == IN_FLIGHT:  # pragma: no cover - recovery on open leaves none
+        if found.state == MessageState.IN_FLIGHT:  # pragma: no cover - recovery leaves none
             raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
         return True
 
@@ -158,10 +158,10 @@ class ControlStatistics:
 class Control:
     """The running system's task that applies requests from the control table.
 
-    It looks through a read-only connection of its own (a cheap indexed
-    read that never blocks the writer and costs no transaction), and only
-    when a request is open does it go through the store: take the open
-    requests, apply each through the system, write each outcome.
+    It looks with a read of the store's that never blocks the writer and
+    costs no transaction (``Store.has_open_requests``), and only when a
+    request is open does it queue operations: take the open requests, apply
+    each through the system, write each outcome.
     """
 
     def __init__(
@@ -170,14 +170,11 @@ class Control:
         store: Store,
         now: Callable[[], float],
         interval: float,
-        busy_timeout: float,
     ) -> None:
         self._target = target
         self._store = store
         self._now = now
         self._interval = interval
-        self._busy_ms = int(busy_timeout * 1000)
-        self._reader: apsw.Connection | None = None
         self._looks = 0
         self._applied = 0
         self._refused = 0
@@ -185,54 +182,39 @@ class Control:
 
     async def run(self) -> None:
         """Look every ``interval`` seconds until cancelled."""
-        try:
-            async for _ in periodic(self._interval):
-                # A stopping system takes no more requests: they wait for
-                # the next start (or their command line withdraws them).
-                if not self._target.closed and self._has_open_requests():
-                    await self.serve()
-        finally:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+        async for _ in periodic(self._interval):
+            # A stopping system takes no more requests: they wait for
+            # the next start (or their command line withdraws them).
+            if not self._target.closed and self._has_open_requests():
+                await self.serve()
 
     def _has_open_requests(self) -> bool:
         self._looks += 1
         try:
-            if self._reader is None:
-                self._reader = apsw.Connection(self._store.path, flags=apsw.SQLITE_OPEN_READONLY)
-                self._reader.set_busy_timeout(self._busy_ms)
-            rows = self._reader.execute(
-                "SELECT EXISTS (SELECT 1 FROM control WHERE done_at IS NULL)"
-            ).fetchall()
-        except apsw.Error as exc:
+            return self._store.has_open_requests()
+        except StoreError as exc:
             # Never fail the system for this: say so once, look again later.
             if not self._warned:
                 self._warned = True
-                log.warning("cannot read the control table of %r: %s", self._store.path, exc)
+                log.warning("%s", exc)
             return False
-        return bool(rows[0][0])
 
     async def serve(self) -> None:
         """Take the open requests and apply them, oldest first."""
         store = self._store
-        for request_id, command, args in await store.call(store.op_take_control, TAKE_LIMIT):
+        for taken in await store.take_control(TAKE_LIMIT):
             # Apply and record as one unit: a stop of the system in between
             # would apply the request again at the next start.
             with trio.CancelScope(shield=True):
-                outcome = await apply(self._target, command, args)
+                outcome = await apply(self._target, taken.command, taken.args)
                 now = self._now()
-                await store.call(
-                    store.op_finish_control,
-                    request_id,
-                    now,
-                    json.dumps(outcome),
-                    now - CONTROL_RETENTION,
+                await store.finish_control(
+                    taken.id, now, json.dumps(outcome), now - CONTROL_RETENTION
                 )
             self._applied += 1
             if not outcome["ok"]:
                 self._refused += 1
-            log.info("control request %d (%s %s): %s", request_id, command, args, outcome)
+            log.info("control request %d (%s %s): %s", taken.id, taken.command, taken.args, outcome)
 
     def statistics(self) -> ControlStatistics:
         """Looks, applied and refused requests since start."""
@@ -298,61 +280,38 @@ def request(
     Raises:
       RequestTimeoutError: no outcome within ``wait``.
       SystemStoppedError: ``stopped()`` said yes before an outcome came.
-      apsw.Error: the database cannot be written.
+      StoreError: the database cannot be written.
     """
-    db = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+    requests = SqliteControlRequests(path, busy_timeout)
     try:
-        db.set_busy_timeout(int(busy_timeout * 1000))
-        db.execute(
-            "INSERT INTO control (command, args, requested_at) VALUES (?, ?, ?)",
-            (command, json.dumps(args), time.time()),
-        )
-        request_id = db.last_insert_rowid()
+        request_id = requests.submit(command, json.dumps(args), time.time())
+
+        def answered() -> dict[str, Any] | None:
+            result = requests.answer(request_id)
+            if result is None:
+                return None
+            outcome: dict[str, Any] = json.loads(result)
+            return outcome
+
+        deadline = time.monotonic() + wait
         try:
-            return _await_outcome(db, request_id, wait, poll, stopped)
+            while True:
+                outcome = answered()
+                if outcome is not None:
+                    return outcome
+                if stopped is not None and stopped():
+                    # It may have answered just before it went: look once more.
+                    outcome = answered()
+                    if outcome is not None:
+                        return outcome
+                    raise SystemStoppedError(request_id, withdrawn=requests.withdraw(request_id))
+                if time.monotonic() >= deadline:
+                    raise RequestTimeoutError(
+                        request_id, wait, withdrawn=requests.withdraw(request_id)
+                    )
+                time.sleep(poll)
         except KeyboardInterrupt:
-            _withdraw(db, request_id)
+            requests.withdraw(request_id)
             raise
     finally:
-        db.close()
-
-
-def _await_outcome(
-    db: apsw.Connection,
-    request_id: int,
-    wait: float,
-    poll: float,
-    stopped: Callable[[], bool] | None,
-) -> dict[str, Any]:
-    """Poll for the request's outcome (see :func:`request`)."""
-    deadline = time.monotonic() + wait
-    while True:
-        outcome = _outcome(db, request_id)
-        if outcome is not None:
-            return outcome
-        if stopped is not None and stopped():
-            # It may have answered just before it went: look once more.
-            outcome = _outcome(db, request_id)
-            if outcome is not None:
-                return outcome
-            raise SystemStoppedError(request_id, withdrawn=_withdraw(db, request_id))
-        if time.monotonic() >= deadline:
-            raise RequestTimeoutError(request_id, wait, withdrawn=_withdraw(db, request_id))
-        time.sleep(poll)
-
-
-def _withdraw(db: apsw.Connection, request_id: int) -> bool:
-    # Only a request no system has taken: one statement decides.
-    db.execute(
-        "DELETE FROM control WHERE id = ? AND done_at IS NULL AND result IS NULL",
-        (request_id,),
-    )
-    return db.changes() == 1
-
-
-def _outcome(db: apsw.Connection, request_id: int) -> dict[str, Any] | None:
-    rows = db.execute("SELECT done_at, result FROM control WHERE id = ?", (request_id,)).fetchall()
-    if rows and rows[0][0] is not None:
-        outcome: dict[str, Any] = json.loads(str(rows[0][1]))
-        return outcome
-    return None
+        requests.close()

@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from itertools import pairwise
 
-import apsw
 import attrs
 import trio
 from rich.console import Console, Group
@@ -42,7 +41,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 import actors
-from actors._store import database_path
+from actors.store import StoreError, database_path
+from actors.store.sqlite_views import SqliteViews
 from actors.testing import Recorder
 
 MAX_ATTEMPTS = 4
@@ -189,19 +189,16 @@ class Ledger:
 
 def unfinished_ids(db_path: str) -> set[int]:
     """Ids pending (or left in flight) in the database, read-only; empty without one."""
-    if not os.path.isfile(db_path):
-        return set()
     try:
-        conn = apsw.Connection(db_path, flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error:
-        return set()
+        views = SqliteViews.open(db_path)
+    except StoreError:
+        return set()  # none, or not an actors database: run_system says so
     try:
-        conn.set_busy_timeout(5000)
-        return {int(i) for (i,) in conn.execute("SELECT id FROM messages WHERE state < 2")}
-    except apsw.Error:
-        return set()  # not an actors database: run_system says so
+        return views.unfinished_ids()
+    except StoreError:
+        return set()
     finally:
-        conn.close()
+        views.close()
 
 
 @attrs.frozen(kw_only=True)

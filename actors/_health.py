@@ -31,9 +31,7 @@ from ._errors import StoreError
 from ._records import SystemStatistics
 
 if TYPE_CHECKING:
-    from ._store import Store
-
-HEARTBEAT_KEY = "heartbeat"  # its key in the meta table
+    from .store import Store
 
 
 @attrs.frozen(kw_only=True)
@@ -254,7 +252,7 @@ class HealthMonitor:
         self.stopping = True
         # A store that failed or is closed refuses it: the system stops with that error.
         with contextlib.suppress(StoreError):
-            store.submit(store.op_heartbeat, self.heartbeat(interval).to_json(), done=_ignore)
+            store.heartbeat_soon(self.heartbeat(interval).to_json())
 
     async def run(self, store: Store, interval: float) -> None:
         """Write a heartbeat every ``interval`` seconds, the first one after ``interval``.
@@ -269,7 +267,7 @@ class HealthMonitor:
             # A database file deleted or replaced under the system would
             # swallow every acknowledged message: stop (StoreError).
             store.check_file()
-            await store.call(store.op_heartbeat, self.heartbeat(interval).to_json())
+            await store.heartbeat(self.heartbeat(interval).to_json())
             self._heartbeats += 1
 
     def statistics(self) -> HealthMonitorStatistics:
@@ -279,7 +277,3 @@ class HealthMonitor:
             heartbeats=self._heartbeats,
             last_progress_at=self.last_progress_at,
         )
-
-
-def _ignore(_result: object) -> None:
-    pass

@@ -2,7 +2,7 @@
 
 ``System.purge`` (and through it a running system's control requests) and
 the command line's purge with no system running (``DirectTarget``) delete
-the same way: ``op_purge`` again and again, each transaction at most
+the same way: ``Store.purge`` again and again, each transaction at most
 ``PURGE_LIMIT`` messages, so that other work runs between them.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._store import Store
+from .store import Store
 
 PURGE_LIMIT = 10_000  # messages deleted per purge transaction
 
@@ -22,19 +22,15 @@ async def purge_batches(
     before: float | None,
     deleted: Callable[[int, int, list[int]], None],
 ) -> int:
-    """Run ``op_purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
+    """Run ``Store.purge`` until it finds no more; ``deleted(pending, dead, ids)`` after each batch.
 
     The arguments are checked already (``_validate.purge_scope``). Returns
     how many messages were deleted.
     """
     total = 0
     while True:
-        pending: int
-        dead: int
-        ids: list[int]
-        pending, dead, ids = await store.call(
-            store.op_purge, session_id, dead_only, before, PURGE_LIMIT
-        )
+        purged = await store.purge(session_id, dead_only, before, PURGE_LIMIT)
+        pending, dead, ids = purged.pending, purged.dead, purged.ids
         deleted(pending, dead, ids)
         total += pending + dead
         if pending + dead < PURGE_LIMIT:

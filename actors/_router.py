@@ -2,7 +2,7 @@
 
 ``send()`` appends to the open batch and waits for it. The router task
 submits the batch as one store operation, sealed as late as possible
-(``Store.call_sealed``): the batch is taken, and its actors' reservations
+(``Store.append``): the batch is taken, and its actors' reservations
 made, only when the committer takes the group that writes it, right before
 the transaction. Every send made while the committer was busy or waited for
 the loop to be idle still joins it; taken at submission, as before, those
@@ -13,7 +13,7 @@ senders, the larger the batches, and the fewer commits per message.
 
 The batch's ``ask`` replies and the outstanding count (``drain()``) are
 registered as its commit is reported, before any task resumes
-(``Store.call(committed=...)``): a claim in the same transaction may take a
+(``Store.append(committed=...)``): a claim in the same transaction may take a
 message of the batch, and its handler may answer as soon as its actor runs.
 
 Delivery never blocks on a slow session: a notice only raises an integer
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -34,8 +34,8 @@ import trio
 from ._codec import decode_body
 from ._errors import StoreError, SystemClosedError
 from ._records import new_message
-from ._store import Store
 from ._wake import WOKEN
+from .store import AppendBatch, Appended, Store
 
 log = logging.getLogger("actors.router")
 
@@ -283,9 +283,7 @@ class Router:
                 # The batch is taken by _seal(), as the committer starts the
                 # transaction: every send made until then joins it.
                 try:
-                    first, duplicates = await store.call_sealed(
-                        store.op_append, self._seal, committed=self._committed
-                    )
+                    first, duplicates = await store.append(self._seal, committed=self._committed)
                 except StoreError as exc:
                     failed = self._committing or self._open
                     log.error(
@@ -335,11 +333,11 @@ class Router:
             )
         self._deliver(batch, first)
 
-    def _seal(self) -> tuple[Any, ...]:
-        """Take the open batch for the transaction starting now: op_append's arguments.
+    def _seal(self) -> AppendBatch:
+        """Take the open batch for the transaction starting now: what Store.append inserts.
 
         Run by the store on the trio thread as the committer takes the group
-        (Store.call_sealed), so the batch holds every send made until then,
+        (Store.append), so the batch holds every send made until then,
         and the reservations are made against the actors' state right
         before the transaction. The operation runs last in its group: an
         actor's claim queued earlier runs before the insert, and so cannot
@@ -356,7 +354,7 @@ class Router:
         handoffs = (
             {} if batch.delayed or batch.keys is not None else self._sup.reserve(batch.sessions)
         )
-        # (op_append narrows it: see _drop_overtaking.)
+        # (Store.append narrows it: a claimed message must not overtake.)
         claimed = {i for indices in handoffs.values() for i in indices} if handoffs else set()
         self._handoffs, self._claimed = handoffs, claimed
         return (
@@ -369,7 +367,7 @@ class Router:
             self._key_retention,
         )
 
-    def _committed(self, result: tuple[int, dict[int, int] | None]) -> None:
+    def _committed(self, result: Appended) -> None:
         # Before any task resumes: a claim in the same transaction may have
         # taken a message of the batch, and its actor may answer an ask, or
         # ack, as soon as it runs.

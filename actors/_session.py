@@ -14,8 +14,8 @@ from typing import Any
 
 from ._codec import check_encoded, decode_body, encode_json
 from ._records import Message
-from ._store import Ack
 from ._streams import Outputs
+from .store import Ack
 
 # One queued ctx.send: (session id, encoded body, epoch time of the send).
 Outgoing = tuple[str, str | bytes, float]

@@ -34,10 +34,10 @@ from ._line import WaitingLine
 from ._policy import RestartTracker
 from ._records import Message
 from ._reply import Reply
-from ._store import Store
 from ._streams import Events, Outputs, StatusEvent
 from ._timer import Timer
 from ._watchdog import IdleWatch, Watchdog
+from .store import Store
 
 if TYPE_CHECKING:
     from ._session import SessionData
@@ -57,10 +57,6 @@ def _kind(failure: BaseException) -> str:
         return f"{cls.__module__}.{cls.__qualname__}"
     except Exception:  # a metaclass with hostile names
         return "<unknown>"
-
-
-def _ignore(_result: object) -> None:
-    pass
 
 
 @attrs.frozen
@@ -305,7 +301,7 @@ class Supervisor:
         order}. An actor qualifies when it serves (SessionActor.can_take_handoff:
         idle, busy or claiming, with room for them) and nothing runs alone;
         whether they are then inserted claimed is the store's decision (not
-        while the session has pending messages: Store._drop_overtaking). Not
+        while the session has pending messages: Store.append). Not
         one that used its fair share while others wait for a slot: it should
         finish and leave. A reserved actor does not leave until hand_over()
         (it counts in ``reserved``, which isolation waits for too).
@@ -354,7 +350,7 @@ class Supervisor:
             return
         # The actor crashed, is leaving, or is gone: give the claims back.
         with contextlib.suppress(StoreError):
-            self.store.submit(self.store.op_release_many, [m.id for m in msgs], done=_ignore)
+            self.store.release_many_soon([m.id for m in msgs])
         self.ensure(actor.session_id)
 
     def unhand(self, *, message_id: int | None = None, session_id: str | None = None) -> list[int]:
@@ -433,7 +429,7 @@ class Supervisor:
         if slot < 0 or starts is None:
             return
         with contextlib.suppress(StoreError):
-            self.store.submit(self.store.op_nothing, done=lambda _: starts.release(slot))
+            self.store.after_commits(lambda: starts.release(slot))
 
     def emit(self, kind: str, session_id: str | None = None, **fields: object) -> None:
         """Publish a status event (cheap when nobody listens: check ``events.active`` first)."""
@@ -647,8 +643,6 @@ class Supervisor:
                 generation = line.generation()
                 exclude = frozenset(self._actors) | line.behind
                 limit = _line.WAITING_LIMIT
-                found: list[tuple[str, int]] = await self.store.call(
-                    self.store.op_sessions_with_work, limit, exclude
-                )
+                found = await self.store.sessions_with_work(limit, exclude)
                 line.refilled(found, len(found) < limit, generation, self._actors.keys())
                 self._fill()

@@ -27,7 +27,6 @@ from ._purge import purge_batches
 from ._records import DeadLetter, Message, SystemStatistics
 from ._reply import Reply
 from ._router import Batch, Router
-from ._store import DEAD, IN_FLIGHT, Opened, Store, database_path
 from ._streams import HandlerObserver, HandlerObservers, StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._validate import (
@@ -38,6 +37,8 @@ from ._validate import (
     check_seconds,
     purge_scope,
 )
+from .store import MessageState, Opened, Store, database_path
+from .store.sqlite import SqliteStore
 
 log = logging.getLogger("actors.system")
 
@@ -90,9 +91,7 @@ class System:
         self.recovered = opened.recovered
         self._observers = HandlerObservers(self._set_observer)
         self._health = HealthMonitor(self.statistics, self._clock)
-        self._control = Control(
-            self, store, self._clock.now, config.control_interval, config.busy_timeout
-        )
+        self._control = Control(self, store, self._clock.now, config.control_interval)
 
     # -- lifecycle (run_system) -------------------------------------------
 
@@ -151,7 +150,7 @@ class System:
         store = self._store
         async for _ in periodic(period):
             before = self._clock.now() - retention
-            while await store.call(store.op_sweep_keys, before, KEY_SWEEP_LIMIT) >= KEY_SWEEP_LIMIT:
+            while await store.sweep_keys(before, KEY_SWEEP_LIMIT) >= KEY_SWEEP_LIMIT:
                 pass
 
     async def _report_backlog(self) -> None:
@@ -690,9 +689,7 @@ class System:
         if message_id is not None:
             message_id = check_message_id(message_id)
         self._check_open()
-        requeued: list[tuple[str, int]] = await self._store.call(
-            self._store.op_retry_dead, message_id
-        )
+        requeued = await self._store.retry_dead(message_id)
         sup = self._sup
         sup.dead -= len(requeued)
         sup.outstanding.add(len(requeued))
@@ -720,22 +717,22 @@ class System:
         self._check_open()
         # Claimed on delivery but not started: taken from its actor, it may go.
         taken = bool(self._sup.unhand(message_id=message_id))
-        found = await self._store.call(self._store.op_abort, message_id, taken)
+        found = await self._store.abort(message_id, taken)
         if found is None:
             return False
-        state, session_id = found
-        if state == IN_FLIGHT:
+        state, session_id = found.state, found.session_id
+        if state == MessageState.IN_FLIGHT:
             raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
         log.info(
             "abort(%d): %s message of session %r deleted",
             message_id,
-            "dead" if state == DEAD else "pending",
+            "dead" if state == MessageState.DEAD else "pending",
             session_id,
         )
         reply = self._sup.replies.pop(message_id, None)
         if reply is not None:  # an ask waits for it: it will never run now
             reply.set_error(ActorsError(f"message {message_id} was aborted before it ran"))
-        if state == DEAD:
+        if state == MessageState.DEAD:
             self._sup.dead -= 1
         else:
             self._sup.outstanding.add(-1)
@@ -780,7 +777,7 @@ class System:
             # Claimed on delivery but not started: back to pending, they may go.
             taken = sup.unhand(session_id=session_id)
             if taken:
-                await self._store.call(self._store.op_release_many, taken)
+                await self._store.release_many(taken)
         count = await purge_batches(self._store, session_id, dead, before, deleted)
         log.info(
             "purge(session_id=%r, dead=%s, older_than=%s): %d message(s) deleted",
@@ -811,7 +808,7 @@ class System:
         if self._closed or not self._sup.outstanding.value:
             await trio.lowlevel.checkpoint()
         else:
-            oldest = await self._store.call(self._store.op_oldest_due, self._clock.now())
+            oldest = await self._store.oldest_due(self._clock.now())
         return self._health.check(stall_after, oldest, closed=self._closed)
 
     def _check_open(self) -> None:
@@ -854,7 +851,7 @@ async def run_system(
     check_instance("rng", rng, random.Random, optional=True)
     db_path = database_path(path)
     with _locked(db_path) as lock:
-        store, opened = await Store.open(
+        store, opened = await SqliteStore.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout
         )
         try:
@@ -883,7 +880,7 @@ def _locked(db_path: str) -> Iterator[DatabaseLock]:
         lock.release()
 
 
-def _check_opened(store: Store, lock: DatabaseLock, config: Config, db_path: str) -> None:
+def _check_opened(store: SqliteStore, lock: DatabaseLock, config: Config, db_path: str) -> None:
     if store.identity != lock.identity:  # renamed over between the two opens
         raise StoreError(f"the database file {db_path!r} was replaced while opening")
     if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)

@@ -8,7 +8,7 @@ into their sessions' queues and wakes the sessions whose retry wait ended.
 Deadlines are epoch times, compared with the run's Clock (trio's monotonic
 clock from the wall time at start): a jump of the system clock during a run
 changes no wait. Across a restart a clock that went back is bounded at open
-(Store._bound_waits); one that went forward ends waits early.
+(sqlite_schema.bound_waits); one that went forward ends waits early.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from ._clock import Clock
-from ._store import Store
+from .store import Store
 
 log = logging.getLogger("actors.timer")
 
@@ -50,8 +50,8 @@ class Timer:
         self._clock = clock
         self._wake = wake
         # Waits are written with the run's clock, and so is their writing time
-        # (see Store._bound_waits), not with a wall clock read anew.
-        store.clock_now = clock.now
+        # (see Store.use_clock), not with a wall clock read anew.
+        store.use_clock(clock.now)
         # Retry deadlines at or before _horizon have been handled (epoch s).
         self._horizon = 0.0
         # The sleep in progress; schedule() pulls its deadline earlier.
@@ -83,7 +83,7 @@ class Timer:
         wake = self._wake
         while True:
             self._scheduled = math.inf
-            nxt = await store.call(store.op_next_due, self._horizon)
+            nxt = await store.next_due(self._horizon)
             target = min(nxt if nxt is not None else math.inf, self._scheduled)
             deadline = self._clock.to_trio(target) if math.isfinite(target) else math.inf
             with trio.CancelScope(deadline=deadline) as sleep:
@@ -94,9 +94,8 @@ class Timer:
                     self._sleep = None
             now = self._clock.now()
             while True:
-                promoted, sessions, more = await store.call(
-                    store.op_collect_due, self._horizon, now, PROMOTE_BATCH
-                )
+                due = await store.collect_due(self._horizon, now, PROMOTE_BATCH)
+                promoted, sessions, more = due.promoted, due.retry_sessions, due.more
                 self.fired += len(promoted) + len(sessions)
                 if promoted or sessions:
                     log.debug(

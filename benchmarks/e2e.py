@@ -21,7 +21,7 @@ import outcome
 import trio
 
 import actors
-from actors._store import _idle_waiter
+from actors.store.committer import idle_waiter as _idle_waiter
 
 # trio.testing's, without importing trio.testing: it imports pytest, whose
 # ~12,000 tracked objects would lengthen every full GC collection of the

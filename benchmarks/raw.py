@@ -1,7 +1,7 @@
 """The limit: raw apsw on the store's own schema, doing the store's work per message.
 
-Per message, the same statements the store runs: the INSERT of ``op_append``
-(batched with ``executemany``), and the three of ``op_claim_next``: DELETE
+Per message, the same statements the store runs: the INSERT of ``Store.append``
+(batched with ``executemany``), and the three of ``Store.claim_next``: DELETE
 of the session's acknowledged message, SELECT of the session's head, UPDATE
 that claims it (state 1, attempt counted). Each transaction inserts ``batch``
 rows, claims each of them (acking the session's previous one) and writes the
@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 
-from actors._store import _SCHEMA_V1, _SCHEMA_V2
+from actors.store.sqlite_schema import _SCHEMA_V1, _SCHEMA_V2
 
 _INSERT = (
     "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"

@@ -7,7 +7,7 @@ Steps:
 
 1. **Fill.** A fresh database gets its schema from ``run_system`` itself
    (open and close an empty system), then the rows are written directly with
-   apsw in one transaction, as ``op_append`` would write them: ``id = seq``
+   apsw in one transaction, as ``Store.append`` would write them: ``id = seq``
    from 1, ``state`` 0 (pending), ``attempts`` 0, a JSON body, and
    ``meta.next_seq`` set past the last id. Message ``i`` goes to session
    ``i % sessions``, so every session's queue interleaves with all others.

@@ -6,7 +6,7 @@ import os
 
 import apsw
 
-from actors._starts import StartTable, database_identity
+from actors.store.starts import StartTable, database_identity
 
 
 def mark_started(db_path: str, message_ids: list[int]) -> None:

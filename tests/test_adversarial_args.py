@@ -46,8 +46,8 @@ from hypothesis import given
 import actors
 from actors._cli import cli
 from actors._control import DirectTarget, apply
-from actors._store import Store
 from actors._validate import MAX_BUSY_TIMEOUT, MAX_INT, MAX_SECONDS
+from actors.store.sqlite import SqliteStore
 
 HANG = 10.0  # seconds (virtual under MockClock) after which a wait is a hang
 HUGE = 10**400  # an int no float holds: float(HUGE) raises OverflowError
@@ -395,7 +395,7 @@ async def test_a_bad_request_with_no_system_running_gets_an_error_reply(
     async with actors.run_system(db_path, handler=fail, max_attempts=1) as system:
         dead_id = await system.send("s", 1)
         await system.drain()
-    store, _opened = await Store.open(db_path, durability="normal", busy_timeout=5.0)
+    store, _opened = await SqliteStore.open(db_path, durability="normal", busy_timeout=5.0)
     try:
         target = DirectTarget(store)
         outcome = await apply(target, command, args_json)

@@ -43,7 +43,7 @@ from actors._cli import (
 )
 from actors._demo import DemoOptions, run_demo
 from actors._lock import DatabaseLock
-from actors._starts import StartTable, database_identity
+from actors.store.starts import StartTable, database_identity
 
 
 async def nothing(ctx: actors.Context, msg: actors.Message) -> None:
@@ -144,7 +144,7 @@ async def test_a_request_taken_by_a_system_that_stopped_is_finished_once(
 
             nursery.start_soon(command)
             await asked.wait()
-            # Taken as Control.serve takes it (op_take_control), never answered.
+            # Taken as Control.serve takes it (Store.take_control), never answered.
             sql(db_path, 'UPDATE control SET result = \'{"status": "applying"}\'')
             lock.release()
     assert result[0].exit_code == EXIT_OK, result[0].output

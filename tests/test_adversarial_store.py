@@ -33,7 +33,8 @@ from helpers import HANG, drain, find_cause
 from test_storage_faults import Ledger, integrity, rows, until_the_system_fails
 
 import actors
-from actors import _store
+from actors.store import sqlite_transactions
+from actors.store.sqlite import SqliteStore
 
 FAULTS: Counter[str] = Counter()  # faults injected, by kind (the vfs fixture adds; printed with -s)
 
@@ -158,13 +159,14 @@ async def test_a_completion_callback_that_raises(db_path: str, store_clock: obje
     with pytest.raises(actors.StoreError, match="completion of a committed operation") as error:
         async with actors.run_system(db_path, handler=ledger.handler) as system:
             store = system._store
+            committer = store._committer  # type: ignore[attr-defined]
 
             def bug(_: object) -> None:
                 raise CallbackBug("from a completion callback")
 
             async def call(name: str) -> None:
                 try:
-                    results[name] = await store.call(store.op_nothing)
+                    results[name] = await committer.call(store._ops.nothing)  # type: ignore[attr-defined]
                 except actors.StoreError as exc:
                     results[name] = exc
 
@@ -172,7 +174,7 @@ async def test_a_completion_callback_that_raises(db_path: str, store_clock: obje
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(call, "before")
                     await trio.testing.wait_all_tasks_blocked()
-                    store.submit(store.op_nothing, done=bug)
+                    committer.submit(store._ops.nothing, done=bug)  # type: ignore[attr-defined]
                     nursery.start_soon(call, "after")
             await until_the_system_fails()
     assert isinstance(error.value.__cause__, actors.StoreError)
@@ -188,15 +190,15 @@ async def test_an_ack_callback_that_raises(
     db_path: str, store_clock: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real completion callback of the runtime (the one of ``ack_soon``) raises."""
-    original = _store.Store.ack_soon
+    original = SqliteStore.ack_soon
 
-    def ack_soon(self: _store.Store, ack: object, done: Callable[[Any], None]) -> None:
+    def ack_soon(self: SqliteStore, ack: object, done: Callable[[Any], None]) -> None:
         def failing(result: Any) -> None:
             raise CallbackBug("the ack's completion failed")
 
         original(self, ack, failing)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_store.Store, "ack_soon", ack_soon)
+    monkeypatch.setattr(SqliteStore, "ack_soon", ack_soon)
     ledger = Ledger()
     with pytest.raises(actors.StoreError) as error:
         async with actors.run_system(db_path, handler=ledger.handler) as system:
@@ -234,13 +236,14 @@ async def test_anything_that_escapes_the_committer(
             await ledger.send(system, "s", "before")
             await drain(system)
             store = system._store
+            committer = store._committer  # type: ignore[attr-defined]
             if where == "take":
-                monkeypatch.setattr(store, "_take_group", broken)
+                monkeypatch.setattr(committer, "_take_group", broken)
             elif where == "complete":
-                monkeypatch.setattr(store, "_complete", broken)
+                monkeypatch.setattr(committer, "_complete", broken)
             else:
-                monkeypatch.setattr(_store, "CHECKPOINT_PAGES", 0)
-                monkeypatch.setattr(store, "_checkpoint_soon", broken)
+                monkeypatch.setattr(sqlite_transactions, "CHECKPOINT_PAGES", 0)
+                monkeypatch.setattr(store._tx, "maintain", broken)  # type: ignore[attr-defined]
 
             async def send(body: str) -> None:
                 try:

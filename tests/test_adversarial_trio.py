@@ -31,8 +31,8 @@ from helpers import HANG, drain
 import actors
 import actors._actor
 import actors._router
-import actors._store
 import actors._supervisor
+import actors.store.committer
 
 # -- item 6: a Cancelled that was not for the handler ---------------------
 
@@ -184,7 +184,7 @@ async def test_started_always_raising_a_stray_cancelled_ends_in_dead_letters(
 def _parking_functions() -> dict[types.CodeType, str]:
     """Every function of the runtime that parks its task with wait_task_rescheduled."""
     found: dict[types.CodeType, str] = {}
-    for module in (actors._actor, actors._router, actors._store, actors._supervisor):
+    for module in (actors._actor, actors._router, actors.store.committer, actors._supervisor):
         for obj in vars(module).values():
             members = list(vars(obj).values()) if isinstance(obj, type) else [obj]
             for fn in members:

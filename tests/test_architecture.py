@@ -21,9 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Broken until the redesign of issue 17 lands in full; strict, so that the
 # marker goes as soon as the contract holds.
-KNOWN_BROKEN = {
-    "apsw": "_admin, _cli, _control and _demo import apsw (their SQL moves into actors.store)",
-}
+KNOWN_BROKEN = {}
 
 
 def lint_imports(contract: str) -> subprocess.CompletedProcess[str]:

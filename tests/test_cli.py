@@ -30,7 +30,7 @@ import actors
 from actors._cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, parse_duration
 from actors._demo import DemoOptions, LiveDisplay, run_demo
 from actors._lock import DatabaseLock
-from actors._starts import StartTable, database_identity
+from actors.store.starts import StartTable, database_identity
 
 
 def as_json(result: Result) -> Any:

@@ -1,4 +1,4 @@
-"""Where the store's transactions run (see actors/_store.py, "Where a transaction runs").
+"""Where the store's transactions run (see actors/store/committer.py, "Where a transaction runs").
 
 Real clock: under a MockClock the store runs each operation inline, and none
 of this applies. Each test tries to break one rule of the committer:
@@ -23,7 +23,8 @@ import trio.testing
 from dblock import WriteLock
 
 import actors
-from actors import _store
+from actors.store import committer as committer_module
+from actors.store import sqlite_transactions
 
 HANG = 10.0  # seconds of real time after which a wait is a hang
 
@@ -32,23 +33,26 @@ async def noop(ctx: actors.Context, msg: actors.Message) -> None:
     pass
 
 
-def threads_running(system: actors.System, method: str) -> list[int]:
-    """Wrap the store's ``method`` to record the thread of each call (in the list returned)."""
+def committer(system: actors.System) -> committer_module.Committer:
+    return system._store._committer  # type: ignore[attr-defined, no-any-return]
+
+
+def threads_running(target: object, method: str) -> list[int]:
+    """Wrap ``target``'s ``method`` to record the thread of each call (in the list returned)."""
     threads: list[int] = []
-    store = system._store
-    original = getattr(store, method)
+    original = getattr(target, method)
 
     def recorded() -> None:
         threads.append(threading.get_ident())
         original()
 
-    setattr(store, method, recorded)
+    setattr(target, method, recorded)
     return threads
 
 
 async def test_a_group_commits_on_the_trio_thread_once_the_loop_is_idle(db_path: str) -> None:
     async with actors.run_system(db_path, handler=noop) as system:
-        threads = threads_running(system, "_commit")
+        threads = threads_running(committer(system), "_commit")
         with trio.fail_after(HANG):
             await system.send("s", 1)
             await system.drain()
@@ -115,7 +119,7 @@ async def test_the_commit_of_full_durability_runs_in_the_sync_thread(
     db_path: str, durability: str, on_loop: bool
 ) -> None:
     async with actors.run_system(db_path, handler=noop, durability=durability) as system:
-        threads = threads_running(system, "_commit")
+        threads = threads_running(committer(system), "_commit")
         with trio.fail_after(HANG):
             for n in range(5):
                 await system.send("s", n)
@@ -145,7 +149,7 @@ async def test_checkpoints_run_beside_the_commits_and_the_wal_starts_over(db_pat
     next commit starts the WAL over: it stays small however much is sent."""
     async with actors.run_system(db_path, handler=noop) as system:
         store = system._store
-        threads = threads_running(system, "_checkpoint")
+        threads = threads_running(store._tx, "_checkpoint")  # type: ignore[attr-defined]
         await send_pages(system, 6000)
         stats = store.statistics()
         assert stats.bulk_checkpoints >= 2, stats
@@ -154,7 +158,7 @@ async def test_checkpoints_run_beside_the_commits_and_the_wal_starts_over(db_pat
         # waits for a commit that this test does not make (seen once in 4
         # full runs on a quiet machine: bulk 2, short 1).
         assert stats.checkpoints >= max(1, stats.bulk_checkpoints - 1), stats
-        assert stats.wal_pages < _store.WAL_LIMIT_PAGES, stats
+        assert stats.wal_pages < sqlite_transactions.WAL_LIMIT_PAGES, stats
     assert threads and threading.get_ident() not in threads
     # Reused from the start: far smaller than the 6,000 x 2 KB written.
     assert await wal_size(db_path) < 8 * 1024 * 1024
@@ -166,34 +170,39 @@ async def test_the_wal_stays_bounded_when_the_checkpoint_thread_cannot_keep_up(
     """The checkpoint thread never runs here: past WAL_LIMIT_PAGES the
     committer checkpoints everything itself, the commits held, and the WAL
     starts over all the same."""
-    from actors._checkpointer import Checkpointer
+    from actors.store.sqlite_checkpointer import Checkpointer
 
     monkeypatch.setattr(Checkpointer, "request", lambda self: None)
-    monkeypatch.setattr(_store, "WAL_LIMIT_PAGES", 2 * _store.CHECKPOINT_PAGES)
+    limit = 2 * sqlite_transactions.CHECKPOINT_PAGES
+    monkeypatch.setattr(sqlite_transactions, "WAL_LIMIT_PAGES", limit)
     async with actors.run_system(db_path, handler=noop) as system:
         store = system._store
         await send_pages(system, 8000)
         stats = store.statistics()
         assert stats.bulk_checkpoints == 0, stats
         assert stats.checkpoints >= 1, stats
-        assert stats.wal_pages < 2 * _store.CHECKPOINT_PAGES + 500, stats
+        assert stats.wal_pages < limit + 500, stats
     assert await wal_size(db_path) < 16 * 1024 * 1024  # 8,000 x 2 KB went through it
 
 
 # -- the router's batch is sealed as the committer takes its group --------
 
 
-def gate_commits(store: _store.Store) -> trio.Event:
+def gate_commits(store: committer_module.Committer) -> trio.Event:
     """Hold the committer inside its next group until the returned Event is set."""
     original = store._commit_group
     gate = trio.Event()
 
-    async def gated(group: list[_store._Op]) -> None:
+    async def gated(group: list[committer_module._Op]) -> None:
         await gate.wait()
         await original(group)
 
     store._commit_group = gated  # type: ignore[method-assign]
     return gate
+
+
+def nothing() -> None:
+    """An operation that writes nothing."""
 
 
 async def test_sends_made_while_the_committer_is_busy_join_the_next_transaction(
@@ -205,7 +214,7 @@ async def test_sends_made_while_the_committer_is_busy_join_the_next_transaction(
     commits in the same batch and transaction as the first one. (Sealed at
     submission, as before, it waited for a transaction of its own.)"""
     async with actors.run_system(db_path, handler=noop) as system:
-        store, router = system._store, system._router
+        store, router = committer(system), system._router
         with trio.fail_after(HANG):
             await system.drain()
             gate = gate_commits(store)
@@ -216,7 +225,7 @@ async def test_sends_made_while_the_committer_is_busy_join_the_next_transaction(
 
             async with trio.open_nursery() as nursery:
                 try:
-                    nursery.start_soon(store.call, store.op_nothing)  # the committer holds it
+                    nursery.start_soon(store.call, nothing)  # the committer holds it
                     await trio.testing.wait_all_tasks_blocked()
                     batches, transactions = router.batches, store.statistics().transactions
                     nursery.start_soon(send, "a")
@@ -243,9 +252,10 @@ async def test_a_sealed_operation_runs_after_everything_queued_before_its_seal(
     would find them. So the sealed insert runs last in its group, even
     behind an operation queued after the router submitted it."""
     async with actors.run_system(db_path, handler=noop) as system:
-        store = system._store
+        store = committer(system)
+        ops = system._store._ops  # type: ignore[attr-defined]
         order: list[str] = []
-        original_append = store.op_append
+        original_append = ops.append
 
         def append(*args: object) -> object:
             order.append("append")
@@ -254,13 +264,13 @@ async def test_a_sealed_operation_runs_after_everything_queued_before_its_seal(
         def queued_later() -> None:
             order.append("queued later")
 
-        store.op_append = append  # type: ignore[method-assign]
+        ops.append = append
         with trio.fail_after(HANG):
             await system.drain()
             gate = gate_commits(store)
             async with trio.open_nursery() as nursery:
                 try:
-                    nursery.start_soon(store.call, store.op_nothing)  # the committer holds it
+                    nursery.start_soon(store.call, nothing)  # the committer holds it
                     await trio.testing.wait_all_tasks_blocked()
                     nursery.start_soon(system.send, "s", "m")
                     await trio.testing.wait_all_tasks_blocked()
@@ -278,15 +288,15 @@ async def test_a_seal_that_fails_fails_its_operation_not_the_committer(db_path: 
     alive: list[bool] = []
     with pytest.raises(actors.StoreError, match="a bug in seal"):
         async with actors.run_system(db_path, handler=noop) as system:
-            store = system._store
+            store = committer(system)
 
-            def seal() -> tuple[object, ...]:
+            def seal() -> tuple[()]:
                 raise RuntimeError("a bug in seal()")
 
             with trio.fail_after(HANG):
                 with pytest.raises(actors.StoreError, match="a bug in seal"):
-                    await store.call_sealed(store.op_nothing, seal)
+                    await store.call_sealed(nothing, seal)
                 # The committer ran the group and reported the error.
-                alive.append(not store._committer_done.is_set())
+                alive.append(not store._done.is_set())
                 await trio.sleep_forever()  # until the system stops on the failure
     assert alive == [True]

@@ -124,16 +124,16 @@ def dead_letters_in(directory: Path) -> list[str]:
     found = []
     for db in sorted(directory.rglob("*.db")):
         try:
-            conn = _admin.open_readonly(str(db))
+            views = _admin.open_readonly(str(db))
         except _admin.AdminError:
             continue  # not an actors database
         try:
             found += [
                 f"{db.name}: {d.session_id!r}: {d.last_error.splitlines()[-1]}"
-                for d in _admin.dead_letters(conn)[0]
+                for d in _admin.dead_letters(views)[0]
             ]
         finally:
-            conn.close()
+            views.close()
     return found
 
 

@@ -352,18 +352,18 @@ async def test_store_failure_surfaces_from_run_system(db_path: str) -> None:
     with pytest.raises(actors.StoreError):
         async with actors.run_system(db_path, handler=handler) as system:
             await system.send("s", 1)
-            store = system._store
-            original = store.op_append
+            ops = system._store._ops  # type: ignore[attr-defined]
+            original = ops.append
 
             def failing(*args: object) -> object:
                 raise apsw.IOError("disk I/O error (injected)")
 
-            store.op_append = failing  # type: ignore[method-assign]
+            ops.append = failing
             try:
                 with pytest.raises(actors.StoreError):
                     await system.send("s", 2)
             finally:
-                store.op_append = original  # type: ignore[method-assign]
+                ops.append = original
             await trio.sleep_forever()  # the system fails; this is cancelled
     # The acknowledged message is still there for the next run.
     seen: list[int] = []

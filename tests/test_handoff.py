@@ -11,6 +11,15 @@ import actors
 from actors._actor import SessionActor
 
 
+def statement(name: str) -> str:
+    """A hot statement of the SQLite store, by its name in its module."""
+    from actors.store import sqlite_claim, sqlite_ops
+
+    sql = getattr(sqlite_claim, name, None) or getattr(sqlite_ops, name)
+    assert isinstance(sql, str)
+    return sql
+
+
 async def noop(ctx: actors.Context, msg: actors.Message) -> None:
     pass
 
@@ -88,7 +97,7 @@ async def test_handoff_to_an_actor_that_is_gone_gives_the_claim_back(
         stranger.reserved = True
         sup.reserved.add(1)
         # The row as the router would have inserted it: claimed, attempt 1.
-        first, _ = await system._store.call(system._store.op_append, ["s"], ["7"], [0.0], None, {0})
+        first, _ = await system._store.append(lambda: (["s"], ["7"], [0.0], None, {0}, None, 0.0))
         sup.outstanding.add(1)
         sup.hand_over(
             stranger,
@@ -102,11 +111,11 @@ async def test_handoff_to_an_actor_that_is_gone_gives_the_claim_back(
 @pytest.mark.parametrize(
     ("query", "index"),
     [
-        ("_HEAD", "USING INDEX messages_queue"),
-        ("_HEAD2", "USING INDEX messages_queue"),
-        ("_PENDING_ANY", "USING INDEX messages_queue"),
-        ("_FOLLOWING", "USING INDEX messages_queue"),
-        ("_DELETE_IDS", "USING INTEGER PRIMARY KEY"),
+        ("HEAD", "USING INDEX messages_queue"),
+        ("HEAD2", "USING INDEX messages_queue"),
+        ("PENDING_ANY", "USING INDEX messages_queue"),
+        ("FOLLOWING", "USING INDEX messages_queue"),
+        ("DELETE_IDS", "USING INTEGER PRIMARY KEY"),
     ],
 )
 async def test_per_message_queries_search_the_queue_index(
@@ -120,11 +129,9 @@ async def test_per_message_queries_search_the_queue_index(
     JSON array, with json_each: that scan is of the array."""
     import apsw
 
-    from actors import _store
-
     async with actors.run_system(db_path, handler=noop):
         pass
-    sql: str = getattr(_store, query)
+    sql = statement(query)
     conn = apsw.Connection(db_path)
     try:
         plan = conn.execute(f"EXPLAIN QUERY PLAN {sql}", (None,) * sql.count("?")).fetchall()
@@ -137,11 +144,11 @@ async def test_per_message_queries_search_the_queue_index(
 @pytest.mark.parametrize(
     ("query", "bindings"),
     [
-        ("_HEAD", lambda i: (f"s{i}",)),
-        ("_HEAD2", lambda i: (f"s{i}",)),
-        ("_FOLLOWING", lambda i: (f"s{i}", i, 4)),
-        ("_PENDING_ANY", lambda i: (f'["s{i}", "t{i}"]',)),
-        ("_DELETE_IDS", lambda i: (f"[{i}, {i + 1}]",)),
+        ("HEAD", lambda i: (f"s{i}",)),
+        ("HEAD2", lambda i: (f"s{i}",)),
+        ("FOLLOWING", lambda i: (f"s{i}", i, 4)),
+        ("PENDING_ANY", lambda i: (f'["s{i}", "t{i}"]',)),
+        ("DELETE_IDS", lambda i: (f"[{i}, {i + 1}]",)),
     ],
 )
 async def test_per_message_queries_are_prepared_once(
@@ -155,12 +162,10 @@ async def test_per_message_queries_are_prepared_once(
     included, and never while it runs one."""
     import apsw
 
-    from actors import _store
-
     async with actors.run_system(db_path, handler=noop) as system:
         await system.send_many([(f"s{i}", i) for i in range(8)] + [(f"t{i}", i) for i in range(8)])
         await system.drain()
-    sql: str = getattr(_store, query)
+    sql = statement(query)
     conn = apsw.Connection(db_path)
     compiled: list[int] = []
 
@@ -170,7 +175,7 @@ async def test_per_message_queries_are_prepared_once(
 
     try:
         conn.authorizer = authorizer
-        conn.execute("BEGIN")  # (rolled back: _DELETE_IDS deletes rows)
+        conn.execute("BEGIN")  # (rolled back: DELETE_IDS deletes rows)
         compiled.clear()
         conn.execute(sql, bindings(0)).fetchall()  # prepared (and cached) here
         first = len(compiled)

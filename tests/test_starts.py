@@ -1,8 +1,8 @@
 """The start table (``<database>.starts``) and the recovery that reads it.
 
-Covers ``actors._starts`` on its own (slots handed out lowest first and
+Covers ``actors.store.starts`` on its own (slots handed out lowest first and
 reused, marks read back, growth by doubling, statistics, and ``read_marks``
-refusing what is not this database's table), and ``Store._recover`` after a
+refusing what is not this database's table), and ``sqlite_schema.recover`` after a
 dead process: per session, in-flight messages up to the last marked start
 are charged their attempt and marked crashed, later ones get it back; with no
 table, or another database's, every in-flight message is charged.
@@ -19,8 +19,8 @@ import pytest
 from deadprocess import mark_started
 
 import actors
-from actors._starts import MAGIC, StartTable, database_identity, read_marks
-from actors._store import Store
+from actors.store.sqlite import SqliteStore
+from actors.store.starts import MAGIC, StartTable, database_identity, read_marks
 
 IDENTITY = (1, 2)  # any (device, inode) for the unit tests
 
@@ -255,7 +255,7 @@ async def test_recovery_marks_charged_messages_crashed_and_only_them(
     db_path: str, autojump_clock: object, marks: list[int] | None, crashed: dict[int, int]
 ) -> None:
     await left_by_a_dead_process(db_path, THREE_IN_FLIGHT, marks=marks)
-    store, opened = await Store.open(db_path, durability="normal", busy_timeout=5.0)
+    store, opened = await SqliteStore.open(db_path, durability="normal", busy_timeout=5.0)
     try:
         assert opened.recovered == 3
         assert opened.pending == 3

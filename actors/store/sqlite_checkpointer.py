@@ -9,15 +9,18 @@ what was committed before it started. Alone it would never let the WAL
 start over, since commits keep adding frames; so when it has finished, the
 store runs a second, short checkpoint on its own connection between two
 transactions (only the frames added meanwhile, well under a millisecond),
-after which the next commit rewinds the WAL (``Store._commit_loop``).
+after which the next commit rewinds the WAL (``SqliteTransactions.maintain``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from logging import DEBUG
 
 import apsw
+
+from .errors import log_exceptions
 
 log = logging.getLogger("actors.store")
 
@@ -58,22 +61,21 @@ class Checkpointer:
                 if self._stopping:
                     return
                 try:
-                    if db is None:
-                        db = apsw.Connection(self.path)
-                        # A connection learns that the file is in WAL mode
-                        # (and opens the WAL) at its first read; until then
-                        # a checkpoint does nothing and reports -1.
-                        db.execute("SELECT count(*) FROM sqlite_master").fetchall()
-                    db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-                except apsw.Error as exc:  # nothing is lost: the pages stay in the WAL
-                    log.debug("a checkpoint of %r did not run: %s", self.path, exc)
-                else:
-                    self.finished += 1
+                    # Nothing is lost if it fails: the pages stay in the WAL.
+                    with log_exceptions(log, f"a checkpoint of {self.path!r} did not run", DEBUG):
+                        if db is None:
+                            db = apsw.Connection(self.path)
+                            # A connection learns that the file is in WAL mode
+                            # (and opens the WAL) at its first read; until then
+                            # a checkpoint does nothing and reports -1.
+                            db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                        db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+                        self.finished += 1
                 finally:
                     self._running = False
         finally:
             if db is not None:
-                try:
+                with log_exceptions(
+                    log, f"closing the checkpoint connection of {self.path!r}", DEBUG
+                ):
                     db.close()
-                except apsw.Error as exc:  # pragma: no cover - closing a reader
-                    log.debug("closing the checkpoint connection of %r: %s", self.path, exc)

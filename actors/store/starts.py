@@ -15,7 +15,7 @@ next start reads the slots and knows, per session, the last message whose
 handler started. Messages of a session are handled in order, so every
 claimed message of that session at or before it had started (and is charged
 its attempt); every claimed message after it had not (and gets its attempt
-back). See ``Store._recover``.
+back). See ``sqlite_schema.recover``.
 
 The file begins with the identity (device and inode) of the database file
 it belongs to: a table left beside another database (a restored backup, a
