@@ -39,7 +39,10 @@ class Context:
         what you want).
 
     A context belongs to one incarnation of the session's actor: a restart
-    gets a fresh one, loaded from what was committed.
+    gets a fresh one, loaded from what was committed. The runtime makes
+    them (its third argument, ``data``, is the runtime's); one made by hand,
+    ``Context(session_id, system)``, has no state loaded yet, and what it
+    emits reaches no subscriber.
     """
 
     __slots__ = ("_data", "session_id", "system")
