@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Generic, TypeVar
 
+import attrs
 import trio
 
 from ._gauge import Gauge
@@ -17,6 +18,14 @@ from ._gauge import Gauge
 log = logging.getLogger("actors.supervisor")
 
 A = TypeVar("A")
+
+
+@attrs.frozen
+class IsolationStatistics:
+    """The isolation right now."""
+
+    held: bool  # an actor runs a crash suspect alone
+    suspects_waiting: int  # actors waiting for their turn to run one alone
 
 
 class Isolation(Generic[A]):
@@ -33,6 +42,13 @@ class Isolation(Generic[A]):
         self.holder: A | None = None
         self._lock = trio.Lock()  # queues suspects, one at a time
         self._over = trio.Event()
+
+    def statistics(self) -> IsolationStatistics:
+        """A snapshot of the isolation."""
+        return IsolationStatistics(
+            held=self.holder is not None,
+            suspects_waiting=self._lock.statistics().tasks_waiting,
+        )
 
     async def enter(self, actor: A, session_id: str) -> None:
         """Become the only actor with a message in flight.

@@ -111,3 +111,21 @@ def test_legal_changes_pass() -> None:
         actor._to(phase)
         assert actor.phase is phase
     assert actor.statistics().phase == "idle"
+
+
+async def test_isolation_says_who_holds_it_and_how_many_suspects_wait() -> None:
+    import trio.testing
+
+    from actors._gauge import Gauge
+    from actors._isolation import Isolation
+
+    isolation: Isolation[str] = Isolation(Gauge(0), Gauge(0))
+    assert isolation.statistics().held is False
+    await isolation.enter("a", "a")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(isolation.enter, "b", "b")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = isolation.statistics()
+        assert (stats.held, stats.suspects_waiting) == (True, 1)
+        isolation.end("a")
+    assert isolation.holder == "b" and isolation.statistics().suspects_waiting == 0
