@@ -18,10 +18,11 @@ the SQLite store is the reference.
 The protocol's contract, kept here:
 
 - **Submission order.** Operations commit one at a time, in the order they
-  were called (a queue); an ``append`` is sealed late: ``seal()`` runs as
-  the append commits (at once, unless held) and the insert runs after
-  every operation called before that moment. ``ack_soon`` joins the open
-  box while that box waits in the queue.
+  were called (a queue). An ``append`` is sealed late: ``seal()`` runs when
+  it is called, as when the SQLite committer takes a group that holds
+  everything queued before it, and the insert commits after those; an
+  append held before its seal is sealed when released, and queued then.
+  ``ack_soon`` joins the open box while that box waits in the queue.
 - **Durable when it returns**: trivially; what an ``await`` returns has
   been applied.
 - **Not cancellable.** A caller waiting for its operation (a held one, or
@@ -226,14 +227,20 @@ def _abort_failed(_: object) -> trio.lowlevel.Abort:
 
 
 def _gave_up(row: Row) -> str:
-    """Why a head whose attempts were used up without an outcome is dead-lettered."""
-    reason = f"gave up after {row.attempts} attempt(s); "
+    """Why a head whose attempts were used up without an outcome is dead-lettered
+    (the SQLite store's words: sqlite_claim._gave_up)."""
     if row.crashed and row.alone:
-        reason += "the process died during the last one, which ran alone"
+        reason = (
+            f"gave up after {row.attempts} attempt(s); the process died during the last "
+            "one, which ran alone: this message kills the process"
+        )
     elif row.crashed:
-        reason += "the process died during the last one (other messages were in flight too)"
+        reason = (
+            f"gave up after {row.attempts} attempt(s); the process died during the last "
+            "one (other messages were in flight too, so it may not be the cause)"
+        )
     else:
-        reason += "the last one ended without an outcome"
+        reason = f"gave up after {row.attempts} attempt(s); the last one ended without an outcome"
     if row.last_error:
         reason += f"; the error before that:\n{row.last_error}"
     return reason
@@ -457,7 +464,7 @@ class MemoryStore:
         pass  # no file to lose
 
     async def aclose(self) -> None:
-        # Commit every queued operation: holds still closed are let go.
+        # Commit every queued operation: the holds still closed are released.
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
