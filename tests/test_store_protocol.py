@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
+from memstore import MemoryStartMarks, MemoryStore
 
 from actors.store import protocol
 from actors.store.sqlite import SqliteStore
@@ -35,6 +36,9 @@ IMPLEMENTATIONS = [
     pytest.param(protocol.StoreViews, SqliteViews, id="StoreViews"),
     pytest.param(protocol.ControlRequests, SqliteControlRequests, id="ControlRequests"),
     pytest.param(protocol.StartMarks, StartTable, id="StartMarks"),
+    # The fake store of the unit tests (tests/memstore.py) keeps the same boundary.
+    pytest.param(protocol.Store, MemoryStore, id="MemoryStore"),
+    pytest.param(protocol.StartMarks, MemoryStartMarks, id="MemoryStartMarks"),
 ]
 
 
@@ -89,7 +93,7 @@ def test_every_method_returns_what_the_protocol_says(proto: type, impl: type) ->
             assert got == want, f"{name}: {got} is not {want}"
 
 
-@pytest.mark.parametrize("proto", [p.values[0] for p in IMPLEMENTATIONS])
+@pytest.mark.parametrize("proto", sorted({p.values[0] for p in IMPLEMENTATIONS}, key=str))
 def test_every_member_of_the_protocol_states_its_contract(proto: type) -> None:
     undocumented = [name for name, value in members(proto).items() if not inspect.getdoc(value)]
     assert not undocumented, f"{proto.__name__}: no docstring for {undocumented}"
