@@ -221,6 +221,11 @@ class Phase(enum.Enum):
     RELEASING = "releasing"  # gives back the messages it holds (they were not started)
     LEFT = "left"  # out of the registry; its task ends
 
+    # Enum's own __hash__ is a Python function (hash of the name); _to()
+    # hashes the phase twice per change, three changes per message. Members
+    # are singletons compared by identity, so the identity hash agrees.
+    __hash__ = object.__hash__
+
 
 # Phases of serving (an incarnation between started() and its end): the
 # router may hand such an actor messages claimed on delivery.
@@ -899,7 +904,7 @@ class SessionActor:
         observer = host.observer
         started_at = 0.0
         if timeout is not None or observer is not None:
-            started_at = trio.current_time()
+            started_at = host.clock.trio_time()
             if timeout is not None:
                 self.handler_deadline = started_at + timeout
                 host.watchdog.watch(self)
@@ -926,7 +931,7 @@ class SessionActor:
             # handler_timeout, and the scope is spent.
             return Exit.TIMEOUT
         if observer is not None:
-            observer(msg, trio.current_time() - started_at)
+            observer(msg, host.clock.trio_time() - started_at)
         return await self._handled(serving, msg, result, done)
 
     async def _handler_failed(self, serving: _Serving, exc: BaseException) -> Exit:
