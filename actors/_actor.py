@@ -87,11 +87,26 @@ class Behaviour:
     function: Callable[[Any, Message], Awaitable[Any]] | None
 
 
+class Waiters(Protocol):
+    """The line of sessions waiting for a slot, as an actor sees it."""
+
+    @property
+    def has_waiters(self) -> bool: ...  # some session with work waits for a slot
+
+
+class Isolating(Protocol):
+    """The isolation of crash suspects, as an actor sees it."""
+
+    @property
+    def holder(self) -> SessionActor | None: ...  # the actor running a suspect alone
+
+
 class ActorHost(Protocol):
     """What a session actor may read, ask and tell of its supervisor.
 
     Read: the options, the clock, the store, whether the system stops,
-    whether others wait for a slot, who runs alone, and the objects an
+    whether others wait for a slot (``line``), who runs alone
+    (``isolation``), and the objects an
     actor reports to on its hot path (the busy count, the deadline
     watches, the idle set, the replies and subscribers). Ask: a context,
     a restart delay, a retry delay, isolation, leave. Tell: what happened
@@ -111,12 +126,14 @@ class ActorHost(Protocol):
     observer: Callable[[Message, float], None] | None
     stopping: bool
 
+    # Read per message, so the objects themselves: a property of the host's
+    # that asked them would be one more call each time.
     @property
-    def isolating(self) -> SessionActor | None: ...  # the actor running a suspect alone
+    def line(self) -> Waiters: ...
+    @property
+    def isolation(self) -> Isolating: ...
     @property
     def replies(self) -> Mapping[int, Reply]: ...  # message ids an ask() waits for
-    @property
-    def has_waiters(self) -> bool: ...
     def new_context(self, data: SessionData) -> Any: ...
     def retry_delay(self, attempt: int) -> float: ...
     def on_restart(
@@ -622,7 +639,7 @@ class SessionActor:
             return Exit.STOP
         if nothing_to_start:
             return Exit.IDLE  # (it stays if work came: retire() says)
-        if delay > 0 and (delay > host.config.idle_timeout or host.has_waiters):
+        if delay > 0 and (delay > host.config.idle_timeout or host.line.has_waiters):
             # Leave the slot. The wait must be on the head in the database,
             # or nothing would bring the session back.
             if self.wait_until is None:
@@ -779,13 +796,13 @@ class SessionActor:
         host = self._host
         if host.stopping:
             return Step.STOP
-        if self.turn >= host.config.fair_share and host.has_waiters:
+        if self.turn >= host.config.fair_share and host.line.has_waiters:
             # Its turn is up (counted since this activation, the messages
             # handed to it included): to the back of the line.
             return Step.YIELD
         if serving.alone and serving.ack is not None:
             return Step.END_ISOLATION  # the suspect ran: let the others go on
-        isolating = host.isolating
+        isolating = host.isolation.holder
         if isolating is not None and isolating is not self:
             return Step.WAIT_ISOLATION
         if self.reserved:
@@ -922,7 +939,7 @@ class SessionActor:
             return Step.NEXT
         if claim.wait_until is not None:
             delay = host.clock.to_trio(claim.wait_until) - trio.current_time()
-            if delay > host.config.idle_timeout or host.has_waiters:
+            if delay > host.config.idle_timeout or host.line.has_waiters:
                 self.wait_until = claim.wait_until
                 return Exit.WAIT
             self._to(Phase.DUE)
@@ -1045,7 +1062,7 @@ class SessionActor:
             return 0  # a crash suspect runs alone: nothing else of ours in flight
         host = self._host
         mailbox_size = host.config.mailbox_size
-        if host.has_waiters:  # no more than this turn will run before it yields
+        if host.line.has_waiters:  # no more than this turn will run before it yields
             return max(0, min(mailbox_size, host.config.fair_share - self.turn - 1))
         return mailbox_size
 
@@ -1079,7 +1096,7 @@ class SessionActor:
         Python's collector promotes while the actor waits.
         """
         host = self._host
-        if host.has_waiters:
+        if host.line.has_waiters:
             return Exit.STOP if host.stopping else Exit.IDLE
         self._to(_IDLE)
         if self.handed or self.notified_seq > self.claimed_seq:
