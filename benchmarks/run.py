@@ -88,6 +88,11 @@ def snapshot_code(into: Path) -> str:
     skip = shutil.ignore_patterns("__pycache__", "results", "*.pyc")
     shutil.copytree(ROOT / "actors", into / "actors", ignore=skip)
     shutil.copytree(HERE, into / "benchmarks", ignore=skip)
+    return source_digest(into)
+
+
+def source_digest(into: Path) -> str:
+    """A hash of the source of ``into/actors``: which code a run measured."""
     digest = hashlib.sha256()
     for path in sorted((into / "actors").rglob("*.py")):
         digest.update(path.relative_to(into).as_posix().encode() + b"\0" + path.read_bytes())

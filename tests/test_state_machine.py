@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import actors._actor
 from actors._actor import SERVING, TRANSITIONS, Phase, SessionActor, TransitionError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +50,9 @@ def test_every_phase_but_new_can_be_reached_and_every_phase_but_left_can_be_left
 
 
 def test_every_phase_the_code_enters_is_entered_through_to() -> None:
-    """Each ``Phase.X`` the actor moves to is named in a ``self._to(Phase.X)`` call,
-    and nothing assigns ``self.phase`` but ``_to`` (and ``__init__``)."""
+    """Each ``Phase.X`` the actor moves to is named in a ``self._to(Phase.X)`` call
+    (or ``self._to(_X)``, a module global bound to it: the per-message path reads
+    those), and nothing assigns ``self.phase`` but ``_to`` (and ``__init__``)."""
     tree = ast.parse(SOURCE.read_text())
     entered: set[str] = set()
     assigners: set[str] = set()
@@ -62,9 +64,14 @@ def test_every_phase_the_code_enters_is_entered_through_to() -> None:
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
                 and node.func.attr == "_to"
-                and isinstance(node.args[0], ast.Attribute)
             ):
-                entered.add(node.args[0].attr)
+                arg = node.args[0]
+                if isinstance(arg, ast.Attribute):
+                    entered.add(arg.attr)
+                elif isinstance(arg, ast.Name):
+                    bound = getattr(actors._actor, arg.id)
+                    assert isinstance(bound, Phase), arg.id
+                    entered.add(bound.name)
             if isinstance(node, ast.Assign) and any(
                 isinstance(t, ast.Attribute) and t.attr == "phase" for t in node.targets
             ):
