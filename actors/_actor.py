@@ -691,10 +691,13 @@ class SessionActor:
             # Cancelled by kill() or by time_out() (a kill wins); or the
             # handler timed out as it raised or returned (Exit.TIMEOUT).
             outcome = Exit.CRASH
-            killed = True
             if self._cancel is Cancel.TIMED_OUT:
                 assert instance is not None  # (only a running handler times out)
                 killed = await self._stop_timed_out(instance, ctx)
+            else:
+                # A kill; but one that lands in stopped() after the handler
+                # raised does not hide the handler's own error.
+                killed = self._failure is None
             if killed:
                 self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
         return outcome
@@ -841,6 +844,12 @@ class SessionActor:
             await self._host.wait_isolation(self)
         else:
             assert step is Step.WAIT_HANDOFF
+            if serving.ack is not None:
+                # The message that just returned is done: its ack goes now,
+                # pipelined, so a kill during the wait cannot fail it.
+                serving.store.ack_soon(serving.ack, serving.acked)
+                serving.ack = None
+                self.in_flight = None
             await self._wait_handoff()
         return Step.NEXT
 

@@ -401,13 +401,6 @@ async def test_a_restart_while_the_previous_ack_commits_does_not_run_it_again(
     assert calls == [(1, 1), (2, 1), (2, 2)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the handoff wait (Step.WAIT_HANDOFF) neither flushes nor submits the pending "
-    "ack of the message that just returned, unlike every other wait of a serving actor; "
-    "a kill there fails that message as killed (a handler that returned is charged an "
-    "attempt, and with max_attempts=1 dead-lettered)",
-)
 async def test_a_kill_while_waiting_for_a_handoff_does_not_fail_the_message_that_returned(
     still_clock: trio.testing.MockClock, phases: PhaseLog
 ) -> None:
@@ -642,13 +635,6 @@ async def test_a_start_that_always_fails_dead_letters_the_head_then_leaves(
         assert rig.actor("s") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a kill that lands in stopped() after the handler raised replaces the "
-    "handler's error with ActorKilledError (_incarnation overwrites _failure): the "
-    "attempt's recorded outcome, the dead letter's reason and an ask's answer lose "
-    "the exception the handler raised",
-)
 async def test_a_kill_in_stopped_after_a_handler_error_keeps_that_error(
     still_clock: trio.testing.MockClock, phases: PhaseLog
 ) -> None:
