@@ -352,9 +352,9 @@ class Cancel(enum.Enum):
 
 
 # The members the per-message path reads, as module globals: Python 3.11
-# reads a member as ``Phase.RUNNING`` through EnumType.__getattr__'s hook,
-# a bound method made and called per read (87 ns here, a global 8 ns), and
-# that path reads about nine per message.
+# reads ``Phase.RUNNING`` through EnumType.__getattr__'s hook, a bound
+# method made and called per read, several times per message
+# (docs/performance.md, "What the redesign of issue 17 costs").
 _HOLDING, _RUNNING, _CLAIMING, _IDLE = Phase.HOLDING, Phase.RUNNING, Phase.CLAIMING, Phase.IDLE
 _TAKE_HANDED, _CLAIM, _NEXT, _AWAIT_WORK = Step.TAKE_HANDED, Step.CLAIM, Step.NEXT, Step.AWAIT_WORK
 _TIMED_OUT = Cancel.TIMED_OUT
@@ -607,8 +607,7 @@ class SessionActor:
         task = trio.lowlevel.current_task()
         host.actor_tasks[task] = self  # (once per activation: see System._calling_actor)
         # One frame, not a wrapper around the loop: every resumption of the
-        # actor's task walks its chain of coroutines (a wrapper measured one
-        # more call per message in the profile).
+        # actor's task walks its chain of coroutines.
         try:
             while True:
                 outcome: Exit | None = await self._incarnation()
@@ -669,9 +668,9 @@ class SessionActor:
         outcome = Exit.CRASH
         instance: Instance | None = None
         # One cancel scope per incarnation, cancelled by kill() and by the
-        # Watchdog's time_out() alike: trio's scopes cost enough (a
-        # CancelStatus, a context manager, the deadline bookkeeping) that a
-        # second one for the handler timeout was a tenth of an activation.
+        # Watchdog's time_out() alike: a scope is not cheap (a CancelStatus,
+        # a context manager, the deadline bookkeeping), and an activation
+        # would pay for a second one.
         with trio.CancelScope() as scope:
             self._scope = scope
             try:
@@ -1183,7 +1182,7 @@ class SessionActor:
         if self._parked is not None:
             # Rescheduling a parked task is far cheaper than cancelling a
             # wait's scope (an exception, its unwinding, and trio's cancel
-            # bookkeeping: a fifth of the loop's time per message, measured).
+            # bookkeeping, once per message).
             self.unpark()
         return True
 

@@ -1,10 +1,10 @@
 """Deadlines of actors, with one task and one heap: ``handler_timeout`` and ``idle_timeout``.
 
 Moving a cancel scope's deadline around every handler call costs trio a
-deadline-heap update each time, which was a tenth of the loop's time per
-message. Here a handler start only writes the actor's ``handler_deadline``;
-the heap holds at most one entry per actor, re-armed once per timeout period
-for a busy actor. Since every deadline is "now + the same timeout", a new
+deadline-heap update each time, on the path of every message. Here a
+handler start only writes the actor's ``handler_deadline``; the heap holds
+at most one entry per actor, re-armed once per timeout period for a busy
+actor. Since every deadline is "now + the same timeout", a new
 entry is never earlier than the ones already queued, so the watchdog's sleep
 only has to be re-armed when the heap was empty.
 """

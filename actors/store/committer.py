@@ -8,7 +8,7 @@ It knows of the database only what :class:`Transactions` says: begin,
 commit, roll back, wait for another connection's lock or not, and the
 backend's maintenance between two transactions.
 
-Where a transaction runs (measured, see docs/performance.md):
+Where a transaction runs (the measurements are in docs/performance.md):
 
 - On the trio thread, once the loop has nothing else to run (trio's
   ``wait_all_tasks_blocked``), or after ``IDLE_WAIT`` if it never gets
@@ -177,8 +177,8 @@ class SyncThread:
 
     ``await run(fn)`` runs ``fn()`` there and returns its result (or raises
     its exception). Cheaper per call than ``trio.to_thread.run_sync`` (no
-    limiter, no thread cache, no context copy): measured, that cost the loop
-    about 5 us per message at full durability. Not cancellable: the caller
+    limiter, no thread cache, no context copy), which the loop would pay
+    per commit at full durability. Not cancellable: the caller
     always learns the outcome.
     """
 

@@ -30,7 +30,7 @@ from .records import Claim
 # apsw's is) lets the value of a bare parameter compared with an indexed
 # column choose the plan of a query with ORDER BY, and so prepares such a
 # statement again at every run with a new value (the parser and planner,
-# 4 us of a 6 us claim, measured). An expression is not probed: one plan,
+# most of a claim's time). An expression is not probed: one plan,
 # prepared once, the same index (tests/test_handoff.py checks both).
 _QUEUE = (
     "SELECT id, seq, attempts, body, enqueued_at, not_before, last_error, crashed, alone, key"
