@@ -28,8 +28,9 @@ from ._errors import (
 from ._health import Health
 from ._policy import Backoff, RestartPolicy
 from ._records import DeadLetter, Message, SystemStatistics
+from ._run import run_system
 from ._streams import StatusEvent, Subscription, SubscriptionStatistics
-from ._system import System, run_system
+from ._system import System
 
 __all__ = [
     "Actor",

@@ -34,321 +34,23 @@ handler's context only through :class:`~actors._session.SessionData`.
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import attrs
 import trio
 
-from ._clock import Clock
-from ._config import Config
+from ._actor_state import ActorState
 from ._errors import ActorKilledError, HandlerTimeoutError, StoreError
-from ._failure import FailureText, describe, rejected
-from ._gauge import Gauge
+from ._failure import FailureText, describe, failure_of, rejected
+from ._host import ActorHost, Instance
+from ._phases import Cancel, Exit, Phase, Step
 from ._records import Message
-from ._reply import Reply
 from ._session import SessionData
-from ._streams import Outputs
-from ._wake import WOKEN
-from ._watchdog import IdleWatch, Watchdog
-from .store import Ack, Claim, StartMarks, Store
+from .store import Ack, Claim, StartMarks
 
 log = logging.getLogger("actors.actor")
-
-
-class Instance(Protocol):
-    """One incarnation of the user's actor (an ``actors.Actor``)."""
-
-    async def started(self, ctx: Any) -> None: ...
-    async def handle(self, ctx: Any, msg: Message) -> Any: ...
-    async def stopped(self, ctx: Any) -> None: ...
-
-
-@attrs.frozen
-class Behaviour:
-    """What the session actors run, made from ``run_system``'s handler (``actor_factory``).
-
-    Attributes:
-      new_instance: builds a fresh instance for each incarnation.
-      loads_state_at_start: the instance has its own ``started`` hook, which
-        may read ``ctx.state``: the state is loaded before it (otherwise
-        with the first claim, in the same transaction).
-      function: a function handler, called directly with ``(ctx, msg)``
-        instead of through its instance's ``handle`` (one frame fewer per
-        message).
-    """
-
-    new_instance: Callable[[], Instance]
-    loads_state_at_start: bool
-    function: Callable[[Any, Message], Awaitable[Any]] | None
-
-
-class Waiters(Protocol):
-    """The line of sessions waiting for a slot, as an actor sees it."""
-
-    @property
-    def has_waiters(self) -> bool: ...  # some session with work waits for a slot
-
-
-class Isolating(Protocol):
-    """The isolation of crash suspects, as an actor sees it."""
-
-    @property
-    def holder(self) -> SessionActor | None: ...  # the actor running a suspect alone
-
-
-class ActorHost(Protocol):
-    """What a session actor may read, ask and tell of its supervisor.
-
-    Read: the options, the clock, the store, whether the system stops,
-    whether others wait for a slot (``line``), who runs alone
-    (``isolation``), and the objects an
-    actor reports to on its hot path (the busy count, the deadline
-    watches, the idle set, the replies and subscribers). Ask: a context,
-    a restart delay, a retry delay, isolation, leave. Tell: what happened
-    (started, acked, sent, dead-lettered, failed, rejected).
-    """
-
-    config: Config
-    clock: Clock
-    store: Store
-    behaviour: Behaviour
-    busy: Gauge  # actors holding a claimed message: follows SessionActor.in_flight
-    watchdog: Watchdog
-    idle_watch: IdleWatch
-    idle_actors: set[SessionActor]  # parked actors (an idle one leaves first for a waiter)
-    actor_tasks: dict[trio.lowlevel.Task, SessionActor]
-    outputs: Outputs
-    observer: Callable[[Message, float], None] | None
-    stopping: bool
-
-    # Read per message, so the objects themselves: a property of the host's
-    # that asked them would be one more call each time.
-    @property
-    def line(self) -> Waiters: ...
-    @property
-    def isolation(self) -> Isolating: ...
-    @property
-    def replies(self) -> Mapping[int, Reply]: ...  # message ids an ask() waits for
-    def new_context(self, data: SessionData) -> Any: ...
-    def retry_delay(self, attempt: int) -> float: ...
-    def on_restart(
-        self, actor: SessionActor, failure: BaseException, summary: str | None = None
-    ) -> tuple[float, bool]: ...
-    async def isolate(self, actor: SessionActor) -> None: ...
-    def end_isolation(self, actor: SessionActor) -> None: ...
-    async def wait_isolation(self, actor: SessionActor) -> None: ...
-    def retire(self, actor: SessionActor, outcome: Exit) -> bool: ...
-    def forget(self, actor: SessionActor) -> None: ...
-    def on_actor_started(self, actor: SessionActor) -> None: ...
-    def on_acked(self) -> None: ...
-    def on_acks_committed(self, result: tuple[int, list[tuple[str, int]] | None]) -> None: ...
-    def on_sent(self, sent: list[tuple[str, int]]) -> None: ...
-    def on_dead_lettered(
-        self, session_id: str, count: int, ids: tuple[int, ...] = (), reason: str = ""
-    ) -> None: ...
-    def on_rejected(self, actor: SessionActor) -> None: ...
-    def answer(self, msg_id: int, result: object) -> None: ...
-    def on_attempt_failed(
-        self,
-        session_id: str,
-        msg: Message,
-        failure: BaseException,
-        dead: bool,
-        text: FailureText | None = None,
-    ) -> None: ...
-
-
-def failure_of(exc: BaseException) -> BaseException | None:
-    """The failure that ``exc``, raised by user code (the factory, a hook, a
-    handler), records; None if it must go on (the caller re-raises it).
-
-    An ``Exception`` is itself the failure; a stray ``Cancelled`` (see
-    :func:`stray_cancellation`) fails as a RuntimeError that says so; a
-    real cancellation, ``KeyboardInterrupt``, ``SystemExit`` and the like
-    go on. (``type()``: an exception's ``__class__`` may raise.)
-    """
-    if issubclass(type(exc), Exception):
-        return exc
-    return stray_cancellation(exc)
-
-
-def stray_cancellation(exc: BaseException) -> RuntimeError | None:
-    """The failure to record if ``exc``, raised by user code, is a cancellation not for us.
-
-    A handler can catch a ``trio.Cancelled`` inside a cancel scope (or a
-    nursery) of its own and raise it again outside that scope. No scope of
-    the actor's catches it then: it would end the actor's task, and trio's
-    nursery would swallow it silently, ending the supervisor while the
-    system still accepts sends. Returns None if ``exc`` is no such thing
-    (the caller re-raises it): not a Cancelled (nor a group of Cancelled
-    and ordinary exceptions), or the calling task is cancelled indeed.
-    """
-    if isinstance(exc, BaseExceptionGroup):
-        if exc.split((Exception, trio.Cancelled))[1] is not None:
-            return None  # holds a KeyboardInterrupt, SystemExit...: not ours to judge
-        if exc.subgroup(trio.Cancelled) is None:
-            return None  # (an ExceptionGroup: the caller's except Exception took it)
-    elif not isinstance(exc, trio.Cancelled):
-        return None
-    # Effectively cancelled (a kill, a timeout, the system stopping): it is ours.
-    if trio.current_effective_deadline() == -math.inf:
-        return None
-    error = RuntimeError(
-        f"the handler raised {type(exc).__name__}, a trio.Cancelled its own scope did not cause "
-        "(a Cancelled caught inside a cancel scope or nursery must not be raised outside it)"
-    )
-    error.__cause__ = exc
-    return error
-
-
-class Exit(enum.Enum):
-    """Why an incarnation ended."""
-
-    IDLE = "idle"  # no work for idle_timeout, or others wait for a slot
-    YIELD = "yield"  # used its fair share while others wait; has more work
-    WAIT = "wait"  # the head waits for its retry time; the timer brings it back
-    STOP = "stop"  # the system is stopping
-    CRASH = "crash"  # handler raised, timed out, was killed, or a hook failed
-    START_FAILED = "start failed"  # (internal) the factory or started() raised
-    TIMEOUT = "timeout"  # (internal to _serve) the handler outlived handler_timeout
-
-
-class Phase(enum.Enum):
-    """Where a session actor is. The legal changes are :data:`TRANSITIONS`."""
-
-    NEW = "new"  # registered; its task has not run yet
-    STARTING = "starting"  # builds an instance, loads the state, runs started()
-    CLAIMING = "claiming"  # a claim of the session's head (with the previous ack) commits
-    HOLDING = "holding"  # holds a claimed message whose handler has not started
-    RUNNING = "running"  # the handler runs (handler_timeout applies)
-    ACKING = "acking"  # waits for its ack to commit (before an answer, a leave, isolation)
-    EMITTING = "emitting"  # waits for subscribers to take the handler's result
-    IDLE = "idle"  # nothing to do: parked until a notice, a handoff or a wake-up
-    HANDOFF = "handoff"  # waits for messages being inserted claimed for it
-    ISOLATION = "isolation"  # waits while a crash suspect runs alone, or to run one alone
-    DUE = "due"  # waits (keeping its slot) for its head's retry time, which is near
-    STOPPING = "stopping"  # runs the instance's stopped() hook
-    FAILING = "failing"  # records a crash: fails the attempt, gives back what it holds
-    BACKOFF = "backoff"  # waits out the restart delay before the next incarnation
-    RELEASING = "releasing"  # gives back the messages it holds (they were not started)
-    LEFT = "left"  # out of the registry; its task ends
-
-    # Enum's own __hash__ is a Python function (hash of the name); _to()
-    # hashes the phase twice per change, three changes per message. Members
-    # are singletons compared by identity, so the identity hash agrees.
-    __hash__ = object.__hash__
-
-
-# Phases of serving (an incarnation between started() and its end): the
-# router may hand such an actor messages claimed on delivery.
-SERVING = frozenset(
-    {
-        Phase.CLAIMING,
-        Phase.HOLDING,
-        Phase.RUNNING,
-        Phase.ACKING,
-        Phase.EMITTING,
-        Phase.IDLE,
-        Phase.HANDOFF,
-        Phase.ISOLATION,
-        Phase.DUE,
-    }
-)
-# Anywhere a kill, a handler timeout or a hard stop can land (an await
-# inside an incarnation's cancel scope).
-_CANCELLABLE = SERVING | {Phase.STARTING, Phase.STOPPING, Phase.RELEASING}
-
-# {phase: the phases it may change to}. docs/architecture.md prints this
-# table; tests/test_architecture.py checks that the two agree.
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    Phase.NEW: frozenset({Phase.STARTING, Phase.RELEASING}),
-    Phase.STARTING: frozenset(
-        {Phase.CLAIMING, Phase.HOLDING, Phase.HANDOFF, Phase.ISOLATION, Phase.RELEASING}
-        | {Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.CLAIMING: frozenset(
-        {Phase.HOLDING, Phase.IDLE, Phase.ISOLATION, Phase.DUE, Phase.CLAIMING}
-        | {Phase.HANDOFF, Phase.ACKING, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.HOLDING: frozenset({Phase.RUNNING, Phase.RELEASING, Phase.FAILING}),
-    Phase.RUNNING: frozenset(
-        {Phase.HOLDING, Phase.CLAIMING, Phase.IDLE, Phase.ACKING, Phase.EMITTING}
-        | {Phase.HANDOFF, Phase.ISOLATION, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.ACKING: frozenset(
-        {Phase.EMITTING, Phase.HOLDING, Phase.CLAIMING, Phase.IDLE, Phase.HANDOFF}
-        | {Phase.ISOLATION, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.EMITTING: frozenset(
-        {Phase.HOLDING, Phase.CLAIMING, Phase.IDLE, Phase.ACKING, Phase.HANDOFF}
-        | {Phase.ISOLATION, Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.IDLE: frozenset(
-        {Phase.HOLDING, Phase.CLAIMING, Phase.HANDOFF, Phase.ISOLATION, Phase.ACKING}
-        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.HANDOFF: frozenset(
-        {Phase.HOLDING, Phase.CLAIMING, Phase.ISOLATION, Phase.HANDOFF, Phase.ACKING}
-        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.ISOLATION: frozenset(
-        {Phase.CLAIMING, Phase.HOLDING, Phase.HANDOFF, Phase.ACKING, Phase.ISOLATION}
-        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.DUE: frozenset(
-        {Phase.CLAIMING, Phase.HOLDING, Phase.HANDOFF, Phase.ISOLATION, Phase.ACKING}
-        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
-    ),
-    Phase.STOPPING: frozenset({Phase.STARTING, Phase.FAILING, Phase.RELEASING, Phase.LEFT}),
-    Phase.FAILING: frozenset(
-        {Phase.STARTING, Phase.BACKOFF, Phase.RELEASING, Phase.FAILING, Phase.LEFT}
-    ),
-    Phase.BACKOFF: frozenset({Phase.STARTING, Phase.RELEASING, Phase.LEFT}),
-    Phase.RELEASING: frozenset(
-        {Phase.STOPPING, Phase.STARTING, Phase.ISOLATION, Phase.FAILING, Phase.RELEASING}
-        | {Phase.LEFT}
-    ),
-    Phase.LEFT: frozenset(),
-}
-
-
-class TransitionError(BaseException):
-    """A session actor was asked to change phase against :data:`TRANSITIONS`: a bug of ours.
-
-    Not an ``Exception``: no path that records a handler's failure may take
-    it for one. It ends the actor's task (its messages go back to pending)
-    and fails the system, whose ``async with`` raises it.
-    """
-
-    def __init__(self, session_id: str, old: Phase, new: Phase) -> None:
-        super().__init__(f"session {session_id!r}: illegal phase change {old.value} -> {new.value}")
-
-
-class Step(enum.Enum):
-    """What a serving actor does next (SessionActor._next_step)."""
-
-    STOP = "stop"  # the system stops: flush the ack, give back what it holds
-    YIELD = "yield"  # its fair share is used and others wait: leave for the back of the line
-    END_ISOLATION = "end isolation"  # the suspect it ran alone is done: let others claim
-    WAIT_ISOLATION = "wait isolation"  # another actor runs a suspect alone: hold nothing, wait
-    WAIT_HANDOFF = "wait handoff"  # messages are being inserted claimed for it
-    TAKE_HANDED = "take handed"  # run the next message it was handed
-    LOAD_AND_TAKE = "load and take"  # the same, handed before the state was loaded
-    CLAIM = "claim"  # claim the session's head from the database
-    NEXT = "next"  # (after a step) decide again
-    AWAIT_WORK = "await work"  # (after a step) nothing to do: wait for work
-
-
-class Cancel(enum.Enum):
-    """Why the incarnation's cancel scope was cancelled (a kill wins over a timeout)."""
-
-    KILLED = "killed"
-    TIMED_OUT = "timed out"
 
 
 # The members the per-message path reads, as module globals: Python 3.11
@@ -358,23 +60,6 @@ class Cancel(enum.Enum):
 _HOLDING, _RUNNING, _CLAIMING, _IDLE = Phase.HOLDING, Phase.RUNNING, Phase.CLAIMING, Phase.IDLE
 _TAKE_HANDED, _CLAIM, _NEXT, _AWAIT_WORK = Step.TAKE_HANDED, Step.CLAIM, Step.NEXT, Step.AWAIT_WORK
 _TIMED_OUT = Cancel.TIMED_OUT
-
-
-@attrs.frozen
-class SessionActorStatistics:
-    """One session actor right now."""
-
-    session_id: str
-    phase: str  # Phase.value
-    in_flight: int | None  # the id of the message it holds
-    handler_running: bool
-    idle: bool
-    caught_up: bool
-    claimed_seq: int
-    notified_seq: int
-    handed: int  # messages claimed on delivery, queued behind the one in flight
-    turn: int  # messages processed in this activation
-    parked: bool  # waiting for work (its task parked until someone brings it)
 
 
 class _Serving:
@@ -401,7 +86,12 @@ class _Serving:
     )
 
     def __init__(
-        self, host: ActorHost, instance: Instance, data: SessionData, ctx: Any, has_slot: bool
+        self,
+        host: ActorHost[SessionActor],
+        instance: Instance,
+        data: SessionData,
+        ctx: Any,
+        has_slot: bool,
     ) -> None:
         self.instance = instance
         store = self.store = host.store
@@ -423,181 +113,15 @@ class _Serving:
         self.alone = False  # this actor holds the isolation (see Supervisor.isolate)
 
 
-class SessionActor:
-    """A session's slot in the registry: its phase, its handed messages and its incarnations."""
+class SessionActor(ActorState):
+    """A session's actor: its task, which runs incarnations of the user's actor.
 
-    def __init__(self, session_id: str, host: ActorHost) -> None:
-        self.session_id = session_id
-        self._host = host
-        self.phase = Phase.NEW  # changed only by _to()
-        # The claimed message a handler is (about to be) running, until its
-        # ack commits. Set and cleared only right after a store call returns,
-        # so it agrees with the database: whatever ends the incarnation, this
-        # is the message to fail or release. (The host's busy count follows it.)
-        self._in_flight: Message | None = None
-        # Whether in_flight's attempt is spent: its handler started (a kill
-        # before that gives the attempt back).
-        self.handler_started = False
-        # The live incarnation's cancel scope (None between incarnations):
-        # kill() and time_out() cancel it, and only it; _cancel says which.
-        self._scope: trio.CancelScope | None = None
-        self._cancel: Cancel | None = None
-        self._failure: BaseException | None = None
-        # The failure and its text, when the text was made where it was
-        # caught (a failing started() logs it); else _after_crash makes it.
-        self._failure_text: tuple[BaseException, FailureText] | None = None
-        # Cancelled to cut a backoff or due wait short (stop, a waiter, a wake-up).
-        self._wait_scope: trio.CancelScope | None = None
-        # The task while it waits for work (parked: no scope, no channel);
-        # unpark() reschedules it; the IdleWatch does at idle_deadline.
-        self._parked: trio.lowlevel.Task | None = None
-        self.idle_deadline = math.inf
-        self.idle_watched = False  # the IdleWatch's heap has an entry for this actor
-        self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
-        self.notified_seq = 0  # highest seq the router announced
-        # Whether every message of the session in the database up to
-        # claimed_seq is known to be handled: false until a claim found no
-        # head in this incarnation (a new incarnation knows nothing).
-        self.caught_up = False
-        # Claim on delivery: reserved while the router commits messages
-        # inserted claimed for this actor; handed once committed, in seq
-        # order, until the actor takes each in turn. While either is set the
-        # actor does not leave the registry. Invariant: handed messages are
-        # in flight in the database and come after every message of the
-        # session this actor has not handled yet; whatever ends an
-        # incarnation gives them back (_release_handed) before any claim.
-        self.reserved = False
-        self.handed: deque[Message] = deque()
-        # The task while it waits for its reservation to settle
-        # (_wait_handoff); take_handoff() reschedules it, as unpark() does.
-        self._handoff_waiter: trio.lowlevel.Task | None = None
-        # Serving periods (one per _serve call) and the one a reservation was
-        # made in. A handoff is taken only in the period it was reserved in:
-        # the store judged "nothing of the session pending" at insert time,
-        # and a crash since (the message in flight failed back to pending)
-        # may have made that false.
-        self._serve_gen = 0
-        self._reserve_gen = -1
-        # This actor's slot in the start table (see _starts.py).
-        starts = host.store.starts
-        self.slot = starts.acquire() if starts is not None else -1
-        # handler_timeout (see Watchdog): set before each handler call.
-        self.handler_deadline = math.inf
-        self.watched = False  # the Watchdog's heap has an entry for this actor
-        self.turn = 0  # messages processed since this activation (fair share)
-        self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
+    Its state and the synchronous calls others make are :class:`ActorState`'s;
+    here is what the task does: start, serve (the decision and the awaits),
+    and recover from a crash.
+    """
 
-    def _to(self, phase: Phase) -> None:
-        """Change phase: the one place that does, and it asserts the change is legal."""
-        if phase not in TRANSITIONS[self.phase]:
-            raise TransitionError(self.session_id, self.phase, phase)
-        self.phase = phase
-
-    def statistics(self) -> SessionActorStatistics:
-        """A snapshot of this actor."""
-        return SessionActorStatistics(
-            session_id=self.session_id,
-            phase=self.phase.value,
-            in_flight=self._in_flight.id if self._in_flight is not None else None,
-            handler_running=self.handler_running,
-            idle=self.idle,
-            caught_up=self.caught_up,
-            claimed_seq=self.claimed_seq,
-            notified_seq=self.notified_seq,
-            handed=len(self.handed),
-            turn=self.turn,
-            parked=self._parked is not None,
-        )
-
-    @property
-    def in_flight(self) -> Message | None:
-        """The claimed message this actor holds, if any."""
-        return self._in_flight
-
-    @in_flight.setter
-    def in_flight(self, msg: Message | None) -> None:
-        if (msg is None) != (self._in_flight is None):
-            self._host.busy.add(1 if msg is not None else -1)
-        self._in_flight = msg
-
-    @property
-    def handler_running(self) -> bool:
-        """The handler runs now (the Watchdog times it)."""
-        return self.phase is Phase.RUNNING
-
-    @property
-    def serving(self) -> bool:
-        """Between started() and the end of the incarnation."""
-        return self.phase in SERVING
-
-    # -- called by router / supervisor (sync, trio thread) ---------------
-
-    def notify(self, seq: int) -> None:
-        """Work up to ``seq`` is committed. Never blocks.
-
-        A busy actor will claim again when its handler returns, so only a
-        parked actor is woken, and only for work beyond what it claimed;
-        ``notified_seq`` keeps the highest seq either way.
-        """
-        if seq > self.notified_seq:
-            self.notified_seq = seq
-            if self._parked is not None and seq > self.claimed_seq:
-                self.unpark()
-
-    def wake(self) -> None:
-        """Cut an idle, due or backoff wait short, so the actor looks again."""
-        if self._parked is not None:
-            self.unpark()
-        elif self._wait_scope is not None:
-            self._wait_scope.cancel()
-
-    def _abort_park(self, _: object) -> trio.lowlevel.Abort:
-        # The parked task is cancelled (a kill, or the system stopping hard).
-        self._parked = None
-        self._host.idle_actors.discard(self)
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    @property
-    def parked(self) -> bool:
-        """Waiting for work."""
-        return self._parked is not None
-
-    def unpark(self) -> None:
-        """End the wait for work; the actor looks at what it has."""
-        task = self._parked
-        if task is not None:
-            self._parked = None
-            self._host.idle_actors.discard(self)
-            trio.lowlevel.reschedule(task, WOKEN)
-
-    @property
-    def idle(self) -> bool:
-        """Waiting for work (not running a handler, not between incarnations)."""
-        return (self._parked is not None or self._wait_scope is not None) and (
-            self.in_flight is None
-        )
-
-    def time_out(self) -> None:
-        """The running handler passed its deadline (Watchdog): cancel it.
-
-        It cancels the incarnation's scope, as kill() does; ``_cancel`` tells
-        the two apart (_incarnation).
-        """
-        if self.phase is Phase.RUNNING and self._scope is not None and self._cancel is None:
-            self._cancel = Cancel.TIMED_OUT
-            self._scope.cancel()
-
-    def kill(self) -> bool:
-        """Crash the live incarnation now. Returns False if none is running."""
-        if self._scope is None or self._cancel is Cancel.KILLED:
-            return False
-        self._cancel = Cancel.KILLED
-        self._scope.cancel()
-        return True
-
-    def has_new_work(self) -> bool:
-        """True if work came beyond what was claimed: handed, reserved or announced."""
-        return bool(self.reserved or self.handed or self.notified_seq > self.claimed_seq)
+    _host: ActorHost[SessionActor]
 
     # -- the actor's task ---------------------------------------------------
 
@@ -1122,69 +646,12 @@ class SessionActor:
             return None
         return Exit.STOP if host.stopping else Exit.IDLE
 
-    # -- claim on delivery (Supervisor.reserve / hand_over) ---------------
-
-    def can_take_handoff(self) -> bool:
-        """Serving: the router may insert this session's next messages claimed.
-
-        Busy, idle or claiming alike: handed messages queue behind the one in
-        flight (up to ``mailbox_size``). A claim under way was queued in the
-        store before the insert, so it cannot see them; and the store inserts
-        them claimed only if nothing of the session is pending, so they never
-        overtake a message in the database (Store.append).
-        """
-        return (
-            self.phase in SERVING
-            and not self.reserved
-            and len(self.handed) < self._host.config.mailbox_size
-        )
-
-    def reserve(self) -> None:
-        """Claimed messages are on their way: do not leave before they come.
-
-        (The idle wait may still time out meanwhile: the actor then finds
-        itself reserved, and retire() refuses to let it go.)
-        """
-        self.reserved = True
-        self._reserve_gen = self._serve_gen
-
     @trio.lowlevel.enable_ki_protection  # (as _await_work: registers, then parks)
     async def _wait_handoff(self) -> None:
         """Wait until the reservation (``self.reserved``) is settled by take_handoff()."""
         self._to(Phase.HANDOFF)
         self._handoff_waiter = trio.lowlevel.current_task()
         await trio.lowlevel.wait_task_rescheduled(self._abort_handoff_wait)
-
-    def _abort_handoff_wait(self, _: object) -> trio.lowlevel.Abort:
-        # The waiting task is cancelled (a kill, or the system stopping hard).
-        self._handoff_waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    def take_handoff(self, msgs: list[Message]) -> bool:
-        """Receive the messages inserted claimed for this actor, and wake up.
-
-        False if the actor stopped serving since the reservation (it crashed,
-        or is leaving): the caller gives the claims back.
-        """
-        if not self.reserved:
-            return False
-        self.reserved = False
-        waiter = self._handoff_waiter
-        if waiter is not None:
-            self._handoff_waiter = None
-            trio.lowlevel.reschedule(waiter, WOKEN)
-        if not msgs:
-            return True  # none was inserted claimed after all
-        if self.phase not in SERVING or self._reserve_gen != self._serve_gen:
-            return False  # it stopped serving since: they may overtake a failed message
-        self.handed.extend(msgs)
-        self.claimed_seq = max(self.claimed_seq, msgs[-1].id)
-        if self._parked is not None:
-            # Rescheduling a parked task is far cheaper than cancelling a
-            # wait's scope (an exception, its unwinding, and trio's cancel
-            # bookkeeping, once per message).
-            self.unpark()
-        return True
 
     async def _release_handed(self) -> None:
         """Give back every handed message (they were never started)."""

@@ -18,7 +18,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -28,9 +28,27 @@ from ._validate import check_seconds
 
 if TYPE_CHECKING:
     from ._streams import Subscription
-    from ._system import System
 
 T = TypeVar("T")
+
+
+class System(Protocol):
+    """What a bridge calls of the running ``actors.System`` (which has these methods).
+
+    A protocol, so that the bridge, which the system makes, does not import
+    the system's module back.
+    """
+
+    @property
+    def closed(self) -> bool: ...
+    async def send(
+        self, session_id: str, body: Any, *, delay: float | None = None, key: str | None = None
+    ) -> int: ...
+    async def send_many(
+        self, items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
+    ) -> list[int]: ...
+    async def ask(self, session_id: str, body: Any, timeout: float | None = None) -> Any: ...  # noqa: ASYNC109
+    def subscribe(self, session_id: str, *, buffer: int = 16) -> Subscription[Any]: ...
 
 
 @attrs.frozen

@@ -15,9 +15,9 @@ import inspect
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
-from ._actor import Behaviour
 from ._clock import wall_time
 from ._codec import check_session_id, encode_body
+from ._host import Behaviour
 from ._records import Message
 from ._session import SessionData
 from ._streams import Outputs

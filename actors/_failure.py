@@ -16,10 +16,12 @@ flooding the log.
 
 from __future__ import annotations
 
+import math
 import traceback
 from typing import cast
 
 import attrs
+import trio
 
 from ._errors import Reject
 
@@ -203,3 +205,46 @@ class WarningLimiter:
         return WarningLimiterStatistics(
             allowed=self._allowed, held_back=self._held_back, suppressed=self._suppressed
         )
+
+
+def failure_of(exc: BaseException) -> BaseException | None:
+    """The failure that ``exc``, raised by user code (the factory, a hook, a
+    handler), records; None if it must go on (the caller re-raises it).
+
+    An ``Exception`` is itself the failure; a stray ``Cancelled`` (see
+    :func:`stray_cancellation`) fails as a RuntimeError that says so; a
+    real cancellation, ``KeyboardInterrupt``, ``SystemExit`` and the like
+    go on. (``type()``: an exception's ``__class__`` may raise.)
+    """
+    if issubclass(type(exc), Exception):
+        return exc
+    return stray_cancellation(exc)
+
+
+def stray_cancellation(exc: BaseException) -> RuntimeError | None:
+    """The failure to record if ``exc``, raised by user code, is a cancellation not for us.
+
+    A handler can catch a ``trio.Cancelled`` inside a cancel scope (or a
+    nursery) of its own and raise it again outside that scope. No scope of
+    the actor's catches it then: it would end the actor's task, and trio's
+    nursery would swallow it silently, ending the supervisor while the
+    system still accepts sends. Returns None if ``exc`` is no such thing
+    (the caller re-raises it): not a Cancelled (nor a group of Cancelled
+    and ordinary exceptions), or the calling task is cancelled indeed.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        if exc.split((Exception, trio.Cancelled))[1] is not None:
+            return None  # holds a KeyboardInterrupt, SystemExit...: not ours to judge
+        if exc.subgroup(trio.Cancelled) is None:
+            return None  # (an ExceptionGroup: the caller's except Exception took it)
+    elif not isinstance(exc, trio.Cancelled):
+        return None
+    # Effectively cancelled (a kill, a timeout, the system stopping): it is ours.
+    if trio.current_effective_deadline() == -math.inf:
+        return None
+    error = RuntimeError(
+        f"the handler raised {type(exc).__name__}, a trio.Cancelled its own scope did not cause "
+        "(a Cancelled caught inside a cancel scope or nursery must not be raised outside it)"
+    )
+    error.__cause__ = exc
+    return error

@@ -23,14 +23,16 @@ import attrs
 import trio
 
 from . import _line
-from ._actor import Behaviour, Exit, SessionActor
+from ._actor import SessionActor
 from ._clock import Clock
 from ._config import Config
 from ._errors import ActorKilledError, DeadLetteredError, HandlerTimeoutError, StoreError
 from ._failure import FailureText, WarningLimiter, describe, rejected
 from ._gauge import Gauge
+from ._host import Behaviour
 from ._isolation import Isolation
 from ._line import WaitingLine
+from ._phases import Exit
 from ._policy import RestartTracker
 from ._records import Message
 from ._reply import Reply
@@ -110,10 +112,8 @@ class Supervisor:
         self.idle_actors: set[SessionActor] = set()
         # {task: the actor it runs}: tells drain()/ask() they are called from one.
         self.actor_tasks: dict[trio.lowlevel.Task, SessionActor] = {}
-        # Actors holding a claimed message (SessionActor.in_flight is set).
-        self.busy = Gauge(0)
-        # Actors reserved for a handoff whose message is not yet committed.
-        self.reserved = Gauge(0)
+        self.busy = Gauge(0)  # actors holding a claimed message (in_flight set)
+        self.reserved = Gauge(0)  # actors reserved for a handoff not yet committed
         self.isolation: Isolation[SessionActor] = Isolation(self.busy, self.reserved)
         self.stopping = False
         self._all_retired = trio.Event()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn
 
 import trio
@@ -18,27 +17,25 @@ from ._bridge import Bridge
 from ._clock import Clock
 from ._codec import check_key, check_session_id, encode_body
 from ._config import Config
-from ._context import Context, actor_factory
 from ._control import Control
 from ._errors import ActorsError, AskTimeoutError, StoreError, SystemClosedError
 from ._health import Health, HealthMonitor
-from ._lock import DatabaseLock
+from ._host import Behaviour
 from ._purge import purge_batches
 from ._records import DeadLetter, Message, SystemStatistics
 from ._reply import Reply
 from ._router import Batch, Router
+from ._session import SessionData
 from ._streams import HandlerObserver, HandlerObservers, StatusEvent, Subscription
 from ._supervisor import Supervisor
 from ._validate import (
-    check_instance,
     check_int,
     check_message_id,
     check_number,
     check_seconds,
     purge_scope,
 )
-from .store import MessageState, Opened, Store, database_path
-from .store.sqlite import SqliteStore
+from .store import MessageState, Opened, Store
 
 log = logging.getLogger("actors.system")
 
@@ -58,7 +55,8 @@ class System:
         store: Store,
         opened: Opened,
         config: Config,
-        handler: object,
+        behaviour: Behaviour,
+        make_context: Callable[[str, System, SessionData], object],
         rng: random.Random | None,
     ) -> None:
         self.path = path
@@ -69,8 +67,8 @@ class System:
             store=store,
             clock=self._clock,
             config=config,
-            behaviour=actor_factory(handler),
-            new_context=lambda data: Context(data.session_id, self, data),
+            behaviour=behaviour,
+            new_context=lambda data: make_context(data.session_id, self, data),
             pending=opened.pending,
             dead=opened.dead,
             rng=rng,
@@ -814,80 +812,6 @@ class System:
     def _check_open(self) -> None:
         if self._closed:
             raise SystemClosedError("the system is shutting down")
-
-
-@asynccontextmanager
-async def run_system(
-    path: str | os.PathLike[str] = "actors.db",
-    *,
-    handler: object,
-    rng: random.Random | None = None,
-    **options: Any,
-) -> AsyncIterator[System]:
-    """Run a durable actor system on the SQLite database at ``path``.
-
-    ``handler`` is ``async def handler(ctx, msg)`` or an :class:`Actor`
-    subclass. ``options`` are those of :class:`Config` (``max_attempts``,
-    ``handler_timeout``, ``idle_timeout``, ``max_active``, ...). ``rng``
-    seeds retry jitter, for reproducible tests.
-
-    On entry the database is opened (created if missing), locked for this
-    system, and recovered: messages a dead process left in flight go back to
-    pending at once, and sessions with work get actors, oldest work first.
-    Leaving the block stops gracefully: sends are refused, running handlers
-    get ``shutdown_timeout`` seconds, then are cancelled; unfinished
-    messages stay pending for the next start. ``System.shutdown(grace)``
-    stops the same way from any task (a signal handler) and ends the block,
-    which then exits normally.
-
-    Raises:
-      TypeError / ValueError: bad ``handler``, path, ``rng`` or options
-        (before anything is opened; see Config for the ranges).
-      DatabaseInUseError: another running system owns the database.
-      StoreError: the database cannot be opened, or failed while running.
-    """
-    config = Config.from_options(options)
-    actor_factory(handler)  # validate before touching the file
-    check_instance("rng", rng, random.Random, optional=True)
-    db_path = database_path(path)
-    with _locked(db_path) as lock:
-        store, opened = await SqliteStore.open(
-            db_path, durability=config.durability, busy_timeout=config.busy_timeout
-        )
-        try:
-            _check_opened(store, lock, config, db_path)
-            system = System(
-                path=db_path, store=store, opened=opened, config=config, handler=handler, rng=rng
-            )
-        except BaseException:
-            await store.aclose()
-            raise
-        async with system._running():
-            yield system
-
-
-@contextmanager
-def _locked(db_path: str) -> Iterator[DatabaseLock]:
-    """Hold the database's lock (what a refused attempt opened is released too)."""
-    lock = DatabaseLock(db_path)
-    try:
-        try:
-            lock.acquire()
-        except OSError as exc:
-            raise StoreError(f"cannot open database {db_path!r}: {exc}") from exc
-        yield lock
-    finally:
-        lock.release()
-
-
-def _check_opened(store: SqliteStore, lock: DatabaseLock, config: Config, db_path: str) -> None:
-    if store.identity != lock.identity:  # renamed over between the two opens
-        raise StoreError(f"the database file {db_path!r} was replaced while opening")
-    if config.max_message_bytes > store.max_value_bytes:  # (an SQLite built smaller)
-        raise ValueError(
-            f"max_message_bytes={config.max_message_bytes} is more than this SQLite "
-            f"stores in a row ({store.max_value_bytes} bytes)"
-        )
 
 
 def _check_items(

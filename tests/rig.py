@@ -20,11 +20,12 @@ import trio
 import trio.testing
 from memstore import MemoryStore, Row
 
-from actors._actor import Phase, SessionActor
+from actors._actor import SessionActor
 from actors._clock import Clock
 from actors._codec import encode_body
 from actors._config import Config
 from actors._context import Context, actor_factory
+from actors._phases import Phase
 from actors._router import Router
 from actors._supervisor import Supervisor
 from actors.store import MessageState

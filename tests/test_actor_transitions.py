@@ -20,8 +20,9 @@ from memstore import IN_FLIGHT, MemoryStore
 from rig import PhaseLog, Rig, running, settle
 
 import actors
-from actors._actor import Phase, SessionActor
+from actors._actor import SessionActor
 from actors._errors import StoreError
+from actors._phases import Phase
 from actors._policy import Backoff, RestartPolicy
 from actors._reply import Reply
 from actors._watchdog import IdleWatch

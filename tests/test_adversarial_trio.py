@@ -30,6 +30,7 @@ from helpers import HANG, drain
 
 import actors
 import actors._actor
+import actors._actor_state
 import actors._router
 import actors._supervisor
 import actors.store.committer
@@ -184,7 +185,13 @@ async def test_started_always_raising_a_stray_cancelled_ends_in_dead_letters(
 def _parking_functions() -> dict[types.CodeType, str]:
     """Every function of the runtime that parks its task with wait_task_rescheduled."""
     found: dict[types.CodeType, str] = {}
-    for module in (actors._actor, actors._router, actors.store.committer, actors._supervisor):
+    for module in (
+        actors._actor,
+        actors._actor_state,
+        actors._router,
+        actors.store.committer,
+        actors._supervisor,
+    ):
         for obj in vars(module).values():
             members = list(vars(obj).values()) if isinstance(obj, type) else [obj]
             for fn in members:

@@ -17,7 +17,7 @@ from memstore import MemoryStore
 from rig import PhaseLog, Rig, running, settle
 
 import actors
-from actors._actor import Phase
+from actors._phases import Phase
 from actors._policy import Backoff, RestartPolicy
 from actors.store import MessageState
 
