@@ -107,3 +107,33 @@ def test_the_length_check_sees_a_long_function(tmp_path: Path) -> None:
         assert _long_functions(tmp_path) == [f"long.py:1 f: {LONGEST + 1} lines"]
     finally:
         ROOT = saved
+
+
+# The one private call across objects: run_system is the System's constructor.
+PRIVATE_READS_ALLOWED = {("actors/_run.py", "system._running")}
+
+
+def _private_reads(package: Path) -> set[tuple[str, str]]:
+    found = set()
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            name = node.attr
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            found.add((str(path.relative_to(package.parent)), ast.unparse(node)))
+    return found
+
+
+def test_no_module_reads_another_objects_private_attributes() -> None:
+    """Objects talk through their public methods and protocols (``ActorHost``, ``Store``)."""
+    assert _private_reads(ROOT / "actors") == PRIVATE_READS_ALLOWED
+
+
+def test_the_private_read_check_sees_one(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def f(other):\n    return other._secret, self._ok\n")
+    assert _private_reads(tmp_path / "pkg") == {("pkg/m.py", "other._secret")}

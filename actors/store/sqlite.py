@@ -84,6 +84,8 @@ class SqliteStore:
         # letters, one for the control table's look (trio thread only).
         self._readers: dict[str, apsw.Connection] = {}
         self._closed = False
+        # Built only by open(), in the trio run that will use it: commit from now on.
+        self._committer.start()
 
     @classmethod
     async def open(
@@ -113,7 +115,6 @@ class SqliteStore:
             # (Not cancellable: the thread runs to the end either way.)
             prepared = await trio.to_thread.run_sync(open_database, path, durability, busy_ms)
         store = cls(path, prepared, durability, busy_ms, inline=inline)
-        store._committer.start()
         return store, prepared.opened
 
     async def aclose(self) -> None:
