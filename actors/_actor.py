@@ -4,9 +4,9 @@ A :class:`SessionActor` lives in the supervisor's registry while its session
 is active. It runs *incarnations* one after another: each incarnation is a
 fresh instance of the user's actor, so a crash never leaks state into the
 next attempt. Where it is at any moment is its :class:`Phase`; every change
-of phase goes through :meth:`SessionActor._to`, which asserts that the
-change is one of :data:`TRANSITIONS` (the table in docs/architecture.md,
-checked against this one by tests/test_architecture.py).
+of phase goes through ``ActorState._to``, which asserts that the change is
+one of :data:`TRANSITIONS` (the table in docs/architecture.md, checked
+against this one by tests/test_state_machine.py).
 
 Serving is a loop of a synchronous decision (:meth:`SessionActor._next_step`:
 what to do next, given the phase and what is known) and the awaits that
@@ -653,11 +653,18 @@ class SessionActor(ActorState):
         self._handoff_waiter = trio.lowlevel.current_task()
         await trio.lowlevel.wait_task_rescheduled(self._abort_handoff_wait)
 
+    def _releasing(self) -> None:
+        # Failing includes giving back what the actor holds; from any other
+        # phase, giving back is a phase of its own (entered once: giving back
+        # the message in flight gives back the handed ones too).
+        if self.phase is not Phase.FAILING and self.phase is not Phase.RELEASING:
+            self._to(Phase.RELEASING)
+
     async def _release_handed(self) -> None:
         """Give back every handed message (they were never started)."""
         if not self.handed:
             return
-        self._to(Phase.RELEASING)
+        self._releasing()
         ids = [m.id for m in self.handed]
         self.handed.clear()
         self.caught_up = False
@@ -705,7 +712,6 @@ class SessionActor(ActorState):
             delay = 0.0
             host.on_rejected(self)  # its instance is done (stopped() ran)
         await self._release_handed()
-        self._to(Phase.FAILING)
         if start_failed and msg is None and not host.stopping:
             msg = await self._charge_failed_start()
             if msg is None:  # nothing due to charge: wait for the head, or leave
@@ -716,7 +722,6 @@ class SessionActor(ActorState):
                 return self.wait_until - now, False
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
-            self._to(Phase.FAILING)
             msg = None
         if msg is not None:
             return await self._fail_attempt(msg, failure, text, delay, rejection is None), False
@@ -784,7 +789,7 @@ class SessionActor(ActorState):
 
     async def _release_in_flight(self, *, crashed: bool = False) -> None:
         """Put the held messages back; an attempt is given back if no handler started."""
-        self._to(Phase.RELEASING)
+        self._releasing()
         await self._release_handed()
         msg = self.in_flight
         if msg is None:

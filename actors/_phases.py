@@ -108,13 +108,11 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
         | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
     ),
     Phase.STOPPING: frozenset({Phase.STARTING, Phase.FAILING, Phase.RELEASING, Phase.LEFT}),
-    Phase.FAILING: frozenset(
-        {Phase.STARTING, Phase.BACKOFF, Phase.RELEASING, Phase.FAILING, Phase.LEFT}
-    ),
+    # (Failing gives back what the actor holds itself: no releasing from it.)
+    Phase.FAILING: frozenset({Phase.STARTING, Phase.BACKOFF, Phase.LEFT}),
     Phase.BACKOFF: frozenset({Phase.STARTING, Phase.RELEASING, Phase.LEFT}),
     Phase.RELEASING: frozenset(
-        {Phase.STOPPING, Phase.STARTING, Phase.ISOLATION, Phase.FAILING, Phase.RELEASING}
-        | {Phase.LEFT}
+        {Phase.STOPPING, Phase.STARTING, Phase.ISOLATION, Phase.FAILING, Phase.LEFT}
     ),
     Phase.LEFT: frozenset(),
 }

@@ -104,7 +104,7 @@ async def test_a_crashing_session_restarts_with_backoff_then_is_suspended(
         # longer than idle_timeout: the actor leaves, its head waits in the store.
         assert phases.times("s", Phase.STARTING) == [0, 1, 3, 7]
         [actor] = phases.actors("s")
-        assert actor[-4:] == ["stopping", "failing", "failing", "left"]
+        assert actor[-3:] == ["stopping", "failing", "left"]
         assert rig.actor("s") is None
         assert rig.store.summary() == {row.id: ("pending", 4)}
         assert row.not_before == pytest.approx(rig.clock.now() + 1)  # at 60
