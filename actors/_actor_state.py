@@ -149,11 +149,6 @@ class ActorState:
         """The handler runs now (the Watchdog times it)."""
         return self.phase is Phase.RUNNING
 
-    @property
-    def serving(self) -> bool:
-        """Between started() and the end of the incarnation."""
-        return self.phase in SERVING
-
     # -- called by router / supervisor (sync, trio thread) ---------------
 
     def notify(self, seq: int) -> None:

@@ -63,11 +63,6 @@ class SessionData:
         self.outbox: list[Outgoing] | None = None
         self.message: Message | None = None
 
-    @property
-    def loaded(self) -> bool:
-        """Whether the state was read from the database in this incarnation."""
-        return self.state is not None
-
     def load(self, text: str | None) -> None:
         """Take the committed state (``None``: the session has none yet)."""
         if text is None:

@@ -218,7 +218,7 @@ class Supervisor:
             return
         if self.stopping or session_id in self.line:
             return
-        if len(self._actors) < self.config.max_active and not self.has_waiters:
+        if len(self._actors) < self.config.max_active and not self.line.has_waiters:
             self._start(session_id)
         else:
             self._queue(session_id)
@@ -241,11 +241,6 @@ class Supervisor:
             restarts=self.restart_count,
             stopping=self.stopping,
         )
-
-    @property
-    def has_waiters(self) -> bool:
-        """Whether some session with work waits for a slot."""
-        return self.line.has_waiters
 
     @property
     def active(self) -> int:
@@ -312,7 +307,7 @@ class Supervisor:
         refused: set[str] = set()
         actors = self._actors
         room = self.config.mailbox_size
-        fair_share = self.config.fair_share if self.has_waiters else None
+        fair_share = self.config.fair_share if self.line.has_waiters else None
         for index, session_id in enumerate(sessions):
             actor = actors.get(session_id)
             if actor is None:

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from faultvfs import FaultVFS
+from rig import PhaseLog
 
 
 @pytest.fixture
@@ -62,3 +63,15 @@ def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
 
     monkeypatch.setattr(threading, "excepthook", hook)
     return errors
+
+
+@pytest.fixture
+def still_clock() -> trio.testing.MockClock:
+    """A MockClock that moves only when the test jumps it (the fake store's tests)."""
+    return trio.testing.MockClock()
+
+
+@pytest.fixture
+def phases(monkeypatch: pytest.MonkeyPatch) -> PhaseLog:
+    """Every phase change of every session actor (tests/rig.py)."""
+    return PhaseLog(monkeypatch)

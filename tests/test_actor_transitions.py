@@ -35,17 +35,6 @@ AT_ONCE: dict[str, Any] = {
 TIMER_OPS = {"next_due", "collect_due", "sessions_with_work"}
 
 
-@pytest.fixture
-def still_clock() -> trio.testing.MockClock:
-    """A MockClock that moves only when the test jumps it."""
-    return trio.testing.MockClock()
-
-
-@pytest.fixture
-def phases(monkeypatch: pytest.MonkeyPatch) -> PhaseLog:
-    return PhaseLog(monkeypatch)
-
-
 def walk(*stretches: str) -> list[str]:
     """Phase names, given as space-separated stretches of one actor's way."""
     return [phase for stretch in stretches for phase in stretch.split()]

@@ -25,11 +25,6 @@ from actors.store import Ack, AppendBatch, Claim
 from actors.store.sqlite import SqliteStore
 
 
-@pytest.fixture
-def still_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock()
-
-
 def batch(sessions: list[str], claimed: set[int] | None = None) -> AppendBatch:
     bodies = [f'"{s}{i}"' for i, s in enumerate(sessions)]
     return (sessions, bodies, [0.0] * len(sessions), None, claimed or set(), None, 0.0)

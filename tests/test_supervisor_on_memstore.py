@@ -22,17 +22,6 @@ from actors._policy import Backoff, RestartPolicy
 from actors.store import MessageState
 
 
-@pytest.fixture
-def still_clock() -> trio.testing.MockClock:
-    """A MockClock that moves only when the test jumps it."""
-    return trio.testing.MockClock()
-
-
-@pytest.fixture
-def phases(monkeypatch: pytest.MonkeyPatch) -> PhaseLog:
-    return PhaseLog(monkeypatch)
-
-
 def most_alive(phases: PhaseLog) -> int:
     """The most actors alive at once (from their first phase change to ``left``)."""
     alive: set[tuple[str, int]] = set()
