@@ -24,6 +24,7 @@ import apsw
 
 from .._codec import decode_body
 from .._records import Message, new_message
+from .blame import gave_up
 from .records import Claim
 
 # ``CAST(? AS TEXT)``, not a bare ``?``: SQLite (built with STAT4, as
@@ -84,7 +85,7 @@ def claim_head(
         if not_before is not None and not_before > now:
             return Claim(None, seq, not_before, tuple(dead))
         if attempts >= max_attempts:
-            db.execute(_DEAD, (_gave_up(attempts, crashed, ran_alone, last_error), msg_id))
+            db.execute(_DEAD, (gave_up(attempts, crashed, ran_alone, last_error), msg_id))
             dead.append(msg_id)
             continue
         if crashed and attempts == max_attempts - 1 and not alone:
@@ -110,25 +111,6 @@ def claim_head(
             if bulk > 0:
                 claim_following(db, claim, session_id, seq, bulk)
         return claim
-
-
-def _gave_up(attempts: int, crashed: int, ran_alone: int, last_error: str | None) -> str:
-    """Why a head whose attempts were used up without an outcome is dead-lettered."""
-    if crashed and ran_alone:
-        reason = (
-            f"gave up after {attempts} attempt(s); the process died during the last "
-            "one, which ran alone: this message kills the process"
-        )
-    elif crashed:
-        reason = (
-            f"gave up after {attempts} attempt(s); the process died during the last "
-            "one (other messages were in flight too, so it may not be the cause)"
-        )
-    else:
-        reason = f"gave up after {attempts} attempt(s); the last one ended without an outcome"
-    if last_error:
-        reason += f"; the error before that:\n{last_error}"
-    return reason
 
 
 def claim_following(

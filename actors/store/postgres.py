@@ -1,0 +1,453 @@
+"""``PgStore``: the :class:`~actors.store.protocol.Store` on PostgreSQL, for a cluster.
+
+Several processes, on one host or many, open the same database and share
+its work by bucket leases (postgres_cluster.py): each runs the engine for
+the sessions of the buckets it holds, and every write it makes for them is
+fenced (postgres_ops.py). One psycopg connection, used by the group
+committer (committer.py, as the SQLite store uses it) in a worker thread:
+psycopg's asynchronous API runs on asyncio only, so its synchronous one
+runs a whole group transaction per thread hop. Under trio's MockClock the
+committer runs inline, on the trio thread, as it does for SQLite.
+
+A second connection takes blocks of ids (``actors_meta.next_id``) in
+statements of their own, so that the counter's row is locked for one
+statement, never for a group transaction; a third reads for the trio
+thread (dead letters, the control table's look).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import trio
+
+from .._codec import decode_body
+from .._records import DeadLetter
+from .committer import Committer, virtual_time
+from .errors import StoreError
+from .postgres_cluster import PgCluster, new_member_id
+from .postgres_ops import Operations
+from .postgres_ownership import Ownership
+from .postgres_schema import connect, prepare_schema, redact
+from .protocol import StartMarks
+from .records import (
+    Aborted,
+    Ack,
+    AppendBatch,
+    Appended,
+    Claim,
+    ControlRequest,
+    DueWork,
+    FailOutcome,
+    Opened,
+    Purged,
+    Sent,
+    StoreStatistics,
+)
+
+if TYPE_CHECKING:
+    from .protocol import Store
+
+# The largest value a row holds here: PostgreSQL's limit on a field is 1 GB;
+# the runtime refuses far less (max_message_bytes) long before.
+MAX_VALUE_BYTES = 256 << 20
+
+
+def _ignore(_result: object) -> None:
+    pass
+
+
+class PgTransactions:
+    """``Transactions`` (committer.py) on a psycopg connection.
+
+    Every group runs in a worker thread (``try_begin`` says no at once):
+    a transaction is round trips to the server, which must not hold the
+    loop. A transaction begins implicitly at its first statement.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], ops: Operations) -> None:
+        self._conn = conn
+        self._ops = ops
+
+    def try_begin(self) -> bool:
+        return False
+
+    def begin(self) -> None:
+        self._ops.begin()
+
+    def finish(self) -> None:
+        self._ops.finish()
+
+    def commit(self) -> None:
+        try:
+            self._conn.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def rollback(self) -> None:
+        if not self._conn.closed:
+            self._conn.rollback()
+
+    def wait_for_locks(self, wait: bool) -> None:
+        pass
+
+    def maintenance_due(self) -> bool:
+        return False
+
+    async def maintain(self) -> None:
+        pass
+
+
+class AckBox:
+    """Acks submitted without waiting, written by one operation (see SqliteStore.ack_soon)."""
+
+    __slots__ = ("acks", "sealed")
+
+    def __init__(self, ack: int | Ack) -> None:
+        self.acks: list[int | Ack] = [ack]
+        self.sealed = False
+
+
+class PgStore:
+    """The database behind one process of a cluster. Open it with :meth:`open`."""
+
+    def __init__(
+        self,
+        url: str,
+        conn: psycopg.Connection[Any],
+        ids_conn: psycopg.Connection[Any],
+        own: Ownership,
+        lease_ttl: float,
+        *,
+        inline: bool,
+    ) -> None:
+        self._url = url
+        self._shown = redact(url)
+        self._conn = conn
+        self._ids_conn = ids_conn
+        self._reader: psycopg.Connection[Any] | None = None
+        self._reader_lock = threading.Lock()
+        self.own = own
+        self._ops = Operations(conn, self._take_ids, own, claim_margin=lease_ttl / 4)
+        self._tx = PgTransactions(conn, self._ops)
+        self._committer = Committer(
+            self._tx,
+            name=self._shown,
+            inline=inline,
+            sync_commits=False,
+            on_failure=self._drop_ack_box,
+        )
+        self._call = self._committer.call
+        self._ack_box: AckBox | None = None
+        self._ack_lock = threading.Lock()
+        self._cluster = PgCluster(url, own, lease_ttl, inline=inline)
+        self._closed = False
+        self._committer.start()
+
+    @classmethod
+    async def open(
+        cls, url: str, *, lease_ttl: float, buckets: int | None
+    ) -> tuple[PgStore, Opened]:
+        """Connect, create or migrate the schema, and join the cluster's members.
+
+        No recovery here: what a dead process left in flight goes back to
+        pending when its buckets are taken over (postgres_leases.take).
+
+        Raises:
+          StoreError: the database cannot be reached or is not usable
+            (SchemaVersionError: a newer schema).
+          ValueError: ``buckets`` differs from the database's.
+        """
+        inline = virtual_time()
+        if inline:
+            return cls._open(url, lease_ttl, buckets, inline=True)
+        return await trio.to_thread.run_sync(
+            lambda: cls._open(url, lease_ttl, buckets, inline=False)
+        )
+
+    @classmethod
+    def _open(
+        cls, url: str, lease_ttl: float, buckets: int | None, *, inline: bool
+    ) -> tuple[PgStore, Opened]:
+        # A frozen process's open transaction would hold its bucket rows'
+        # share locks, and so the takeover, hostage: the server ends it.
+        options = f"-c idle_in_transaction_session_timeout={max(500, int(lease_ttl * 500))}"
+        conn = connect(url, what="cannot connect")
+        ids_conn: psycopg.Connection[Any] | None = None
+        try:
+            conn.execute("SET idle_in_transaction_session_timeout = %s", (options.split("=")[1],))
+            conn.commit()
+            count = prepare_schema(conn, url, buckets)
+            ids_conn = connect(url, autocommit=True, what="cannot connect")
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE state < 2), count(*) FILTER (WHERE state = 2)"
+                " FROM actors_messages"
+            ).fetchone()
+            conn.commit()
+        except psycopg.Error as exc:
+            conn.close()
+            if ids_conn is not None:
+                ids_conn.close()
+            raise StoreError(f"cannot open the database {redact(url)}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            if ids_conn is not None:
+                ids_conn.close()
+            raise
+        assert row is not None
+        own = Ownership(new_member_id(), count)
+        store = cls(url, conn, ids_conn, own, lease_ttl, inline=inline)
+        return store, Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
+
+    def _take_ids(self, n: int) -> int:
+        row = self._ids_conn.execute(
+            "UPDATE actors_meta SET value = (value::bigint + %s)::text WHERE key = 'next_id'"
+            " RETURNING value::bigint - %s",
+            (n, n),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await self._committer.aclose()
+            await self._cluster.leave()
+            for conn in (self._conn, self._ids_conn, self._reader):
+                if conn is not None:
+                    conn.close()
+
+    # -- what it is ------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._shown
+
+    @property
+    def cluster(self) -> PgCluster:
+        return self._cluster
+
+    @property
+    def max_value_bytes(self) -> int:
+        return MAX_VALUE_BYTES
+
+    @property
+    def next_seq(self) -> int:
+        return self._ops.next_seq
+
+    @property
+    def starts(self) -> StartMarks | None:
+        return None
+
+    @property
+    def failed(self) -> trio.Event:
+        return self._committer.failed
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._committer.failure
+
+    def use_clock(self, now: Callable[[], float]) -> None:
+        self._ops.clock_now = now
+
+    def statistics(self) -> StoreStatistics:
+        committer = self._committer.statistics()
+        return StoreStatistics(
+            transactions=committer.transactions,
+            operations=committer.operations,
+            largest_group=committer.largest_group,
+            queued_operations=committer.queued_operations,
+            checkpoints=0,
+            bulk_checkpoints=0,
+            wal_pages=0,
+        )
+
+    def check_file(self) -> None:
+        pass  # (a server, not a file: nothing can replace it under the store)
+
+    # -- sends -------------------------------------------------------------------
+
+    def append(
+        self,
+        seal: Callable[[], AppendBatch],
+        *,
+        committed: Callable[[Appended], None] | None = None,
+    ) -> Coroutine[Any, Any, Appended]:
+        return self._committer.call_sealed(self._ops.append, seal, committed=committed)
+
+    # -- claims and acknowledgements ------------------------------------------------
+
+    def claim_next(
+        self,
+        session_id: str,
+        ack: int | Ack | None,
+        now: float,
+        max_attempts: int,
+        alone: bool,
+        want_state: bool = False,
+        bulk: int = 0,
+    ) -> Coroutine[Any, Any, Claim]:
+        return self._call(
+            self._ops.claim_next, session_id, ack, now, max_attempts, alone, want_state, bulk
+        )
+
+    def load_state(self, session_id: str) -> Coroutine[Any, Any, str | None]:
+        return self._call(self._ops.load_state, session_id)
+
+    def ack(self, ack: int | Ack) -> Coroutine[Any, Any, Sent | None]:
+        return self._call(self._ops.ack, ack)
+
+    def ack_soon(self, ack: int | Ack, done: Callable[[tuple[int, Sent | None]], None]) -> None:
+        box = self._ack_box
+        if box is not None:
+            with self._ack_lock:
+                if not box.sealed:
+                    box.acks.append(ack)
+                    return
+        box = self._ack_box = AckBox(ack)
+        self._committer.submit(self._write_box, box, done=done)
+
+    def _write_box(self, box: AckBox) -> tuple[int, Sent | None]:
+        with self._ack_lock:
+            box.sealed = True
+            acks = box.acks
+        return self._ops.ack_box(acks)
+
+    def _drop_ack_box(self) -> None:
+        self._ack_box = None
+
+    def fail(
+        self, message_id: int, error: str, retry_at: float, max_attempts: int
+    ) -> Coroutine[Any, Any, FailOutcome]:
+        return self._call(self._ops.fail, message_id, error, retry_at, max_attempts)
+
+    def release(self, message_id: int, uncount: bool, crashed: bool) -> Coroutine[Any, Any, None]:
+        return self._call(self._ops.release, message_id, uncount, crashed)
+
+    def release_many(self, message_ids: list[int]) -> Coroutine[Any, Any, None]:
+        return self._call(self._ops.release_many, message_ids)
+
+    def release_many_soon(self, message_ids: list[int]) -> None:
+        self._committer.submit(self._ops.release_many, message_ids, done=_ignore)
+
+    def defer_head(self, session_id: str, until: float) -> Coroutine[Any, Any, bool]:
+        return self._call(self._ops.defer_head, session_id, until)
+
+    def after_commits(self, done: Callable[[], None]) -> None:
+        self._committer.submit(self._ops.nothing, done=lambda _: done())
+
+    # -- the timer and the waiting line ------------------------------------------
+
+    def next_due(self, after: float) -> Coroutine[Any, Any, float | None]:
+        return self._call(self._ops.next_due, after)
+
+    def collect_due(self, after: float, now: float, limit: int) -> Coroutine[Any, Any, DueWork]:
+        return self._call(self._ops.collect_due, after, now, limit)
+
+    def sessions_with_work(
+        self, limit: int, exclude: frozenset[str]
+    ) -> Coroutine[Any, Any, list[tuple[str, int]]]:
+        return self._call(self._ops.sessions_with_work, limit, exclude)
+
+    def oldest_due(self, now: float) -> Coroutine[Any, Any, float | None]:
+        return self._call(self._ops.oldest_due, now)
+
+    # -- operators' changes ---------------------------------------------------------
+
+    def retry_dead(self, message_id: int | None) -> Coroutine[Any, Any, Sent]:
+        return self._call(self._ops.retry_dead, message_id)
+
+    def abort(
+        self, message_id: int, unstarted: bool = False
+    ) -> Coroutine[Any, Any, Aborted | None]:
+        return self._call(self._ops.abort, message_id, unstarted)
+
+    def purge(
+        self, session_id: str | None, dead_only: bool, before: float | None, limit: int
+    ) -> Coroutine[Any, Any, Purged]:
+        return self._call(self._ops.purge, session_id, dead_only, before, limit)
+
+    def sweep_keys(self, before: float, limit: int) -> Coroutine[Any, Any, int]:
+        return self._call(self._ops.sweep_keys, before, limit)
+
+    def dead_letters(self, session_id: str | None, limit: int | None) -> list[DeadLetter]:
+        sql = (
+            "SELECT id, session_id, body, raw, attempts, last_error, enqueued_at"
+            " FROM actors_messages WHERE state = 2"
+        )
+        params: list[Any] = []
+        if session_id is not None:
+            sql += " AND session_id = %s"
+            params.append(session_id)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(limit)
+        rows = self._read(sql, params, "cannot read dead letters")
+        out = []
+        for msg_id, session, text, raw, attempts, last_error, enqueued_at in rows:
+            stored: str | bytes = text if text is not None else bytes(raw)
+            try:
+                body = decode_body(stored)
+            except ValueError:
+                body = stored
+            out.append(
+                DeadLetter(
+                    id=msg_id,
+                    session_id=session,
+                    body=body,
+                    attempts=attempts,
+                    last_error=last_error or "",
+                    enqueued_at=enqueued_at,
+                )
+            )
+        return out
+
+    def _read(self, sql: str, params: list[Any], what: str) -> list[Any]:
+        """A read on the reader connection (trio thread; a short, indexed query)."""
+        try:
+            with self._reader_lock:
+                if self._reader is None or self._reader.closed:
+                    self._reader = connect(self._url, autocommit=True, what=what)
+                return self._reader.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            raise StoreError(f"{what} from {self._shown}: {exc}") from exc
+
+    # -- heartbeat and control table --------------------------------------------------
+
+    def heartbeat(self, value: str) -> Coroutine[Any, Any, None]:
+        return self._call(self._ops.heartbeat, value)
+
+    def heartbeat_soon(self, value: str) -> None:
+        self._committer.submit(self._ops.heartbeat, value, done=_ignore)
+
+    def has_open_requests(self) -> bool:
+        rows = self._read(
+            "SELECT EXISTS (SELECT 1 FROM actors_control WHERE done_at IS NULL)",
+            [],
+            "cannot read the control table",
+        )
+        return bool(rows[0][0])
+
+    def take_control(self, limit: int) -> Coroutine[Any, Any, list[ControlRequest]]:
+        return self._call(self._ops.take_control, limit)
+
+    def finish_control(
+        self, request_id: int, done_at: float, result: str, forget_before: float
+    ) -> Coroutine[Any, Any, None]:
+        return self._call(self._ops.finish_control, request_id, done_at, result, forget_before)
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_protocol(store: PgStore) -> Store:
+        return store  # mypy checks that PgStore is a Store

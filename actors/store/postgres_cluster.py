@@ -1,0 +1,273 @@
+"""A process's part in a cluster: its leases, and the notices of work for it.
+
+``PgCluster.run`` is a task of the running system. It keeps the leases
+(postgres_leases.py) every quarter of ``lease_ttl``, on a connection of its
+own, and acts on what a round finds, through the system's
+:class:`~actors.store.protocol.ClusterHost`:
+
+- buckets taken by another process (or refused by a fence) are *lost*: the
+  handlers still running there are cancelled at once, since every write they
+  would make is refused;
+- buckets gained are looked at for work, and their sessions get actors;
+- buckets beyond this process's share are *left*: no handler starts there
+  any more, their actors finish and leave, and the buckets are given back
+  once none is left (a clean handover: nothing runs twice);
+- if renewing fails for long enough that the leases could run out, every
+  bucket is dropped as lost, before another process can take them over.
+
+A listener thread (:class:`Listener`) waits for ``NOTIFY`` on its own
+connection, and hands the sessions with work in this process's buckets to
+the system (``ClusterHost.work_found``) through the trio token.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import trio
+
+from . import postgres_leases as leases
+from .postgres_ops import NOTIFY_CHANNEL
+from .postgres_ownership import Ownership, OwnershipStatistics
+from .postgres_schema import connect, redact
+from .protocol import ClusterHost
+
+log = logging.getLogger("actors.cluster")
+
+# Sessions handed over per look; more are left to Store.sessions_with_work.
+LOOK_LIMIT = 1000
+# Buckets given back per round beyond the fair share, as a fraction of all.
+RELEASE_STEP = 16
+
+
+def new_member_id() -> str:
+    """A process's name in the cluster: unique, never reused."""
+    return uuid.uuid4().hex
+
+
+class PgCluster:
+    """The leases and notices of one process (see the module)."""
+
+    def __init__(self, url: str, own: Ownership, lease_ttl: float, *, inline: bool) -> None:
+        self._url = url
+        self.own = own
+        self._ttl = lease_ttl
+        self._inline = inline
+        self._period = lease_ttl / 4
+        self._conn: psycopg.Connection[Any] | None = None
+        self._poke = trio.Event()
+        self._host: ClusterHost | None = None
+        self._listener: Listener | None = None
+        self._valid_until = -1.0  # trio time until which the leases surely hold
+        self.rounds = 0
+        self.failed_rounds = 0
+
+    def owns(self, session_id: str) -> bool:
+        return self.own.owns(session_id)
+
+    def statistics(self) -> OwnershipStatistics:
+        return self.own.statistics()
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self._url, autocommit=True, what="cannot connect (leases)")
+        return self._conn
+
+    # -- the task ----------------------------------------------------------
+
+    async def run(
+        self, host: ClusterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the leases until cancelled; started once the first round took a share."""
+        self._host = host
+        token = trio.lowlevel.current_trio_token()
+        self.own.on_found_lost = lambda: token.run_sync_soon(self._poke.set)
+        await self._db(lambda: leases.join(self._connection(), self.own.member, self._ttl))
+        self._listener = Listener(self._url, self.own, host.work_found, token)
+        self._listener.start()
+        try:
+            await self._round()
+            task_status.started()
+            while True:
+                with trio.move_on_after(self._period):
+                    await self._poke.wait()
+                self._poke = trio.Event()
+                await self._round()
+        finally:
+            self._listener.stop()
+
+    async def _round(self) -> None:
+        started = trio.current_time()
+        try:
+            found: leases.Round = await self._db(
+                leases.renew, self._connection(), self.own.member, self._ttl, self.own.buckets
+            )
+        except (psycopg.Error, OSError) as exc:
+            self._round_failed(exc)
+            return
+        self.rounds += 1
+        self._valid_until = started + self._ttl
+        self._apply_renewal(found.held)
+        await self._rebalance(found)
+        if self.rounds % 40 == 1:
+            await self._db(leases.forget_members, self._connection())
+
+    def _round_failed(self, exc: BaseException) -> None:
+        self.failed_rounds += 1
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        log.warning("renewing the leases on %s failed: %s", redact(self._url), exc)
+        # Stop starting handlers before the leases can run out (a quarter
+        # of the time to live ahead: that is when claims stop anyway).
+        if self.own.owned and trio.current_time() >= self._valid_until - 2 * self._period:
+            log.error("the leases could not be renewed in time: dropping every bucket")
+            self._lose(set(self.own.owned))
+
+    def _apply_renewal(self, held: dict[int, int]) -> None:
+        owned = self.own.owned
+        lost = {b for b, epoch in owned.items() if held.get(b) != epoch}
+        lost |= self.own.take_found_lost() & set(owned)
+        lost -= {b for b in lost if held.get(b) == owned.get(b)}  # a fence that raced a renewal
+        if lost:
+            log.warning("lost %d bucket(s) to another process: cancelling their handlers", len(lost))
+            self._lose(lost)
+
+    def _lose(self, lost: set[int]) -> None:
+        own = self.own
+        own.owned = {b: e for b, e in own.owned.items() if b not in lost}
+        own.leaving -= lost
+        own.lost += len(lost)
+        assert self._host is not None
+        self._host.drop_sessions(lambda s: own.bucket(s) in lost, hard=True)
+
+    async def _rebalance(self, found: leases.Round) -> None:
+        own = self.own
+        held = len(own.owned)
+        if held < found.target and not own.leaving:
+            gained: dict[int, int] = await self._db(
+                leases.take, self._connection(), own.member, self._ttl, found.target - held
+            )
+            if gained:
+                own.owned = {**own.owned, **gained}
+                own.gained += len(gained)
+                assert self._listener is not None
+                self._listener.look(set(gained))
+        elif held > found.target and not own.leaving:
+            step = max(1, own.buckets // RELEASE_STEP)
+            extra = sorted(own.owned)[: min(held - found.target, step)]
+            own.leaving = set(extra)
+            assert self._host is not None
+            self._host.drop_sessions(lambda s: own.bucket(s) in own.leaving, hard=False)
+        if own.leaving:
+            await self._give_back_idle()
+
+    async def _give_back_idle(self) -> None:
+        """Give back the leaving buckets in which no actor is left."""
+        own = self.own
+        assert self._host is not None
+        busy = {own.bucket(s) for s in self._host.live_sessions()}
+        idle = sorted(own.leaving - busy)
+        if not idle:
+            return
+        await self._db(leases.give_back, self._connection(), own.member, idle)
+        own.owned = {b: e for b, e in own.owned.items() if b not in idle}
+        own.leaving -= set(idle)
+        own.released += len(idle)
+
+    async def leave(self) -> None:
+        """A clean stop (after every actor left): give every bucket back at once."""
+        own = self.own
+        try:
+            await self._db(leases.leave, self._connection(), own.member)
+        except (psycopg.Error, OSError) as exc:
+            log.warning("giving the buckets back failed (they expire instead): %s", exc)
+        own.released += len(own.owned)
+        own.owned = {}
+        own.leaving = set()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Listener:
+    """A thread that waits for notices of work and hands it to the system."""
+
+    def __init__(
+        self,
+        url: str,
+        own: Ownership,
+        deliver: Callable[[list[str], bool], None],
+        token: trio.lowlevel.TrioToken,
+    ) -> None:
+        self._url = url
+        self._own = own
+        self._deliver = deliver
+        self._token = token
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._wanted: set[int] = set()  # buckets to look at (gained), any thread
+        self._thread = threading.Thread(target=self._main, name="actors-listen", daemon=True)
+        self.notices = 0
+        self.looks = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def look(self, buckets: set[int]) -> None:
+        """Look at ``buckets`` for work soon (any thread)."""
+        with self._lock:
+            self._wanted |= buckets
+
+    def _main(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.look(set(self._own.owned))  # what was sent while not listening
+                    self._listen(conn)
+            except (psycopg.Error, OSError) as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("listening for work failed (reconnecting): %s", exc)
+                self._stopping.wait(1.0)
+            except trio.RunFinishedError:
+                return
+
+    def _listen(self, conn: psycopg.Connection[Any]) -> None:
+        while not self._stopping.is_set():
+            buckets: set[int] = set()
+            for notice in conn.notifies(timeout=0.25):
+                self.notices += 1
+                if notice.payload == "*":
+                    buckets |= set(self._own.owned)
+                else:
+                    buckets.update(int(b) for b in notice.payload.split(",") if b)
+                if len(buckets) > 0:
+                    break
+            with self._lock:
+                buckets |= self._wanted
+                self._wanted = set()
+            own = self._own
+            mine = [b for b in buckets if b in own.owned and b not in own.leaving]
+            if mine:
+                self._look_at(conn, mine)
+
+    def _look_at(self, conn: psycopg.Connection[Any], buckets: list[int]) -> None:
+        self.looks += 1
+        sessions, more = leases.sessions_with_work(conn, buckets, LOOK_LIMIT)
+        if sessions or more:
+            self._token.run_sync_soon(self._deliver, sessions, more)

@@ -1,0 +1,147 @@
+"""The lease table's statements: join, renew, take, give back (blocking; a thread runs them).
+
+A bucket row is ``(bucket, owner, epoch, lease_until)``, with time from the
+database's clock (``now()``), never a process's: clocks of hosts disagree,
+the server's is the one every process reads.
+
+- **Renew** extends every lease this process holds; the rows it gets back
+  are what it still holds, at which epoch. A bucket missing there was
+  taken by another process after its lease ran out.
+- **Take** picks free or expired buckets (``lease_until < now()``) with
+  ``FOR UPDATE SKIP LOCKED``: a bucket whose old owner is committing a
+  fenced write holds a share lock on the row and is skipped this round, so
+  no write of the old owner lands after the epoch grew. Taking bumps the
+  epoch, and puts back to pending, marked crashed, what the old owner left
+  in flight (its handler may have run: the attempt stays counted).
+- **Give back** clears the owner and the lease, keeping the epoch: the old
+  owner's last acks were committed before it gave the bucket back.
+
+Buckets spread evenly: each process aims at ``ceil(buckets / live
+members)``, takes free buckets up to that at once (a dead member's buckets
+move within a round after their leases run out), and gives back what it
+holds beyond it a step per round (a new member gets its share gradually).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any
+
+import attrs
+import psycopg
+
+# A member not seen for this long is forgotten (its processed count is
+# folded into the database's total first).
+FORGET_MEMBERS_AFTER = 600.0
+
+
+@attrs.frozen
+class Round:
+    """What one renewal round found."""
+
+    held: dict[int, int]  # {bucket: epoch} still held after renewal
+    live: int  # members whose membership is current
+    target: int  # this process's fair share of buckets
+
+
+def join(conn: psycopg.Connection[Any], member: str, ttl: float) -> None:
+    """Add this process to the members (its buckets are taken by the first round)."""
+    conn.execute(
+        "INSERT INTO actors_members (id, host, pid, seen_until)"
+        " VALUES (%s, %s, %s, now() + make_interval(secs => %s))",
+        (member, socket.gethostname(), os.getpid(), ttl),
+    )
+
+
+def renew(conn: psycopg.Connection[Any], member: str, ttl: float, buckets: int) -> Round:
+    """Renew membership and every lease held; count the live members."""
+    with conn.transaction():
+        conn.execute(
+            "UPDATE actors_members SET seen_until = now() + make_interval(secs => %s)"
+            " WHERE id = %s",
+            (ttl, member),
+        )
+        held = dict(
+            conn.execute(
+                "UPDATE actors_buckets SET lease_until = now() + make_interval(secs => %s)"
+                " WHERE owner = %s RETURNING bucket, epoch",
+                (ttl, member),
+            ).fetchall()
+        )
+        row = conn.execute(
+            "SELECT count(*) FROM actors_members WHERE seen_until > now()"
+        ).fetchone()
+    live = max(1, int(row[0]) if row else 1)
+    return Round(held=held, live=live, target=math.ceil(buckets / live))
+
+
+def take(conn: psycopg.Connection[Any], member: str, ttl: float, count: int) -> dict[int, int]:
+    """Take up to ``count`` free or expired buckets; returns {bucket: new epoch}."""
+    if count <= 0:
+        return {}
+    with conn.transaction():
+        gained = dict(
+            conn.execute(
+                "UPDATE actors_buckets b SET owner = %s, epoch = b.epoch + 1,"
+                " lease_until = now() + make_interval(secs => %s)"
+                " FROM (SELECT bucket FROM actors_buckets WHERE lease_until < now()"
+                " ORDER BY bucket LIMIT %s FOR UPDATE SKIP LOCKED) AS free"
+                " WHERE b.bucket = free.bucket RETURNING b.bucket, b.epoch",
+                (member, ttl, count),
+            ).fetchall()
+        )
+        if gained:
+            # What the old owner left in flight: its handler may have run.
+            conn.execute(
+                "UPDATE actors_messages SET state = 0, crashed = true"
+                " WHERE bucket = ANY(%s) AND state = 1",
+                (list(gained),),
+            )
+    return gained
+
+
+def give_back(conn: psycopg.Connection[Any], member: str, buckets: list[int]) -> None:
+    """Release ``buckets`` now (their actors have left): another process may take them."""
+    if not buckets:
+        return
+    conn.execute(
+        "UPDATE actors_buckets SET owner = NULL, lease_until = '-infinity'"
+        " WHERE owner = %s AND bucket = ANY(%s)",
+        (member, buckets),
+    )
+
+
+def leave(conn: psycopg.Connection[Any], member: str) -> None:
+    """A clean stop: give back every bucket, and say this member is gone."""
+    with conn.transaction():
+        conn.execute(
+            "UPDATE actors_buckets SET owner = NULL, lease_until = '-infinity' WHERE owner = %s",
+            (member,),
+        )
+        conn.execute("UPDATE actors_members SET seen_until = now() WHERE id = %s", (member,))
+
+
+def forget_members(conn: psycopg.Connection[Any]) -> None:
+    """Drop members long gone, keeping their processed count in the total."""
+    with conn.transaction():
+        conn.execute(
+            "WITH gone AS (DELETE FROM actors_members"
+            " WHERE seen_until < now() - make_interval(secs => %s) RETURNING processed)"
+            " UPDATE actors_meta SET value = (value::bigint"
+            " + (SELECT coalesce(sum(processed), 0) FROM gone))::text WHERE key = 'processed'",
+            (FORGET_MEMBERS_AFTER,),
+        )
+
+
+def sessions_with_work(
+    conn: psycopg.Connection[Any], buckets: list[int], limit: int
+) -> tuple[list[str], bool]:
+    """Sessions of ``buckets`` with a message waiting (not claimed); whether there are more."""
+    rows = conn.execute(
+        "SELECT DISTINCT session_id FROM actors_messages"
+        " WHERE bucket = ANY(%s) AND state = 0 AND seq IS NOT NULL LIMIT %s",
+        (buckets, limit + 1),
+    ).fetchall()
+    return [str(r[0]) for r in rows[:limit]], len(rows) > limit

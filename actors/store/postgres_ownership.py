@@ -1,0 +1,87 @@
+"""What this process owns: buckets at epochs, as the lease keeper last saw them.
+
+Shared by the trio thread (the keeper changes it, the supervisor asks
+:meth:`Ownership.owns`) and the committer's thread (the fence reads it, and
+notes buckets it found lost). Each field is replaced whole or changed by
+one dict/set operation, which CPython makes atomic: a reader sees the old
+or the new, never half; the fence in the database decides anyway.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import attrs
+
+from .postgres_schema import bucket_of
+
+
+@attrs.frozen
+class OwnershipStatistics:
+    """Buckets this process holds, and changes of owner it saw."""
+
+    member: str
+    buckets: int  # in the database
+    owned: int
+    leaving: int  # being handed over (no new handler starts there)
+    gained: int  # buckets taken since start
+    released: int  # buckets given back cleanly
+    lost: int  # buckets found taken by another process (fenced)
+    fenced_writes: int  # operations refused by the fence
+
+
+class Ownership:
+    """The buckets this process holds, by epoch (see the module on threads)."""
+
+    def __init__(self, member: str, buckets: int) -> None:
+        self.member = member
+        self.buckets = buckets
+        # {bucket: epoch}: what the database said at the last renewal or
+        # acquisition. Invariant: a write for a session commits only if its
+        # bucket is here *and* the database still has this process as the
+        # owner at this epoch (checked in the writing transaction).
+        self.owned: dict[int, int] = {}
+        # Buckets being handed over: held, but no handler may start there
+        # (claims refused), so that their actors finish and leave.
+        self.leaving: set[int] = set()
+        # Buckets a fenced write found lost, for the keeper to act on (any thread).
+        self._found_lost: set[int] = set()
+        self._lock = threading.Lock()
+        self.on_found_lost: Callable[[], None] = lambda: None
+        self.gained = 0
+        self.released = 0
+        self.lost = 0
+        self.fenced_writes = 0
+
+    def bucket(self, session_id: str) -> int:
+        return bucket_of(session_id, self.buckets)
+
+    def owns(self, session_id: str) -> bool:
+        """Whether this process runs ``session_id``'s handlers now."""
+        b = bucket_of(session_id, self.buckets)
+        return b in self.owned and b not in self.leaving
+
+    def found_lost(self, buckets: set[int]) -> None:
+        """A fence found ``buckets`` held by another owner (any thread)."""
+        with self._lock:
+            self._found_lost |= buckets
+            self.fenced_writes += 1
+        self.on_found_lost()
+
+    def take_found_lost(self) -> set[int]:
+        with self._lock:
+            found, self._found_lost = self._found_lost, set()
+        return found
+
+    def statistics(self) -> OwnershipStatistics:
+        return OwnershipStatistics(
+            member=self.member,
+            buckets=self.buckets,
+            owned=len(self.owned),
+            leaving=len(self.leaving),
+            gained=self.gained,
+            released=self.released,
+            lost=self.lost,
+            fenced_writes=self.fenced_writes,
+        )
