@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pgserver
 import pytest
 import trio
 import trio.testing
@@ -75,3 +77,50 @@ def still_clock() -> trio.testing.MockClock:
 def phases(monkeypatch: pytest.MonkeyPatch) -> PhaseLog:
     """Every phase change of every session actor (tests/rig.py)."""
     return PhaseLog(monkeypatch)
+
+
+def _pg_plan() -> pgserver.Plan:
+    env = os.environ
+    return pgserver.plan_server(env, pgserver.find_bindir(env), pgserver.have_psycopg())
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server for this run (tests/pgserver.py).
+
+    ``ACTORS_TEST_POSTGRES`` when set, else a throwaway server started here and
+    stopped at the end of the run. Without either, the tests that use it are
+    skipped with one line saying how to get one; when ``CI`` is set they fail.
+    """
+    plan = _pg_plan()
+    if isinstance(plan, pgserver.Unavailable):
+        if plan.fatal:
+            pytest.fail(plan.reason, pytrace=False)
+        pytest.skip(plan.reason)
+    if isinstance(plan, pgserver.Existing):
+        yield plan.url
+        return
+    with pgserver.throwaway_server(plan.bindir) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """The URL of a new, empty database of its own for one test, dropped after it."""
+    with pgserver.fresh_database(pg_server) as url:
+        yield url
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test that needs PostgreSQL is marked ``postgres`` (-m "not postgres"
+    # leaves them out) by what it uses, so that none can forget the mark.
+    users = [item for item in items if "pg_server" in getattr(item, "fixturenames", ())]
+    if not users:
+        return
+    plan = _pg_plan()
+    # Skipped by a mark rather than by the fixture alone: -ra then folds the
+    # skips into one line per file instead of one per test.
+    for item in users:
+        item.add_marker(pytest.mark.postgres)
+        if isinstance(plan, pgserver.Unavailable) and not plan.fatal:
+            item.add_marker(pytest.mark.skip(reason=plan.reason))
