@@ -135,7 +135,12 @@ class SessionActor(ActorState):
         try:
             while True:
                 outcome: Exit | None = await self._incarnation()
-                if outcome is Exit.CRASH or outcome is Exit.START_FAILED:
+                if (outcome is Exit.CRASH or outcome is Exit.START_FAILED) and self.dropped:
+                    # Cancelled because the session left this process: no
+                    # crash to record (the store refuses it anyway).
+                    await self._release_in_flight()
+                    outcome = Exit.STOP
+                elif outcome is Exit.CRASH or outcome is Exit.START_FAILED:
                     outcome = await self._recover(outcome is Exit.START_FAILED)
                 if outcome is not None and host.retire(self, outcome):
                     self._to(Phase.LEFT)
@@ -157,7 +162,7 @@ class SessionActor(ActorState):
         """After a crash: record it, then how to leave (None: start again now)."""
         host = self._host
         delay, nothing_to_start = await self._after_crash(start_failed)
-        if host.stopping:
+        if host.stopping or self.dropped:
             await self._release_in_flight()
             return Exit.STOP
         if nothing_to_start:
@@ -320,7 +325,7 @@ class SessionActor(ActorState):
     def _next_step(self, serving: _Serving) -> Step:
         """What to do next, decided without waiting (the serve loop does the waiting)."""
         host = self._host
-        if host.stopping:
+        if host.stopping or self.dropped:
             return Step.STOP
         if self.turn >= host.config.fair_share and host.line.has_waiters:
             # Its turn is up (counted since this activation, the messages
@@ -411,6 +416,7 @@ class SessionActor(ActorState):
         host = self._host
         store = host.store
         announced = self.notified_seq  # committed before this claim runs
+        self.pokes_seen = self.pokes  # (likewise)
         self._to(_CLAIMING)
         ack, data = serving.ack, serving.data
         claim: Claim = await store.claim_next(
@@ -568,7 +574,12 @@ class SessionActor(ActorState):
         """
         host = self._host
         self.turn += 1
-        if not (self.caught_up and self.notified_seq <= self.claimed_seq and not serving.alone):
+        if not (
+            self.caught_up
+            and self.notified_seq <= self.claimed_seq
+            and self.pokes == self.pokes_seen
+            and not serving.alone
+        ):
             return _NEXT  # the ack goes with the next claim, or before the next wait
         # Nothing is known to follow: commit the ack without waiting for it
         # (no claim that would find nothing), and wait for work. The store
@@ -631,7 +642,7 @@ class SessionActor(ActorState):
         if host.line.has_waiters:
             return Exit.STOP if host.stopping else Exit.IDLE
         self._to(_IDLE)
-        if self.handed or self.notified_seq > self.claimed_seq:
+        if self.handed or self.notified_seq > self.claimed_seq or self.pokes != self.pokes_seen:
             await trio.lowlevel.checkpoint()
             return None
         if host.stopping:  # stop() may have woken us before we got here
@@ -642,7 +653,7 @@ class SessionActor(ActorState):
         self._parked = trio.lowlevel.current_task()
         host.idle_actors.add(self)
         await trio.lowlevel.wait_task_rescheduled(self._abort_park)
-        if self.handed or self.notified_seq > self.claimed_seq:
+        if self.handed or self.notified_seq > self.claimed_seq or self.pokes != self.pokes_seen:
             return None
         return Exit.STOP if host.stopping else Exit.IDLE
 

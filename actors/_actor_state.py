@@ -79,10 +79,31 @@ class ActorState:
         self.idle_watched = False  # the IdleWatch's heap has an entry for this actor
         self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
         self.notified_seq = 0  # highest seq the router announced
+        # Notices without a seq (work another process committed: its seqs
+        # are not in this process's order), counted; pokes_seen is the count
+        # the last claim started after. Invariant: pokes > pokes_seen means
+        # a claim must run before the actor waits or leaves.
+        self.pokes = 0
+        self.pokes_seen = 0
         # Whether every message of the session in the database up to
         # claimed_seq is known to be handled: false until a claim found no
         # head in this incarnation (a new incarnation knows nothing).
         self.caught_up = False
+        self._init_handoff()
+        # This actor's slot in the start table (see _starts.py).
+        starts = host.store.starts
+        self.slot = starts.acquire() if starts is not None else -1
+        # handler_timeout (see Watchdog): set before each handler call.
+        self.handler_deadline = math.inf
+        self.watched = False  # the Watchdog's heap has an entry for this actor
+        self.turn = 0  # messages processed since this activation (fair share)
+        self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
+        # The session is no longer this process's (a clustered store handed
+        # its bucket over, or lost it): no handler starts, the actor leaves.
+        self.dropped = False
+
+    def _init_handoff(self) -> None:
+        """The fields of claim on delivery (part of __init__)."""
         # Claim on delivery: reserved while the router commits messages
         # inserted claimed for this actor; handed once committed, in seq
         # order, until the actor takes each in turn. While either is set the
@@ -102,14 +123,6 @@ class ActorState:
         # may have made that false.
         self._serve_gen = 0
         self._reserve_gen = -1
-        # This actor's slot in the start table (see _starts.py).
-        starts = host.store.starts
-        self.slot = starts.acquire() if starts is not None else -1
-        # handler_timeout (see Watchdog): set before each handler call.
-        self.handler_deadline = math.inf
-        self.watched = False  # the Watchdog's heap has an entry for this actor
-        self.turn = 0  # messages processed since this activation (fair share)
-        self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
 
     def _to(self, phase: Phase) -> None:
         """Change phase: the one place that does, and it asserts the change is legal."""
@@ -163,6 +176,11 @@ class ActorState:
             if self._parked is not None and seq > self.claimed_seq:
                 self.unpark()
 
+    def poke(self) -> None:
+        """Work of this session was committed elsewhere: claim again before waiting."""
+        self.pokes += 1
+        self.wake()
+
     def wake(self) -> None:
         """Cut an idle, due or backoff wait short, so the actor looks again."""
         if self._parked is not None:
@@ -214,9 +232,22 @@ class ActorState:
         self._scope.cancel()
         return True
 
+    def drop(self, *, cancel: bool) -> None:
+        """The session is no longer this process's: leave, after the running
+        handler returns, or at once with ``cancel`` (its writes would be refused)."""
+        self.dropped = True
+        if cancel:
+            self.kill()
+        self.wake()
+
     def has_new_work(self) -> bool:
         """True if work came beyond what was claimed: handed, reserved or announced."""
-        return bool(self.reserved or self.handed or self.notified_seq > self.claimed_seq)
+        return bool(
+            self.reserved
+            or self.handed
+            or self.notified_seq > self.claimed_seq
+            or self.pokes != self.pokes_seen
+        )
 
     # -- claim on delivery (Supervisor.reserve / hand_over) ---------------
 

@@ -13,6 +13,13 @@ _COUNT = v.field(v.check_option_int)
 _POSITIVE_SECONDS = v.field(v.check_seconds, positive=True)
 
 
+class UnknownOptionError(TypeError, ValueError):
+    """An option ``run_system`` does not know, or that means nothing for the
+    database it was given (``durability`` on PostgreSQL, ``lease_ttl`` on
+    SQLite). Both a TypeError (a wrong keyword, as Python calls it) and a
+    ValueError (a wrong setting), so either ``except`` catches it."""
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Every option of :func:`run_system`, with its default.
@@ -92,7 +99,7 @@ class Config:
         known = {a.name for a in attrs.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise TypeError(
+            raise UnknownOptionError(
                 f"run_system() got unknown option(s) {', '.join(unknown)}; "
                 f"known options: {', '.join(sorted(known))}"
             )

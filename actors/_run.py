@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from ._config import Config
+from ._config import Config, UnknownOptionError
 from ._context import Context, actor_factory
 from ._errors import StoreError
+from ._host import Behaviour
 from ._lock import DatabaseLock
 from ._system import System
-from ._validate import check_instance
-from .store import database_path
+from ._validate import check_instance, check_number
+from .store import Opened, Store, database_path
+from .store.postgres_schema import check_buckets, is_url
 from .store.sqlite import SqliteStore
 
 
@@ -32,16 +34,27 @@ async def run_system(
     rng: random.Random | None = None,
     **options: Any,
 ) -> AsyncIterator[System]:
-    """Run a durable actor system on the SQLite database at ``path``.
+    """Run a durable actor system on the SQLite database at ``path``, or on PostgreSQL.
+
+    ``path`` is an SQLite file, or a URL that starts with ``postgresql://``
+    or ``postgres://``: then the PostgreSQL store (``pip install
+    actors[postgres]``) shares the database with every other process that
+    runs a system on it, a cluster (see docs/howto-cluster.md). The
+    database must exist; its tables are created on first use.
 
     ``handler`` is ``async def handler(ctx, msg)`` or an :class:`Actor`
     subclass. ``options`` are those of :class:`Config` (``max_attempts``,
-    ``handler_timeout``, ``idle_timeout``, ``max_active``, ...). ``rng``
+    ``handler_timeout``, ``idle_timeout``, ``max_active``, ...), and on
+    PostgreSQL ``lease_ttl`` (seconds a process holds its sessions without
+    renewing, default 10) and ``buckets`` (how many buckets sessions are
+    hashed into, fixed when the schema is created, default 1024). ``rng``
     seeds retry jitter, for reproducible tests.
 
     On entry the database is opened (created if missing), locked for this
     system, and recovered: messages a dead process left in flight go back to
     pending at once, and sessions with work get actors, oldest work first.
+    (On PostgreSQL nothing is locked: this process takes its share of the
+    buckets, and recovers what a dead owner left in them as it takes them.)
     Leaving the block stops gracefully: sends are refused, running handlers
     get ``shutdown_timeout`` seconds, then are cancelled; unfinished
     messages stay pending for the next start. ``System.shutdown(grace)``
@@ -50,34 +63,90 @@ async def run_system(
 
     Raises:
       TypeError / ValueError: bad ``handler``, path, ``rng`` or options
-        (before anything is opened; see Config for the ranges).
-      DatabaseInUseError: another running system owns the database.
+        (before anything is opened; see Config for the ranges). An option
+        unknown, or meaningless for the database given, raises
+        ``UnknownOptionError``, which is both.
+      DatabaseInUseError: another running system owns the SQLite database.
       StoreError: the database cannot be opened, or failed while running.
     """
+    if is_url(path):
+        assert isinstance(path, str)
+        lease_ttl, buckets = _cluster_options(options)
+        config = Config.from_options(options)
+        behaviour = actor_factory(handler)
+        check_instance("rng", rng, random.Random, optional=True)
+        from .store.postgres import PgStore  # (psycopg: the postgres extra)
+
+        store: Store
+        store, opened = await PgStore.open(path, lease_ttl=lease_ttl, buckets=buckets)
+        async with _system(store, opened, config, behaviour, rng, store.path) as system:
+            yield system
+        return
+    for name in _CLUSTER_ONLY:
+        if name in options:
+            raise UnknownOptionError(
+                f"run_system() option {name!r} is for PostgreSQL only; {path!r} is an SQLite file"
+            )
     config = Config.from_options(options)
     behaviour = actor_factory(handler)  # validated before the file is touched
     check_instance("rng", rng, random.Random, optional=True)
     db_path = database_path(path)
     with _locked(db_path) as lock:
-        store, opened = await SqliteStore.open(
+        sqlite, opened = await SqliteStore.open(
             db_path, durability=config.durability, busy_timeout=config.busy_timeout
         )
         try:
-            _check_opened(store, lock, config, db_path)
-            system = System(
-                path=db_path,
-                store=store,
-                opened=opened,
-                config=config,
-                behaviour=behaviour,
-                make_context=Context,
-                rng=rng,
-            )
+            _check_opened(sqlite, lock, config, db_path)
         except BaseException:
-            await store.aclose()
+            await sqlite.aclose()
             raise
-        async with system._running():
+        async with _system(sqlite, opened, config, behaviour, rng, db_path) as system:
             yield system
+
+
+_CLUSTER_ONLY = ("lease_ttl", "buckets")
+_SQLITE_ONLY = ("durability", "busy_timeout")
+
+
+def _cluster_options(options: dict[str, Any]) -> tuple[float, int | None]:
+    """Take PostgreSQL's own options out of ``options``; refuse SQLite's."""
+    for name in _SQLITE_ONLY:
+        if name in options:
+            raise UnknownOptionError(
+                f"run_system() option {name!r} means nothing on PostgreSQL "
+                "(the server's own settings decide durability and lock waits)"
+            )
+    lease_ttl = check_number(
+        "lease_ttl", options.pop("lease_ttl", 10.0), minimum=0.2, maximum=3600.0
+    )
+    return lease_ttl, check_buckets(options.pop("buckets", None))
+
+
+@asynccontextmanager
+async def _system(
+    store: Store,
+    opened: Opened,
+    config: Config,
+    behaviour: Behaviour,
+    rng: random.Random | None,
+    path: str,
+) -> AsyncIterator[System]:
+    """Build the system on an opened store and run it (the store is closed either way)."""
+    try:
+        system = System(
+            path=path,
+            store=store,
+            opened=opened,
+            config=config,
+            behaviour=behaviour,
+            make_context=Context,
+            rng=rng,
+        )
+    except BaseException:
+        await store.aclose()
+        raise
+    async with system._running():
+        yield system
 
 
 @contextmanager

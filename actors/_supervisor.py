@@ -92,6 +92,9 @@ class Supervisor:
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
+        # A store shared by several processes runs here only the sessions
+        # it says this process owns (None: every session is ours).
+        self.cluster = store.cluster
         self.clock = clock
         self.config = config
         self.behaviour = behaviour
@@ -209,6 +212,8 @@ class Supervisor:
 
     def ensure(self, session_id: str, seq: int = 0) -> None:
         """Work for ``session_id`` is committed (up to ``seq``, if known): get it done."""
+        if self.cluster is not None and not self.cluster.owns(session_id):
+            return  # (its owner was told by the database)
         actor = self._actors.get(session_id)
         if actor is not None:
             if seq:
@@ -222,6 +227,27 @@ class Supervisor:
             self._start(session_id)
         else:
             self._queue(session_id)
+
+    # -- a clustered store's news (ClusterHost) --------------------------------
+
+    def work_found(self, sessions: list[str], more: bool) -> None:
+        """Work came to these sessions from elsewhere (another process, a takeover)."""
+        actors = self._actors
+        for session_id in sessions:
+            actor = actors.get(session_id)
+            if actor is not None:
+                actor.poke()  # (its seqs are not in this process's order)
+            else:
+                self.ensure(session_id, 0)
+        if more and not self.stopping:
+            self.line.set_overflow()
+            self._want_refill()
+
+    def drop_sessions(self, which: Callable[[str], bool], hard: bool) -> None:
+        """These sessions are no longer this process's: their actors leave."""
+        for actor in list(self._actors.values()):
+            if which(actor.session_id):
+                actor.drop(cancel=hard)
 
     def kill(self, session_id: str) -> bool:
         """Crash ``session_id``'s actor now. False if it has none running."""
@@ -576,6 +602,8 @@ class Supervisor:
         assert session_id not in self._actors
         if self._nursery is None:
             return  # stopped; the work stays in the database for the next start
+        if self.cluster is not None and not self.cluster.owns(session_id):
+            return  # (it left this process while waiting for a slot)
         try:
             actor = SessionActor(session_id, self)
             self._nursery.start_soon(actor.run, name=f"actor:{session_id}")

@@ -130,6 +130,10 @@ class System:
             self.recovered,
         )
         await nursery.start(self._sup.run)
+        cluster = self._store.cluster
+        if cluster is not None:
+            # This process's share of the sessions, taken before the block runs.
+            await nursery.start(cluster.run, self._sup)
         nursery.start_soon(self._router.run, name="actors.router")
         nursery.start_soon(self._timer.run, name="actors.timer")
         nursery.start_soon(self._watch_store, name="actors.store-watch")

@@ -439,6 +439,10 @@ class MemoryStore:
         return self._starts
 
     @property
+    def cluster(self) -> None:
+        return None  # (one process: every session is its own)
+
+    @property
     def failed(self) -> trio.Event:
         return self._failed
 

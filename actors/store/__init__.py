@@ -13,7 +13,7 @@ can reuse it or replace it.
 
 from .errors import SchemaVersionError, StoreError, UnusableDatabaseError
 from .paths import database_path
-from .protocol import ControlRequests, StartMarks, Store, StoreViews
+from .protocol import Cluster, ClusterHost, ControlRequests, StartMarks, Store, StoreViews
 from .records import (
     Aborted,
     Ack,
@@ -41,6 +41,8 @@ __all__ = [
     "Appended",
     "Claim",
     "Claimed",
+    "Cluster",
+    "ClusterHost",
     "ControlRequest",
     "ControlRequests",
     "DueWork",

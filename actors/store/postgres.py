@@ -60,6 +60,38 @@ def _ignore(_result: object) -> None:
     pass
 
 
+def _connect(
+    url: str, lease_ttl: float, buckets: int | None
+) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any], int, Opened]:
+    """The writer's and the ids' connections, the schema made (blocking)."""
+    # A frozen process's open transaction would hold its bucket rows'
+    # share locks, and so the takeover, hostage: the server ends it.
+    idle_ms = str(max(500, int(lease_ttl * 500)))
+    conn = connect(url, what="cannot connect")
+    ids_conn: psycopg.Connection[Any] | None = None
+    try:
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (idle_ms,)
+        )
+        conn.commit()
+        count = prepare_schema(conn, url, buckets)
+        ids_conn = connect(url, autocommit=True, what="cannot connect")
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE state < 2), count(*) FILTER (WHERE state = 2)"
+            " FROM actors_messages"
+        ).fetchone()
+        conn.commit()
+    except BaseException as exc:
+        conn.close()
+        if ids_conn is not None:
+            ids_conn.close()
+        if isinstance(exc, psycopg.Error):
+            raise StoreError(f"cannot open the database {redact(url)}: {exc}") from exc
+        raise
+    assert row is not None
+    return conn, ids_conn, count, Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
+
+
 class PgTransactions:
     """``Transactions`` (committer.py) on a psycopg connection.
 
@@ -164,44 +196,14 @@ class PgStore:
         """
         inline = virtual_time()
         if inline:
-            return cls._open(url, lease_ttl, buckets, inline=True)
-        return await trio.to_thread.run_sync(
-            lambda: cls._open(url, lease_ttl, buckets, inline=False)
-        )
-
-    @classmethod
-    def _open(
-        cls, url: str, lease_ttl: float, buckets: int | None, *, inline: bool
-    ) -> tuple[PgStore, Opened]:
-        # A frozen process's open transaction would hold its bucket rows'
-        # share locks, and so the takeover, hostage: the server ends it.
-        options = f"-c idle_in_transaction_session_timeout={max(500, int(lease_ttl * 500))}"
-        conn = connect(url, what="cannot connect")
-        ids_conn: psycopg.Connection[Any] | None = None
-        try:
-            conn.execute("SET idle_in_transaction_session_timeout = %s", (options.split("=")[1],))
-            conn.commit()
-            count = prepare_schema(conn, url, buckets)
-            ids_conn = connect(url, autocommit=True, what="cannot connect")
-            row = conn.execute(
-                "SELECT count(*) FILTER (WHERE state < 2), count(*) FILTER (WHERE state = 2)"
-                " FROM actors_messages"
-            ).fetchone()
-            conn.commit()
-        except psycopg.Error as exc:
-            conn.close()
-            if ids_conn is not None:
-                ids_conn.close()
-            raise StoreError(f"cannot open the database {redact(url)}: {exc}") from exc
-        except BaseException:
-            conn.close()
-            if ids_conn is not None:
-                ids_conn.close()
-            raise
-        assert row is not None
+            conn, ids_conn, count, opened = _connect(url, lease_ttl, buckets)
+        else:
+            conn, ids_conn, count, opened = await trio.to_thread.run_sync(
+                _connect, url, lease_ttl, buckets
+            )
+        # (Built on the trio thread: the committer starts its task.)
         own = Ownership(new_member_id(), count)
-        store = cls(url, conn, ids_conn, own, lease_ttl, inline=inline)
-        return store, Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
+        return cls(url, conn, ids_conn, own, lease_ttl, inline=inline), opened
 
     def _take_ids(self, n: int) -> int:
         row = self._ids_conn.execute(
@@ -415,7 +417,7 @@ class PgStore:
             with self._reader_lock:
                 if self._reader is None or self._reader.closed:
                     self._reader = connect(self._url, autocommit=True, what=what)
-                return self._reader.execute(sql, params).fetchall()  # type: ignore[arg-type]
+                return self._reader.execute(sql, params).fetchall()
         except psycopg.Error as exc:
             if self._reader is not None:
                 self._reader.close()

@@ -140,7 +140,9 @@ class PgCluster:
         lost |= self.own.take_found_lost() & set(owned)
         lost -= {b for b in lost if held.get(b) == owned.get(b)}  # a fence that raced a renewal
         if lost:
-            log.warning("lost %d bucket(s) to another process: cancelling their handlers", len(lost))
+            log.warning(
+                "lost %d bucket(s) to another process: cancelling their handlers", len(lost)
+            )
             self._lose(lost)
 
     def _lose(self, lost: set[int]) -> None:

@@ -31,6 +31,7 @@ import psycopg
 from .. import _clock
 from .._codec import decode_body
 from .._records import Message, new_message
+from .blame import gave_up
 from .postgres_ownership import Ownership
 from .records import (
     Aborted,
@@ -44,7 +45,6 @@ from .records import (
     Purged,
     Sent,
 )
-from .blame import gave_up
 
 NOTIFY_CHANNEL = "actors_work"
 # A payload longer than this lists too many buckets: "*" (every owner looks).
@@ -370,9 +370,7 @@ class Operations:
         self, claim: Claim, session_id: str, bucket: int, after: int, limit: int
     ) -> None:
         """As sqlite_claim.claim_following: fresh messages right behind the head."""
-        rows: list[Any] = self.conn.execute(
-            _FOLLOWING, (session_id, after, limit + 1)
-        ).fetchall()
+        rows: list[Any] = self.conn.execute(_FOLLOWING, (session_id, after, limit + 1)).fetchall()
         extra = claim.extra
         claim.more = len(rows) > limit
         for msg_id, seq, state, attempts, body, raw, enqueued_at, crashed, key in rows[:limit]:
@@ -413,7 +411,7 @@ class Operations:
         """Write a box of acks (see ack_soon); returns (count, the outboxes' (session, seq))."""
         plain = [a for a in acks if type(a) is int]
         if plain:
-            self._ack_ids(plain)  # type: ignore[arg-type]
+            self._ack_ids(plain)
         sent: Sent | None = None
         if len(plain) != len(acks):
             for ack in acks:
@@ -668,7 +666,7 @@ class Operations:
             where += " AND enqueued_at < %s"
             params.append(before)
         rows = self.conn.execute(
-            f"DELETE FROM actors_messages WHERE id IN (SELECT id FROM actors_messages"  # noqa: S608
+            f"DELETE FROM actors_messages WHERE id IN (SELECT id FROM actors_messages"
             f" WHERE {where} ORDER BY id LIMIT %s FOR UPDATE)"
             " RETURNING id, session_id, state, key",
             (*params, limit),
@@ -703,7 +701,7 @@ class Operations:
     def take_control(self, limit: int) -> list[ControlRequest]:
         """The open control requests, oldest first, marked taken (see ``Store.take_control``)."""
         rows = self.conn.execute(
-            "UPDATE actors_control SET result = '{\"status\": \"applying\"}' WHERE id IN"
+            'UPDATE actors_control SET result = \'{"status": "applying"}\' WHERE id IN'
             " (SELECT id FROM actors_control WHERE done_at IS NULL ORDER BY id LIMIT %s"
             " FOR UPDATE SKIP LOCKED) RETURNING id, command, args",
             (limit,),

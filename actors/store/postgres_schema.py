@@ -82,8 +82,7 @@ _SCHEMA_V1 = (
     # A bucket's sessions with work: what a new owner, or a notice, looks for.
     "CREATE INDEX actors_messages_bucket ON actors_messages (bucket, seq)"
     " WHERE state < 2 AND seq IS NOT NULL",
-    "CREATE INDEX actors_messages_due ON actors_messages (not_before)"
-    " WHERE not_before IS NOT NULL",
+    "CREATE INDEX actors_messages_due ON actors_messages (not_before) WHERE not_before IS NOT NULL",
     "CREATE INDEX actors_messages_dead ON actors_messages (session_id, id) WHERE state = 2",
     """
     CREATE TABLE actors_state (
@@ -145,7 +144,9 @@ def redact(url: str) -> str:
             return url
         netloc = parts.netloc.rsplit("@", 1)
         user = netloc[0].split(":", 1)[0]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+        return urlunsplit(
+            (parts.scheme, f"{user}:***@{netloc[1]}", parts.path, parts.query, parts.fragment)
+        )
     except ValueError:
         return "postgresql://(unparsable URL)"
 
@@ -155,7 +156,9 @@ def bucket_of(session_id: str, buckets: int) -> int:
     return zlib.crc32(session_id.encode("utf-8", "surrogatepass")) % buckets
 
 
-def connect(url: str, *, autocommit: bool = False, what: str = "cannot connect") -> psycopg.Connection[Any]:
+def connect(
+    url: str, *, autocommit: bool = False, what: str = "cannot connect"
+) -> psycopg.Connection[Any]:
     """A connection to ``url``, its failure a StoreError that names the database."""
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
@@ -194,7 +197,7 @@ def prepare_schema(conn: psycopg.Connection[Any], url: str, buckets: int | None)
             if version:
                 log.info("migrating %s to schema version %d", redact(url), target)
             for statement in _MIGRATIONS[target]:
-                conn.execute(statement)  # type: ignore[arg-type]
+                conn.execute(statement)
         if version == 0:
             count = DEFAULT_BUCKETS if buckets is None else buckets
             conn.execute(

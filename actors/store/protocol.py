@@ -81,6 +81,42 @@ class StartMarks(Protocol):
         (see :meth:`Store.after_commits`)."""
 
 
+class ClusterHost(Protocol):
+    """What a clustered store tells the running system (the supervisor is one).
+
+    Called on the trio thread, never blocking.
+    """
+
+    def work_found(self, sessions: list[str], more: bool) -> None:
+        """``sessions``, of buckets this process holds, have work waiting in
+        the database that no send of this process announced (another process
+        sent it, or the bucket was just taken over). ``more``: others may
+        have too; :meth:`Store.sessions_with_work` finds them."""
+
+    def drop_sessions(self, which: Callable[[str], bool], hard: bool) -> None:
+        """The sessions for which ``which(session_id)`` is true are no longer
+        this process's to run. ``hard`` (the lease was lost: every write for
+        them is refused): their handlers are cancelled now. Otherwise (the
+        bucket is being handed over): no handler starts for them any more,
+        running ones finish, and their actors leave."""
+
+    def live_sessions(self) -> list[str]:
+        """The sessions that have an actor in this process now."""
+
+
+class Cluster(Protocol):
+    """A store shared by several processes: which sessions this one runs."""
+
+    def owns(self, session_id: str) -> bool:
+        """Whether this process runs ``session_id``'s handlers now (cheap, trio thread)."""
+
+    async def run(
+        self, host: ClusterHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep this process's share of the sessions until cancelled; started
+        once it took its first share. Tells ``host`` what changes."""
+
+
 class Store(Protocol):
     """The database behind a running system (see the module for the common contract)."""
 
@@ -106,6 +142,11 @@ class Store(Protocol):
     def starts(self) -> StartMarks | None:
         """The start table, or None if the store keeps none (every claimed
         message then counts as started after a crash)."""
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """The cluster this store shares its database with, or None (one process
+        owns the database: every session is its own)."""
 
     @property
     def failed(self) -> trio.Event:

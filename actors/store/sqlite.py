@@ -157,6 +157,10 @@ class SqliteStore:
         return self._starts
 
     @property
+    def cluster(self) -> None:
+        return None  # (one process owns the file: see _lock.py)
+
+    @property
     def failed(self) -> trio.Event:
         return self._committer.failed
 

@@ -1,0 +1,274 @@
+"""The PostgreSQL store on a real server: one system, and several in one run as a cluster.
+
+Several systems in one trio run on one database are several members of a
+cluster, as processes would be (each has its own member id, connections and
+leases); what needs real processes (SIGKILL, SIGSTOP) is in
+test_postgres_processes.py. Lease rounds follow the database's clock, in real
+time: where a test waits for one, it polls the cluster's statistics with a
+deadline (``until``), since no event of ours can say the server's clock moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+import actors
+from actors.store.postgres_schema import bucket_of
+
+TTL = 1.0  # lease_ttl of the cluster tests: a round every quarter second
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait (real time, polling) for a condition that the database's clock decides."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.02)
+    assert condition(), what
+
+
+def ownership(system: actors.System) -> Any:
+    cluster = system._store.cluster
+    assert cluster is not None
+    return cluster.statistics()
+
+
+def session_in(bucket: int, buckets: int, prefix: str = "s") -> str:
+    """A session id that hashes into ``bucket``."""
+    for i in range(100_000):
+        if bucket_of(f"{prefix}{i}", buckets) == bucket:
+            return f"{prefix}{i}"
+    raise AssertionError("no such session")
+
+
+def sql(url: str, query: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+# -- one system ----------------------------------------------------------------
+
+
+async def test_messages_state_ask_and_dead_letters(pg_url: str) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> Any:
+        if msg.body == "poison":
+            raise ValueError("bad")
+        seen.append((msg.session_id, msg.body))
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        return msg.body
+
+    async with actors.run_system(pg_url, handler=handle, max_attempts=2) as system:
+        for i in range(30):
+            await system.send(f"s{i % 3}", i)
+        await system.send("s9", "poison")
+        assert await system.ask("s1", "hello", timeout=30) == "hello"
+        await system.drain()
+        stats = system.statistics()
+        assert stats.pending == 0 and stats.in_flight == 0
+        assert stats.dead == 1
+        dead = system.dead_letters()
+        assert [d.body for d in dead] == ["poison"]
+        assert "ValueError" in dead[0].last_error
+    for s in ("s0", "s1", "s2"):
+        got = [b for sid, b in seen if sid == s]
+        assert got == sorted(got, key=lambda b: (isinstance(b, str), b))  # FIFO per session
+    states = dict(sql(pg_url, "SELECT session_id, value FROM actors_state"))
+    assert states == {"s0": '{"n":10}', "s1": '{"n":11}', "s2": '{"n":10}'}
+    # Acked rows are deleted: only the dead letter is left.
+    assert sql(pg_url, "SELECT count(*) FROM actors_messages") == [(1,)]
+
+
+async def test_keyed_sends_and_delays(pg_url: str, autojump_clock: trio.abc.Clock) -> None:
+    got: list[Any] = []
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        got.append(msg.body)
+
+    async with actors.run_system(pg_url, handler=handle) as system:
+        first = await system.send("k", "a", key="one")
+        again = await system.send("k", "b", key="one")
+        assert again == first
+        await system.send("k", "later", delay=60)
+        await system.send("k", "now")
+        await system.drain()
+    assert got == ["a", "now", "later"]
+
+
+async def test_restart_keeps_pending_messages(pg_url: str) -> None:
+    started = trio.Event()
+
+    async def slow(ctx: actors.Context, msg: actors.Message) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    async with actors.run_system(pg_url, handler=slow, shutdown_timeout=0.01) as system:
+        for i in range(5):
+            await system.send("r", i)
+        await started.wait()
+    got: list[Any] = []
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        got.append((msg.body, msg.attempt))
+
+    async with actors.run_system(pg_url, handler=handle) as system:
+        await system.drain()
+    assert got == [(0, 2), (1, 1), (2, 1), (3, 1), (4, 1)]
+
+
+# -- options and bad input ----------------------------------------------------------
+
+
+async def noop(ctx: actors.Context, msg: actors.Message) -> None:
+    pass
+
+
+@pytest.mark.parametrize("option", [{"durability": "full"}, {"busy_timeout": 1.0}])
+async def test_sqlite_options_are_refused_on_postgres(option: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="means nothing on PostgreSQL"):
+        async with actors.run_system("postgresql://nobody@127.0.0.1:1/x", handler=noop, **option):
+            pass
+
+
+@pytest.mark.parametrize("option", [{"lease_ttl": 5.0}, {"buckets": 16}])
+async def test_cluster_options_are_refused_on_sqlite(tmp_path: Any, option: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL only"):
+        async with actors.run_system(str(tmp_path / "a.db"), handler=noop, **option):
+            pass
+    assert not (tmp_path / "a.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        ({"lease_ttl": 0}, ValueError),
+        ({"lease_ttl": "10"}, TypeError),
+        ({"lease_ttl": float("nan")}, ValueError),
+        ({"buckets": 0}, ValueError),
+        ({"buckets": 1 << 20}, ValueError),
+        ({"buckets": 2.0}, TypeError),
+        ({"buckets": True}, TypeError),
+    ],
+)
+async def test_bad_cluster_options(option: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        async with actors.run_system("postgresql://nobody@127.0.0.1:1/x", handler=noop, **option):
+            pass
+
+
+async def test_unreachable_server_is_a_clear_store_error() -> None:
+    with pytest.raises(actors.StoreError, match="cannot connect to PostgreSQL at") as info:
+        async with actors.run_system("postgresql://u:secret@127.0.0.1:1/x", handler=noop):
+            pass
+    assert "secret" not in str(info.value)
+
+
+async def test_wrong_database_name(pg_server: str) -> None:
+    url = pg_server.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(actors.StoreError, match="no_such_database"):
+        async with actors.run_system(url, handler=noop):
+            pass
+
+
+async def test_database_of_another_application_is_refused(pg_url: str) -> None:
+    sql(pg_url, "CREATE TABLE actors_messages (id int)")
+    with pytest.raises(actors.StoreError, match="refusing"):
+        async with actors.run_system(pg_url, handler=noop):
+            pass
+    sql(pg_url, "DROP TABLE actors_messages")
+    sql(pg_url, "CREATE TABLE actors_meta (key text, value text)")
+    sql(pg_url, "INSERT INTO actors_meta VALUES ('application', 'other')")
+    with pytest.raises(actors.StoreError, match="another application"):
+        async with actors.run_system(pg_url, handler=noop):
+            pass
+
+
+async def test_newer_schema_is_refused(pg_url: str) -> None:
+    async with actors.run_system(pg_url, handler=noop):
+        pass
+    sql(pg_url, "UPDATE actors_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(actors.SchemaVersionError, match="upgrade actors"):
+        async with actors.run_system(pg_url, handler=noop):
+            pass
+
+
+async def test_buckets_are_fixed_when_created(pg_url: str) -> None:
+    async with actors.run_system(pg_url, handler=noop, buckets=8) as system:
+        assert ownership(system).buckets == 8
+    async with actors.run_system(pg_url, handler=noop) as system:  # the database's
+        assert ownership(system).buckets == 8
+    with pytest.raises(ValueError, match="created with 8 buckets"):
+        async with actors.run_system(pg_url, handler=noop, buckets=16):
+            pass
+
+
+# -- a cluster in one run ---------------------------------------------------------
+
+
+async def test_members_share_the_buckets_and_route_sends(pg_url: str) -> None:
+    ran: dict[str, list[Any]] = {"a": [], "b": []}
+
+    def recorder(name: str) -> Any:
+        async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+            ran[name].append((msg.session_id, msg.body))
+
+        return handle
+
+    options: dict[str, Any] = {"buckets": 8, "lease_ttl": TTL}
+    async with actors.run_system(pg_url, handler=recorder("a"), **options) as a:
+        assert ownership(a).owned == 8
+        async with actors.run_system(pg_url, handler=recorder("b"), **options) as b:
+            await until(
+                lambda: ownership(a).owned == 4 and ownership(b).owned == 4, "an even split"
+            )
+            cluster_b = b._store.cluster
+            assert cluster_b is not None
+            theirs = next(s for s in (f"x{i}" for i in range(100)) if cluster_b.owns(s))
+            for i in range(10):
+                await a.send(theirs, i)  # sent by a, run by b
+            await until(lambda: len(ran["b"]) == 10, "b ran what a sent")
+            assert ran["b"] == [(theirs, i) for i in range(10)]
+            assert ran["a"] == []
+        # b left cleanly: its buckets come back to a within a round.
+        await until(lambda: ownership(a).owned == 8, "a took b's buckets back")
+        assert ownership(a).released == 4
+
+
+async def test_a_lost_bucket_fences_writes_and_cancels_handlers(pg_url: str) -> None:
+    started = trio.Event()
+    cancelled = trio.Event()
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        started.set()
+        ctx.state["touched"] = True
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    async with actors.run_system(pg_url, handler=handle, buckets=4, lease_ttl=TTL) as system:
+        session = session_in(2, 4)
+        await system.send(session, "x")
+        await started.wait()
+        # Another process takes the bucket (as after this one froze past its lease).
+        sql(
+            pg_url,
+            "UPDATE actors_buckets SET owner = 'thief', epoch = epoch + 1,"
+            " lease_until = now() + interval '1 hour' WHERE bucket = 2",
+        )
+        with trio.fail_after(10):
+            await cancelled.wait()
+        await until(lambda: ownership(system).lost == 1, "the bucket is lost")
+        assert ownership(system).owned == 3
+        assert not system._store.cluster.owns(session)  # type: ignore[union-attr]
+    # Nothing of the old owner landed: the message is still claimed (in
+    # flight) under the thief, and no state was written.
+    assert sql(pg_url, "SELECT state FROM actors_messages") == [(1,)]
+    assert sql(pg_url, "SELECT count(*) FROM actors_state") == [(0,)]
