@@ -23,11 +23,13 @@ from actors.store.postgres_schema import bucket_of
 TTL = 1.0  # lease_ttl of the cluster tests: a round every quarter second
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Wait (real time, polling) for a condition that the database's clock decides."""
-    with trio.fail_after(timeout):
+async def until(system: actors.System, condition: Callable[[], bool], what: str) -> None:
+    """Wait, lease round after lease round of ``system``, for what the database's clock decides."""
+    cluster = system._store.cluster
+    assert cluster is not None
+    with trio.fail_after(30):
         while not condition():
-            await trio.sleep(0.02)
+            await cluster.next_round()
     assert condition(), what
 
 
@@ -213,10 +215,13 @@ async def test_buckets_are_fixed_when_created(pg_url: str) -> None:
 
 async def test_members_share_the_buckets_and_route_sends(pg_url: str) -> None:
     ran: dict[str, list[Any]] = {"a": [], "b": []}
+    all_ran = trio.Event()
 
     def recorder(name: str) -> Any:
         async def handle(ctx: actors.Context, msg: actors.Message) -> None:
             ran[name].append((msg.session_id, msg.body))
+            if len(ran[name]) == 10:
+                all_ran.set()
 
         return handle
 
@@ -225,18 +230,19 @@ async def test_members_share_the_buckets_and_route_sends(pg_url: str) -> None:
         assert ownership(a).owned == 8
         async with actors.run_system(pg_url, handler=recorder("b"), **options) as b:
             await until(
-                lambda: ownership(a).owned == 4 and ownership(b).owned == 4, "an even split"
+                a, lambda: ownership(a).owned == 4 and ownership(b).owned == 4, "an even split"
             )
             cluster_b = b._store.cluster
             assert cluster_b is not None
             theirs = next(s for s in (f"x{i}" for i in range(100)) if cluster_b.owns(s))
             for i in range(10):
                 await a.send(theirs, i)  # sent by a, run by b
-            await until(lambda: len(ran["b"]) == 10, "b ran what a sent")
+            with trio.fail_after(30):
+                await all_ran.wait()
             assert ran["b"] == [(theirs, i) for i in range(10)]
             assert ran["a"] == []
         # b left cleanly: its buckets come back to a within a round.
-        await until(lambda: ownership(a).owned == 8, "a took b's buckets back")
+        await until(a, lambda: ownership(a).owned == 8, "a took b's buckets back")
         assert ownership(a).released == 4
 
 
@@ -265,7 +271,7 @@ async def test_a_lost_bucket_fences_writes_and_cancels_handlers(pg_url: str) -> 
         )
         with trio.fail_after(10):
             await cancelled.wait()
-        await until(lambda: ownership(system).lost == 1, "the bucket is lost")
+        await until(system, lambda: ownership(system).lost == 1, "the bucket is lost")
         assert ownership(system).owned == 3
         assert not system._store.cluster.owns(session)  # type: ignore[union-attr]
     # Nothing of the old owner landed: the message is still claimed (in

@@ -66,12 +66,17 @@ class PgCluster:
         self._valid_until = -1.0  # trio time until which the leases surely hold
         self.rounds = 0
         self.failed_rounds = 0
+        self._round_done = trio.Event()  # set (and replaced) after each round
 
     def owns(self, session_id: str) -> bool:
         return self.own.owns(session_id)
 
     def statistics(self) -> OwnershipStatistics:
         return self.own.statistics()
+
+    async def next_round(self) -> None:
+        """Wait until the keeper has finished its next round (renewed, rebalanced)."""
+        await self._round_done.wait()
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._inline:
@@ -107,6 +112,13 @@ class PgCluster:
             self._listener.stop()
 
     async def _round(self) -> None:
+        try:
+            await self._keep()
+        finally:
+            self._round_done.set()
+            self._round_done = trio.Event()
+
+    async def _keep(self) -> None:
         started = trio.current_time()
         try:
             found: leases.Round = await self._db(
