@@ -1,4 +1,4 @@
-"""actors: embedded, durable, per-key actors for trio on SQLite.
+"""actors: embedded, durable, per-key actors for trio on SQLite (or PostgreSQL, clustered).
 
 One actor per session key processes that session's messages strictly in
 order; sessions run concurrently; every message is on disk before
@@ -10,7 +10,7 @@ actor or the whole process dies.
 """
 
 from ._bridge import AsyncioSubscription, BlockingSubscription, Bridge, BridgeStatistics
-from ._config import Config
+from ._config import Config, UnknownOptionError
 from ._context import Actor, Context
 from ._errors import (
     ActorKilledError,
@@ -21,6 +21,7 @@ from ._errors import (
     HandlerTimeoutError,
     MessageTooLargeError,
     Reject,
+    RemoteHandlerError,
     SchemaVersionError,
     StoreError,
     SystemClosedError,
@@ -52,6 +53,7 @@ __all__ = [
     "Message",
     "MessageTooLargeError",
     "Reject",
+    "RemoteHandlerError",
     "RestartPolicy",
     "SchemaVersionError",
     "StatusEvent",
@@ -61,6 +63,7 @@ __all__ = [
     "System",
     "SystemClosedError",
     "SystemStatistics",
+    "UnknownOptionError",
     "run_system",
 ]
 

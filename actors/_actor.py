@@ -529,8 +529,10 @@ class SessionActor(ActorState):
         if observer is not None:
             observer(msg, serving.trio_time() - started_at)
         serving.ack = done
-        if (host.replies and msg.id in host.replies) or (
-            result is not None and host.outputs.listening(self.session_id)
+        if (
+            (host.replies and msg.id in host.replies)
+            or (result is not None and host.outputs.listening(self.session_id))
+            or (host.remote_asks and msg.id in host.remote_asks)
         ):
             await self._answer_and_publish(serving, msg, result)
         return self._handled(serving)
@@ -553,7 +555,9 @@ class SessionActor(ActorState):
     async def _answer_and_publish(self, serving: _Serving, msg: Message, result: Any) -> None:
         """The handler returned and an ask waits for ``msg``, or someone listens to the outputs."""
         host = self._host
-        if host.replies and msg.id in host.replies:
+        if (host.replies and msg.id in host.replies) or (
+            host.remote_asks and msg.id in host.remote_asks
+        ):
             # An ask waits for this message: it gets the result once the ack
             # has committed (not pipelined), so a reply says the state and
             # the outbox are durable. (The call is shielded: a kill

@@ -87,6 +87,22 @@ class DeadLetteredError(ActorsError):
         self.message_id = message_id
 
 
+class RemoteHandlerError(ActorsError):
+    """The handler of an ``ask``'s message raised in another process of a cluster.
+
+    The exception itself stays in that process (it may not even be
+    importable here); ``ask`` raises this instead, with its type's name in
+    ``type_name`` and its text, traceback included, in ``text``.
+    """
+
+    def __init__(self, message_id: int, type_name: str, text: str) -> None:
+        first = text.strip().splitlines()[-1] if text.strip() else type_name
+        super().__init__(f"the handler of message {message_id} raised {type_name}: {first}")
+        self.message_id = message_id
+        self.type_name = type_name
+        self.text = text
+
+
 class Reject(ActorsError):
     """Raise it from a handler to give up on the message now: no retries.
 

@@ -365,6 +365,7 @@ class Router:
             claimed,
             batch.keys,
             self._key_retention,
+            batch.replies.keys() if batch.replies is not None else None,
         )
 
     def _committed(self, result: Appended) -> None:

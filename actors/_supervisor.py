@@ -16,13 +16,13 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
-from . import _line
+from . import _line, _remote
 from ._actor import SessionActor
 from ._clock import Clock
 from ._config import Config
@@ -50,6 +50,10 @@ log = logging.getLogger("actors.supervisor")
 # Failures that are not the handler's own error: a kill (reported where it
 # is asked for) and a handler timeout (the watchdog warns of it).
 _NOT_A_HANDLER_ERROR = (ActorKilledError, HandlerTimeoutError)
+
+
+# At most this many answers wait for their ask() to learn its message id.
+_EARLY_REPLIES = 10_000
 
 
 def _kind(failure: BaseException) -> str:
@@ -137,6 +141,14 @@ class Supervisor:
         self.outbox_sent = 0  # messages committed by ctx.send with their ack
         # {message id: the reply an ask() waits for}, until answered or given up.
         self.replies: dict[int, Reply] = {}
+        # Claimed messages an ask() of another process waits for (a
+        # clustered store's; empty otherwise): answered through the store.
+        self.remote_asks: Mapping[int, str] = (
+            self.cluster.remote_asks if self.cluster is not None else {}
+        )
+        # Answers from other processes that came before their ask() knew
+        # its message id (a race of microseconds), by id.
+        self.early_replies: dict[int, str] = {}
         self.outputs = Outputs()  # System.subscribe
         # Called after each handled message with (message, seconds it ran).
         self.observer: Callable[[Message, float], None] | None = None
@@ -496,6 +508,9 @@ class Supervisor:
             reply = self.replies.pop(msg_id, None)
             if reply is not None:
                 reply.set_error(DeadLetteredError(msg_id, reason or "its attempts ran out"))
+            elif self.remote_asks and msg_id in self.remote_asks:
+                assert self.cluster is not None
+                self.cluster.answer(msg_id, _remote.dead_outcome(reason or "its attempts ran out"))
             if self.events.active:
                 self.emit("dead_lettered", session_id, message_id=msg_id, detail=reason)
 
@@ -513,6 +528,20 @@ class Supervisor:
         reply = self.replies.pop(msg_id, None)
         if reply is not None:
             reply.set_result(result)
+        elif self.remote_asks and msg_id in self.remote_asks:
+            assert self.cluster is not None
+            self.cluster.answer(
+                msg_id, _remote.value_outcome(result, self.config.max_message_bytes)
+            )
+
+    def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
+        """Answers for this process's asks, from the processes that ran them."""
+        for msg_id, outcome in replies:
+            reply = self.replies.pop(msg_id, None)
+            if reply is not None:
+                _remote.settle(reply, msg_id, outcome)
+            elif len(self.early_replies) < _EARLY_REPLIES:
+                self.early_replies[msg_id] = outcome
 
     def on_attempt_failed(
         self,
@@ -566,6 +595,15 @@ class Supervisor:
             reply = self.replies.pop(msg.id, None)
             if reply is not None:
                 reply.set_error(failure)
+        if (
+            self.remote_asks
+            and msg.id in self.remote_asks
+            and not issubclass(type(failure), ActorKilledError)
+        ):
+            assert self.cluster is not None
+            self.cluster.answer(
+                msg.id, _remote.error_outcome(_kind(failure).removeprefix("builtins."), text.report)
+            )
         if dead:
             self.on_dead_lettered(session_id, 1, (msg.id,), text.summary)
 

@@ -23,6 +23,7 @@ from ._health import Health, HealthMonitor
 from ._host import Behaviour
 from ._purge import purge_batches
 from ._records import DeadLetter, Message, SystemStatistics
+from ._remote import settle
 from ._reply import Reply
 from ._router import Batch, Router
 from ._session import SessionData
@@ -394,6 +395,8 @@ class System:
                 if batch.error is not None:
                     await self._failed(batch)
                 msg_id = batch.message_id(index)
+                if self._sup.early_replies:
+                    self._take_early_reply(msg_id, reply)
                 await reply.done.wait()
             finally:
                 if not reply.done.is_set() and msg_id is not None:
@@ -403,6 +406,13 @@ class System:
         if reply.error is not None:
             raise reply.error
         return reply.value
+
+    def _take_early_reply(self, msg_id: int, reply: Reply) -> None:
+        # (Another process answered before this ask learnt its message id.)
+        outcome = self._sup.early_replies.pop(msg_id, None)
+        if outcome is not None:
+            self._sup.replies.pop(msg_id, None)
+            settle(reply, msg_id, outcome)
 
     def _check_not_own_actor(self, session_id: str) -> None:
         actor = self._calling_actor()
@@ -536,6 +546,11 @@ class System:
         # Sends whose batch is committing count too: their messages enter
         # the outstanding count only once durable.
         await self._router.flushed()
+        cluster = self._store.cluster
+        if cluster is not None:
+            # The work is shared: what is outstanding is in the database.
+            await cluster.drained()
+            return
         await self._sup.outstanding.wait_zero()
 
     def _calling_actor(self) -> SessionActor | None:
@@ -574,12 +589,21 @@ class System:
     def statistics(self) -> SystemStatistics:
         """A snapshot of the counts (see SystemStatistics)."""
         sup = self._sup
-        in_flight = sup.in_flight()
+        cluster = self._store.cluster
+        if cluster is not None:
+            # The whole database's, as last read: at most a lease round old.
+            counts = cluster.counts()
+            pending, in_flight, dead = counts.pending, counts.in_flight, counts.dead
+            processed = counts.processed
+        else:
+            in_flight = sup.in_flight()
+            pending = max(sup.outstanding.value - in_flight, 0)
+            dead, processed = sup.dead, sup.processed
         return SystemStatistics(
-            pending=max(sup.outstanding.value - in_flight, 0),
+            pending=pending,
             in_flight=in_flight,
-            dead=sup.dead,
-            processed=sup.processed,
+            dead=dead,
+            processed=processed,
             failed_attempts=sup.failed_attempts,
             dead_lettered=sup.dead_lettered,
             active_actors=sup.active,

@@ -624,6 +624,7 @@ class MemoryStore:
         claimed: set[int],
         keys: list[str | None] | None,
         key_retention: float,
+        asked: object = None,
     ) -> Appended:
         first = self._next_seq
         self._next_seq += len(sessions)

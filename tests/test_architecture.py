@@ -59,7 +59,7 @@ def lint_imports(contract: str) -> subprocess.CompletedProcess[str]:
             if name in KNOWN_BROKEN
             else [],
         )
-        for name in ("layers", "apsw", "base")
+        for name in ("layers", "apsw", "psycopg", "base")
     ],
 )
 def test_import_contract_holds(contract: str) -> None:
@@ -137,3 +137,28 @@ def test_the_private_read_check_sees_one(tmp_path: Path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "m.py").write_text("def f(other):\n    return other._secret, self._ok\n")
     assert _private_reads(tmp_path / "pkg") == {("pkg/m.py", "other._secret")}
+
+
+def test_the_package_does_not_need_psycopg_for_sqlite() -> None:
+    """psycopg is the postgres extra's: importing actors, or running on SQLite, must not load it."""
+    code = (
+        "import sys, trio, actors\n"
+        "async def h(ctx, msg): pass\n"
+        "async def main():\n"
+        "    async with actors.run_system(sys.argv[1], handler=h) as s:\n"
+        "        await s.send('a', 1)\n"
+        "        await s.drain()\n"
+        "trio.run(main)\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg was imported'\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(
+            [sys.executable, "-c", code, f"{tmp}/a.db"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr

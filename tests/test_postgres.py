@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import actors
-from actors.store.postgres_schema import bucket_of
+from actors.store.targets import bucket_of
 
 TTL = 1.0  # lease_ttl of the cluster tests: a round every quarter second
 
@@ -278,3 +278,45 @@ async def test_a_lost_bucket_fences_writes_and_cancels_handlers(pg_url: str) -> 
     # flight) under the thief, and no state was written.
     assert sql(pg_url, "SELECT state FROM actors_messages") == [(1,)]
     assert sql(pg_url, "SELECT count(*) FROM actors_state") == [(0,)]
+
+
+async def test_ask_is_answered_across_members_and_drain_is_cluster_wide(pg_url: str) -> None:
+    async def handle(ctx: actors.Context, msg: actors.Message) -> Any:
+        if msg.body == "raise":
+            raise KeyError("nope")
+        if msg.body == "bytes":
+            return b"\x00\x01"
+        if msg.body == "object":
+            return object()  # cannot cross processes
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        return {"echo": msg.body, "n": ctx.state["n"]}
+
+    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL, "max_attempts": 1}
+    async with (
+        actors.run_system(pg_url, handler=handle, **options) as a,
+        actors.run_system(pg_url, handler=handle, **options) as b,
+    ):
+        await until(
+            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
+        )
+        cluster_b = b._store.cluster
+        assert cluster_b is not None
+        theirs = next(s for s in (f"q{i}" for i in range(100)) if cluster_b.owns(s))
+        assert await a.ask(theirs, "hi", timeout=30) == {"echo": "hi", "n": 1}
+        assert await a.ask(theirs, "bytes", timeout=30) == b"\x00\x01"
+        with pytest.raises(actors.RemoteHandlerError, match="KeyError") as info:
+            await a.ask(theirs, "raise", timeout=30)
+        assert info.value.type_name == "KeyError"
+        assert "Traceback" in info.value.text
+        with pytest.raises(actors.RemoteHandlerError, match="cannot be sent"):
+            await a.ask(theirs, "object", timeout=30)
+        # Sent by a, run by b: a's drain waits for b's work.
+        for i in range(50):
+            await a.send(theirs, i)
+        await a.drain()
+        stats = a.statistics()
+        assert (stats.pending, stats.in_flight, stats.dead) == (0, 0, 1)
+        assert stats.processed == 53  # two answered asks, the unsendable value, and 50
+        await b.drain()  # (which reads the counts afresh: statistics() shows the last read)
+        assert b.statistics().processed == 53  # the same database
+        assert sql(pg_url, "SELECT count(*) FROM actors_replies") == [(0,)]

@@ -31,7 +31,7 @@ from .errors import StoreError
 from .postgres_cluster import PgCluster, new_member_id
 from .postgres_ops import Operations
 from .postgres_ownership import Ownership
-from .postgres_schema import connect, prepare_schema, redact
+from .postgres_schema import connect, prepare_schema
 from .protocol import StartMarks
 from .records import (
     Aborted,
@@ -47,6 +47,7 @@ from .records import (
     Sent,
     StoreStatistics,
 )
+from .targets import redact
 
 if TYPE_CHECKING:
     from .protocol import Store
@@ -176,7 +177,14 @@ class PgStore:
         self._call = self._committer.call
         self._ack_box: AckBox | None = None
         self._ack_lock = threading.Lock()
-        self._cluster = PgCluster(url, own, lease_ttl, inline=inline)
+        self._cluster = PgCluster(
+            url,
+            own,
+            lease_ttl,
+            inline=inline,
+            remote_asks=self._ops.remote_asks,
+            post_replies=self._post_replies,
+        )
         self._closed = False
         self._committer.start()
 
@@ -320,6 +328,10 @@ class PgStore:
             box.sealed = True
             acks = box.acks
         return self._ops.ack_box(acks)
+
+    def _post_replies(self, replies: list[tuple[int, str, str]]) -> None:
+        if self._committer.failure is None and not self._closed:
+            self._committer.submit(self._ops.post_replies, replies, done=_ignore)
 
     def _drop_ack_box(self) -> None:
         self._ack_box = None

@@ -25,17 +25,19 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
 import trio
 
 from . import postgres_leases as leases
-from .postgres_ops import NOTIFY_CHANNEL
+from .postgres_ops import NOTIFY_CHANNEL, REPLY_CHANNEL
 from .postgres_ownership import Ownership, OwnershipStatistics
-from .postgres_schema import connect, redact
+from .postgres_schema import connect
 from .protocol import ClusterHost
+from .records import DatabaseCounts
+from .targets import redact
 
 log = logging.getLogger("actors.cluster")
 
@@ -53,8 +55,21 @@ def new_member_id() -> str:
 class PgCluster:
     """The leases and notices of one process (see the module)."""
 
-    def __init__(self, url: str, own: Ownership, lease_ttl: float, *, inline: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        own: Ownership,
+        lease_ttl: float,
+        *,
+        inline: bool,
+        remote_asks: dict[int, str],
+        post_replies: Callable[[list[tuple[int, str, str]]], None],
+    ) -> None:
         self._url = url
+        self._remote_asks = remote_asks
+        self._post_replies = post_replies
+        self._counts = DatabaseCounts(pending=0, in_flight=0, dead=0, processed=0)
+        self._counts_wanted = trio.Event()
         self.own = own
         self._ttl = lease_ttl
         self._inline = inline
@@ -73,6 +88,48 @@ class PgCluster:
 
     def statistics(self) -> OwnershipStatistics:
         return self.own.statistics()
+
+    # -- asks of other processes, and the database's counts --------------------
+
+    @property
+    def remote_asks(self) -> Mapping[int, str]:
+        return self._remote_asks
+
+    def answer(self, message_id: int, outcome: str) -> None:
+        asker = self._remote_asks.pop(message_id, None)
+        if asker is not None:
+            self._post_replies([(message_id, asker, outcome)])
+
+    def counts(self) -> DatabaseCounts:
+        self._counts_wanted.set()
+        return self._counts
+
+    async def refresh_counts(self) -> DatabaseCounts:
+        """Read the whole database's counts now."""
+        self._counts = await self._db(leases.count_all, self._connection(), self.own.member)
+        return self._counts
+
+    async def drained(self) -> None:
+        # Polled: the work is done by every process, and no notice says the
+        # last of it was acknowledged; the interval grows while it waits.
+        delay = 0.005
+        while True:
+            counts = await self.refresh_counts()
+            if counts.pending == 0 and counts.in_flight == 0:
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    async def _count_loop(self) -> None:
+        """Read the counts when statistics() asked for them, at most ten times a second."""
+        while True:
+            await self._counts_wanted.wait()
+            self._counts_wanted = trio.Event()
+            try:
+                await self.refresh_counts()
+            except (psycopg.Error, OSError) as exc:
+                log.debug("reading the database's counts failed: %s", exc)
+            await trio.sleep(0.1)
 
     async def next_round(self) -> None:
         """Wait until the keeper has finished its next round (renewed, rebalanced)."""
@@ -98,16 +155,19 @@ class PgCluster:
         token = trio.lowlevel.current_trio_token()
         self.own.on_found_lost = lambda: token.run_sync_soon(self._poke.set)
         await self._db(lambda: leases.join(self._connection(), self.own.member, self._ttl))
-        self._listener = Listener(self._url, self.own, host.work_found, token)
+        self._listener = Listener(self._url, self.own, host, token)
         self._listener.start()
         try:
             await self._round()
-            task_status.started()
-            while True:
-                with trio.move_on_after(self._period):
-                    await self._poke.wait()
-                self._poke = trio.Event()
-                await self._round()
+            await self.refresh_counts()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._count_loop)
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self._period):
+                        await self._poke.wait()
+                    self._poke = trio.Event()
+                    await self._round()
         finally:
             self._listener.stop()
 
@@ -218,15 +278,11 @@ class Listener:
     """A thread that waits for notices of work and hands it to the system."""
 
     def __init__(
-        self,
-        url: str,
-        own: Ownership,
-        deliver: Callable[[list[str], bool], None],
-        token: trio.lowlevel.TrioToken,
+        self, url: str, own: Ownership, host: ClusterHost, token: trio.lowlevel.TrioToken
     ) -> None:
         self._url = url
         self._own = own
-        self._deliver = deliver
+        self._host = host
         self._token = token
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -251,7 +307,9 @@ class Listener:
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    conn.execute(f"LISTEN {REPLY_CHANNEL}")
                     self.look(set(self._own.owned))  # what was sent while not listening
+                    self._take_replies(conn)
                     self._listen(conn)
             except (psycopg.Error, OSError) as exc:
                 if self._stopping.is_set():
@@ -264,14 +322,21 @@ class Listener:
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
             buckets: set[int] = set()
-            for notice in conn.notifies(timeout=0.25):
+            replies = False
+            # (Never leave the generator early: notices that came in the
+            # same packet as the first would be lost. Nor query inside it:
+            # it holds the connection.)
+            for notice in conn.notifies(timeout=0.25, stop_after=1):
                 self.notices += 1
+                if notice.channel == REPLY_CHANNEL:
+                    replies = replies or notice.payload == self._own.member
+                    continue
                 if notice.payload == "*":
                     buckets |= set(self._own.owned)
                 else:
                     buckets.update(int(b) for b in notice.payload.split(",") if b)
-                if len(buckets) > 0:
-                    break
+            if replies:
+                self._take_replies(conn)
             with self._lock:
                 buckets |= self._wanted
                 self._wanted = set()
@@ -284,4 +349,9 @@ class Listener:
         self.looks += 1
         sessions, more = leases.sessions_with_work(conn, buckets, LOOK_LIMIT)
         if sessions or more:
-            self._token.run_sync_soon(self._deliver, sessions, more)
+            self._token.run_sync_soon(self._host.work_found, sessions, more)
+
+    def _take_replies(self, conn: psycopg.Connection[Any]) -> None:
+        replies = leases.take_replies(conn, self._own.member)
+        if replies:
+            self._token.run_sync_soon(self._host.replies_arrived, replies)

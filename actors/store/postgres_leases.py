@@ -32,6 +32,8 @@ from typing import Any
 import attrs
 import psycopg
 
+from .records import DatabaseCounts
+
 # A member not seen for this long is forgotten (its processed count is
 # folded into the database's total first).
 FORGET_MEMBERS_AFTER = 600.0
@@ -126,6 +128,11 @@ def leave(conn: psycopg.Connection[Any], member: str) -> None:
 def forget_members(conn: psycopg.Connection[Any]) -> None:
     """Drop members long gone, keeping their processed count in the total."""
     with conn.transaction():
+        # Answers nobody took (the asker died or gave up) go too.
+        conn.execute(
+            "DELETE FROM actors_replies WHERE made_at < now() - make_interval(secs => %s)",
+            (FORGET_MEMBERS_AFTER,),
+        )
         conn.execute(
             "WITH gone AS (DELETE FROM actors_members"
             " WHERE seen_until < now() - make_interval(secs => %s) RETURNING processed)"
@@ -133,6 +140,29 @@ def forget_members(conn: psycopg.Connection[Any]) -> None:
             " + (SELECT coalesce(sum(processed), 0) FROM gone))::text WHERE key = 'processed'",
             (FORGET_MEMBERS_AFTER,),
         )
+
+
+def count_all(conn: psycopg.Connection[Any], member: str) -> DatabaseCounts:
+    """Messages by state in the whole database; acks of the live members."""
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),"
+        " count(*) FILTER (WHERE state = 2),"
+        " (SELECT coalesce(sum(processed), 0) FROM actors_members"
+        "  WHERE seen_until > now() OR id = %s) FROM actors_messages",
+        (member,),
+    ).fetchone()
+    assert row is not None
+    return DatabaseCounts(
+        pending=int(row[0]), in_flight=int(row[1]), dead=int(row[2]), processed=int(row[3])
+    )
+
+
+def take_replies(conn: psycopg.Connection[Any], member: str) -> list[tuple[int, str]]:
+    """The answers written for this member's asks (deleted as they are read)."""
+    rows = conn.execute(
+        "DELETE FROM actors_replies WHERE asker = %s RETURNING message_id, value", (member,)
+    ).fetchall()
+    return [(int(r[0]), str(r[1])) for r in rows]
 
 
 def sessions_with_work(

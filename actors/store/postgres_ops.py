@@ -23,7 +23,7 @@ a notice takes a lock at commit that serialises committers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -47,6 +47,8 @@ from .records import (
 )
 
 NOTIFY_CHANNEL = "actors_work"
+# The answers of ask() for another process: the payload names it.
+REPLY_CHANNEL = "actors_reply"
 # A payload longer than this lists too many buckets: "*" (every owner looks).
 _NOTIFY_MAX = 7000
 # Ids are taken from the database's counter in blocks, so that most
@@ -60,19 +62,20 @@ _FENCE = (
 )
 _QUEUE = (
     "SELECT id, seq, attempts, body, raw, enqueued_at, not_before, last_error, crashed,"
-    " alone, key FROM actors_messages"
+    " alone, key, reply_to FROM actors_messages"
     " WHERE session_id = %s AND state < 2 AND seq IS NOT NULL ORDER BY seq"
 )
 _FOLLOWING = (
-    "SELECT id, seq, state, attempts, body, raw, enqueued_at, crashed, key FROM actors_messages"
+    "SELECT id, seq, state, attempts, body, raw, enqueued_at, crashed, key, reply_to"
+    " FROM actors_messages"
     " WHERE session_id = %s AND state < 2 AND seq > %s AND seq IS NOT NULL ORDER BY seq LIMIT %s"
 )
 _INSERT = (
     "INSERT INTO actors_messages"
-    " (id, session_id, bucket, seq, state, attempts, body, raw, enqueued_at, not_before, key)"
-    " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::bigint[],"
+    " (id, session_id, bucket, seq, state, attempts, body, raw, enqueued_at, not_before, key,"
+    " reply_to) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::bigint[],"
     " %s::smallint[], %s::integer[], %s::text[], %s::bytea[], %s::double precision[],"
-    " %s::double precision[], %s::text[])"
+    " %s::double precision[], %s::text[], %s::text[])"
 )
 _DEAD = "UPDATE actors_messages SET state = 2, not_before = NULL, last_error = %s WHERE id = %s"
 
@@ -107,6 +110,11 @@ class Operations:
         self._refused: set[int] = set()
         self.announce: set[int] = set()
         self.acked = 0
+        self.answered: set[str] = set()  # members to tell of replies written
+        # {message id: the member whose ask() waits for it}, for claimed
+        # messages asked by another process (written here, read and popped
+        # on the trio thread: single dict operations).
+        self.remote_asks: dict[int, str] = {}
 
     # -- transactions (PgTransactions) ------------------------------------------
 
@@ -115,6 +123,7 @@ class Operations:
         self._refused.clear()
         self.announce = set()
         self.acked = 0
+        self.answered = set()
 
     def finish(self) -> None:
         """In the transaction, after its operations: the counts and one notice."""
@@ -130,6 +139,8 @@ class Operations:
             if len(payload) > _NOTIFY_MAX:
                 payload = "*"
             self.conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+        for member in self.answered:
+            self.conn.execute("SELECT pg_notify(%s, %s)", (REPLY_CHANNEL, member))
 
     def take_ids(self, n: int) -> int:
         """The first of ``n`` consecutive fresh ids (and seqs)."""
@@ -196,6 +207,7 @@ class Operations:
         claimed: set[int],
         keys: Sequence[str | None] | None,
         key_retention: float,
+        asked: Collection[int] | None = None,
     ) -> Appended:
         """Insert a batch in order (an AppendBatch's fields); see ``Store.append``."""
         n = len(sessions)
@@ -232,6 +244,7 @@ class Operations:
                 [enqueued[i] for i in kept],
                 [not_before[i] for i in kept] if not_before is not None else [None] * len(kept),
                 [keys[i] for i in kept] if keys is not None else [None] * len(kept),
+                [self._member if asked and i in asked else None for i in kept],
             ),
         )
         for i in claimed:
@@ -326,7 +339,7 @@ class Operations:
             if not rows:
                 return Claim(None, 0, None, tuple(dead))
             (msg_id, seq, attempts, body, raw, enqueued_at, not_before, last_error, crashed,
-             ran_alone, key) = rows[0]  # fmt: skip
+             ran_alone, key, reply_to) = rows[0]  # fmt: skip
             if not_before is not None and not_before > now:
                 return Claim(None, seq, not_before, tuple(dead))
             if attempts >= max_attempts:
@@ -347,6 +360,8 @@ class Operations:
                 (attempts + 1, alone, msg_id),
             )
             self.bucket_by_id[msg_id] = bucket
+            if reply_to is not None and reply_to != self._member:
+                self.remote_asks[msg_id] = reply_to
             claim = Claim(
                 Message(
                     id=msg_id,
@@ -373,7 +388,9 @@ class Operations:
         rows: list[Any] = self.conn.execute(_FOLLOWING, (session_id, after, limit + 1)).fetchall()
         extra = claim.extra
         claim.more = len(rows) > limit
-        for msg_id, seq, state, attempts, body, raw, enqueued_at, crashed, key in rows[:limit]:
+        for msg_id, seq, state, attempts, body, raw, enqueued_at, crashed, key, reply_to in rows[
+            :limit
+        ]:
             if state or attempts or crashed:
                 claim.more = True
                 break
@@ -384,6 +401,8 @@ class Operations:
                 break
             claim.seq = seq
             extra.append(new_message(msg_id, session_id, decoded, 1, enqueued_at, key))
+            if reply_to is not None and reply_to != self._member:
+                self.remote_asks[msg_id] = reply_to
         if extra:
             ids = [m.id for m in extra]
             self.conn.execute(
@@ -689,6 +708,17 @@ class Operations:
             (before, limit),
         )
         return max(cur.rowcount, 0)
+
+    # -- answers of ask() across processes ---------------------------------------
+
+    def post_replies(self, replies: list[tuple[int, str, str]]) -> None:
+        """Write answers (message id, asking member, JSON) for other processes' asks."""
+        self.conn.cursor().executemany(
+            "INSERT INTO actors_replies (message_id, asker, value) VALUES (%s, %s, %s)"
+            " ON CONFLICT (message_id) DO NOTHING",
+            replies,
+        )
+        self.answered.update(asker for _, asker, _ in replies)
 
     # -- heartbeat and control table -------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .postgres_schema import bucket_of
+from .targets import bucket_of
 
 
 @attrs.frozen

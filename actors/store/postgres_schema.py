@@ -18,13 +18,12 @@ not slow the queue's index scans.
 from __future__ import annotations
 
 import logging
-import zlib
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from .._errors import SchemaVersionError, StoreError
+from .targets import DEFAULT_BUCKETS, redact
 
 log = logging.getLogger("actors.store")
 
@@ -32,8 +31,6 @@ SCHEMA_VERSION = 1
 # What ``actors_meta`` says a database is ours by (a database of another
 # application with tables named like ours is refused).
 APPLICATION = "actors"
-DEFAULT_BUCKETS = 1024
-MAX_BUCKETS = 1 << 16
 
 _SCHEMA_V1 = (
     "CREATE TABLE actors_meta (key text PRIMARY KEY, value text NOT NULL)",
@@ -129,31 +126,6 @@ _MIGRATIONS = {1: _SCHEMA_V1}
 # second waits for the first (a transaction-scoped advisory lock), then
 # finds it made.
 _SCHEMA_LOCK = 0x6163746F7273  # "actors"
-
-
-def is_url(target: object) -> bool:
-    """Whether ``target`` names a PostgreSQL database (rather than an SQLite file)."""
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)
-        user = netloc[0].split(":", 1)[0]
-        return urlunsplit(
-            (parts.scheme, f"{user}:***@{netloc[1]}", parts.path, parts.query, parts.fragment)
-        )
-    except ValueError:
-        return "postgresql://(unparsable URL)"
-
-
-def bucket_of(session_id: str, buckets: int) -> int:
-    """The bucket of a session: the same in every process, on every host."""
-    return zlib.crc32(session_id.encode("utf-8", "surrogatepass")) % buckets
 
 
 def connect(
@@ -260,14 +232,3 @@ def _schema_version(conn: psycopg.Connection[Any], url: str) -> int:
             "refusing to change it"
         )
     return int(rows["schema_version"])
-
-
-def check_buckets(buckets: object) -> int | None:
-    """Validate the ``buckets`` option (None: the database's, or the default)."""
-    if buckets is None:
-        return None
-    if type(buckets) is not int:
-        raise TypeError(f"buckets must be an int, got {type(buckets).__name__}")
-    if not 1 <= buckets <= MAX_BUCKETS:
-        raise ValueError(f"buckets must be between 1 and {MAX_BUCKETS}, got {buckets}")
-    return buckets

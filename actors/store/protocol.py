@@ -34,7 +34,7 @@ keep submission order, and their failure fails the store as above.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -49,6 +49,7 @@ from .records import (
     Claim,
     Claimed,
     ControlRequest,
+    DatabaseCounts,
     DueWork,
     FailOutcome,
     InFlight,
@@ -103,6 +104,10 @@ class ClusterHost(Protocol):
     def live_sessions(self) -> list[str]:
         """The sessions that have an actor in this process now."""
 
+    def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
+        """Outcomes (message id, JSON: see _remote.py) of messages this
+        process's ``ask()`` waits for, written by the processes that ran them."""
+
 
 class Cluster(Protocol):
     """A store shared by several processes: which sessions this one runs."""
@@ -115,6 +120,21 @@ class Cluster(Protocol):
     ) -> None:
         """Keep this process's share of the sessions until cancelled; started
         once it took its first share. Tells ``host`` what changes."""
+
+    @property
+    def remote_asks(self) -> Mapping[int, str]:
+        """Claimed messages that an ``ask()`` of another process waits for (by id)."""
+
+    def answer(self, message_id: int, outcome: str) -> None:
+        """Send the outcome (JSON: see _remote.py) of a message in
+        ``remote_asks`` to the process that asked (without waiting)."""
+
+    def counts(self) -> DatabaseCounts:
+        """The whole database's counts, as last read (at most a lease round
+        old), and a fresher read soon."""
+
+    async def drained(self) -> None:
+        """Return once the whole database has nothing pending or in flight."""
 
 
 class Store(Protocol):
@@ -206,7 +226,9 @@ class Store(Protocol):
         was sent before, and whose message is still pending, in flight or
         dead, or was processed less than ``key_retention`` seconds ago, is
         not inserted: the duplicates map its index to the first message's
-        id. ``committed(result)`` runs on the trio thread as the commit is
+        id. ``batch.asked`` lists the indices an ``ask()`` of this process
+        waits for (a store shared by several processes sends their answers
+        back here). ``committed(result)`` runs on the trio thread as the commit is
         reported, before any task waiting on that transaction resumes.
         """
 

@@ -11,7 +11,7 @@ message takes. They are read-only by convention.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal, TypeAlias
 
 import attrs
@@ -63,7 +63,19 @@ AppendBatch: TypeAlias = tuple[
     set[int],
     Sequence[str | None] | None,
     float,
+    Collection[int] | None,
 ]
+
+
+@attrs.frozen
+class DatabaseCounts:
+    """Messages by state in a whole (shared) database, and how many its live
+    processes acknowledged since they started."""
+
+    pending: int  # delayed and retry-waiting ones included
+    in_flight: int
+    dead: int
+    processed: int
 
 
 class Claim:

@@ -14,7 +14,7 @@ handful of SQLite calls, not a few per message.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import apsw
@@ -121,8 +121,12 @@ class Operations:
         claimed: set[int],
         keys: Sequence[str | None] | None,
         key_retention: float,
+        asked: Collection[int] | None = None,
     ) -> Appended:
-        """Insert a batch in order (an AppendBatch's fields); see ``Store.append``."""
+        """Insert a batch in order (an AppendBatch's fields); see ``Store.append``.
+
+        ``asked`` is not written: one process owns the file, and its asks
+        wait in memory."""
         db = self.db
         first = self.next_seq
         self.next_seq += len(sessions)
