@@ -38,6 +38,20 @@ def dead_outcome(reason: str) -> str:
     return encode_json({"dead": reason})
 
 
+def decode_value(outcome: str) -> Any:
+    """The value of a value outcome.
+
+    Raises:
+      ValueError: not a value outcome (an error one says why in its text).
+    """
+    data = decode_body(outcome)
+    if "json" in data:
+        return decode_body(data["json"])
+    if "bytes" in data:
+        return base64.b64decode(data["bytes"])
+    raise ValueError(str(data.get("text", "not a value")))
+
+
 def settle(reply: Any, message_id: int, outcome: str) -> None:
     """Set ``reply`` (a Reply) from an outcome's JSON."""
     try:

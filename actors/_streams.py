@@ -216,12 +216,21 @@ class Outputs:
 
     Invariant: ``_subs`` holds only sessions with at least one open
     subscriber, so ``publish`` costs one dict lookup when nobody listens.
+
+    In a cluster (a store shared by several processes), ``remote`` holds
+    the sessions that subscribers in other processes listen to, and
+    ``forward`` takes their outputs there (without waiting: there is no
+    backpressure across processes); ``watch`` is told when this process's
+    first subscriber of a session comes, and after its last one left.
     """
 
     def __init__(self) -> None:
         self._subs: dict[str, list[trio.MemorySendChannel[Any]]] = {}
         self._closed = False
         self.published = 0
+        self.remote: frozenset[str] = frozenset()
+        self.forward: Callable[[str, Any], None] = lambda session_id, value: None
+        self.watch: Callable[[str, bool], None] | None = None
 
     def subscribe(self, session_id: str, buffer: int) -> Subscription[Any]:
         buffer = _check_buffer(buffer)
@@ -229,6 +238,8 @@ class Outputs:
         if self._closed:
             send.close()
         else:
+            if self.watch is not None and session_id not in self._subs:
+                self.watch(session_id, True)
             self._subs.setdefault(session_id, []).append(send)
 
         def unregister() -> None:
@@ -242,14 +253,22 @@ class Outputs:
             channels.remove(send)
             if not channels:
                 del self._subs[session_id]
+                if self.watch is not None and not self._closed:
+                    self.watch(session_id, False)
         send.close()
 
     def listening(self, session_id: str) -> bool:
-        """Whether ``session_id`` has a subscriber."""
-        return session_id in self._subs
+        """Whether ``session_id`` has a subscriber (here, or in another process)."""
+        return session_id in self._subs or session_id in self.remote
 
     async def publish(self, session_id: str, value: Any) -> None:
         """Give ``value`` to each of the session's subscribers, waiting while one is full."""
+        if session_id in self.remote:
+            self.forward(session_id, value)
+        await self.publish_here(session_id, value)
+
+    async def publish_here(self, session_id: str, value: Any) -> None:
+        """Give ``value`` to this process's subscribers of the session (as publish)."""
         channels = self._subs.get(session_id)
         if not channels:
             await trio.lowlevel.checkpoint()

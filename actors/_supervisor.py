@@ -43,6 +43,7 @@ from .store import Store
 
 if TYPE_CHECKING:
     from ._session import SessionData
+    from .store import Cluster
 
 log = logging.getLogger("actors.supervisor")
 
@@ -139,6 +140,10 @@ class Supervisor:
         self.dead_lettered = 0
         self.restart_count = 0
         self.outbox_sent = 0  # messages committed by ctx.send with their ack
+        self._init_streams()
+
+    def _init_streams(self) -> None:
+        """What answers asks and feeds subscribers (part of __init__)."""
         # {message id: the reply an ask() waits for}, until answered or given up.
         self.replies: dict[int, Reply] = {}
         # Claimed messages an ask() of another process waits for (a
@@ -146,10 +151,17 @@ class Supervisor:
         self.remote_asks: Mapping[int, str] = (
             self.cluster.remote_asks if self.cluster is not None else {}
         )
+        # Outputs of sessions run elsewhere, for subscribers here, in order
+        # (a clustered store's); relayed by a task, with backpressure here.
+        self._arrived_send, self._arrived = trio.open_memory_channel[list[tuple[str, str]]](
+            math.inf
+        )
         # Answers from other processes that came before their ask() knew
         # its message id (a race of microseconds), by id.
         self.early_replies: dict[int, str] = {}
         self.outputs = Outputs()  # System.subscribe
+        if self.cluster is not None:
+            self._share_outputs(self.cluster)
         # Called after each handled message with (message, seconds it ran).
         self.observer: Callable[[Message, float], None] | None = None
         self.events = Events()  # System.events
@@ -162,6 +174,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._refill_loop)
+                if self.cluster is not None:
+                    nursery.start_soon(self._relay_outputs)
                 nursery.start_soon(self.idle_watch.run, name="actors.idle")
                 if self.config.handler_timeout is not None:
                     nursery.start_soon(self.watchdog.run, name="actors.watchdog")
@@ -533,6 +547,32 @@ class Supervisor:
             self.cluster.answer(
                 msg_id, _remote.value_outcome(result, self.config.max_message_bytes)
             )
+
+    def _share_outputs(self, cluster: Cluster) -> None:
+        """Subscribers of this process hear sessions run elsewhere, and the reverse."""
+        max_bytes = self.config.max_message_bytes
+        self.outputs.watch = cluster.subscribed
+        self.outputs.forward = lambda s, value: cluster.forward(
+            s, _remote.value_outcome(value, max_bytes)
+        )
+
+    def outputs_arrived(self, outputs: list[tuple[str, str]]) -> None:
+        """Outputs of sessions run in other processes, for subscribers here."""
+        self._arrived_send.send_nowait(outputs)
+
+    def remote_listeners(self, sessions: frozenset[str]) -> None:
+        """Subscribers in other processes listen to these sessions now."""
+        self.outputs.remote = sessions
+
+    async def _relay_outputs(self) -> None:
+        async for outputs in self._arrived:
+            for session_id, outcome in outputs:
+                try:
+                    value = _remote.decode_value(outcome)
+                except ValueError as exc:
+                    log.warning("an output of session %r cannot be shown here: %s", session_id, exc)
+                    continue
+                await self.outputs.publish_here(session_id, value)
 
     def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
         """Answers for this process's asks, from the processes that ran them."""

@@ -320,3 +320,41 @@ async def test_ask_is_answered_across_members_and_drain_is_cluster_wide(pg_url: 
         await b.drain()  # (which reads the counts afresh: statistics() shows the last read)
         assert b.statistics().processed == 53  # the same database
         assert sql(pg_url, "SELECT count(*) FROM actors_replies") == [(0,)]
+
+
+async def test_subscribe_streams_outputs_of_a_session_run_elsewhere(pg_url: str) -> None:
+    async def handle(ctx: actors.Context, msg: actors.Message) -> Any:
+        await ctx.emit({"emitted": msg.body})
+        return msg.body * 10
+
+    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL}
+    async with (
+        actors.run_system(pg_url, handler=handle, **options) as a,
+        actors.run_system(pg_url, handler=handle, **options) as b,
+    ):
+        await until(
+            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
+        )
+        cluster_b = b._store.cluster
+        assert cluster_b is not None
+        theirs = next(s for s in (f"o{i}" for i in range(100)) if cluster_b.owns(s))
+        got: list[Any] = []
+        async with a.subscribe(theirs) as outputs:
+            # The owner learns of the subscriber through the database.
+            await until(b, lambda: theirs in b._sup.outputs.remote, "b knows a listens")
+            for i in range(1, 4):
+                await a.send(theirs, i)
+            with trio.fail_after(30):
+                async for value in outputs:
+                    got.append(value)
+                    if len(got) == 6:
+                        break
+        assert got == [
+            {"emitted": 1}, 10, {"emitted": 2}, 20, {"emitted": 3}, 30,
+        ]  # fmt: skip
+        # Unsubscribed: the owner stops forwarding.
+        await until(b, lambda: theirs not in b._sup.outputs.remote, "b knows a left")
+        await a.send(theirs, 4)
+        await a.drain()
+    assert sql(pg_url, "SELECT count(*) FROM actors_outputs") == [(0,)]
+    assert sql(pg_url, "SELECT count(*) FROM actors_subscribers") == [(0,)]

@@ -184,6 +184,7 @@ class PgStore:
             inline=inline,
             remote_asks=self._ops.remote_asks,
             post_replies=self._post_replies,
+            post_outputs=self._post_outputs,
         )
         self._closed = False
         self._committer.start()
@@ -332,6 +333,10 @@ class PgStore:
     def _post_replies(self, replies: list[tuple[int, str, str]]) -> None:
         if self._committer.failure is None and not self._closed:
             self._committer.submit(self._ops.post_replies, replies, done=_ignore)
+
+    def _post_outputs(self, outputs: list[tuple[str, str, str]]) -> None:
+        if self._committer.failure is None and not self._closed:
+            self._committer.submit(self._ops.post_outputs, outputs, done=_ignore)
 
     def _drop_ack_box(self) -> None:
         self._ack_box = None

@@ -32,7 +32,7 @@ import psycopg
 import trio
 
 from . import postgres_leases as leases
-from .postgres_ops import NOTIFY_CHANNEL, REPLY_CHANNEL
+from .postgres_ops import NOTIFY_CHANNEL, OUTPUT_CHANNEL, REPLY_CHANNEL, SUBSCRIBERS_CHANNEL
 from .postgres_ownership import Ownership, OwnershipStatistics
 from .postgres_schema import connect
 from .protocol import ClusterHost
@@ -64,7 +64,15 @@ class PgCluster:
         inline: bool,
         remote_asks: dict[int, str],
         post_replies: Callable[[list[tuple[int, str, str]]], None],
+        post_outputs: Callable[[list[tuple[str, str, str]]], None],
     ) -> None:
+        self._post_outputs = post_outputs
+        # This process's subscribed sessions, and what the database was told.
+        self._listening: set[str] = set()
+        self._told: set[str] = set()
+        self._subs_changed = trio.Event()  # ours changed, or another member's did
+        # {session: other members that subscribe to it}, as last read.
+        self._listeners: dict[str, list[str]] = {}
         self._url = url
         self._remote_asks = remote_asks
         self._post_replies = post_replies
@@ -99,6 +107,45 @@ class PgCluster:
         asker = self._remote_asks.pop(message_id, None)
         if asker is not None:
             self._post_replies([(message_id, asker, outcome)])
+
+    def subscribed(self, session_id: str, listening: bool) -> None:
+        if listening:
+            self._listening.add(session_id)
+        else:
+            self._listening.discard(session_id)
+        self._subs_changed.set()
+
+    def forward(self, session_id: str, outcome: str) -> None:
+        members = self._listeners.get(session_id)
+        if members:
+            self._post_outputs([(m, session_id, outcome) for m in members])
+
+    def subscribers_changed(self) -> None:
+        """Another member's subscriptions changed (the listener's notice)."""
+        self._subs_changed.set()
+
+    async def _subscriptions_loop(self) -> None:
+        """Keep the database told of ours, and ourselves of the others'."""
+        while True:
+            await self._subs_changed.wait()
+            self._subs_changed = trio.Event()
+            try:
+                await self._sync_subscriptions()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("updating the subscriptions failed (retried): %s", exc)
+                self._subs_changed.set()
+                await trio.sleep(self._period)
+
+    async def _sync_subscriptions(self) -> None:
+        added = sorted(self._listening - self._told)
+        gone = sorted(self._told - self._listening)
+        conn = self._connection()
+        if added or gone:
+            await self._db(leases.subscribe, conn, self.own.member, added, gone)
+            self._told = (self._told | set(added)) - set(gone)
+        self._listeners = await self._db(leases.subscribers, conn, self.own.member)
+        assert self._host is not None
+        self._host.remote_listeners(frozenset(self._listeners))
 
     def counts(self) -> DatabaseCounts:
         self._counts_wanted.set()
@@ -155,13 +202,15 @@ class PgCluster:
         token = trio.lowlevel.current_trio_token()
         self.own.on_found_lost = lambda: token.run_sync_soon(self._poke.set)
         await self._db(lambda: leases.join(self._connection(), self.own.member, self._ttl))
-        self._listener = Listener(self._url, self.own, host, token)
+        self._listener = Listener(self._url, self.own, host, token, self.subscribers_changed)
         self._listener.start()
         try:
             await self._round()
             await self.refresh_counts()
+            await self._sync_subscriptions()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._count_loop)
+                nursery.start_soon(self._subscriptions_loop)
                 task_status.started()
                 while True:
                     with trio.move_on_after(self._period):
@@ -278,8 +327,14 @@ class Listener:
     """A thread that waits for notices of work and hands it to the system."""
 
     def __init__(
-        self, url: str, own: Ownership, host: ClusterHost, token: trio.lowlevel.TrioToken
+        self,
+        url: str,
+        own: Ownership,
+        host: ClusterHost,
+        token: trio.lowlevel.TrioToken,
+        subscribers_changed: Callable[[], None],
     ) -> None:
+        self._subscribers_changed = subscribers_changed
         self._url = url
         self._own = own
         self._host = host
@@ -307,9 +362,11 @@ class Listener:
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    conn.execute(f"LISTEN {REPLY_CHANNEL}")
+                    for channel in (REPLY_CHANNEL, OUTPUT_CHANNEL, SUBSCRIBERS_CHANNEL):
+                        conn.execute(f"LISTEN {channel}")
                     self.look(set(self._own.owned))  # what was sent while not listening
                     self._take_replies(conn)
+                    self._take_outputs(conn)
                     self._listen(conn)
             except (psycopg.Error, OSError) as exc:
                 if self._stopping.is_set():
@@ -322,14 +379,21 @@ class Listener:
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
             buckets: set[int] = set()
-            replies = False
+            replies = outputs = subscribers = False
             # (Never leave the generator early: notices that came in the
             # same packet as the first would be lost. Nor query inside it:
             # it holds the connection.)
             for notice in conn.notifies(timeout=0.25, stop_after=1):
                 self.notices += 1
+                mine = notice.payload == self._own.member
                 if notice.channel == REPLY_CHANNEL:
-                    replies = replies or notice.payload == self._own.member
+                    replies = replies or mine
+                    continue
+                if notice.channel == OUTPUT_CHANNEL:
+                    outputs = outputs or mine
+                    continue
+                if notice.channel == SUBSCRIBERS_CHANNEL:
+                    subscribers = subscribers or not mine
                     continue
                 if notice.payload == "*":
                     buckets |= set(self._own.owned)
@@ -337,19 +401,28 @@ class Listener:
                     buckets.update(int(b) for b in notice.payload.split(",") if b)
             if replies:
                 self._take_replies(conn)
+            if outputs:
+                self._take_outputs(conn)
+            if subscribers:
+                self._token.run_sync_soon(self._subscribers_changed)
             with self._lock:
                 buckets |= self._wanted
                 self._wanted = set()
             own = self._own
-            mine = [b for b in buckets if b in own.owned and b not in own.leaving]
-            if mine:
-                self._look_at(conn, mine)
+            held = [b for b in buckets if b in own.owned and b not in own.leaving]
+            if held:
+                self._look_at(conn, held)
 
     def _look_at(self, conn: psycopg.Connection[Any], buckets: list[int]) -> None:
         self.looks += 1
         sessions, more = leases.sessions_with_work(conn, buckets, LOOK_LIMIT)
         if sessions or more:
             self._token.run_sync_soon(self._host.work_found, sessions, more)
+
+    def _take_outputs(self, conn: psycopg.Connection[Any]) -> None:
+        outputs = leases.take_outputs(conn, self._own.member)
+        if outputs:
+            self._token.run_sync_soon(self._host.outputs_arrived, outputs)
 
     def _take_replies(self, conn: psycopg.Connection[Any]) -> None:
         replies = leases.take_replies(conn, self._own.member)

@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 import psycopg
 
+from .postgres_ops import SUBSCRIBERS_CHANNEL
 from .records import DatabaseCounts
 
 # A member not seen for this long is forgotten (its processed count is
@@ -128,9 +129,16 @@ def leave(conn: psycopg.Connection[Any], member: str) -> None:
 def forget_members(conn: psycopg.Connection[Any]) -> None:
     """Drop members long gone, keeping their processed count in the total."""
     with conn.transaction():
-        # Answers nobody took (the asker died or gave up) go too.
+        # Answers and outputs nobody took (the asker died or gave up) go
+        # too, and the subscriptions of members gone.
+        for table in ("actors_replies", "actors_outputs"):
+            conn.execute(
+                f"DELETE FROM {table} WHERE made_at < now() - make_interval(secs => %s)",
+                (FORGET_MEMBERS_AFTER,),
+            )
         conn.execute(
-            "DELETE FROM actors_replies WHERE made_at < now() - make_interval(secs => %s)",
+            "DELETE FROM actors_subscribers s WHERE NOT EXISTS (SELECT 1 FROM actors_members m"
+            " WHERE m.id = s.member AND m.seen_until > now() - make_interval(secs => %s))",
             (FORGET_MEMBERS_AFTER,),
         )
         conn.execute(
@@ -163,6 +171,46 @@ def take_replies(conn: psycopg.Connection[Any], member: str) -> list[tuple[int, 
         "DELETE FROM actors_replies WHERE asker = %s RETURNING message_id, value", (member,)
     ).fetchall()
     return [(int(r[0]), str(r[1])) for r in rows]
+
+
+def take_outputs(conn: psycopg.Connection[Any], member: str) -> list[tuple[str, str]]:
+    """The outputs written for this member's subscribers, in order (deleted as read)."""
+    rows = conn.execute(
+        "DELETE FROM actors_outputs WHERE member = %s RETURNING id, session_id, value", (member,)
+    ).fetchall()
+    rows.sort()
+    return [(str(r[1]), str(r[2])) for r in rows]
+
+
+def subscribe(
+    conn: psycopg.Connection[Any], member: str, added: list[str], gone: list[str]
+) -> None:
+    """Say which sessions this member's subscribers listen to (and tell the others)."""
+    with conn.transaction():
+        if added:
+            conn.cursor().executemany(
+                "INSERT INTO actors_subscribers (session_id, member) VALUES (%s, %s)"
+                " ON CONFLICT DO NOTHING",
+                [(s, member) for s in added],
+            )
+        if gone:
+            conn.execute(
+                "DELETE FROM actors_subscribers WHERE member = %s AND session_id = ANY(%s)",
+                (member, gone),
+            )
+        conn.execute("SELECT pg_notify(%s, %s)", (SUBSCRIBERS_CHANNEL, member))
+
+
+def subscribers(conn: psycopg.Connection[Any], member: str) -> dict[str, list[str]]:
+    """{session: the live members other than this one that subscribe to it}."""
+    found: dict[str, list[str]] = {}
+    for session_id, other in conn.execute(
+        "SELECT s.session_id, s.member FROM actors_subscribers s JOIN actors_members m"
+        " ON m.id = s.member WHERE m.seen_until > now() AND s.member <> %s",
+        (member,),
+    ):
+        found.setdefault(str(session_id), []).append(str(other))
+    return found
 
 
 def sessions_with_work(

@@ -49,6 +49,10 @@ from .records import (
 NOTIFY_CHANNEL = "actors_work"
 # The answers of ask() for another process: the payload names it.
 REPLY_CHANNEL = "actors_reply"
+# Outputs for another process's subscribers (payload: that process), and a
+# change of who subscribes to what (payload: the member that changed).
+OUTPUT_CHANNEL = "actors_output"
+SUBSCRIBERS_CHANNEL = "actors_subs"
 # A payload longer than this lists too many buckets: "*" (every owner looks).
 _NOTIFY_MAX = 7000
 # Ids are taken from the database's counter in blocks, so that most
@@ -111,6 +115,7 @@ class Operations:
         self.announce: set[int] = set()
         self.acked = 0
         self.answered: set[str] = set()  # members to tell of replies written
+        self.fed: set[str] = set()  # members to tell of outputs written
         # {message id: the member whose ask() waits for it}, for claimed
         # messages asked by another process (written here, read and popped
         # on the trio thread: single dict operations).
@@ -124,6 +129,7 @@ class Operations:
         self.announce = set()
         self.acked = 0
         self.answered = set()
+        self.fed = set()
 
     def finish(self) -> None:
         """In the transaction, after its operations: the counts and one notice."""
@@ -141,6 +147,8 @@ class Operations:
             self.conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
         for member in self.answered:
             self.conn.execute("SELECT pg_notify(%s, %s)", (REPLY_CHANNEL, member))
+        for member in self.fed:
+            self.conn.execute("SELECT pg_notify(%s, %s)", (OUTPUT_CHANNEL, member))
 
     def take_ids(self, n: int) -> int:
         """The first of ``n`` consecutive fresh ids (and seqs)."""
@@ -719,6 +727,13 @@ class Operations:
             replies,
         )
         self.answered.update(asker for _, asker, _ in replies)
+
+    def post_outputs(self, outputs: list[tuple[str, str, str]]) -> None:
+        """Write outputs (member, session, JSON) for other processes' subscribers."""
+        self.conn.cursor().executemany(
+            "INSERT INTO actors_outputs (member, session_id, value) VALUES (%s, %s, %s)", outputs
+        )
+        self.fed.update(member for member, _, _ in outputs)
 
     # -- heartbeat and control table -------------------------------------------
 

@@ -110,6 +110,25 @@ _SCHEMA_V1 = (
     )
     """,
     "CREATE INDEX actors_control_open ON actors_control (id) WHERE done_at IS NULL",
+    # subscribe() in one process, of a session run in another: who listens
+    # to what, and the outputs on their way to it.
+    """
+    CREATE TABLE actors_subscribers (
+        session_id text NOT NULL,
+        member     text NOT NULL,
+        PRIMARY KEY (session_id, member)
+    )
+    """,
+    """
+    CREATE TABLE actors_outputs (
+        id         bigserial PRIMARY KEY,
+        member     text NOT NULL,
+        session_id text NOT NULL,
+        value      text NOT NULL,
+        made_at    timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    "CREATE INDEX actors_outputs_member ON actors_outputs (member, id)",
     """
     CREATE TABLE actors_replies (
         message_id bigint PRIMARY KEY,

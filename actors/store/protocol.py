@@ -104,6 +104,13 @@ class ClusterHost(Protocol):
     def live_sessions(self) -> list[str]:
         """The sessions that have an actor in this process now."""
 
+    def outputs_arrived(self, outputs: list[tuple[str, str]]) -> None:
+        """Outputs (session, JSON: see _remote.py), in order, of sessions run in
+        other processes, for this process's subscribers."""
+
+    def remote_listeners(self, sessions: frozenset[str]) -> None:
+        """The sessions that subscribers in other processes listen to now."""
+
     def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
         """Outcomes (message id, JSON: see _remote.py) of messages this
         process's ``ask()`` waits for, written by the processes that ran them."""
@@ -128,6 +135,14 @@ class Cluster(Protocol):
     def answer(self, message_id: int, outcome: str) -> None:
         """Send the outcome (JSON: see _remote.py) of a message in
         ``remote_asks`` to the process that asked (without waiting)."""
+
+    def subscribed(self, session_id: str, listening: bool) -> None:
+        """This process's first subscriber of ``session_id`` came (``listening``),
+        or its last one left: the other processes learn of it soon."""
+
+    def forward(self, session_id: str, outcome: str) -> None:
+        """Send an output (JSON: see _remote.py) of ``session_id`` to the other
+        processes that listen to it (without waiting)."""
 
     def counts(self) -> DatabaseCounts:
         """The whole database's counts, as last read (at most a lease round
