@@ -39,7 +39,7 @@ from ._reply import Reply
 from ._streams import Events, Outputs, StatusEvent
 from ._timer import Timer
 from ._watchdog import IdleWatch, Watchdog
-from .store import Store
+from .store import DatabaseCounts, Store
 
 if TYPE_CHECKING:
     from ._session import SessionData
@@ -256,10 +256,15 @@ class Supervisor:
 
     # -- a clustered store's news (ClusterHost) --------------------------------
 
-    def work_found(self, sessions: list[str], more: bool) -> None:
+    def work_found(self, sessions: list[tuple[str, float | None]], more: bool) -> None:
         """Work came to these sessions from elsewhere (another process, a takeover)."""
         actors = self._actors
-        for session_id in sessions:
+        now = self.clock.now()
+        self.timer.schedule(now)  # (delayed messages may have come: look again)
+        for session_id, waits_until in sessions:
+            if waits_until is not None and waits_until > now:
+                self.timer.schedule(waits_until, session_id)  # (a retry wait, a suspension)
+                continue
             actor = actors.get(session_id)
             if actor is not None:
                 actor.poke()  # (its seqs are not in this process's order)
@@ -573,6 +578,21 @@ class Supervisor:
                     log.warning("an output of session %r cannot be shown here: %s", session_id, exc)
                     continue
                 await self.outputs.publish_here(session_id, value)
+
+    def local_counts(self) -> DatabaseCounts:
+        """This process's running counts (see ClusterHost.local_counts)."""
+        claimed = self.in_flight() + self.handed_here()
+        return DatabaseCounts(
+            pending=self.outstanding.value - claimed,
+            in_flight=claimed,
+            dead=self.dead,
+            processed=self.processed,
+        )
+
+    def handed_here(self) -> int:
+        """Messages claimed for this process's actors whose handler has not
+        started (statistics count them pending; see ClusterHost)."""
+        return sum(len(actor.handed) for actor in self._actors.values())
 
     def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
         """Answers for this process's asks, from the processes that ran them."""

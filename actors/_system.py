@@ -36,11 +36,13 @@ from ._validate import (
     check_seconds,
     purge_scope,
 )
-from .store import MessageState, Opened, Store
+from .store import Cluster, MessageState, Opened, Store
 
 log = logging.getLogger("actors.system")
 
 KEY_SWEEP_LIMIT = 10_000  # keys forgotten per sweep transaction
+# drain() on a cluster reads the database's counts again at least this often.
+_DRAIN_POLL = 0.1
 
 
 class System:
@@ -548,10 +550,21 @@ class System:
         await self._router.flushed()
         cluster = self._store.cluster
         if cluster is not None:
-            # The work is shared: what is outstanding is in the database.
-            await cluster.drained()
+            await self._drain_cluster(cluster)
             return
         await self._sup.outstanding.wait_zero()
+
+    async def _drain_cluster(self, cluster: Cluster) -> None:
+        # The work is shared: what is outstanding is in the database. Read
+        # again after each acknowledgement here, or a while after the last
+        # read (another process's acks send no notice here).
+        outstanding = self._sup.outstanding
+        while True:
+            counts = await cluster.refresh_counts()
+            if counts.pending == 0 and counts.in_flight == 0:
+                return
+            with trio.move_on_after(_DRAIN_POLL):
+                await outstanding.wait_at_most(outstanding.value - 1)
 
     def _calling_actor(self) -> SessionActor | None:
         """The session actor whose task, or a task started inside it, calls (if any).

@@ -111,7 +111,18 @@ def pg_url(pg_server: str) -> Iterator[str]:
         yield url
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test of a module run on both stores that is about SQLite alone
+    # (``sqlite_only``) has no PostgreSQL case: deselected, not skipped.
+    alone = [
+        item
+        for item in items
+        if item.get_closest_marker("sqlite_only") is not None
+        and getattr(getattr(item, "callspec", None), "params", {}).get("store") == "postgres"
+    ]
+    if alone:
+        config.hook.pytest_deselected(items=alone)
+        items[:] = [item for item in items if item not in alone]
     # Every test that needs PostgreSQL is marked ``postgres`` (-m "not postgres"
     # leaves them out) by what it uses, so that none can forget the mark.
     users = [item for item in items if "pg_server" in getattr(item, "fixturenames", ())]
@@ -124,3 +135,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.postgres)
         if isinstance(plan, pgserver.Unavailable) and not plan.fatal:
             item.add_marker(pytest.mark.skip(reason=plan.reason))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database of a behaviour test, once per store: an SQLite file, then a
+    PostgreSQL database of its own (a URL). A module whose tests hold on both
+    stores overrides ``db_path`` with it; a test of such a module that is
+    about SQLite alone is marked ``sqlite_only``."""
+    if request.param == "sqlite":
+        return str(tmp_path / "actors.db")
+    return str(request.getfixturevalue("pg_url"))

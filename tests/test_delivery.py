@@ -5,10 +5,17 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+import pytest
 import trio
 import trio.testing
 
 import actors
+
+
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
 
 
 async def test_fifo_per_session_and_one_at_a_time(db_path: str, autojump_clock: object) -> None:
@@ -187,6 +194,7 @@ async def test_unknown_option_is_named(db_path: str) -> None:
             pass
 
 
+@pytest.mark.sqlite_only  # (PostgreSQL refuses the option: test_postgres.py)
 async def test_durability_full(db_path: str) -> None:
     seen: list[int] = []
 

@@ -7,8 +7,17 @@ import itertools
 import apsw
 import pytest
 import trio
+from dbrows import is_postgres, query
 
 import actors
+from actors.store.targets import bucket_of
+
+
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
+
 
 FAST_RETRY = actors.Backoff(initial=1.0, multiplier=2.0, maximum=60.0, jitter=0.0)
 
@@ -315,12 +324,21 @@ async def test_undecodable_row_is_dead_lettered_with_a_reason(
     async with actors.run_system(db_path, handler=handler) as system:
         await system.send("s", "ok")
         await system.drain()
-    conn = apsw.Connection(db_path)
-    conn.execute(
-        "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
-        " VALUES (1000, 's', 1000, 0, 0, '{not json', 0), (1001, 's', 1001, 0, 0, 12, 0)"
-    )
-    conn.close()
+    if is_postgres(db_path):  # (the row's bucket; no body at all is its "not text")
+        bucket = bucket_of("s", 1024)
+        query(
+            db_path,
+            "INSERT INTO messages (id, session_id, bucket, seq, state, attempts, body,"
+            " enqueued_at) VALUES (1000, 's', ?, 1000, 0, 0, '{not json', 0),"
+            " (1001, 's', ?, 1001, 0, 0, NULL, 0)",
+            (bucket, bucket),
+        )
+    else:
+        query(
+            db_path,
+            "INSERT INTO messages (id, session_id, seq, state, attempts, body, enqueued_at)"
+            " VALUES (1000, 's', 1000, 0, 0, '{not json', 0), (1001, 's', 1001, 0, 0, 12, 0)",
+        )
     async with actors.run_system(db_path, handler=handler) as system:
         await system.send("s", "after")
         await system.drain()

@@ -12,15 +12,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import apsw
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+from dbrows import query
 
 import actors
 from actors.testing import fast_options
+
+
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
 
 
 class Boom(Exception):
@@ -46,20 +52,12 @@ class Handled:
 
 
 def keys_table(db_path: str) -> dict[tuple[str, str], tuple[int, float | None]]:
-    conn = apsw.Connection(db_path)
-    try:
-        found = conn.execute("SELECT session_id, key, message_id, done_at FROM keys").fetchall()
-    finally:
-        conn.close()
+    found = query(db_path, "SELECT session_id, key, message_id, done_at FROM keys")
     return {(s, k): (m, d) for s, k, m, d in found}
 
 
 def message_count(db_path: str) -> int:
-    conn = apsw.Connection(db_path)
-    try:
-        return int(conn.execute("SELECT count(*) FROM messages").fetchall()[0][0])
-    finally:
-        conn.close()
+    return int(query(db_path, "SELECT count(*) FROM messages")[0][0])
 
 
 # -- while the first message is pending, in flight, dead ------------------------

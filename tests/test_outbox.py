@@ -12,13 +12,19 @@ import copy
 import json
 from typing import Any
 
-import apsw
 import pytest
 import trio
 import trio.testing
+from dbrows import query
 
 import actors
 from actors.testing import fast_options, quiescent
+
+
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
 
 
 class Boom(Exception):
@@ -26,11 +32,7 @@ class Boom(Exception):
 
 
 def rows(db_path: str) -> list[tuple[int, str, Any]]:
-    conn = apsw.Connection(db_path)
-    try:
-        found = conn.execute("SELECT id, session_id, body FROM messages ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    found = query(db_path, "SELECT id, session_id, body FROM messages ORDER BY id")
     return [(i, s, json.loads(b)) for i, s, b in found]
 
 
@@ -302,11 +304,7 @@ async def test_state_and_outbox_commit_together(db_path: str, autojump_clock: ob
             await system.send("a", [])
         stats = await quiescent(system)
     assert arrived == [["a", "b", "c"]] * 6
-    conn = apsw.Connection(db_path)
-    try:
-        state = dict(conn.execute("SELECT session_id, value FROM state").fetchall())
-    finally:
-        conn.close()
+    state = dict(query(db_path, "SELECT session_id, value FROM state"))
     assert {s: json.loads(v) for s, v in state.items()} == {
         "a": {"forwarded": 6},
         "b": {"forwarded": 6},

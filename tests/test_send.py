@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import math
 
-import apsw
 import pytest
 import trio
+from dbrows import query
 
 import actors
+
+
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
 
 
 async def noop(ctx: actors.Context, msg: actors.Message) -> None:
@@ -16,11 +22,7 @@ async def noop(ctx: actors.Context, msg: actors.Message) -> None:
 
 
 def count_rows(db_path: str) -> int:
-    conn = apsw.Connection(db_path)
-    try:
-        return conn.execute("SELECT count(*) FROM messages").fetchall()[0][0]
-    finally:
-        conn.close()
+    return int(query(db_path, "SELECT count(*) FROM messages")[0][0])
 
 
 class Unencodable:
@@ -280,6 +282,7 @@ async def test_send_many_rejects_bad_keys_and_persists_nothing(
     assert count_rows(db_path) == 0
 
 
+@pytest.mark.sqlite_only  # (it holds the SQLite file's write lock)
 async def test_drain_waits_for_a_send_whose_batch_is_still_committing(db_path: str) -> None:
     import trio.testing
     from dblock import WriteLock

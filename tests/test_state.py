@@ -20,15 +20,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import apsw
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+from dbrows import query
 
 import actors
 from actors.testing import fast_options
+
+
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
 
 
 class Boom(Exception):
@@ -37,11 +43,7 @@ class Boom(Exception):
 
 def stored_state(db_path: str) -> dict[str, tuple[Any, float]]:
     """``{session: (state, updated_at)}`` as committed in the database."""
-    conn = apsw.Connection(db_path)
-    try:
-        rows = conn.execute("SELECT session_id, value, updated_at FROM state").fetchall()
-    finally:
-        conn.close()
+    rows = query(db_path, "SELECT session_id, value, updated_at FROM state")
     return {session: (json.loads(value), updated_at) for session, value, updated_at in rows}
 
 

@@ -22,6 +22,12 @@ import actors
 from actors.testing import fast_options
 
 
+@pytest.fixture
+def db_path(store: str) -> str:
+    """Each test of this module runs on SQLite and on PostgreSQL (conftest.store)."""
+    return store
+
+
 class Boom(Exception):
     pass
 

@@ -411,7 +411,7 @@ class PgStore:
         rows = self._read(sql, params, "cannot read dead letters")
         out = []
         for msg_id, session, text, raw, attempts, last_error, enqueued_at in rows:
-            stored: str | bytes = text if text is not None else bytes(raw)
+            stored: str | bytes = text if text is not None else raw
             try:
                 body = decode_body(stored)
             except ValueError:

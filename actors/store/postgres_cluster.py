@@ -77,6 +77,8 @@ class PgCluster:
         self._remote_asks = remote_asks
         self._post_replies = post_replies
         self._counts = DatabaseCounts(pending=0, in_flight=0, dead=0, processed=0)
+        # The host's local counts when _counts was read (see counts()).
+        self._base = self._counts
         self._counts_wanted = trio.Event()
         self.own = own
         self._ttl = lease_ttl
@@ -149,23 +151,27 @@ class PgCluster:
 
     def counts(self) -> DatabaseCounts:
         self._counts_wanted.set()
-        return self._counts
+        if self._host is None:
+            return self._counts
+        # What this process changed since the read is known at once: a
+        # statistics() right after a send or an ack shows it.
+        now, base, read = self._host.local_counts(), self._base, self._counts
+        # Claimed here but not started: pending, as one process counts them
+        # (another process's are in flight: no start table says otherwise).
+        handed = self._host.handed_here()
+        return DatabaseCounts(
+            pending=max(0, read.pending + now.pending - base.pending + handed),
+            in_flight=max(0, read.in_flight + now.in_flight - base.in_flight - handed),
+            dead=max(0, read.dead + now.dead - base.dead),
+            processed=read.processed + now.processed - base.processed,
+        )
 
     async def refresh_counts(self) -> DatabaseCounts:
         """Read the whole database's counts now."""
-        self._counts = await self._db(leases.count_all, self._connection(), self.own.member)
-        return self._counts
-
-    async def drained(self) -> None:
-        # Polled: the work is done by every process, and no notice says the
-        # last of it was acknowledged; the interval grows while it waits.
-        delay = 0.005
-        while True:
-            counts = await self.refresh_counts()
-            if counts.pending == 0 and counts.in_flight == 0:
-                return
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        base = self._host.local_counts() if self._host is not None else self._base
+        read: DatabaseCounts = await self._db(leases.count_all, self._connection(), self.own.member)
+        self._counts, self._base = read, base
+        return read
 
     async def _count_loop(self) -> None:
         """Read the counts when statistics() asked for them, at most ten times a second."""

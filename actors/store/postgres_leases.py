@@ -9,7 +9,7 @@ the server's is the one every process reads.
   taken by another process after its lease ran out.
 - **Take** picks free or expired buckets (``lease_until < now()``) with
   ``FOR UPDATE SKIP LOCKED``: a bucket whose old owner is committing a
-  fenced write holds a share lock on the row and is skipped this round, so
+  fenced write holds a key-share lock on the row and is skipped this round, so
   no write of the old owner lands after the epoch grew. Taking bumps the
   epoch, and puts back to pending, marked crashed, what the old owner left
   in flight (its handler may have run: the attempt stays counted).
@@ -215,11 +215,13 @@ def subscribers(conn: psycopg.Connection[Any], member: str) -> dict[str, list[st
 
 def sessions_with_work(
     conn: psycopg.Connection[Any], buckets: list[int], limit: int
-) -> tuple[list[str], bool]:
-    """Sessions of ``buckets`` with a message waiting (not claimed); whether there are more."""
+) -> tuple[list[tuple[str, float | None]], bool]:
+    """Sessions of ``buckets`` with queued work, and until when their head
+    waits (None: it does not); whether there are more."""
     rows = conn.execute(
-        "SELECT DISTINCT session_id FROM actors_messages"
-        " WHERE bucket = ANY(%s) AND state = 0 AND seq IS NOT NULL LIMIT %s",
+        "SELECT DISTINCT ON (session_id) session_id, not_before FROM actors_messages"
+        " WHERE bucket = ANY(%s) AND state < 2 AND seq IS NOT NULL"
+        " ORDER BY session_id, seq LIMIT %s",
         (buckets, limit + 1),
     ).fetchall()
-    return [str(r[0]) for r in rows[:limit]], len(rows) > limit
+    return [(str(r[0]), r[1]) for r in rows[:limit]], len(rows) > limit

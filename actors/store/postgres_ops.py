@@ -5,14 +5,19 @@ the committer's transaction, returns plain data, is safe to run twice),
 and one more rule: an operation that claims, acknowledges, fails, releases
 or otherwise changes a session's queue first *fences* the session's bucket
 in its own transaction (:meth:`Operations.fence`): the bucket row is
-locked ``FOR SHARE`` and must still name this process as its owner at the
-epoch this process holds it by. A process that lost the bucket (it was
+locked ``FOR KEY SHARE`` and must still name this process as its owner at
+the epoch this process holds it by. A process that lost the bucket (it was
 frozen or cut off past its lease, and another took the bucket over) has
 its write refused: the operation does nothing and says so the way the
 protocol allows (nothing claimed, a fail that finds the message "gone"),
-and the lease keeper drops the bucket. The share lock makes the keeper of
-another process, whose takeover updates that row, wait for the write's
-commit: no write of the old owner lands after the new owner began.
+and the lease keeper drops the bucket. The lock keeps a takeover out
+until the write commits: another process takes a bucket only through
+``FOR UPDATE SKIP LOCKED`` (postgres_leases.take), which that lock blocks,
+and a fence that comes after a takeover reads the new epoch. So no write
+of the old owner lands after the new owner began. (``FOR KEY SHARE``, not
+``FOR SHARE``: the owner's own renewal, an update of ``lease_until`` that
+changes no key, does not wait for its writes, nor they for it; with
+``FOR SHARE`` a renewal and a transaction fencing two buckets deadlocked.)
 
 Operators' changes (retry, abort, purge) and sends come from any process
 and are not fenced: they only add work or remove work no handler holds.
@@ -62,7 +67,7 @@ ID_BLOCK = 4096
 _FENCE = (
     "SELECT b.bucket, b.lease_until > now() + make_interval(secs => %s)"
     " FROM actors_buckets b JOIN unnest(%s::integer[], %s::bigint[]) AS m(bucket, epoch)"
-    " ON b.bucket = m.bucket AND b.epoch = m.epoch WHERE b.owner = %s FOR SHARE OF b"
+    " ON b.bucket = m.bucket AND b.epoch = m.epoch WHERE b.owner = %s FOR KEY SHARE OF b"
 )
 _QUEUE = (
     "SELECT id, seq, attempts, body, raw, enqueued_at, not_before, last_error, crashed,"
@@ -357,7 +362,7 @@ class Operations:
             if crashed and attempts == max_attempts - 1 and not alone:
                 return Claim(None, seq, None, tuple(dead), alone=True)
             try:
-                decoded = decode_body(body if body is not None else bytes(raw))
+                decoded = decode_body(body if body is not None else raw)
             except ValueError as exc:
                 conn.execute(_DEAD, (f"cannot decode message body: {exc}", msg_id))
                 dead.append(msg_id)
@@ -403,7 +408,7 @@ class Operations:
                 claim.more = True
                 break
             try:
-                decoded = decode_body(body if body is not None else bytes(raw))
+                decoded = decode_body(body if body is not None else raw)
             except ValueError:
                 claim.more = True
                 break

@@ -88,11 +88,13 @@ class ClusterHost(Protocol):
     Called on the trio thread, never blocking.
     """
 
-    def work_found(self, sessions: list[str], more: bool) -> None:
-        """``sessions``, of buckets this process holds, have work waiting in
-        the database that no send of this process announced (another process
-        sent it, or the bucket was just taken over). ``more``: others may
-        have too; :meth:`Store.sessions_with_work` finds them."""
+    def work_found(self, sessions: list[tuple[str, float | None]], more: bool) -> None:
+        """Sessions of buckets this process holds have work in the database
+        that no send of this process announced (another process sent it, or
+        the bucket was just taken over), with the epoch time their head waits
+        until (None: it does not wait). ``more``: others may have too
+        (:meth:`Store.sessions_with_work` finds them). Delayed messages may
+        have come too: the timer looks again."""
 
     def drop_sessions(self, which: Callable[[str], bool], hard: bool) -> None:
         """The sessions for which ``which(session_id)`` is true are no longer
@@ -110,6 +112,15 @@ class ClusterHost(Protocol):
 
     def remote_listeners(self, sessions: frozenset[str]) -> None:
         """The sessions that subscribers in other processes listen to now."""
+
+    def local_counts(self) -> DatabaseCounts:
+        """This process's running counts (what it sent, claimed, acknowledged,
+        dead-lettered; ``in_flight`` is every claim it holds), whose changes
+        since a read of the database are added to that read."""
+
+    def handed_here(self) -> int:
+        """Messages claimed by this process whose handler has not started:
+        counted as pending, as a single process counts them."""
 
     def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
         """Outcomes (message id, JSON: see _remote.py) of messages this
@@ -145,11 +156,11 @@ class Cluster(Protocol):
         processes that listen to it (without waiting)."""
 
     def counts(self) -> DatabaseCounts:
-        """The whole database's counts, as last read (at most a lease round
-        old), and a fresher read soon."""
+        """The whole database's counts: as last read, plus this process's
+        changes since (``ClusterHost.local_counts``). Asks for a fresh read."""
 
-    async def drained(self) -> None:
-        """Return once the whole database has nothing pending or in flight."""
+    async def refresh_counts(self) -> DatabaseCounts:
+        """Read the whole database's counts now."""
 
 
 class Store(Protocol):
