@@ -194,8 +194,16 @@ def check(
     [pytest.param(*block, id=f"{block[0].relative_to(ROOT)}#{block[1]}") for block in RUNNABLE],
 )
 def test_python_block_runs_twice_in_one_directory(
-    path: Path, index: int, code: str, check: Callable[[str, str], None]
+    path: Path,
+    index: int,
+    code: str,
+    check: Callable[[str, str], None],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if "DATABASE_URL" in code:
+        # A cluster's example: its PostgreSQL database, a fresh one (conftest).
+        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("pg_url"))
     # Twice: a reader runs an example again, and it must not trip on the
     # database (or anything else) its last run left.
     for run in (1, 2):

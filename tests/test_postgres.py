@@ -358,3 +358,44 @@ async def test_subscribe_streams_outputs_of_a_session_run_elsewhere(pg_url: str)
         await a.drain()
     assert sql(pg_url, "SELECT count(*) FROM actors_outputs") == [(0,)]
     assert sql(pg_url, "SELECT count(*) FROM actors_subscribers") == [(0,)]
+
+
+# -- faults of the server and the network -------------------------------------------
+
+
+def kill_connections(url: str) -> int:
+    """Terminate every other connection to the test's database (as a network cut would)."""
+    rows = sql(
+        url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    return len(rows)
+
+
+async def test_connections_killed_mid_transaction_lose_nothing(pg_url: str) -> None:
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        await trio.sleep(0)
+
+    sessions = [f"c{i}" for i in range(10)]
+    async with actors.run_system(pg_url, handler=handle, lease_ttl=5.0) as system:
+        killed = 0
+        for round_ in range(5):
+            async with trio.open_nursery() as nursery:
+                for s in sessions:
+                    nursery.start_soon(send_some, system, s, 20)
+                await trio.sleep(0.01)  # (real time: let transactions be under way)
+                killed += await trio.to_thread.run_sync(kill_connections, pg_url)
+        assert killed >= 5
+        await system.drain()
+        reconnects = system._store._tx.reconnects  # type: ignore[attr-defined]
+        assert reconnects >= 1
+    states = dict(sql(pg_url, "SELECT session_id, value FROM actors_state"))
+    assert states == {s: '{"n":100}' for s in sessions}
+    assert sql(pg_url, "SELECT count(*) FROM actors_messages") == [(0,)]
+
+
+async def send_some(system: actors.System, session: str, n: int) -> None:
+    for i in range(n):
+        await system.send(session, i)

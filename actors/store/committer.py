@@ -87,6 +87,13 @@ class Transactions(Protocol):
         """Whether ``begin`` waits for another connection's lock (a worker
         thread) or not (the trio thread)."""
 
+    def reconnect(self, exc: Exception, attempt: int) -> bool:
+        """A transaction failed with ``exc``: if the connection was lost (or the
+        server asks for a retry), wait a moment, reconnect, and return True:
+        the committer runs the same operations again in a new transaction.
+        False: ``exc`` is the operations' failure. Blocking; never on the
+        trio thread but inline."""
+
     def maintenance_due(self) -> bool:
         """Whether :meth:`maintain` should run before the next transaction."""
 
@@ -594,9 +601,20 @@ class Committer:
                 op.error = exc
 
     def _transaction(self, ops: Sequence[_Op]) -> None:
-        self._db.begin()
-        self._apply(ops)
-        self._commit()
+        # A lost connection is not the operations' failure: the backend
+        # reconnects and they run again, until the database is back (their
+        # callers wait, as for any commit).
+        attempt = 0
+        while True:
+            try:
+                self._db.begin()
+                self._apply(ops)
+                self._commit()
+                return
+            except Exception as exc:
+                attempt += 1
+                if not self._db.reconnect(exc, attempt):
+                    raise
 
     def _apply(self, ops: Sequence[_Op]) -> None:
         """Run ``ops`` in the open transaction; on failure roll it back and raise."""

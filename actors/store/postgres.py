@@ -17,7 +17,9 @@ thread (dead letters, the control table's look).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -52,29 +54,40 @@ from .targets import redact
 if TYPE_CHECKING:
     from .protocol import Store
 
+log = logging.getLogger("actors.store")
+
 # The largest value a row holds here: PostgreSQL's limit on a field is 1 GB;
 # the runtime refuses far less (max_message_bytes) long before.
 MAX_VALUE_BYTES = 256 << 20
+
+
+# How long the committer goes on reconnecting before the store fails, and
+# the longest pause between two tries.
+RECONNECT_FOR = 600.0
+RECONNECT_PAUSE_MAX = 2.0
 
 
 def _ignore(_result: object) -> None:
     pass
 
 
+def _retryable(exc: Exception, conn: psycopg.Connection[Any]) -> bool:
+    """Whether a transaction that failed with ``exc`` should run again after
+    reconnecting: the connection broke, or the server asks for a retry."""
+    if isinstance(exc, psycopg.errors.TransactionRollback):  # (deadlock, serialization)
+        return True
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    return conn.closed or conn.broken
+
+
 def _connect(
     url: str, lease_ttl: float, buckets: int | None
 ) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any], int, Opened]:
     """The writer's and the ids' connections, the schema made (blocking)."""
-    # A frozen process's open transaction would hold its bucket rows'
-    # share locks, and so the takeover, hostage: the server ends it.
-    idle_ms = str(max(500, int(lease_ttl * 500)))
-    conn = connect(url, what="cannot connect")
+    conn = _writer(url, lease_ttl)
     ids_conn: psycopg.Connection[Any] | None = None
     try:
-        conn.execute(
-            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (idle_ms,)
-        )
-        conn.commit()
         count = prepare_schema(conn, url, buckets)
         ids_conn = connect(url, autocommit=True, what="cannot connect")
         row = conn.execute(
@@ -93,17 +106,52 @@ def _connect(
     return conn, ids_conn, count, Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
 
 
+def _writer(url: str, lease_ttl: float) -> psycopg.Connection[Any]:
+    """The committer's connection (blocking)."""
+    # A frozen process's open transaction would hold its bucket rows'
+    # locks, and so the takeover, hostage: the server ends it.
+    idle_ms = str(max(500, int(lease_ttl * 500)))
+    conn = connect(url, what="cannot connect")
+    try:
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (idle_ms,)
+        )
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 class PgTransactions:
     """``Transactions`` (committer.py) on a psycopg connection.
 
     Every group runs in a worker thread (``try_begin`` says no at once):
     a transaction is round trips to the server, which must not hold the
     loop. A transaction begins implicitly at its first statement.
+
+    A lost connection (the server restarted, a network cut, the connection
+    killed) is not the operations' failure: :meth:`reconnect` waits and
+    reconnects, and the committer runs them again, for up to
+    ``RECONNECT_FOR`` seconds; their callers wait meanwhile. If the
+    connection was lost during the COMMIT, the first run may have committed:
+    the second takes the same ids and skips the rows already there; a claim
+    may count its attempt twice.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], ops: Operations) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        ops: Operations,
+        reopen: Callable[[], psycopg.Connection[Any]],
+        shown: str,
+    ) -> None:
         self._conn = conn
         self._ops = ops
+        self._reopen = reopen
+        self._shown = shown
+        self._lost_since: float | None = None
+        self.reconnects = 0
 
     def try_begin(self) -> bool:
         return False
@@ -127,6 +175,27 @@ class PgTransactions:
 
     def wait_for_locks(self, wait: bool) -> None:
         pass
+
+    def reconnect(self, exc: Exception, attempt: int) -> bool:
+        if not _retryable(exc, self._conn):
+            return False
+        now = time.monotonic()
+        if attempt == 1 or self._lost_since is None:
+            self._lost_since = now
+            log.warning("lost the connection to %s (%s); reconnecting", self._shown, exc)
+        if now - self._lost_since > RECONNECT_FOR:
+            return False
+        time.sleep(min(RECONNECT_PAUSE_MAX, 0.05 * 2 ** min(attempt, 8)))
+        try:
+            self._conn = self._reopen()
+        except StoreError as error:
+            log.info("reconnecting to %s failed (%s); trying again", self._shown, error)
+            return True
+        self._ops.rewind()
+        self.reconnects += 1
+        log.warning("reconnected to %s; running the transaction again", self._shown)
+        self._lost_since = None
+        return True
 
     def maintenance_due(self) -> bool:
         return False
@@ -166,7 +235,8 @@ class PgStore:
         self._reader_lock = threading.Lock()
         self.own = own
         self._ops = Operations(conn, self._take_ids, own, claim_margin=lease_ttl / 4)
-        self._tx = PgTransactions(conn, self._ops)
+        self._lease_ttl = lease_ttl
+        self._tx = PgTransactions(conn, self._ops, self._reopen, self._shown)
         self._committer = Committer(
             self._tx,
             name=self._shown,
@@ -213,6 +283,15 @@ class PgStore:
         # (Built on the trio thread: the committer starts its task.)
         own = Ownership(new_member_id(), count)
         return cls(url, conn, ids_conn, own, lease_ttl, inline=inline), opened
+
+    def _reopen(self) -> psycopg.Connection[Any]:
+        """New writer and ids connections, after the old ones were lost (blocking)."""
+        for old in (self._conn, self._ids_conn):
+            old.close()
+        self._conn = _writer(self._url, self._lease_ttl)
+        self._ids_conn = connect(self._url, autocommit=True, what="cannot reconnect")
+        self._ops.conn = self._conn
+        return self._conn
 
     def _take_ids(self, n: int) -> int:
         row = self._ids_conn.execute(

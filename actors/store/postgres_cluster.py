@@ -34,6 +34,7 @@ import trio
 from . import postgres_leases as leases
 from .postgres_ops import NOTIFY_CHANNEL, OUTPUT_CHANNEL, REPLY_CHANNEL, SUBSCRIBERS_CHANNEL
 from .postgres_ownership import Ownership, OwnershipStatistics
+from .errors import StoreError
 from .postgres_schema import connect
 from .protocol import ClusterHost
 from .records import DatabaseCounts
@@ -43,6 +44,10 @@ log = logging.getLogger("actors.cluster")
 
 # Sessions handed over per look; more are left to Store.sessions_with_work.
 LOOK_LIMIT = 1000
+# Reads of the counts while this process's own change under them.
+COUNT_TRIES = 3
+# Tries of a read (counts, subscriptions) over a lost connection.
+READ_TRIES = 5
 # Buckets given back per round beyond the fair share, as a fraction of all.
 RELEASE_STEP = 16
 
@@ -133,7 +138,8 @@ class PgCluster:
             self._subs_changed = trio.Event()
             try:
                 await self._sync_subscriptions()
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError, StoreError) as exc:
+                self._drop_connection()
                 log.warning("updating the subscriptions failed (retried): %s", exc)
                 self._subs_changed.set()
                 await trio.sleep(self._period)
@@ -167,10 +173,21 @@ class PgCluster:
         )
 
     async def refresh_counts(self) -> DatabaseCounts:
-        """Read the whole database's counts now."""
-        base = self._host.local_counts() if self._host is not None else self._base
-        read: DatabaseCounts = await self._db(leases.count_all, self._connection(), self.own.member)
-        self._counts, self._base = read, base
+        """Read the whole database's counts now.
+
+        Raises:
+          StoreError: the database could not be read (after a few tries).
+        """
+        host = self._host
+        for _ in range(COUNT_TRIES):
+            # This process's changes made while the read ran may or may not
+            # be in it: read again until none came in between.
+            base = host.local_counts() if host is not None else self._base
+            read: DatabaseCounts = await self._read(leases.count_all, self.own.member)
+            after = host.local_counts() if host is not None else base
+            if after == base:
+                break
+        self._counts, self._base = read, after
         return read
 
     async def _count_loop(self) -> None:
@@ -180,13 +197,25 @@ class PgCluster:
             self._counts_wanted = trio.Event()
             try:
                 await self.refresh_counts()
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError, StoreError) as exc:
                 log.debug("reading the database's counts failed: %s", exc)
             await trio.sleep(0.1)
 
     async def next_round(self) -> None:
         """Wait until the keeper has finished its next round (renewed, rebalanced)."""
         await self._round_done.wait()
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(connection, *args)``, reconnecting (a few times) if the connection was lost."""
+        for attempt in range(READ_TRIES):
+            try:
+                return await self._db(lambda: fn(self._connection(), *args))
+            except (psycopg.OperationalError, psycopg.InterfaceError, StoreError) as exc:
+                self._drop_connection()
+                if attempt == READ_TRIES - 1:
+                    raise StoreError(f"cannot read {redact(self._url)}: {exc}") from exc
+                await trio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._inline:
@@ -239,21 +268,29 @@ class PgCluster:
             found: leases.Round = await self._db(
                 leases.renew, self._connection(), self.own.member, self._ttl, self.own.buckets
             )
-        except (psycopg.Error, OSError) as exc:
+        except (psycopg.Error, OSError, StoreError) as exc:
             self._round_failed(exc)
             return
         self.rounds += 1
         self._valid_until = started + self._ttl
         self._apply_renewal(found.held)
-        await self._rebalance(found)
-        if self.rounds % 40 == 1:
-            await self._db(leases.forget_members, self._connection())
+        try:
+            await self._rebalance(found)
+            if self.rounds % 40 == 1:
+                await self._db(leases.forget_members, self._connection())
+        except (psycopg.Error, OSError, StoreError) as exc:
+            # (The leases were renewed: the next round takes or gives back.)
+            self._drop_connection()
+            log.warning("rebalancing the buckets failed (next round): %s", exc)
 
-    def _round_failed(self, exc: BaseException) -> None:
-        self.failed_rounds += 1
+    def _drop_connection(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _round_failed(self, exc: BaseException) -> None:
+        self.failed_rounds += 1
+        self._drop_connection()
         log.warning("renewing the leases on %s failed: %s", redact(self._url), exc)
         # Stop starting handlers before the leases can run out (a quarter
         # of the time to live ahead: that is when claims stop anyway).

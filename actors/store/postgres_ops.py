@@ -84,7 +84,7 @@ _INSERT = (
     " (id, session_id, bucket, seq, state, attempts, body, raw, enqueued_at, not_before, key,"
     " reply_to) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::bigint[],"
     " %s::smallint[], %s::integer[], %s::text[], %s::bytea[], %s::double precision[],"
-    " %s::double precision[], %s::text[], %s::text[])"
+    " %s::double precision[], %s::text[], %s::text[]) ON CONFLICT (id) DO NOTHING"
 )
 _DEAD = "UPDATE actors_messages SET state = 2, not_before = NULL, last_error = %s WHERE id = %s"
 
@@ -103,6 +103,7 @@ class Operations:
         self._take_block = ids  # reserves n consecutive ids in the database, returns the first
         self._next_id = 0
         self._last_id = 0  # the block is [_next_id, _last_id)
+        self._ids_at_begin = (0, 0)
         self.own = own
         self._member = own.member
         # A claim needs this many seconds of lease left: a process that
@@ -129,12 +130,20 @@ class Operations:
     # -- transactions (PgTransactions) ------------------------------------------
 
     def begin(self) -> None:
+        # Where the ids stood: a transaction run again after a lost
+        # connection takes the same ones (its inserts skip rows that the
+        # first run may have committed after all).
+        self._ids_at_begin = (self._next_id, self._last_id)
         self._held.clear()
         self._refused.clear()
         self.announce = set()
         self.acked = 0
         self.answered = set()
         self.fed = set()
+
+    def rewind(self) -> None:
+        """The transaction is to run again (see begin)."""
+        self._next_id, self._last_id = self._ids_at_begin
 
     def finish(self) -> None:
         """In the transaction, after its operations: the counts and one notice."""

@@ -93,6 +93,9 @@ class SqliteTransactions:
     def wait_for_locks(self, wait: bool) -> None:
         self._db.set_busy_timeout(self._busy_ms if wait else 0)
 
+    def reconnect(self, exc: Exception, attempt: int) -> bool:
+        return False  # (a file: nothing to reconnect to; its errors are the operations')
+
     def maintenance_due(self) -> bool:
         return self.wal_pages >= CHECKPOINT_PAGES
 
