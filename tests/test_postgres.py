@@ -10,12 +10,17 @@ deadline (``until``), since no event of ours can say the server's clock moved.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import pgserver
 import psycopg
 import pytest
 import trio
+import trio.lowlevel
 
 import actors
 from actors.store.targets import bucket_of
@@ -376,12 +381,12 @@ def kill_connections(url: str) -> int:
 async def test_connections_killed_mid_transaction_lose_nothing(pg_url: str) -> None:
     async def handle(ctx: actors.Context, msg: actors.Message) -> None:
         ctx.state["n"] = ctx.state.get("n", 0) + 1
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
 
     sessions = [f"c{i}" for i in range(10)]
     async with actors.run_system(pg_url, handler=handle, lease_ttl=5.0) as system:
         killed = 0
-        for round_ in range(5):
+        for _ in range(5):
             async with trio.open_nursery() as nursery:
                 for s in sessions:
                     nursery.start_soon(send_some, system, s, 20)
@@ -399,3 +404,51 @@ async def test_connections_killed_mid_transaction_lose_nothing(pg_url: str) -> N
 async def send_some(system: actors.System, session: str, n: int) -> None:
     for i in range(n):
         await system.send(session, i)
+
+
+@pytest.fixture
+def own_server(pg_server: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A throwaway server of this test's own (it restarts it), and how to restart it."""
+    bindir = pgserver.find_bindir(os.environ)
+    if bindir is None:  # (a server given by ACTORS_TEST_POSTGRES, no binaries here)
+        pytest.skip("restarting a server needs the PostgreSQL binaries here")
+    base = Path(tempfile.mkdtemp(prefix="actors-pg-restart-"))
+    url = pgserver.start(bindir, base)
+
+    def restart() -> None:
+        pgserver._run(
+            base, bindir / "pg_ctl", "-D", base / "data", "-l", base / "server.log", "-m", "fast",
+            "-w", "restart",
+        )  # fmt: skip
+
+    try:
+        yield url, restart
+    finally:
+        pgserver.stop(bindir, base)
+
+
+async def test_the_server_restarting_under_a_running_system_loses_nothing(
+    own_server: tuple[str, Callable[[], None]],
+) -> None:
+    url, restart = own_server
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+
+    sessions = [f"r{i}" for i in range(5)]
+    async with actors.run_system(url, handler=handle, lease_ttl=5.0) as system:
+        async with trio.open_nursery() as nursery:
+            for s in sessions:
+                nursery.start_soon(send_some, system, s, 10)
+        await system.drain()
+        async with trio.open_nursery() as nursery:
+            # Sends made while the server restarts wait for it, then commit.
+            nursery.start_soon(trio.to_thread.run_sync, restart)
+            for s in sessions:
+                nursery.start_soon(send_some, system, s, 30)
+        await system.drain()
+        stats = system.statistics()
+        assert (stats.pending, stats.in_flight, stats.dead) == (0, 0, 0)
+        assert system._store._tx.reconnects >= 1  # type: ignore[attr-defined]
+    states = dict(sql(url, "SELECT session_id, value FROM actors_state"))
+    assert states == {s: '{"n":40}' for s in sessions}
