@@ -32,9 +32,9 @@ import psycopg
 import trio
 
 from . import postgres_leases as leases
+from .errors import StoreError
 from .postgres_ops import NOTIFY_CHANNEL, OUTPUT_CHANNEL, REPLY_CHANNEL, SUBSCRIBERS_CHANNEL
 from .postgres_ownership import Ownership, OwnershipStatistics
-from .errors import StoreError
 from .postgres_schema import connect
 from .protocol import ClusterHost
 from .records import DatabaseCounts
