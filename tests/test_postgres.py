@@ -394,7 +394,7 @@ async def test_connections_killed_mid_transaction_lose_nothing(pg_url: str) -> N
                 killed += await trio.to_thread.run_sync(kill_connections, pg_url)
         assert killed >= 5
         await system.drain()
-        reconnects = system._store._tx.reconnects  # type: ignore[attr-defined]
+        reconnects = system._store.reconnects  # type: ignore[attr-defined]
         assert reconnects >= 1
     states = dict(sql(pg_url, "SELECT session_id, value FROM actors_state"))
     assert states == {s: '{"n":100}' for s in sessions}
@@ -449,6 +449,6 @@ async def test_the_server_restarting_under_a_running_system_loses_nothing(
         await system.drain()
         stats = system.statistics()
         assert (stats.pending, stats.in_flight, stats.dead) == (0, 0, 0)
-        assert system._store._tx.reconnects >= 1  # type: ignore[attr-defined]
+        assert system._store.reconnects >= 1  # type: ignore[attr-defined]
     states = dict(sql(url, "SELECT session_id, value FROM actors_state"))
     assert states == {s: '{"n":40}' for s in sessions}

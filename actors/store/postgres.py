@@ -358,6 +358,11 @@ class PgStore:
             wal_pages=0,
         )
 
+    @property
+    def reconnects(self) -> int:
+        """How many times the committer reconnected after losing its connection."""
+        return self._tx.reconnects
+
     def check_file(self) -> None:
         pass  # (a server, not a file: nothing can replace it under the store)
 

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import psycopg
 import trio
 
@@ -102,7 +103,15 @@ class PgCluster:
         return self.own.owns(session_id)
 
     def statistics(self) -> OwnershipStatistics:
-        return self.own.statistics()
+        """This process's buckets, lease rounds and notices."""
+        listener = self._listener
+        return attrs.evolve(
+            self.own.statistics(),
+            rounds=self.rounds,
+            failed_rounds=self.failed_rounds,
+            notices=listener.notices if listener is not None else 0,
+            looks=listener.looks if listener is not None else 0,
+        )
 
     # -- asks of other processes, and the database's counts --------------------
 

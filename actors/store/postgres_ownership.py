@@ -29,6 +29,10 @@ class OwnershipStatistics:
     released: int  # buckets given back cleanly
     lost: int  # buckets found taken by another process (fenced)
     fenced_writes: int  # operations refused by the fence
+    rounds: int = 0  # lease rounds done (renewals)
+    failed_rounds: int = 0  # rounds whose renewal failed
+    notices: int = 0  # NOTIFYs the listener received
+    looks: int = 0  # reads of buckets for work (after notices, takeovers)
 
 
 class Ownership:
