@@ -649,7 +649,7 @@ class SessionActor(ActorState):
         if self.handed or self.notified_seq > self.claimed_seq or self.pokes != self.pokes_seen:
             await trio.lowlevel.checkpoint()
             return None
-        if host.stopping:  # stop() may have woken us before we got here
+        if host.stopping or self.dropped:  # (woken for it before we got here)
             await trio.lowlevel.checkpoint()
             return Exit.STOP
         self.idle_deadline = host.clock.trio_time() + host.config.idle_timeout

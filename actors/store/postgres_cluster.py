@@ -284,6 +284,13 @@ class PgCluster:
         self._valid_until = started + self._ttl
         self._apply_renewal(found.held)
         try:
+            # Rows still naming this process for buckets it dropped (its
+            # renewals failed for too long, or a fence found them lost while
+            # the renewal kept them): given back, so that a taker, this
+            # process included, recovers what their dropped actors left.
+            stray = sorted(set(found.held) - set(self.own.owned))
+            if stray:
+                await self._db(leases.give_back, self._connection(), self.own.member, stray)
             await self._rebalance(found)
             if self.rounds % 40 == 1:
                 await self._db(leases.forget_members, self._connection())
@@ -310,8 +317,8 @@ class PgCluster:
     def _apply_renewal(self, held: dict[int, int]) -> None:
         owned = self.own.owned
         lost = {b for b, epoch in owned.items() if held.get(b) != epoch}
-        lost |= self.own.take_found_lost() & set(owned)
-        lost -= {b for b in lost if held.get(b) == owned.get(b)}  # a fence that raced a renewal
+        # A fence's report is stale if the renewal saw the same epoch since.
+        self.own.take_found_lost()
         if lost:
             log.warning(
                 "lost %d bucket(s) to another process: cancelling their handlers", len(lost)
