@@ -22,7 +22,7 @@ from ._lock import DatabaseLock
 from ._system import System
 from ._validate import check_instance, check_number
 from .store import Opened, Store, database_path
-from .store.postgres_schema import check_buckets, is_url
+from .store.postgres_url import is_url
 from .store.sqlite import SqliteStore
 
 
@@ -116,6 +116,8 @@ def _cluster_options(options: dict[str, Any]) -> tuple[float, int | None]:
                 f"run_system() option {name!r} means nothing on PostgreSQL "
                 "(the server's own settings decide durability and lock waits)"
             )
+    from .store.postgres_schema import check_buckets  # (psycopg: the postgres extra)
+
     lease_ttl = check_number(
         "lease_ttl", options.pop("lease_ttl", 10.0), minimum=0.2, maximum=3600.0
     )
