@@ -75,7 +75,7 @@ from ._health import seconds_text
 from ._lock import DatabaseLock
 from ._validate import MAX_INT, MAX_SECONDS
 from .store import StoreViews, database_path
-from .store.backends import is_url, open_for_changes
+from .store.backends import is_url, open_for_changes, redact
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -174,6 +174,11 @@ def _path(db: str) -> str:
         return database_path(db)
     except ValueError as exc:
         raise DatabaseError(str(exc)) from None
+
+
+def _shown(path: str) -> str:
+    """The database as messages show it: a URL without its password."""
+    return redact(path) if is_url(path) else path
 
 
 def _open(path: str) -> StoreViews:
@@ -691,7 +696,7 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
         try:
             running = not stopped()
         except OSError as exc:
-            raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+            raise click.ClickException(f"cannot lock {_shown(path)!r}: {exc}") from None
         except StoreError as exc:
             raise click.ClickException(str(exc)) from None
         finish = None
@@ -712,7 +717,7 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
             except StoreError as exc:  # ("cannot write the request into <path>: ...")
                 raise click.ClickException(str(exc)) from None
             except OSError as exc:
-                raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+                raise click.ClickException(f"cannot lock {_shown(path)!r}: {exc}") from None
         if applied_by == "command line":
             try:
                 outcome = trio.run(_apply_directly, path, command, args, finish)

@@ -117,9 +117,11 @@ async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
 class DirectTarget:
     """Applies commands straight to a store that no system runs on.
 
-    The caller holds the database's lock. Same semantics as the System's
-    methods: opening the store recovered whatever a dead process left in
-    flight, so nothing here is in flight.
+    The caller holds the database's lock (SQLite), or found no member alive
+    (PostgreSQL). Same semantics as the System's methods. On SQLite, opening
+    the store recovered whatever a dead process left in flight, so nothing
+    is in flight; on PostgreSQL, what a dead member left in flight stays so
+    until another member takes its bucket over, and is not aborted.
     """
 
     def __init__(self, store: Store) -> None:
@@ -136,7 +138,7 @@ class DirectTarget:
         found = await self._store.abort(message_id)
         if found is None:
             return False
-        if found.state == MessageState.IN_FLIGHT:  # pragma: no cover - recovery leaves none
+        if found.state == MessageState.IN_FLIGHT:
             raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
         return True
 

@@ -24,11 +24,13 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import trio
+import trio.testing
 from click.testing import Result
 from helpers import ainvoke, invoke
 
 import actors
 from actors._cli import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
+from actors._control import request
 from actors.store.postgres import PgStore
 from actors.store.postgres_url import hide_password, is_url, redact
 
@@ -439,3 +441,76 @@ def test_a_url_is_shown_without_its_password() -> None:
     assert hide_password(f'no luck with "{url}" (p@ss)', url) == (
         'no luck with "postgresql://me:***@h/db" (***)'
     )
+
+
+async def test_what_a_dead_member_left_in_flight_is_not_aborted(pg_url: str) -> None:
+    ids = await fill(pg_url)
+    # As if the member had died mid-message: b's head still claimed, and no
+    # member alive to take its bucket over.
+    head = ids["pending"][0]
+    sql(pg_url, "UPDATE actors_messages SET state = 1 WHERE id = %s", (head,))
+    st = as_json(invoke("status", pg_url, "--json"))
+    assert (st["in_flight"], st["handed"], st["pending"]) == (1, 0, 3)
+    assert [m["id"] for m in st["in_flight_messages"]] == [head]
+    assert "left by a process that died" in invoke("status", pg_url).output
+    refused = await ainvoke("abort", pg_url, "--id", str(head))
+    assert refused.exit_code == EXIT_FAILED
+    assert f"message {head} is in flight and cannot be aborted now" in refused.output
+    purged = await ainvoke("purge", pg_url, "--session", "b")
+    assert purged.output.startswith("purged 2 message(s)")  # not the one in flight
+    assert sql(pg_url, "SELECT id FROM actors_messages WHERE session_id = 'b'") == [(head,)]
+
+
+async def test_each_request_is_applied_by_one_member_of_several(pg_url: str) -> None:
+    async def nothing(ctx: actors.Context, msg: actors.Message) -> None:
+        pass
+
+    outcomes: list[dict[str, Any]] = []
+
+    async def ask(n: int) -> None:
+        # The command line's own request (in a worker thread: it polls).
+        args = {"session": f"s{n}", "dead": False, "older_than": None}
+        outcomes.append(
+            await trio.to_thread.run_sync(lambda: request(pg_url, "purge", args, wait=30))
+        )
+
+    async with (
+        actors.run_system(pg_url, handler=nothing, control_interval=0.01) as one,
+        actors.run_system(pg_url, handler=nothing, control_interval=0.01) as two,
+    ):
+        for n in range(3):
+            await one.send(f"s{n}", "later", delay=3600)
+        async with trio.open_nursery() as nursery:
+            for n in range(12):
+                nursery.start_soon(ask, n)
+        applied = one._control.statistics().applied + two._control.statistics().applied
+    assert applied == 12  # (SKIP LOCKED: a request taken by one member is not the other's)
+    assert sorted(o["count"] for o in outcomes) == [0] * 9 + [1] * 3
+    assert sql(pg_url, "SELECT count(*) FROM actors_control WHERE done_at IS NULL") == [(0,)]
+    assert sql(pg_url, "SELECT count(*) FROM actors_messages") == [(0,)]
+
+
+async def test_a_request_held_by_a_dead_member_is_taken_again(pg_url: str) -> None:
+    async def nothing(ctx: actors.Context, msg: actors.Message) -> None:
+        pass
+
+    async with actors.run_system(pg_url, handler=nothing, control_interval=3600) as system:
+        await trio.testing.wait_all_tasks_blocked()  # (its control task had its first look)
+        sql(
+            pg_url,
+            "INSERT INTO actors_members (id, host, pid, seen_until)"
+            " VALUES ('busy', 'elsewhere', 1, now() + interval '1 hour'),"
+            " ('dead', 'elsewhere', 2, now() - interval '1 second')",
+        )
+        for taker in ("busy", "dead"):
+            sql(
+                pg_url,
+                "INSERT INTO actors_control (command, args, requested_at, result)"
+                " VALUES ('retry', '{\"all\": true}', 0, %s)",
+                (json.dumps({"status": "applying", "member": taker}),),
+            )
+        await system._control.serve()
+        assert system._control.statistics().applied == 1
+    rows = sql(pg_url, "SELECT result, done_at IS NOT NULL FROM actors_control ORDER BY id")
+    assert json.loads(rows[0][0])["member"] == "busy" and rows[0][1] is False  # still its
+    assert json.loads(rows[1][0])["ok"] is True and rows[1][1] is True  # applied here

@@ -13,7 +13,7 @@ from .protocol import ControlRequests, Store, StoreViews
 from .sqlite import SqliteStore
 from .sqlite_views import SqliteControlRequests, SqliteViews
 
-__all__ = ["is_url", "open_control_requests", "open_for_changes", "open_views"]
+__all__ = ["is_url", "open_control_requests", "open_for_changes", "open_views", "redact"]
 
 BUSY_TIMEOUT = 5.0  # seconds an SQLite connection waits for a lock
 # What a store opened to apply an operator's change uses on PostgreSQL: the
