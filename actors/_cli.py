@@ -662,9 +662,10 @@ def _watch(path: str) -> tuple[Callable[[], bool], Callable[[], None]]:
     """``stopped()``: whether no system runs on the database now; ``release()`` when done.
 
     SQLite: a yes takes the database's lock, which no system can take until
-    ``release()``. PostgreSQL: a yes means no member's lease is current;
-    nothing is locked (a member that starts meanwhile opens after the change,
-    or its control task finds the request).
+    ``release()``. PostgreSQL: a yes means no member's lease is current, and
+    nothing is locked: the change is safe beside a member that starts at
+    that moment (operators' changes are not fenced), but that member's
+    counts (``statistics()``) may be of the messages before the change.
     """
     if is_url(path):
         views = _open(path)
