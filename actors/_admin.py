@@ -18,8 +18,8 @@ import attrs
 from ._health import Health, Heartbeat, judge, seconds_text
 from ._lock import is_held, lock_file
 from ._records import DeadLetter
-from .store import Claimed, SessionCounts, StoreError, StoreViews, database_path
-from .store.sqlite_views import SqliteViews
+from .store import Claimed, Membership, SessionCounts, StoreError, StoreViews, database_path
+from .store.backends import open_views
 from .store.starts import starts_file
 
 
@@ -32,14 +32,16 @@ class AdminError(Exception):
 
 
 def open_readonly(path: str, busy_timeout: float = 5.0) -> StoreViews:
-    """Open an existing actors database read-only (close it after use).
+    """Open an existing actors database read-only (close it after use): an
+    SQLite file, or a PostgreSQL database by its URL.
 
     Raises:
-      AdminError: no such file, not an SQLite database, no actors schema,
-        or a schema newer than this version of actors.
+      AdminError: no such file, not an SQLite database, no such server or
+        database, no actors schema, or a schema newer than this version of
+        actors.
     """
     try:
-        return SqliteViews.open(path, busy_timeout)
+        return open_views(path, busy_timeout)
     except StoreError as exc:
         raise AdminError(str(exc)) from exc
 
@@ -115,6 +117,93 @@ class InFlightRow:
 
 
 @attrs.frozen(kw_only=True)
+class MemberRow:
+    """A process of a cluster (``actors status`` and ``actors health`` on PostgreSQL).
+
+    ``state``: ``running``; ``stopping`` (its heartbeat says a stop began);
+    ``stuck`` (alive by its lease, which another connection renews, but its
+    heartbeat is older than the stale limit: its writes do not go through);
+    ``starting`` (no heartbeat yet); ``gone`` (it left, or its lease ran
+    out). ``buckets``: how many it holds now. ``up``: seconds since it
+    joined (None once gone); ``heartbeat_age``: since its last heartbeat (None without one);
+    ``processed``: what it processed since it started, by that heartbeat.
+    """
+
+    id: str
+    host: str
+    pid: int
+    alive: bool
+    state: str
+    buckets: int
+    up: float | None
+    heartbeat_age: float | None
+    processed: int | None
+
+
+@attrs.frozen(kw_only=True)
+class ClusterStatus:
+    """The processes sharing a PostgreSQL database, and their buckets.
+
+    ``buckets``: how many the sessions are hashed into; ``held``: how many of
+    them live members hold; ``live``: how many members are alive, of
+    ``member_count`` the database remembers (a gone one for some minutes);
+    ``members``: the live ones first, then by when they joined (at most the
+    limit asked for).
+    """
+
+    buckets: int
+    held: int
+    live: int
+    member_count: int
+    members: list[MemberRow]
+
+
+def _member_state(
+    alive: bool, beat: Heartbeat | None, age: float, stale_after: float | None
+) -> str:
+    if not alive:
+        return "gone"
+    if beat is None:
+        return "starting"
+    if beat.stopping:
+        return "stopping"
+    limit = stale_after if stale_after is not None else default_stale_after(beat)
+    return "stuck" if age > limit else "running"
+
+
+def cluster_status(
+    membership: Membership, now: float, limit: int, stale_after: float | None = None
+) -> ClusterStatus:
+    """The members as the command line shows them (``stale_after``: as ``actors
+    health``'s; by default each member's own, from its heartbeat)."""
+    rows = []
+    for m in membership.members[:limit]:
+        beat = None if m.heartbeat is None else Heartbeat.from_json(m.heartbeat)
+        age = None if beat is None else _age(now, beat.at)
+        rows.append(
+            MemberRow(
+                id=m.id,
+                host=m.host,
+                pid=m.pid,
+                alive=m.alive,
+                state=_member_state(m.alive, beat, age or 0.0, stale_after),
+                buckets=m.buckets,
+                up=_age(now, m.started_at) if m.alive else None,
+                heartbeat_age=age,
+                processed=None if beat is None else beat.processed,
+            )
+        )
+    live = [m for m in membership.members if m.alive]
+    return ClusterStatus(
+        buckets=membership.buckets,
+        held=sum(m.buckets for m in live),
+        live=len(live),
+        member_count=len(membership.members),
+        members=rows,
+    )
+
+
+@attrs.frozen(kw_only=True)
 class Status:
     """The state of a database (``actors status``).
 
@@ -128,7 +217,9 @@ class Status:
     many (a message with 2 or more has been retried). ``sessions`` are the
     deepest queues, at most the limit asked for, of ``session_count``.
     ``heartbeat`` is the last one a system wrote (old, or from a system
-    that stopped, when ``running`` is false).
+    that stopped, when ``running`` is false; of a cluster, the newest of
+    its live members'). ``cluster``: the members of a PostgreSQL database
+    (None for SQLite), whose leases say whether it is ``running``.
     """
 
     path: str
@@ -148,6 +239,7 @@ class Status:
     in_flight_messages: list[InFlightRow]
     open_requests: int
     heartbeat: Heartbeat | None
+    cluster: ClusterStatus | None = None
 
 
 def starts_path(path: str) -> str:
@@ -172,11 +264,16 @@ def _session_row(row: SessionCounts, now: float, found: Claimed) -> SessionRow:
 def status(views: StoreViews, now: float, *, limit: int = 20, running: bool = False) -> Status:
     """Read the database's state in one snapshot (the deepest ``limit`` sessions).
 
-    ``running``: whether a system runs on it (:func:`is_running`), as the caller found.
+    ``running``: whether a system runs on it (:func:`is_running`), as the
+    caller found; for a cluster, its members' leases say (read here).
     ``handed`` and ``in_flight`` are told apart by ``StoreViews.claimed``.
     """
     with views.snapshot():
         version = views.schema_version()
+        membership = views.membership()
+        cluster = None if membership is None else cluster_status(membership, now, limit)
+        if cluster is not None:
+            running = cluster.live > 0
         counts = views.counts(now)
         session_count = views.session_count()
         found = views.claimed()  # (after a first read: see StoreViews.claimed)
@@ -208,6 +305,7 @@ def status(views: StoreViews, now: float, *, limit: int = 20, running: bool = Fa
             ],
             open_requests=views.open_requests(),
             heartbeat=read_heartbeat(views),
+            cluster=cluster,
         )
 
 
@@ -250,10 +348,12 @@ def to_plain(value: Any) -> Any:
 class HealthReport:
     """The verdict of ``actors health`` and what it rests on.
 
-    ``running``: a system holds the database's lock. ``heartbeat_age``:
-    seconds since its last heartbeat (None without one). ``health``: the
-    judgement from that heartbeat and the database (None when there is no
-    fresh heartbeat to judge by).
+    ``running``: a system holds the database's lock (of a cluster: a member
+    is alive). ``heartbeat_age``: seconds since its last heartbeat (None
+    without one; of a cluster, the newest). ``health``: the judgement from
+    that heartbeat and the database (None when there is no fresh heartbeat
+    to judge by). ``cluster``: the members of a PostgreSQL database (None
+    for SQLite).
     """
 
     path: str
@@ -263,6 +363,7 @@ class HealthReport:
     heartbeat_age: float | None
     stale_after: float | None
     health: Health | None
+    cluster: ClusterStatus | None = None
 
 
 def check_health(
@@ -280,6 +381,9 @@ def check_health(
     heartbeat; a system whose heartbeat says it is stopping is unhealthy.
     """
     with views.snapshot():
+        membership = views.membership()
+        if membership is not None:
+            return _cluster_health(views, now, membership, stall_after, stale_after)
         heartbeat = read_heartbeat(views)
         age = None if heartbeat is None else max(now - heartbeat.at, 0.0)
         stale = None
@@ -312,14 +416,74 @@ def check_health(
                 f" {seconds_text(stale)}): the system's loop or its database writer is not"
                 " running",
             )
-        health = _judge(views, now, heartbeat, stall_after)
+        health = _judge(views, now, stall_after, [heartbeat])
         return verdict(health.healthy, health.reason, health)
 
 
-def _judge(views: StoreViews, now: float, heartbeat: Heartbeat, stall_after: float) -> Health:
-    """The Health of a running system with a fresh heartbeat (inside the snapshot)."""
+def _cluster_health(
+    views: StoreViews,
+    now: float,
+    membership: Membership,
+    stall_after: float,
+    stale_after: float | None,
+) -> HealthReport:
+    """``check_health`` of a cluster: judged by its live members (inside the snapshot).
+
+    Not running when no member is alive. Unhealthy when no live member has
+    written a heartbeat yet, when one is stuck (alive by its lease, but its
+    heartbeat is stale: its sessions make no progress), or when every live
+    one is stopping. Then the rule of ``judge``, the last progress the most
+    recent of the members that are not stopping, their counts summed.
+    """
+    cluster = cluster_status(membership, now, len(membership.members), stale_after)
+    beats = [
+        beat
+        for m in membership.members
+        if m.alive and (beat := Heartbeat.from_json(m.heartbeat)) is not None
+    ]
+    newest = read_heartbeat(views)  # (the newest live member's, else the last one's)
+    age = None if newest is None else _age(now, newest.at)
+    stale = stale_after
+    if stale is None and beats:
+        stale = max(default_stale_after(beat) for beat in beats)
+
+    def verdict(healthy: bool, reason: str, health: Health | None = None) -> HealthReport:
+        return HealthReport(
+            path=views.path,
+            running=cluster.live > 0,
+            healthy=healthy,
+            reason=reason,
+            heartbeat_age=age,
+            stale_after=stale,
+            health=health,
+            cluster=cluster,
+        )
+
+    if not cluster.live:
+        last = "" if age is None else f" (last heartbeat {seconds_text(age)} ago)"
+        return verdict(False, f"no system is running on {views.path}: no member is alive{last}")
+    if not beats:
+        return verdict(False, "no running member has written a heartbeat yet")
+    for m in cluster.members:
+        if m.state == "stuck" and m.heartbeat_age is not None:
+            return verdict(
+                False,
+                f"stuck: the last heartbeat of member pid {m.pid} on {m.host} is"
+                f" {seconds_text(m.heartbeat_age)} old: its writes to the database do not"
+                " go through",
+            )
+    working = [beat for beat in beats if not beat.stopping]
+    if not working:
+        return verdict(False, "the system is shutting down")
+    health = _judge(views, now, stall_after, working)
+    return verdict(health.healthy, health.reason, health)
+
+
+def _judge(views: StoreViews, now: float, stall_after: float, beats: list[Heartbeat]) -> Health:
+    """The Health of a running system with fresh heartbeats (one per process;
+    inside the snapshot): its last progress is the most recent of theirs."""
     oldest = oldest_due(views, now)
-    progress_age = max(now - heartbeat.last_progress_at, 0.0)
+    progress_age = _age(now, max(beat.last_progress_at for beat in beats))
     healthy, reason = judge(
         oldest_pending_age=oldest, last_progress_age=progress_age, stall_after=stall_after
     )
@@ -335,6 +499,6 @@ def _judge(views: StoreViews, now: float, heartbeat: Heartbeat, stall_after: flo
         pending=counts.pending + handed,
         in_flight=counts.claimed - handed,
         dead=counts.dead,
-        processed=heartbeat.processed,
-        dead_lettered=heartbeat.dead_lettered,
+        processed=sum(beat.processed for beat in beats),
+        dead_lettered=sum(beat.dead_lettered for beat in beats),
     )

@@ -1,10 +1,13 @@
 """The ``actors`` command (also ``python -m actors``): demo, inspect, operate, health.
 
-Read commands (``status``, ``sessions``, ``dead``, ``health``) open the
-database read-only; they work while a system runs and never disturb it.
-Mutating commands (``retry``, ``abort``, ``purge``) ask a running system
-through the control table and wait for its answer, or, with no system
-running, take the database's lock and act directly (see ``_control``).
+The database is an SQLite file, or a PostgreSQL database named by its URL
+(``postgresql://...``): there a system is a cluster of processes, each a
+member. Read commands (``status``, ``sessions``, ``dead``, ``health``)
+open the database read-only; they work while a system runs and never
+disturb it. Mutating commands (``retry``, ``abort``, ``purge``) ask a
+running system through the control table and wait for its answer, or,
+with no system running, act directly: on SQLite holding the database's
+lock (see ``_control``); on PostgreSQL when no member is alive.
 
 Exit codes, for scripts and probes:
 
@@ -38,6 +41,18 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__, _admin
+from ._cli_show import (
+    age_text,
+    cell,
+    cluster_line,
+    health_details,
+    members_line,
+    members_table,
+    one_line,
+    sessions_table,
+    system_line,
+    visible,
+)
 from ._codec import check_session_id
 from ._control import (
     CONTROL_RETENTION,
@@ -56,11 +71,11 @@ from ._demo import (
     run_demo,
 )
 from ._errors import DatabaseInUseError, StoreError
-from ._health import Health, seconds_text
+from ._health import seconds_text
 from ._lock import DatabaseLock
 from ._validate import MAX_INT, MAX_SECONDS
 from .store import StoreViews, database_path
-from .store.sqlite import SqliteStore
+from .store.backends import is_url, open_for_changes, redact
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -146,42 +161,24 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False, markup=False, emoji=False)
 
 
-def visible(text: str) -> str:
-    """``text`` safe to show on a terminal, on one line, every character visible.
-
-    As it is if it is printable. Otherwise written as in a Python string
-    literal: control characters (C0, DEL, C1: a newline, a terminal escape
-    sequence's ESC), format characters (bidirectional overrides, zero-width
-    ones), line separators and lone surrogates become escapes (``\\n``,
-    ``\\x1b``, ``\\u202e``), and a backslash is doubled so that an escape
-    is never ambiguous. Session ids come from producers and errors from
-    handlers: shown raw, an escape sequence would reach the operator's
-    terminal, and a newline would forge a line of output.
-    """
-    if text.isprintable():
-        return text
-    return "".join(
-        "\\\\" if char == "\\" else char if char.isprintable() else repr(char)[1:-1]
-        for char in text
-    )
-
-
-def _cell(text: str) -> Text:
-    """A table cell of user data: plain text (never rich markup), every character visible."""
-    return Text(visible(text))
-
-
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(_admin.to_plain(value), indent=2, allow_nan=False))
 
 
 def _path(db: str) -> str:
+    if is_url(db):
+        return db  # (checked when connecting; shown without its password)
     try:
         # Refuses what SQLite cannot open (a name the shell passed with
         # undecodable bytes: a lone surrogate here) and a directory.
         return database_path(db)
     except ValueError as exc:
         raise DatabaseError(str(exc)) from None
+
+
+def _shown(path: str) -> str:
+    """The database as messages show it: a URL without its password."""
+    return redact(path) if is_url(path) else path
 
 
 def _open(path: str) -> StoreViews:
@@ -199,19 +196,6 @@ def _read(path: str, read: Callable[[StoreViews], Any]) -> Any:
         raise click.ClickException(str(exc)) from None
     finally:
         views.close()
-
-
-def _age(seconds: float | None) -> str:
-    return "-" if seconds is None else seconds_text(seconds)
-
-
-def _one_line(error: str, width: int = 72) -> str:
-    """The last line of an error text (a traceback's exception), visible and at most ``width``."""
-    # By "\n" only (a traceback's lines): a "\r" or another line break
-    # inside the message is part of it, and shown escaped.
-    lines = [line.strip() for line in error.split("\n") if line.strip()]
-    last = visible(lines[-1] if lines else "")
-    return last if len(last) <= width else last[: width - 1] + "…"
 
 
 db_argument = click.argument("db", metavar="DB")
@@ -257,9 +241,10 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="actors", message="%(prog)s %(version)s")
 def cli() -> None:
-    """Embedded, durable, per-key actors for trio on SQLite.
+    """Embedded, durable, per-key actors for trio on SQLite or PostgreSQL.
 
-    DB is the database file of a system. Read commands work while it runs;
+    DB is the database of a system: its SQLite file, or a PostgreSQL URL
+    (postgresql://USER:PASSWORD@HOST/NAME). Read commands work while it runs;
     retry, abort and purge are applied by the running system (or directly
     when none runs). Exit codes: 0 ok, 1 unhealthy or refused, 2 usage
     error or no actors database, 3 no system running (health), 4 no answer
@@ -279,6 +264,10 @@ MAX_DEMO_DURATION = 86_400.0
 def _demo_db(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
+    if is_url(value):
+        raise click.BadParameter(
+            "the demo runs on an SQLite file, not a PostgreSQL URL", ctx, param
+        )
     try:
         # Only a new file or one the demo made: never an application's
         # database, whose messages the demo's handler would run.
@@ -456,59 +445,18 @@ def _demo_error(exc: BaseException) -> None:
 # -- reading ----------------------------------------------------------------------
 
 
-def _system_line(heartbeat: Any, running: bool, now: float) -> str:
-    if not running:
-        # Judged by the lock, as `health` does: a clean stop releases it at
-        # once, a killed process's lock goes with the process. The heartbeat
-        # says only who ran last.
-        if heartbeat is None:
-            return "stopped: no system is running"
-        return (
-            f"stopped: no system is running (the last one, pid {heartbeat.pid} on"
-            f" {visible(heartbeat.host)}, wrote its last heartbeat"
-            f" {seconds_text(max(now - heartbeat.at, 0.0))} ago)"
-        )
-    if heartbeat is None:
-        return "running, no heartbeat yet (the first comes status_interval after start)"
-    age = now - heartbeat.at
-    who = f"pid {heartbeat.pid} on {visible(heartbeat.host)}"
-    if heartbeat.stopping:
-        # As `health` says: not healthy while the stop's grace runs out.
-        return (
-            f"stopping: the system is shutting down ({who}, heartbeat"
-            f" {seconds_text(max(age, 0.0))} ago): it takes no more messages, running"
-            " handlers finish within its grace"
-        )
-    if age > _admin.default_stale_after(heartbeat):
-        return (
-            f"running, but its last heartbeat is {seconds_text(age)} old ({who}): its loop or"
-            " its store is stuck"
-        )
-    up = seconds_text(max(now - heartbeat.started_at, 0.0))
-    return (
-        f"running: heartbeat {seconds_text(max(age, 0.0))} ago from {who}, up {up};"
-        f" {heartbeat.processed} processed, last progress"
-        f" {seconds_text(max(now - heartbeat.last_progress_at, 0.0))} ago"
-    )
+def _lock_held(path: str) -> bool:
+    """Whether a system holds an SQLite file's lock. (A cluster's members say
+    whether it runs themselves: ``_admin`` reads their leases in its snapshot.)"""
+    return not is_url(path) and _admin.is_running(path)
 
 
-def _sessions_table(rows: Sequence[_admin.SessionRow], title: str) -> Table:
-    table = Table(
-        "session", "pending", "handed", "in flight", "dead", "oldest", "attempts", title=title
-    )
-    for column in table.columns[1:]:
-        column.justify = "right"
-    for row in rows:
-        table.add_row(
-            _cell(row.session_id),
-            str(row.pending),
-            str(row.handed),
-            str(row.in_flight),
-            str(row.dead),
-            _age(row.oldest_age),
-            str(row.most_attempts),
-        )
-    return table
+def _plain(record: _admin.Status | _admin.HealthReport) -> Any:
+    """A record as JSON-ready data; ``cluster`` only for a cluster (SQLite's unchanged)."""
+    plain = _admin.to_plain(record)
+    if plain.get("cluster", False) is None:
+        del plain["cluster"]
+    return plain
 
 
 @cli.command()
@@ -525,13 +473,13 @@ def status(db: str, as_json: bool, limit: int) -> None:
     """Queue depth by session and state, oldest due message, in flight, retries."""
     path = _path(db)
     _open(path).close()  # exit 2 first if there is no actors database
-    running = _admin.is_running(path)
+    running = _lock_held(path)
     now = time.time()
     st: _admin.Status = _read(
         path, lambda views: _admin.status(views, now, limit=limit, running=running)
     )
     if as_json:
-        _echo_json(st)
+        _echo_json(_plain(st))
         return
     console = _console()
     due = st.pending - st.delayed - st.retry_waiting
@@ -541,7 +489,10 @@ def status(db: str, as_json: bool, limit: int) -> None:
     summary.add_column(no_wrap=True)
     summary.add_column(overflow="fold")
     summary.add_row("database", f"{visible(st.path)} (schema {st.schema_version})")
-    summary.add_row("system", _system_line(st.heartbeat, st.running, now))
+    if st.cluster is not None and st.running:
+        summary.add_row("system", cluster_line(st.cluster))
+    else:
+        summary.add_row("system", system_line(st.heartbeat, st.running, now))
     summary.add_row(
         "pending",
         f"{st.pending} ({due} due, {st.delayed} delayed, {st.retry_waiting} waiting for a retry)",
@@ -560,7 +511,7 @@ def status(db: str, as_json: bool, limit: int) -> None:
     summary.add_row("dead", str(st.dead))
     summary.add_row(
         "oldest",
-        "no message is due" if oldest is None else f"a due message has waited {_age(oldest)}",
+        "no message is due" if oldest is None else f"a due message has waited {age_text(oldest)}",
     )
     summary.add_row(
         "attempts",
@@ -568,13 +519,15 @@ def status(db: str, as_json: bool, limit: int) -> None:
     )
     summary.add_row("requests", f"{st.open_requests} control request(s) waiting for the system")
     console.print(summary)
+    if st.cluster is not None and st.cluster.members:
+        console.print(members_table(st.cluster))
     if st.sessions:
         title = f"sessions: the {len(st.sessions)} deepest of {st.session_count}"
-        console.print(_sessions_table(st.sessions, title))
+        console.print(sessions_table(st.sessions, title))
     if st.in_flight_messages:
         table = Table("id", "session", "attempt", "age", title=f"in flight: {st.in_flight}")
         for m in st.in_flight_messages:
-            table.add_row(str(m.id), _cell(m.session_id), str(m.attempt), seconds_text(m.age))
+            table.add_row(str(m.id), cell(m.session_id), str(m.attempt), seconds_text(m.age))
         console.print(table)
 
 
@@ -599,7 +552,7 @@ def sessions(db: str, as_json: bool, session_id: str | None, limit: int) -> None
         if len(rows) == count
         else f"sessions: the {len(rows)} deepest of {count}"
     )
-    _console().print(_sessions_table(rows, title))
+    _console().print(sessions_table(rows, title))
 
 
 @cli.command()
@@ -622,10 +575,10 @@ def dead(db: str, as_json: bool, session_id: str | None, limit: int) -> None:
     for d in letters:
         table.add_row(
             str(d.id),
-            _cell(d.session_id),
+            cell(d.session_id),
             str(d.attempts),
             seconds_text(max(now - d.enqueued_at, 0.0)) + " ago",
-            Text(_one_line(d.last_error)),
+            Text(one_line(d.last_error)),
         )
     _console().print(table)
 
@@ -653,7 +606,7 @@ def health(db: str, as_json: bool, stall_after: float, stale_after: float | None
     """Whether the system on DB makes progress. Exit 0 healthy, 1 not, 3 none running."""
     path = _path(db)
     _open(path).close()  # exit 2 first if there is no actors database
-    running = _admin.is_running(path)
+    running = _lock_held(path)
     now = time.time()
     report: _admin.HealthReport = _read(
         path,
@@ -663,22 +616,15 @@ def health(db: str, as_json: bool, stall_after: float, stale_after: float | None
     )
     code = EXIT_OK if report.healthy else EXIT_FAILED if report.running else EXIT_NOT_RUNNING
     if as_json:
-        _echo_json({**_admin.to_plain(report), "exit_code": code})
+        _echo_json({**_plain(report), "exit_code": code})
     else:
         verdict = "healthy" if report.healthy else "unhealthy" if report.running else "not running"
         click.echo(f"{verdict}: {visible(report.reason)}")
         if report.health is not None:
-            click.echo(_health_details(report.health))
+            click.echo(health_details(report.health))
+        if report.cluster is not None and report.running:
+            click.echo(members_line(report.cluster))
     sys.exit(code)
-
-
-def _health_details(h: Health) -> str:
-    return (
-        f"  oldest due message {_age(h.oldest_pending_age)}, last progress"
-        f" {seconds_text(h.last_progress_age)} ago; pending {h.pending}, in flight"
-        f" {h.in_flight}, dead {h.dead}; {h.processed} processed and {h.dead_lettered}"
-        " dead-lettered since the system started"
-    )
 
 
 # -- changing ---------------------------------------------------------------------
@@ -687,13 +633,13 @@ def _health_details(h: Health) -> str:
 async def _apply_directly(
     path: str, command: str, args: dict[str, Any], finish: int | None = None
 ) -> dict[str, Any]:
-    """Apply a command to a database no system runs on (the caller holds its lock).
+    """Apply a command to a database no system runs on (SQLite: the caller holds its lock).
 
     ``finish``: a control request that a stopped system had taken without
     answering; its outcome is written into it, so that no later system
     applies it again.
     """
-    store, _ = await SqliteStore.open(path, durability="full", busy_timeout=5.0)
+    store = await open_for_changes(path)
     try:
         outcome = await apply(DirectTarget(store), command, json.dumps(args))
         if finish is not None:
@@ -712,10 +658,23 @@ def _fail(as_json: bool, message: str, code: int, **extra: Any) -> NoReturn:
     sys.exit(code)
 
 
-def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: bool) -> NoReturn:
-    """Apply a command through the running system, or directly if none runs; exit."""
-    path = _path(db)
-    _open(path).close()  # exit 2 if there is no actors database (never create one)
+def _watch(path: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+    """``stopped()``: whether no system runs on the database now; ``release()`` when done.
+
+    SQLite: a yes takes the database's lock, which no system can take until
+    ``release()``. PostgreSQL: a yes means no member's lease is current, and
+    nothing is locked: the change is safe beside a member that starts at
+    that moment (operators' changes are not fenced), but that member's
+    counts (``statistics()``) may be of the messages before the change.
+    """
+    if is_url(path):
+        views = _open(path)
+
+        def none_alive() -> bool:
+            membership = views.membership()
+            return membership is None or not any(m.alive for m in membership.members)
+
+        return none_alive, views.close
     lock = DatabaseLock(path)
 
     def stopped() -> bool:
@@ -726,11 +685,21 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
             return False
         return True
 
+    return stopped, lock.release
+
+
+def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: bool) -> NoReturn:
+    """Apply a command through the running system, or directly if none runs; exit."""
+    path = _path(db)
+    _open(path).close()  # exit 2 if there is no actors database (never create one)
+    stopped, release = _watch(path)
     try:
         try:
             running = not stopped()
         except OSError as exc:
-            raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+            raise click.ClickException(f"cannot lock {_shown(path)!r}: {exc}") from None
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
         finish = None
         applied_by = "command line"
         where = "directly: no system is running"
@@ -749,14 +718,14 @@ def _mutate(db: str, command: str, args: dict[str, Any], wait: float, as_json: b
             except StoreError as exc:  # ("cannot write the request into <path>: ...")
                 raise click.ClickException(str(exc)) from None
             except OSError as exc:
-                raise click.ClickException(f"cannot lock {path!r}: {exc}") from None
+                raise click.ClickException(f"cannot lock {_shown(path)!r}: {exc}") from None
         if applied_by == "command line":
             try:
                 outcome = trio.run(_apply_directly, path, command, args, finish)
             except StoreError as exc:
                 raise click.ClickException(str(exc)) from None
     finally:
-        lock.release()
+        release()
     code = EXIT_OK if outcome["ok"] else EXIT_FAILED
     if as_json:
         extra = {} if outcome["ok"] else {"exit_code": code}

@@ -11,8 +11,12 @@ system's :class:`Control` task looks for open requests every
 system's own methods (``retry_dead``, ``abort``, ``purge``), which keep its
 counts right, and writes the outcome (``done_at``, ``result`` as JSON).
 
+On PostgreSQL every member of the cluster runs a Control task; the store
+hands each open request to one of them (``take_control``).
+
 With no system running, the command line takes the database's lock itself
-(so none can start meanwhile) and applies the same command through
+(so none can start meanwhile; on PostgreSQL it acts once no member is
+alive, with nothing to lock) and applies the same command through
 :class:`DirectTarget`, on the same store operations. Either way one function,
 :func:`apply`, reads the arguments and words the outcome.
 """
@@ -33,7 +37,7 @@ from ._errors import StoreError
 from ._purge import purge_batches
 from ._validate import check_message_id, purge_scope
 from .store import MessageState, Store
-from .store.sqlite_views import SqliteControlRequests
+from .store.backends import open_control_requests
 
 log = logging.getLogger("actors.control")
 
@@ -113,9 +117,11 @@ async def apply(target: Target, command: str, args_json: str) -> dict[str, Any]:
 class DirectTarget:
     """Applies commands straight to a store that no system runs on.
 
-    The caller holds the database's lock. Same semantics as the System's
-    methods: opening the store recovered whatever a dead process left in
-    flight, so nothing here is in flight.
+    The caller holds the database's lock (SQLite), or found no member alive
+    (PostgreSQL). Same semantics as the System's methods. On SQLite, opening
+    the store recovered whatever a dead process left in flight, so nothing
+    is in flight; on PostgreSQL, what a dead member left in flight stays so
+    until another member takes its bucket over, and is not aborted.
     """
 
     def __init__(self, store: Store) -> None:
@@ -132,7 +138,7 @@ class DirectTarget:
         found = await self._store.abort(message_id)
         if found is None:
             return False
-        if found.state == MessageState.IN_FLIGHT:  # pragma: no cover - recovery leaves none
+        if found.state == MessageState.IN_FLIGHT:
             raise ValueError(f"message {message_id} is in flight and cannot be aborted now")
         return True
 
@@ -267,13 +273,14 @@ def request(
     busy_timeout: float = 5.0,
     stopped: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Ask the system running on ``path`` to apply a command; return its outcome.
+    """Ask the system running on ``path`` (a file or a URL) to apply a command; return its outcome.
 
     Blocks (polling every ``poll`` seconds) until the system wrote the
     outcome, at most ``wait`` seconds. ``stopped()``, called at every poll,
     says whether the system is gone; the command line passes one that
     tries to take the database's lock (so a yes leaves the caller holding
-    it: no other system can start and take the request meanwhile). A system
+    it: no other system can start and take the request meanwhile), or on
+    PostgreSQL one that finds no member alive. A system
     that is stopping takes no more requests, so without this a request
     issued at that moment would wait out ``wait`` for nothing.
 
@@ -282,7 +289,7 @@ def request(
       SystemStoppedError: ``stopped()`` said yes before an outcome came.
       StoreError: the database cannot be written.
     """
-    requests = SqliteControlRequests(path, busy_timeout)
+    requests = open_control_requests(path, busy_timeout)
     try:
         request_id = requests.submit(command, json.dumps(args), time.time())
 

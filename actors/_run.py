@@ -22,8 +22,9 @@ from ._lock import DatabaseLock
 from ._system import System
 from ._validate import check_instance, check_number
 from .store import Opened, Store, database_path
+from .store.buckets import check_buckets
+from .store.postgres_url import is_url
 from .store.sqlite import SqliteStore
-from .store.targets import check_buckets, is_url
 
 
 @asynccontextmanager

@@ -1,7 +1,7 @@
 """The package keeps its layering: the import-linter contracts of pyproject.toml hold.
 
 ``[tool.importlinter]`` in pyproject.toml lists the layers, high to low
-(TYPE_CHECKING imports count), that only the store imports apsw, and that
+(TYPE_CHECKING imports count), that only the store imports apsw and psycopg, and that
 the base modules import nothing of the runtime. Each contract runs here
 through ``lint-imports``; a broken one fails with import-linter's report,
 which names every illegal import and its line.

@@ -10,7 +10,7 @@ import trio
 from dbrows import is_postgres, query
 
 import actors
-from actors.store.targets import bucket_of
+from actors.store.buckets import bucket_of
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import trio
 import trio.lowlevel
 
 import actors
-from actors.store.targets import bucket_of
+from actors.store.buckets import bucket_of
 
 TTL = 1.0  # lease_ttl of the cluster tests: a round every quarter second
 

@@ -19,6 +19,7 @@ import pytest
 from memstore import MemoryStartMarks, MemoryStore
 
 from actors.store import protocol
+from actors.store.postgres_views import PgControl, PgViews
 from actors.store.sqlite import SqliteStore
 from actors.store.sqlite_views import SqliteControlRequests, SqliteViews
 from actors.store.starts import StartTable
@@ -36,6 +37,8 @@ IMPLEMENTATIONS = [
     pytest.param(protocol.StoreViews, SqliteViews, id="StoreViews"),
     pytest.param(protocol.ControlRequests, SqliteControlRequests, id="ControlRequests"),
     pytest.param(protocol.StartMarks, StartTable, id="StartMarks"),
+    pytest.param(protocol.StoreViews, PgViews, id="PgViews"),
+    pytest.param(protocol.ControlRequests, PgControl, id="PgControl"),
     # The fake store of the unit tests (tests/memstore.py) keeps the same boundary.
     pytest.param(protocol.Store, MemoryStore, id="MemoryStore"),
     pytest.param(protocol.StartMarks, MemoryStartMarks, id="MemoryStartMarks"),

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import trio
 
-from .._codec import decode_body
 from .._records import DeadLetter
 from .committer import Committer, virtual_time
 from .errors import StoreError
@@ -34,6 +33,8 @@ from .postgres_cluster import PgCluster, new_member_id
 from .postgres_ops import Operations
 from .postgres_ownership import Ownership
 from .postgres_schema import connect, prepare_schema
+from .postgres_url import redact
+from .postgres_views import dead_letter_query, dead_letters_of
 from .protocol import StartMarks
 from .records import (
     Aborted,
@@ -49,7 +50,6 @@ from .records import (
     Sent,
     StoreStatistics,
 )
-from .targets import redact
 
 if TYPE_CHECKING:
     from .protocol import Store
@@ -480,37 +480,8 @@ class PgStore:
         return self._call(self._ops.sweep_keys, before, limit)
 
     def dead_letters(self, session_id: str | None, limit: int | None) -> list[DeadLetter]:
-        sql = (
-            "SELECT id, session_id, body, raw, attempts, last_error, enqueued_at"
-            " FROM actors_messages WHERE state = 2"
-        )
-        params: list[Any] = []
-        if session_id is not None:
-            sql += " AND session_id = %s"
-            params.append(session_id)
-        sql += " ORDER BY id"
-        if limit is not None:
-            sql += " LIMIT %s"
-            params.append(limit)
-        rows = self._read(sql, params, "cannot read dead letters")
-        out = []
-        for msg_id, session, text, raw, attempts, last_error, enqueued_at in rows:
-            stored: str | bytes = text if text is not None else raw
-            try:
-                body = decode_body(stored)
-            except ValueError:
-                body = stored
-            out.append(
-                DeadLetter(
-                    id=msg_id,
-                    session_id=session,
-                    body=body,
-                    attempts=attempts,
-                    last_error=last_error or "",
-                    enqueued_at=enqueued_at,
-                )
-            )
-        return out
+        sql, params = dead_letter_query(session_id, limit)
+        return dead_letters_of(self._read(sql, params, "cannot read dead letters"))
 
     def _read(self, sql: str, params: list[Any], what: str) -> list[Any]:
         """A read on the reader connection (trio thread; a short, indexed query)."""

@@ -37,9 +37,9 @@ from .errors import StoreError
 from .postgres_ops import NOTIFY_CHANNEL, OUTPUT_CHANNEL, REPLY_CHANNEL, SUBSCRIBERS_CHANNEL
 from .postgres_ownership import Ownership, OwnershipStatistics
 from .postgres_schema import connect
+from .postgres_url import redact
 from .protocol import ClusterHost
 from .records import DatabaseCounts
-from .targets import redact
 
 log = logging.getLogger("actors.cluster")
 

@@ -87,6 +87,15 @@ _INSERT = (
     " %s::double precision[], %s::text[], %s::text[]) ON CONFLICT (id) DO NOTHING"
 )
 _DEAD = "UPDATE actors_messages SET state = 2, not_before = NULL, last_error = %s WHERE id = %s"
+# The open requests that no live member holds (result: the taker, as JSON).
+_TAKE = (
+    "UPDATE actors_control"
+    " SET result = json_build_object('status', 'applying', 'member', %s::text)::text"
+    " WHERE id IN (SELECT c.id FROM actors_control c WHERE c.done_at IS NULL AND (c.result IS NULL"
+    " OR NOT EXISTS (SELECT 1 FROM actors_members m WHERE m.id = c.result::json->>'member'"
+    " AND m.seen_until > now())) ORDER BY c.id LIMIT %s FOR UPDATE OF c SKIP LOCKED)"
+    " RETURNING id, command, args"
+)
 
 
 class Operations:
@@ -758,13 +767,13 @@ class Operations:
         )
 
     def take_control(self, limit: int) -> list[ControlRequest]:
-        """The open control requests, oldest first, marked taken (see ``Store.take_control``)."""
-        rows = self.conn.execute(
-            'UPDATE actors_control SET result = \'{"status": "applying"}\' WHERE id IN'
-            " (SELECT id FROM actors_control WHERE done_at IS NULL ORDER BY id LIMIT %s"
-            " FOR UPDATE SKIP LOCKED) RETURNING id, command, args",
-            (limit,),
-        ).fetchall()
+        """The open control requests, oldest first, marked taken (see ``Store.take_control``).
+
+        Marked with the member that takes it: another member takes a
+        request only if no live member holds it (nobody took it, or its
+        taker died), else every member would apply what one is applying.
+        """
+        rows = self.conn.execute(_TAKE, (self._member, limit)).fetchall()
         rows.sort()
         return [ControlRequest(id=int(i), command=str(c), args=str(a)) for i, c, a in rows]
 

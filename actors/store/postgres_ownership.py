@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .targets import bucket_of
+from .buckets import bucket_of
 
 
 @attrs.frozen

@@ -23,7 +23,12 @@ from typing import Any
 import psycopg
 
 from .._errors import SchemaVersionError, StoreError
-from .targets import DEFAULT_BUCKETS, redact
+from .buckets import DEFAULT_BUCKETS
+
+# is_url and redact are re-exported: they live where psycopg is not needed.
+from .postgres_url import hide_password
+from .postgres_url import is_url as is_url
+from .postgres_url import redact as redact
 
 log = logging.getLogger("actors.store")
 
@@ -154,9 +159,16 @@ def connect(
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.Error as exc:
-        raise StoreError(f"{what} to PostgreSQL at {redact(url)}: {_first_line(exc)}") from exc
+        # libpq quotes a malformed URL whole in its message, password and
+        # all: shown without it, and then not chained (a traceback would
+        # print the original).
+        said = _first_line(exc)
+        text = hide_password(said, url)
+        cause = exc if text == said else None
+        raise StoreError(f"{what} to PostgreSQL at {redact(url)}: {text}") from cause
     except ValueError as exc:  # a malformed URL (psycopg's conninfo parser)
-        raise ValueError(f"not a usable PostgreSQL URL {redact(url)!r}: {exc}") from exc
+        text = hide_password(str(exc), url)
+        raise ValueError(f"not a usable PostgreSQL URL {redact(url)!r}: {text}") from None
     return conn
 
 
@@ -178,12 +190,7 @@ def prepare_schema(conn: psycopg.Connection[Any], url: str, buckets: int | None)
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        version = _schema_version(conn, url)
-        if version > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"database {redact(url)} has actors schema version {version}, newer than "
-                f"this version of actors understands ({SCHEMA_VERSION}); upgrade actors"
-            )
+        version = existing_schema_version(conn, url)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             if version:
                 log.info("migrating %s to schema version %d", redact(url), target)
@@ -213,6 +220,22 @@ def prepare_schema(conn: psycopg.Connection[Any], url: str, buckets: int | None)
             "buckets (fixed when the schema is created)"
         )
     return found
+
+
+def existing_schema_version(conn: psycopg.Connection[Any], url: str) -> int:
+    """The database's actors schema version, 0 if it has none (reads only).
+
+    Raises:
+      SchemaVersionError: the schema is newer than this version of actors.
+      StoreError: tables named like ours that are not ours.
+    """
+    version = _schema_version(conn, url)
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"database {redact(url)} has actors schema version {version}, newer than "
+            f"this version of actors understands ({SCHEMA_VERSION}); upgrade actors"
+        )
+    return version
 
 
 def _schema_version(conn: psycopg.Connection[Any], url: str) -> int:

@@ -53,6 +53,7 @@ from .records import (
     DueWork,
     FailOutcome,
     InFlight,
+    Membership,
     MessageCounts,
     Purged,
     Sent,
@@ -469,6 +470,14 @@ class StoreViews(Protocol):
 
     def heartbeat(self) -> str | None:
         """The last heartbeat a running system wrote (JSON), if any."""
+
+    def membership(self) -> Membership | None:
+        """The processes sharing the database, or None if it is not shared.
+
+        None for a database one process owns (SQLite: whether a system runs
+        is its lock file's to say); a cluster's members say it themselves,
+        by their leases.
+        """
 
     def counts(self, now: float) -> MessageCounts:
         """Messages by state; delays and retry waits judged at epoch ``now``."""

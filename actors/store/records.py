@@ -277,3 +277,36 @@ class InFlight:
     session_id: str
     attempt: int
     enqueued_at: float
+
+
+@attrs.frozen(kw_only=True)
+class Member:
+    """A process of a cluster, as its row says (``StoreViews.membership``).
+
+    ``alive``: its membership lease is current by the database's clock (it
+    renews it every quarter of its ``lease_ttl``; a clean stop ends it at
+    once). ``buckets``: how many buckets it holds by a current lease.
+    ``started_at``: when it joined (epoch seconds). ``heartbeat``: the last
+    heartbeat its system wrote (JSON), None before the first.
+    """
+
+    id: str
+    host: str
+    pid: int
+    alive: bool
+    started_at: float
+    buckets: int
+    heartbeat: str | None
+
+
+@attrs.frozen(kw_only=True)
+class Membership:
+    """The members of a database shared by a cluster, and its buckets.
+
+    ``buckets``: how many the sessions are hashed into; ``members``: every
+    process the database remembers (a gone one for some minutes), the live
+    ones first, then by when they joined.
+    """
+
+    buckets: int
+    members: list[Member]

@@ -19,7 +19,7 @@ import apsw
 from .._codec import decode_body
 from .._records import DeadLetter
 from .errors import UnusableDatabaseError, map_exceptions
-from .records import Claimed, InFlight, MessageCounts, SessionCounts
+from .records import Claimed, InFlight, Membership, MessageCounts, SessionCounts
 from .sqlite_schema import HEARTBEAT_KEY, check_schema, one, tables
 from .starts import database_identity, read_marks, starts_file
 
@@ -155,6 +155,9 @@ class SqliteViews:
     def heartbeat(self) -> str | None:
         value = self._one("SELECT value FROM meta WHERE key = ?", (HEARTBEAT_KEY,))
         return None if value is None else str(value)
+
+    def membership(self) -> Membership | None:
+        return None  # (one process owns the file: its lock says whether it runs)
 
     def counts(self, now: float) -> MessageCounts:
         found: dict[int, tuple[int, int, int]] = {
