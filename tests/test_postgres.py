@@ -452,3 +452,39 @@ async def test_the_server_restarting_under_a_running_system_loses_nothing(
         assert system._store.reconnects >= 1  # type: ignore[attr-defined]
     states = dict(sql(url, "SELECT session_id, value FROM actors_state"))
     assert states == {s: '{"n":40}' for s in sessions}
+
+
+async def test_a_handler_that_runs_on_does_not_hold_a_handover_hostage(pg_url: str) -> None:
+    """A bucket being handed over waits for its handlers to return, but not
+    forever: after ``lease_ttl`` they are cancelled, the bucket moves, and the
+    message runs again on the new owner."""
+    started: dict[str, trio.Event] = {}
+    cancelled: list[str] = []
+    ran_on_b: list[str] = []
+    got_one = trio.Event()
+
+    async def stuck(ctx: actors.Context, msg: actors.Message) -> None:
+        started[msg.session_id].set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(msg.session_id)
+            raise
+
+    async def quick(ctx: actors.Context, msg: actors.Message) -> None:
+        ran_on_b.append(msg.session_id)
+        got_one.set()
+
+    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL}
+    sessions = [session_in(0, 2, "h"), session_in(1, 2, "h")]
+    async with actors.run_system(pg_url, handler=stuck, shutdown_timeout=0.1, **options) as a:
+        for s in sessions:  # both buckets busy: whichever is handed over is
+            started[s] = trio.Event()
+            await a.send(s, "x")
+            await started[s].wait()
+        async with actors.run_system(pg_url, handler=quick, **options) as b:
+            with trio.fail_after(30):
+                await got_one.wait()
+            await until(b, lambda: ownership(b).owned == 1, "b holds one bucket")
+            assert len(ran_on_b) == 1 and cancelled == ran_on_b
+            assert ownership(a).owned == 1 and ownership(a).released == 1

@@ -23,6 +23,7 @@ the system (``ClusterHost.work_found``) through the trio token.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -95,6 +96,7 @@ class PgCluster:
         self._host: ClusterHost | None = None
         self._listener: Listener | None = None
         self._valid_until = -1.0  # trio time until which the leases surely hold
+        self._leaving_deadline = math.inf  # when leaving buckets' handlers get cancelled
         self.rounds = 0
         self.failed_rounds = 0
         self._round_done = trio.Event()  # set (and replaced) after each round
@@ -346,13 +348,26 @@ class PgCluster:
                 assert self._listener is not None
                 self._listener.look(set(gained))
         elif held > found.target and not own.leaving:
-            step = max(1, own.buckets // RELEASE_STEP)
-            extra = sorted(own.owned)[: min(held - found.target, step)]
-            own.leaving = set(extra)
-            assert self._host is not None
-            self._host.drop_sessions(lambda s: own.bucket(s) in own.leaving, hard=False)
+            self._leave_some(held - found.target)
         if own.leaving:
+            if trio.current_time() >= self._leaving_deadline:
+                # A handler that runs on and on must not hold the handover
+                # (nor the sessions of its bucket) hostage: cancelled, its
+                # message runs again on the new owner.
+                assert self._host is not None
+                self._host.drop_sessions(lambda s: own.bucket(s) in own.leaving, hard=True)
             await self._give_back_idle()
+
+    def _leave_some(self, excess: int) -> None:
+        """Start handing over up to a step of buckets, idle ones first."""
+        own = self.own
+        assert self._host is not None
+        busy = {own.bucket(s) for s in self._host.live_sessions()}
+        step = max(1, own.buckets // RELEASE_STEP)
+        by_idleness = sorted(own.owned, key=lambda b: (b in busy, b))
+        own.leaving = set(by_idleness[: min(excess, step)])
+        self._leaving_deadline = trio.current_time() + self._ttl
+        self._host.drop_sessions(lambda s: own.bucket(s) in own.leaving, hard=False)
 
     async def _give_back_idle(self) -> None:
         """Give back the leaving buckets in which no actor is left."""
