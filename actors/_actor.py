@@ -78,6 +78,7 @@ class _Serving:
         "data",
         "handle",
         "instance",
+        "may_start",
         "starts",
         "store",
         "timeout",
@@ -97,6 +98,12 @@ class _Serving:
         store = self.store = host.store
         # The start table, if this actor has a slot in it.
         self.starts: StartMarks | None = store.starts if has_slot else None
+        # A clustered store's check that this process's lease is fresh
+        # enough to start a handler (None: one process owns the database).
+        cluster = store.cluster
+        self.may_start: Callable[[], bool] | None = (
+            cluster.may_start if cluster is not None else None
+        )
         self.data = data
         self.ctx = ctx
         function = host.behaviour.function
@@ -489,7 +496,9 @@ class SessionActor(ActorState):
         """Run the handler on ``msg`` (held, claimed); then ack it as the next step allows."""
         host = self._host
         self.handler_started = False
-        if host.stopping:
+        if host.stopping or (serving.may_start is not None and not serving.may_start()):
+            # (Or the lease may have run out: this process was frozen, or
+            # cut off. The message goes back; the keeper looks again.)
             await self._release_in_flight()
             return Exit.STOP
         await trio.lowlevel.checkpoint_if_cancelled()

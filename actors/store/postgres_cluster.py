@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -103,6 +104,9 @@ class PgCluster:
 
     def owns(self, session_id: str) -> bool:
         return self.own.owns(session_id)
+
+    def may_start(self) -> bool:
+        return self.own.may_start()
 
     def statistics(self) -> OwnershipStatistics:
         """This process's buckets, lease rounds and notices."""
@@ -275,6 +279,7 @@ class PgCluster:
 
     async def _keep(self) -> None:
         started = trio.current_time()
+        started_monotonic = time.monotonic()
         try:
             found: leases.Round = await self._db(
                 leases.renew, self._connection(), self.own.member, self._ttl, self.own.buckets
@@ -284,6 +289,12 @@ class PgCluster:
             return
         self.rounds += 1
         self._valid_until = started + self._ttl
+        self.own.valid_until = started_monotonic + self._ttl * 0.75
+        if self.own.stale_seen:
+            # Actors left on a stale lease: their sessions' work is looked for again.
+            self.own.stale_seen = False
+            assert self._listener is not None
+            self._listener.look(set(self.own.owned))
         self._apply_renewal(found.held)
         try:
             # Rows still naming this process for buckets it dropped (its

@@ -10,6 +10,7 @@ or the new, never half; the fence in the database decides anyway.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import attrs
@@ -53,6 +54,13 @@ class Ownership:
         self._found_lost: set[int] = set()
         self._lock = threading.Lock()
         self.on_found_lost: Callable[[], None] = lambda: None
+        # time.monotonic() until which the leases surely hold, less a
+        # quarter of their time to live (set by each renewal); a clock that
+        # ran on while the process was frozen shows it at once.
+        self.valid_until = 0.0
+        # A start was refused on a stale lease: the keeper looks again at
+        # every bucket once it renewed (sessions whose actors left for it).
+        self.stale_seen = False
         self.gained = 0
         self.released = 0
         self.lost = 0
@@ -65,6 +73,15 @@ class Ownership:
         """Whether this process runs ``session_id``'s handlers now."""
         b = bucket_of(session_id, self.buckets)
         return b in self.owned and b not in self.leaving
+
+    def may_start(self) -> bool:
+        """Whether the leases are fresh enough to start a handler (see valid_until)."""
+        if time.monotonic() < self.valid_until:
+            return True
+        if not self.stale_seen:
+            self.stale_seen = True
+            self.on_found_lost()  # (a round now)
+        return False
 
     def found_lost(self, buckets: set[int]) -> None:
         """A fence found ``buckets`` held by another owner (any thread)."""

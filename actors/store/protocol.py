@@ -156,6 +156,11 @@ class Cluster(Protocol):
         """Send an output (JSON: see _remote.py) of ``session_id`` to the other
         processes that listen to it (without waiting)."""
 
+    def may_start(self) -> bool:
+        """Whether this process's leases are fresh enough to start a handler
+        (a process frozen or cut off past them must not: its buckets may be
+        another's by now). Cheap: a clock read, on the trio thread."""
+
     def counts(self) -> DatabaseCounts:
         """The whole database's counts: as last read, plus this process's
         changes since (``ClusterHost.local_counts``). Asks for a fresh read."""
