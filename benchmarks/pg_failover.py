@@ -300,6 +300,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20261207)
     parser.add_argument("--url", help="a database to use (default: a throwaway server)")
     parser.add_argument("--out", default=str(HERE / "results" / "pg_failover.json"))
+    parser.add_argument("--note", default="", help="kept in the JSON (what was measured)")
     args = parser.parse_args()
     with database(args.url) as url, tempfile.TemporaryDirectory(prefix="pg-failover-") as logs:
         host = machine(url)
@@ -319,6 +320,7 @@ def main() -> None:
         "kill": {k: stats([r[k] for r in raw["kills"]]) for k in MEASURES} if raw["kills"] else {},
         "stop": {k: stats([r[k] for r in raw["stops"]]) for k in MEASURES} if raw["stops"] else {},
         "goal_seconds": LEASE_TTL + 1.0,
+        "note": args.note,
         "seconds": time.time() - started,
         **raw,
         "machine": host,

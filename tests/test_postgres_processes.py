@@ -10,7 +10,11 @@ deadline, to see what they did (the lease rounds run on the server's clock:
 no event of ours can say when a lease ran out).
 
 First, in one process, the engine bugs these tests ran into, each made
-deterministic (xfail, strict: each fails until its bug is fixed).
+deterministic (xfail, strict: each fails until its bug is fixed). The chaos
+and clean-stop tests fail on them too, every time they were run (marked the
+same way; they passed every time with the three bugs fixed in a scratch
+copy of the engine). The freeze test passed every time on the engine as it
+is as well.
 
 ``ACTORS_LONG=1`` runs the chaos for minutes instead of seconds;
 ``ACTORS_PG_CHAOS_SEED`` sets its seed. Run with ``-s`` to see the figures.
@@ -40,14 +44,17 @@ from actors.store.postgres_cluster import PgCluster
 LONG = os.environ.get("ACTORS_LONG") == "1"
 SEED = int(os.environ.get("ACTORS_PG_CHAOS_SEED", "20261207"))
 LEASE_TTL = 2.0  # the worker processes' lease_ttl
-DRAIN_TIMEOUT = 60.0  # seconds for the cluster to process what is left
+# Seconds for the cluster to process what is left once the sends stopped
+# (a few when all is well; a stalled cluster fails the test this late).
+DRAIN_TIMEOUT = 30.0
 SESSIONS = 240  # the producer's
 
 BUG_DEADLOCK = (
     "engine bug: the lease renewal (postgres_leases.renew: UPDATE actors_members, then UPDATE "
-    "actors_buckets) and a fenced commit (postgres_ops._FENCE: FOR SHARE on the bucket rows, "
+    "actors_buckets) and a fenced commit (postgres_ops._FENCE: FOR SHARE on bucket rows, "
     "then Operations.finish: UPDATE actors_members) lock the same rows in opposite orders: "
-    "a deadlock, the renewal aborted"
+    "a deadlock; the renewal, aborted after deadlock_timeout, is late enough that "
+    "PgCluster._round_failed drops every bucket"
 )
 BUG_ZOMBIE = (
     "engine bug: after failed renewals drop every bucket (PgCluster._round_failed), the next "
@@ -77,9 +84,10 @@ def store_of(system: actors.System) -> PgStore:
 async def until(system: actors.System, condition: Callable[[], bool], what: str) -> None:
     """As test_postgres.until, with a shorter deadline: these take a round or two."""
     keeper = keeper_of(system)
-    with trio.fail_after(10):
+    with trio.move_on_after(10):
         while not condition():
             await keeper.next_round()
+    assert condition(), f"not {what} after 10 s of lease rounds"
 
 
 def renewal_waits_for_a_lock(conn: psycopg.Connection[Any]) -> bool:
@@ -320,7 +328,6 @@ def test_chaos_kills_lose_nothing_and_run_each_session_alone(pg_url: str, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=BUG_DROPPED_IDLE)
 def test_a_frozen_worker_writes_nothing_once_its_buckets_moved(pg_url: str, tmp_path: Path) -> None:
     """A worker frozen (SIGSTOP) in the middle of its handlers for longer than its
     lease loses its buckets to the others; thawed (SIGCONT), its handlers return,
@@ -367,6 +374,7 @@ def test_a_frozen_worker_writes_nothing_once_its_buckets_moved(pg_url: str, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=f"{BUG_DEADLOCK}; then {BUG_ZOMBIE}")
 def test_a_clean_stop_hands_over_at_once(pg_url: str, tmp_path: Path) -> None:
     """SIGTERM one of two workers: the other owns every bucket well within the
     lease's time to live (the goal: under a second; asserted: under 3 s, on two
@@ -378,7 +386,7 @@ def test_a_clean_stop_hands_over_at_once(pg_url: str, tmp_path: Path) -> None:
         producer = start_producer(c, 0.5)
         gone, stays = c.member(leaving), c.member(producer)
         half = c.buckets() // 2
-        c.wait_until(lambda: c.owners().get(gone) == half, 30, "the buckets shared evenly")
+        c.wait_until(lambda: c.owners().get(gone) == half, 20, "the buckets shared evenly")
         c.wait_until(lambda: ran(c, leaving) >= 100, 30, "the worker running handlers")
         stop_at = leaving.terminate()
         all_at = c.wait_until(
