@@ -16,7 +16,7 @@ same way; they passed every time with the three bugs fixed in a scratch
 copy of the engine). The freeze test passed every time on the engine as it
 is as well.
 
-``ACTORS_LONG=1`` runs the chaos for minutes instead of seconds;
+``ACTORS_LONG=1`` runs the chaos for minutes (60 kills) instead of seconds (6);
 ``ACTORS_PG_CHAOS_SEED`` sets its seed. Run with ``-s`` to see the figures.
 """
 
@@ -43,6 +43,7 @@ from actors.store.postgres_cluster import PgCluster
 
 LONG = os.environ.get("ACTORS_LONG") == "1"
 SEED = int(os.environ.get("ACTORS_PG_CHAOS_SEED", "20261207"))
+KILLS = 60 if LONG else 6  # a kill every 1.5-3.5 s (plus a restart): minutes, or 20 s
 LEASE_TTL = 2.0  # the worker processes' lease_ttl
 # Seconds for the cluster to process what is left once the sends stopped
 # (a few when all is well; a stalled cluster fails the test this late).
@@ -281,7 +282,7 @@ def report(name: str, **figures: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=f"{BUG_DROPPED_IDLE}; and {BUG_DEADLOCK}")
+@pytest.mark.xfail(strict=True, reason=f"{BUG_DEADLOCK}; then {BUG_ZOMBIE}; and {BUG_DROPPED_IDLE}")
 def test_chaos_kills_lose_nothing_and_run_each_session_alone(pg_url: str, tmp_path: Path) -> None:
     """Three workers and a producer; every few seconds a seeded random worker is
     SIGKILLed and restarted at once. Proves, over the whole history:
@@ -299,30 +300,26 @@ def test_chaos_kills_lose_nothing_and_run_each_session_alone(pg_url: str, tmp_pa
     - the chaos did something: kills, messages run again after them.
     """
     rng = random.Random(SEED)
-    duration = 180.0 if LONG else 20.0  # seconds of sends and kills
     with cluster(pg_url, tmp_path, lease_ttl=LEASE_TTL) as c:
         # Handlers of 50 ms: a kill finds several running.
         slow = ("--handler-time", "0.05")
         workers = {name: c.start(name, *slow) for name in ("w1", "w2", "w3")}
         producer = start_producer(c, 0.5, *slow)
-        kills = 0
-        end = time.monotonic() + duration
-        while time.monotonic() < end:
+        for kill in range(1, KILLS + 1):
             # The moment of a kill is the chaos's random variable: not a wait
             # for anything, a seeded point in time to strike at.
             time.sleep(rng.uniform(1.5, 3.5))
             name = rng.choice(sorted(workers))
             workers[name].kill()
-            kills += 1
-            workers[name] = c.start(f"{name}.{kills}", *slow)
+            workers[name] = c.start(f"{name}.{kill}", *slow)
         sent = drain(c, producer)
         statuses = stop_all(c)
         summary = check_history(c.runs(), c.states(), sent, c.crashes(), c.processed())
     assert statuses == dict.fromkeys(statuses, 0), statuses
     assert not summary.problems, "\n".join(summary.problems)
-    assert kills >= 5 and summary.reruns > 0, (kills, summary)
+    assert summary.reruns > 0, summary  # kills found handlers running, or acks not committed
     report(
-        "chaos", seed=SEED, kills=kills, messages=sum(sent.values()), runs=summary.runs,
+        "chaos", seed=SEED, kills=KILLS, messages=sum(sent.values()), runs=summary.runs,
         reruns=summary.reruns,
     )  # fmt: skip
 
@@ -402,7 +399,8 @@ def test_a_clean_stop_hands_over_at_once(pg_url: str, tmp_path: Path) -> None:
     assert summary.reruns == 0, "a clean stop ran a message twice"
     handover = all_at - stop_at
     mine = {r.session for r in runs if r.pid == leaving.pid}
-    first = min(r.started for r in runs if r.session in mine and r.started > stop_at)
+    elsewhere = [r for r in runs if r.session in mine and r.pid != leaving.pid]
+    first = min(r.started for r in elsewhere if r.started > stop_at)
     report("clean stop", handover=f"{handover:.3f}s", first_start=f"{first - stop_at:.3f}s")
     assert handover < 3.0, f"the handover took {handover:.2f}s"
 
