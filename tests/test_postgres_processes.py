@@ -10,11 +10,11 @@ deadline, to see what they did (the lease rounds run on the server's clock:
 no event of ours can say when a lease ran out).
 
 First, in one process, the engine bugs these tests ran into, each made
-deterministic (xfail, strict: each fails until its bug is fixed). The chaos
-and clean-stop tests fail on them too, every time they were run (marked the
-same way; they passed every time with the three bugs fixed in a scratch
-copy of the engine). The freeze test passed every time on the engine as it
-is as well.
+deterministic, so that none comes back: a renewal that deadlocked with a
+fenced commit, buckets renewed after the process had dropped them (never
+served again), and an actor dropped while claiming that parked until
+``idle_timeout`` (and held its bucket's handover). The chaos and clean-stop
+tests failed on them every time.
 
 ``ACTORS_LONG=1`` runs the chaos for minutes (60 kills) instead of seconds (6);
 ``ACTORS_PG_CHAOS_SEED`` sets its seed. Run with ``-s`` to see the figures.
@@ -50,26 +50,6 @@ LEASE_TTL = 2.0  # the worker processes' lease_ttl
 DRAIN_TIMEOUT = 30.0
 SESSIONS = 240  # the producer's
 
-BUG_DEADLOCK = (
-    "engine bug: the lease renewal (postgres_leases.renew: UPDATE actors_members, then UPDATE "
-    "actors_buckets) and a fenced commit (postgres_ops._FENCE: FOR SHARE on bucket rows, "
-    "then Operations.finish: UPDATE actors_members) lock the same rows in opposite orders: "
-    "a deadlock; the renewal, aborted after deadlock_timeout, is late enough that "
-    "PgCluster._round_failed drops every bucket"
-)
-BUG_ZOMBIE = (
-    "engine bug: after failed renewals drop every bucket (PgCluster._round_failed), the next "
-    "renewal renews every row still naming this member (postgres_leases.renew: WHERE owner = "
-    "member), but the process does not own them any more: nobody serves those buckets"
-)
-BUG_DROPPED_IDLE = (
-    "engine bug: an actor dropped (a soft drop: its bucket is handed over) while its claim "
-    "is in the committer parks in SessionActor._await_work, which does not look at "
-    "self.dropped: it stays until idle_timeout, the bucket is never given back, and no "
-    "other bucket is handed over meanwhile"
-)
-
-
 # -- the engine bugs, made deterministic (one process) ---------------------------------
 
 
@@ -99,7 +79,6 @@ def renewal_waits_for_a_lock(conn: psycopg.Connection[Any]) -> bool:
     return bool(rows[0][0])
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_DEADLOCK)
 async def test_a_renewal_never_deadlocks_with_a_fenced_commit(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,7 +130,6 @@ async def test_a_renewal_never_deadlocks_with_a_fenced_commit(
     assert failed == 0, "a lease renewal failed (see the log: deadlock detected)"
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_ZOMBIE)
 async def test_buckets_dropped_by_failed_renewals_are_served_again(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,7 +159,6 @@ async def test_buckets_dropped_by_failed_renewals_are_served_again(
             await got.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_DROPPED_IDLE)
 async def test_an_actor_dropped_during_its_claim_leaves(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -198,13 +175,19 @@ async def test_an_actor_dropped_during_its_claim_leaves(
     options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL, "idle_timeout": 3600}
     ran_b = trio.Event()
 
+    other = session_in(1, 2)  # kept busy: a hands idle buckets over first
+    other_runs = trio.Event()
+
     async def handle_a(ctx: actors.Context, msg: actors.Message) -> None:
-        pass
+        if msg.session_id == other:
+            other_runs.set()
+            await trio.sleep_forever()
 
     async def handle_b(ctx: actors.Context, msg: actors.Message) -> None:
         ran_b.set()
 
-    session = session_in(0, 2)  # bucket 0: the one a hands over first (its lowest)
+    # Bucket 0: both buckets busy, the one a hands over first (its lowest).
+    session = session_in(0, 2)
     # The listener's first look (at what was sent while nobody listened)
     # must be over before the send, or it pokes the actor: a poke makes it
     # look again, and then it sees that it was dropped.
@@ -216,8 +199,10 @@ async def test_an_actor_dropped_during_its_claim_leaves(
         looked.set()
 
     monkeypatch.setattr(postgres_cluster.Listener, "_look_at", look_and_say)
-    async with actors.run_system(pg_url, handler=handle_a, **options) as a:
+    async with actors.run_system(pg_url, handler=handle_a, shutdown_timeout=0.1, **options) as a:
         await trio.to_thread.run_sync(looked.wait, 30)
+        await a.send(other, "stay")
+        await other_runs.wait()
         ops = store_of(a)._ops
         let, entered = threading.Event(), threading.Event()
         claim_next = ops.claim_next
@@ -282,7 +267,6 @@ def report(name: str, **figures: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=f"{BUG_DEADLOCK}; then {BUG_ZOMBIE}; and {BUG_DROPPED_IDLE}")
 def test_chaos_kills_lose_nothing_and_run_each_session_alone(pg_url: str, tmp_path: Path) -> None:
     """Three workers and a producer; every few seconds a seeded random worker is
     SIGKILLed and restarted at once. Proves, over the whole history:
@@ -371,7 +355,6 @@ def test_a_frozen_worker_writes_nothing_once_its_buckets_moved(pg_url: str, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=f"{BUG_DEADLOCK}; then {BUG_ZOMBIE}")
 def test_a_clean_stop_hands_over_at_once(pg_url: str, tmp_path: Path) -> None:
     """SIGTERM one of two workers: the other owns every bucket well within the
     lease's time to live (the goal: under a second; asserted: under 3 s, on two
