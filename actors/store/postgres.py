@@ -255,6 +255,7 @@ class PgStore:
             remote_asks=self._ops.remote_asks,
             post_replies=self._post_replies,
             post_outputs=self._post_outputs,
+            after_commits=self.after_commits,
         )
         self._closed = False
         self._committer.start()

@@ -73,7 +73,9 @@ class PgCluster:
         remote_asks: dict[int, str],
         post_replies: Callable[[list[tuple[int, str, str]]], None],
         post_outputs: Callable[[list[tuple[str, str, str]]], None],
+        after_commits: Callable[[Callable[[], None]], None],
     ) -> None:
+        self._after_commits = after_commits
         self._post_outputs = post_outputs
         # This process's subscribed sessions, and what the database was told.
         self._listening: set[str] = set()
@@ -388,6 +390,12 @@ class PgCluster:
         idle = sorted(own.leaving - busy)
         if not idle:
             return
+        # An actor leaves once its last ack is submitted, not committed: a
+        # bucket given back first would have that ack refused, and its
+        # message run again by the next owner.
+        committed = trio.Event()
+        self._after_commits(committed.set)
+        await committed.wait()
         await self._db(leases.give_back, self._connection(), own.member, idle)
         own.owned = {b: e for b, e in own.owned.items() if b not in idle}
         own.leaving -= set(idle)
