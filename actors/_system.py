@@ -590,12 +590,18 @@ class System:
 
         The supervisor restarts it (restart policy) and its in-flight message
         goes back to the head of its queue, the attempt counted as failed.
-        Returns whether an actor was running.
+        Returns whether an actor was running. On a cluster, a session run by
+        another process is killed there: the request goes through the
+        database (without waiting), and this returns True once it is sent.
 
         Raises:
           TypeError / ValueError: an invalid ``session_id``, as :meth:`send`.
         """
-        return self._sup.kill(check_session_id(session_id))
+        session_id = check_session_id(session_id)
+        cluster = self._store.cluster
+        if cluster is not None and not cluster.owns(session_id):
+            return cluster.kill_elsewhere(session_id)
+        return self._sup.kill(session_id)
 
     # -- introspection ----------------------------------------------------
 

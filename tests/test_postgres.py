@@ -488,3 +488,35 @@ async def test_a_handler_that_runs_on_does_not_hold_a_handover_hostage(pg_url: s
             await until(b, lambda: ownership(b).owned == 1, "b holds one bucket")
             assert len(ran_on_b) == 1 and cancelled == ran_on_b
             assert ownership(a).owned == 1 and ownership(a).released == 1
+
+
+async def test_kill_reaches_the_actor_in_another_process(pg_url: str) -> None:
+    attempts: list[int] = []
+    first = trio.Event()
+    second = trio.Event()
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        attempts.append(msg.attempt)
+        if msg.attempt == 1:
+            first.set()
+            await trio.sleep_forever()
+        second.set()
+
+    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL}
+    async with (
+        actors.run_system(pg_url, handler=handle, **options) as a,
+        actors.run_system(pg_url, handler=handle, **options) as b,
+    ):
+        await until(
+            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
+        )
+        cluster_b = b._store.cluster
+        assert cluster_b is not None
+        theirs = next(s for s in (f"k{i}" for i in range(100)) if cluster_b.owns(s))
+        await a.send(theirs, "x")
+        with trio.fail_after(30):
+            await first.wait()
+            assert a.kill(theirs)  # sent: b runs it
+            await second.wait()
+        await a.drain()
+    assert attempts == [1, 2]

@@ -256,6 +256,7 @@ class PgStore:
             post_replies=self._post_replies,
             post_outputs=self._post_outputs,
             after_commits=self.after_commits,
+            post_kill=self._post_kill,
         )
         self._closed = False
         self._committer.start()
@@ -418,6 +419,12 @@ class PgStore:
     def _post_replies(self, replies: list[tuple[int, str, str]]) -> None:
         if self._committer.failure is None and not self._closed:
             self._committer.submit(self._ops.post_replies, replies, done=_ignore)
+
+    def _post_kill(self, session_id: str) -> bool:
+        if self._committer.failure is not None or self._closed:
+            return False
+        self._committer.submit(self._ops.post_kill, session_id, done=_ignore)
+        return True
 
     def _post_outputs(self, outputs: list[tuple[str, str, str]]) -> None:
         if self._committer.failure is None and not self._closed:

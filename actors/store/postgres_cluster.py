@@ -36,7 +36,13 @@ import trio
 
 from . import postgres_leases as leases
 from .errors import StoreError
-from .postgres_ops import NOTIFY_CHANNEL, OUTPUT_CHANNEL, REPLY_CHANNEL, SUBSCRIBERS_CHANNEL
+from .postgres_ops import (
+    KILL_CHANNEL,
+    NOTIFY_CHANNEL,
+    OUTPUT_CHANNEL,
+    REPLY_CHANNEL,
+    SUBSCRIBERS_CHANNEL,
+)
 from .postgres_ownership import Ownership, OwnershipStatistics
 from .postgres_schema import connect
 from .postgres_url import redact
@@ -74,7 +80,9 @@ class PgCluster:
         post_replies: Callable[[list[tuple[int, str, str]]], None],
         post_outputs: Callable[[list[tuple[str, str, str]]], None],
         after_commits: Callable[[Callable[[], None]], None],
+        post_kill: Callable[[str], bool],
     ) -> None:
+        self.kill_elsewhere = post_kill
         self._after_commits = after_commits
         self._post_outputs = post_outputs
         # This process's subscribed sessions, and what the database was told.
@@ -455,7 +463,12 @@ class Listener:
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    for channel in (REPLY_CHANNEL, OUTPUT_CHANNEL, SUBSCRIBERS_CHANNEL):
+                    for channel in (
+                        REPLY_CHANNEL,
+                        OUTPUT_CHANNEL,
+                        SUBSCRIBERS_CHANNEL,
+                        KILL_CHANNEL,
+                    ):
                         conn.execute(f"LISTEN {channel}")
                     self.look(set(self._own.owned))  # what was sent while not listening
                     self._take_replies(conn)
@@ -487,6 +500,10 @@ class Listener:
                     continue
                 if notice.channel == SUBSCRIBERS_CHANNEL:
                     subscribers = subscribers or not mine
+                    continue
+                if notice.channel == KILL_CHANNEL:
+                    if self._own.owns(notice.payload):
+                        self._token.run_sync_soon(self._host.kill, notice.payload)
                     continue
                 if notice.payload == "*":
                     buckets |= set(self._own.owned)

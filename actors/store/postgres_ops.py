@@ -58,6 +58,8 @@ REPLY_CHANNEL = "actors_reply"
 # change of who subscribes to what (payload: the member that changed).
 OUTPUT_CHANNEL = "actors_output"
 SUBSCRIBERS_CHANNEL = "actors_subs"
+# System.kill() of a session another process runs (payload: the session).
+KILL_CHANNEL = "actors_kill"
 # A payload longer than this lists too many buckets: "*" (every owner looks).
 _NOTIFY_MAX = 7000
 # Ids are taken from the database's counter in blocks, so that most
@@ -750,6 +752,10 @@ class Operations:
             replies,
         )
         self.answered.update(asker for _, asker, _ in replies)
+
+    def post_kill(self, session_id: str) -> None:
+        """Ask the owner of ``session_id`` to kill its actor."""
+        self.conn.execute("SELECT pg_notify(%s, %s)", (KILL_CHANNEL, session_id))
 
     def post_outputs(self, outputs: list[tuple[str, str, str]]) -> None:
         """Write outputs (member, session, JSON) for other processes' subscribers."""

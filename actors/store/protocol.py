@@ -123,6 +123,9 @@ class ClusterHost(Protocol):
         """Messages claimed by this process whose handler has not started:
         counted as pending, as a single process counts them."""
 
+    def kill(self, session_id: str) -> bool:
+        """Crash ``session_id``'s actor here, if it runs (another process asked)."""
+
     def replies_arrived(self, replies: list[tuple[int, str]]) -> None:
         """Outcomes (message id, JSON: see _remote.py) of messages this
         process's ``ask()`` waits for, written by the processes that ran them."""
@@ -155,6 +158,10 @@ class Cluster(Protocol):
     def forward(self, session_id: str, outcome: str) -> None:
         """Send an output (JSON: see _remote.py) of ``session_id`` to the other
         processes that listen to it (without waiting)."""
+
+    def kill_elsewhere(self, session_id: str) -> bool:
+        """Ask the process that runs ``session_id`` to kill its actor (without
+        waiting); False if the store cannot send the request now."""
 
     def may_start(self) -> bool:
         """Whether this process's leases are fresh enough to start a handler
