@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,26 @@ async def until(system: actors.System, condition: Callable[[], bool], what: str)
         while not condition():
             await cluster.next_round()
     assert condition(), what
+
+
+@asynccontextmanager
+async def two_members(
+    url: str, handler: Any, prefix: str, **options: Any
+) -> AsyncIterator[tuple[actors.System, actors.System, str]]:
+    """Two members of one cluster with a bucket each, and a session that the
+    second one runs (its id starts with ``prefix``)."""
+    options = {"buckets": 2, "lease_ttl": TTL, **options}
+    async with (
+        actors.run_system(url, handler=handler, **options) as a,
+        actors.run_system(url, handler=handler, **options) as b,
+    ):
+        await until(
+            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
+        )
+        cluster_b = b._store.cluster
+        assert cluster_b is not None
+        theirs = next(s for s in (f"{prefix}{i}" for i in range(1000)) if cluster_b.owns(s))
+        yield a, b, theirs
 
 
 def ownership(system: actors.System) -> Any:
@@ -296,17 +317,7 @@ async def test_ask_is_answered_across_members_and_drain_is_cluster_wide(pg_url: 
         ctx.state["n"] = ctx.state.get("n", 0) + 1
         return {"echo": msg.body, "n": ctx.state["n"]}
 
-    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL, "max_attempts": 1}
-    async with (
-        actors.run_system(pg_url, handler=handle, **options) as a,
-        actors.run_system(pg_url, handler=handle, **options) as b,
-    ):
-        await until(
-            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
-        )
-        cluster_b = b._store.cluster
-        assert cluster_b is not None
-        theirs = next(s for s in (f"q{i}" for i in range(100)) if cluster_b.owns(s))
+    async with two_members(pg_url, handle, "q", max_attempts=1) as (a, b, theirs):
         assert await a.ask(theirs, "hi", timeout=30) == {"echo": "hi", "n": 1}
         assert await a.ask(theirs, "bytes", timeout=30) == b"\x00\x01"
         with pytest.raises(actors.RemoteHandlerError, match="KeyError") as info:
@@ -332,17 +343,7 @@ async def test_subscribe_streams_outputs_of_a_session_run_elsewhere(pg_url: str)
         await ctx.emit({"emitted": msg.body})
         return msg.body * 10
 
-    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL}
-    async with (
-        actors.run_system(pg_url, handler=handle, **options) as a,
-        actors.run_system(pg_url, handler=handle, **options) as b,
-    ):
-        await until(
-            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
-        )
-        cluster_b = b._store.cluster
-        assert cluster_b is not None
-        theirs = next(s for s in (f"o{i}" for i in range(100)) if cluster_b.owns(s))
+    async with two_members(pg_url, handle, "o") as (a, b, theirs):
         got: list[Any] = []
         async with a.subscribe(theirs) as outputs:
             # The owner learns of the subscriber through the database.
@@ -502,17 +503,7 @@ async def test_kill_reaches_the_actor_in_another_process(pg_url: str) -> None:
             await trio.sleep_forever()
         second.set()
 
-    options: dict[str, Any] = {"buckets": 2, "lease_ttl": TTL}
-    async with (
-        actors.run_system(pg_url, handler=handle, **options) as a,
-        actors.run_system(pg_url, handler=handle, **options) as b,
-    ):
-        await until(
-            a, lambda: ownership(a).owned == 1 and ownership(b).owned == 1, "one bucket each"
-        )
-        cluster_b = b._store.cluster
-        assert cluster_b is not None
-        theirs = next(s for s in (f"k{i}" for i in range(100)) if cluster_b.owns(s))
+    async with two_members(pg_url, handle, "k") as (a, _, theirs):
         await a.send(theirs, "x")
         with trio.fail_after(30):
             await first.wait()

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import trio
 
 from .._records import DeadLetter
+from .committed import CommittedStore, ignore
 from .committer import Committer, virtual_time
 from .errors import StoreError
 from .postgres_cluster import PgCluster, new_member_id
@@ -37,17 +38,7 @@ from .postgres_url import redact
 from .postgres_views import dead_letter_query, dead_letters_of
 from .protocol import StartMarks
 from .records import (
-    Aborted,
-    Ack,
-    AppendBatch,
-    Appended,
-    Claim,
-    ControlRequest,
-    DueWork,
-    FailOutcome,
     Opened,
-    Purged,
-    Sent,
     StoreStatistics,
 )
 
@@ -65,10 +56,6 @@ MAX_VALUE_BYTES = 256 << 20
 # the longest pause between two tries.
 RECONNECT_FOR = 600.0
 RECONNECT_PAUSE_MAX = 2.0
-
-
-def _ignore(_result: object) -> None:
-    pass
 
 
 def _retryable(exc: Exception, conn: psycopg.Connection[Any]) -> bool:
@@ -204,18 +191,12 @@ class PgTransactions:
         pass
 
 
-class AckBox:
-    """Acks submitted without waiting, written by one operation (see SqliteStore.ack_soon)."""
+class PgStore(CommittedStore):
+    """The database behind one process of a cluster. Open it with :meth:`open`.
 
-    __slots__ = ("acks", "sealed")
-
-    def __init__(self, ack: int | Ack) -> None:
-        self.acks: list[int | Ack] = [ack]
-        self.sealed = False
-
-
-class PgStore:
-    """The database behind one process of a cluster. Open it with :meth:`open`."""
+    The operations that go through the committer are CommittedStore's
+    (committed.py), on this module's fenced Operations.
+    """
 
     def __init__(
         self,
@@ -234,25 +215,23 @@ class PgStore:
         self._reader: psycopg.Connection[Any] | None = None
         self._reader_lock = threading.Lock()
         self.own = own
-        self._ops = Operations(conn, self._take_ids, own, claim_margin=lease_ttl / 4)
+        self._pg_ops = ops = Operations(conn, self._take_ids, own, claim_margin=lease_ttl / 4)
         self._lease_ttl = lease_ttl
-        self._tx = PgTransactions(conn, self._ops, self._reopen, self._shown)
-        self._committer = Committer(
+        self._tx = PgTransactions(conn, ops, self._reopen, self._shown)
+        committer = Committer(
             self._tx,
             name=self._shown,
             inline=inline,
             sync_commits=False,
             on_failure=self._drop_ack_box,
         )
-        self._call = self._committer.call
-        self._ack_box: AckBox | None = None
-        self._ack_lock = threading.Lock()
+        super().__init__(ops, committer)
         self._cluster = PgCluster(
             url,
             own,
             lease_ttl,
             inline=inline,
-            remote_asks=self._ops.remote_asks,
+            remote_asks=ops.remote_asks,
             post_replies=self._post_replies,
             post_outputs=self._post_outputs,
             after_commits=self.after_commits,
@@ -292,7 +271,7 @@ class PgStore:
             old.close()
         self._conn = _writer(self._url, self._lease_ttl)
         self._ids_conn = connect(self._url, autocommit=True, what="cannot reconnect")
-        self._ops.conn = self._conn
+        self._pg_ops.conn = self._conn
         return self._conn
 
     def _take_ids(self, n: int) -> int:
@@ -330,23 +309,8 @@ class PgStore:
         return MAX_VALUE_BYTES
 
     @property
-    def next_seq(self) -> int:
-        return self._ops.next_seq
-
-    @property
     def starts(self) -> StartMarks | None:
         return None
-
-    @property
-    def failed(self) -> trio.Event:
-        return self._committer.failed
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._committer.failure
-
-    def use_clock(self, now: Callable[[], float]) -> None:
-        self._ops.clock_now = now
 
     def statistics(self) -> StoreStatistics:
         committer = self._committer.statistics()
@@ -368,124 +332,21 @@ class PgStore:
     def check_file(self) -> None:
         pass  # (a server, not a file: nothing can replace it under the store)
 
-    # -- sends -------------------------------------------------------------------
-
-    def append(
-        self,
-        seal: Callable[[], AppendBatch],
-        *,
-        committed: Callable[[Appended], None] | None = None,
-    ) -> Coroutine[Any, Any, Appended]:
-        return self._committer.call_sealed(self._ops.append, seal, committed=committed)
-
-    # -- claims and acknowledgements ------------------------------------------------
-
-    def claim_next(
-        self,
-        session_id: str,
-        ack: int | Ack | None,
-        now: float,
-        max_attempts: int,
-        alone: bool,
-        want_state: bool = False,
-        bulk: int = 0,
-    ) -> Coroutine[Any, Any, Claim]:
-        return self._call(
-            self._ops.claim_next, session_id, ack, now, max_attempts, alone, want_state, bulk
-        )
-
-    def load_state(self, session_id: str) -> Coroutine[Any, Any, str | None]:
-        return self._call(self._ops.load_state, session_id)
-
-    def ack(self, ack: int | Ack) -> Coroutine[Any, Any, Sent | None]:
-        return self._call(self._ops.ack, ack)
-
-    def ack_soon(self, ack: int | Ack, done: Callable[[tuple[int, Sent | None]], None]) -> None:
-        box = self._ack_box
-        if box is not None:
-            with self._ack_lock:
-                if not box.sealed:
-                    box.acks.append(ack)
-                    return
-        box = self._ack_box = AckBox(ack)
-        self._committer.submit(self._write_box, box, done=done)
-
-    def _write_box(self, box: AckBox) -> tuple[int, Sent | None]:
-        with self._ack_lock:
-            box.sealed = True
-            acks = box.acks
-        return self._ops.ack_box(acks)
-
     def _post_replies(self, replies: list[tuple[int, str, str]]) -> None:
         if self._committer.failure is None and not self._closed:
-            self._committer.submit(self._ops.post_replies, replies, done=_ignore)
+            self._committer.submit(self._pg_ops.post_replies, replies, done=ignore)
 
     def _post_kill(self, session_id: str) -> bool:
         if self._committer.failure is not None or self._closed:
             return False
-        self._committer.submit(self._ops.post_kill, session_id, done=_ignore)
+        self._committer.submit(self._pg_ops.post_kill, session_id, done=ignore)
         return True
 
     def _post_outputs(self, outputs: list[tuple[str, str, str]]) -> None:
         if self._committer.failure is None and not self._closed:
-            self._committer.submit(self._ops.post_outputs, outputs, done=_ignore)
-
-    def _drop_ack_box(self) -> None:
-        self._ack_box = None
-
-    def fail(
-        self, message_id: int, error: str, retry_at: float, max_attempts: int
-    ) -> Coroutine[Any, Any, FailOutcome]:
-        return self._call(self._ops.fail, message_id, error, retry_at, max_attempts)
-
-    def release(self, message_id: int, uncount: bool, crashed: bool) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.release, message_id, uncount, crashed)
-
-    def release_many(self, message_ids: list[int]) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.release_many, message_ids)
-
-    def release_many_soon(self, message_ids: list[int]) -> None:
-        self._committer.submit(self._ops.release_many, message_ids, done=_ignore)
-
-    def defer_head(self, session_id: str, until: float) -> Coroutine[Any, Any, bool]:
-        return self._call(self._ops.defer_head, session_id, until)
-
-    def after_commits(self, done: Callable[[], None]) -> None:
-        self._committer.submit(self._ops.nothing, done=lambda _: done())
-
-    # -- the timer and the waiting line ------------------------------------------
-
-    def next_due(self, after: float) -> Coroutine[Any, Any, float | None]:
-        return self._call(self._ops.next_due, after)
-
-    def collect_due(self, after: float, now: float, limit: int) -> Coroutine[Any, Any, DueWork]:
-        return self._call(self._ops.collect_due, after, now, limit)
-
-    def sessions_with_work(
-        self, limit: int, exclude: frozenset[str]
-    ) -> Coroutine[Any, Any, list[tuple[str, int]]]:
-        return self._call(self._ops.sessions_with_work, limit, exclude)
-
-    def oldest_due(self, now: float) -> Coroutine[Any, Any, float | None]:
-        return self._call(self._ops.oldest_due, now)
+            self._committer.submit(self._pg_ops.post_outputs, outputs, done=ignore)
 
     # -- operators' changes ---------------------------------------------------------
-
-    def retry_dead(self, message_id: int | None) -> Coroutine[Any, Any, Sent]:
-        return self._call(self._ops.retry_dead, message_id)
-
-    def abort(
-        self, message_id: int, unstarted: bool = False
-    ) -> Coroutine[Any, Any, Aborted | None]:
-        return self._call(self._ops.abort, message_id, unstarted)
-
-    def purge(
-        self, session_id: str | None, dead_only: bool, before: float | None, limit: int
-    ) -> Coroutine[Any, Any, Purged]:
-        return self._call(self._ops.purge, session_id, dead_only, before, limit)
-
-    def sweep_keys(self, before: float, limit: int) -> Coroutine[Any, Any, int]:
-        return self._call(self._ops.sweep_keys, before, limit)
 
     def dead_letters(self, session_id: str | None, limit: int | None) -> list[DeadLetter]:
         sql, params = dead_letter_query(session_id, limit)
@@ -506,12 +367,6 @@ class PgStore:
 
     # -- heartbeat and control table --------------------------------------------------
 
-    def heartbeat(self, value: str) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.heartbeat, value)
-
-    def heartbeat_soon(self, value: str) -> None:
-        self._committer.submit(self._ops.heartbeat, value, done=_ignore)
-
     def has_open_requests(self) -> bool:
         rows = self._read(
             "SELECT EXISTS (SELECT 1 FROM actors_control WHERE done_at IS NULL)",
@@ -519,14 +374,6 @@ class PgStore:
             "cannot read the control table",
         )
         return bool(rows[0][0])
-
-    def take_control(self, limit: int) -> Coroutine[Any, Any, list[ControlRequest]]:
-        return self._call(self._ops.take_control, limit)
-
-    def finish_control(
-        self, request_id: int, done_at: float, result: str, forget_before: float
-    ) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.finish_control, request_id, done_at, result, forget_before)
 
 
 if TYPE_CHECKING:

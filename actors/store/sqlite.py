@@ -13,32 +13,23 @@ their own on the trio thread (WAL: a reader never blocks the writer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import apsw
 import trio
 
 from .._records import DeadLetter
+from .committed import CommittedStore
 from .committer import Committer, virtual_time
 from .errors import StoreError, map_exceptions
 from .protocol import StartMarks
 from .records import (
-    Aborted,
-    Ack,
-    AppendBatch,
-    Appended,
-    Claim,
-    ControlRequest,
-    DueWork,
-    FailOutcome,
     Opened,
-    Purged,
-    Sent,
     StoreStatistics,
 )
-from .sqlite_ops import AckBox, Operations
+from .sqlite_ops import Operations
 from .sqlite_schema import Prepared, close_quietly, open_database
 from .sqlite_transactions import SqliteTransactions
 from .sqlite_views import connect_reader, has_open_requests, read_dead_letters
@@ -48,14 +39,12 @@ if TYPE_CHECKING:
     from .protocol import Store
 
 
-def _ignore(_result: object) -> None:
-    pass
 
-
-class SqliteStore:
+class SqliteStore(CommittedStore):
     """The database behind a running system. Open it with :meth:`open`.
 
-    See the ``Store`` protocol for what each method promises.
+    See the ``Store`` protocol for what each method promises; the operations
+    that go through the committer are CommittedStore's (committed.py).
     """
 
     def __init__(
@@ -68,18 +57,16 @@ class SqliteStore:
         self._starts: StartTable | None = prepared.starts
         self._max_value_bytes = prepared.max_value_bytes
         self._db = prepared.db
-        self._ops = ops = Operations(prepared.db, prepared.next_seq, prepared.has_state)
+        ops = Operations(prepared.db, prepared.next_seq, prepared.has_state)
         self._tx = SqliteTransactions(prepared.db, ops, path, busy_ms, threaded=not inline)
-        self._committer = Committer(
+        committer = Committer(
             self._tx,
             name=path,
             inline=inline,
             sync_commits=durability == "full",
             on_failure=self._drop_ack_box,
         )
-        self._call = self._committer.call
-        self._ack_box: AckBox | None = None  # the open box of ack_soon()
-        self._ack_lock = ops.ack_lock
+        super().__init__(ops, committer)
         # Read-only connections, opened at their first read: one for dead
         # letters, one for the control table's look (trio thread only).
         self._readers: dict[str, apsw.Connection] = {}
@@ -149,27 +136,12 @@ class SqliteStore:
         return self._max_value_bytes
 
     @property
-    def next_seq(self) -> int:
-        return self._ops.next_seq
-
-    @property
     def starts(self) -> StartMarks | None:
         return self._starts
 
     @property
     def cluster(self) -> None:
         return None  # (one process owns the file: see _lock.py)
-
-    @property
-    def failed(self) -> trio.Event:
-        return self._committer.failed
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._committer.failure
-
-    def use_clock(self, now: Callable[[], float]) -> None:
-        self._ops.clock_now = now
 
     def statistics(self) -> StoreStatistics:
         committer = self._committer.statistics()
@@ -204,108 +176,7 @@ class SqliteStore:
         self._committer.fail(error)
         raise error
 
-    # -- sends -------------------------------------------------------------------
-
-    def append(
-        self,
-        seal: Callable[[], AppendBatch],
-        *,
-        committed: Callable[[Appended], None] | None = None,
-    ) -> Coroutine[Any, Any, Appended]:
-        return self._committer.call_sealed(self._ops.append, seal, committed=committed)
-
-    # -- claims and acknowledgements ------------------------------------------------
-
-    def claim_next(
-        self,
-        session_id: str,
-        ack: int | Ack | None,
-        now: float,
-        max_attempts: int,
-        alone: bool,
-        want_state: bool = False,
-        bulk: int = 0,
-    ) -> Coroutine[Any, Any, Claim]:
-        return self._call(
-            self._ops.claim_next, session_id, ack, now, max_attempts, alone, want_state, bulk
-        )
-
-    def load_state(self, session_id: str) -> Coroutine[Any, Any, str | None]:
-        return self._call(self._ops.load_state, session_id)
-
-    def ack(self, ack: int | Ack) -> Coroutine[Any, Any, Sent | None]:
-        return self._call(self._ops.ack, ack)
-
-    def ack_soon(self, ack: int | Ack, done: Callable[[tuple[int, Sent | None]], None]) -> None:
-        # The box is sealed when its operation runs, under the lock: that
-        # may be in a worker thread (a group that waits for a lock, or runs
-        # its operations one by one after a failure).
-        box = self._ack_box
-        if box is not None:
-            with self._ack_lock:
-                if not box.sealed:
-                    box.acks.append(ack)
-                    return
-        box = self._ack_box = AckBox(ack)
-        self._committer.submit(self._ops.ack_box, box, done=done)
-
-    def _drop_ack_box(self) -> None:
-        # The committer failed: acks joining the open box would wait for nothing.
-        self._ack_box = None
-
-    def fail(
-        self, message_id: int, error: str, retry_at: float, max_attempts: int
-    ) -> Coroutine[Any, Any, FailOutcome]:
-        return self._call(self._ops.fail, message_id, error, retry_at, max_attempts)
-
-    def release(self, message_id: int, uncount: bool, crashed: bool) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.release, message_id, uncount, crashed)
-
-    def release_many(self, message_ids: list[int]) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.release_many, message_ids)
-
-    def release_many_soon(self, message_ids: list[int]) -> None:
-        self._committer.submit(self._ops.release_many, message_ids, done=_ignore)
-
-    def defer_head(self, session_id: str, until: float) -> Coroutine[Any, Any, bool]:
-        return self._call(self._ops.defer_head, session_id, until)
-
-    def after_commits(self, done: Callable[[], None]) -> None:
-        self._committer.submit(self._ops.nothing, done=lambda _: done())
-
-    # -- the timer and the waiting line ------------------------------------------
-
-    def next_due(self, after: float) -> Coroutine[Any, Any, float | None]:
-        return self._call(self._ops.next_due, after)
-
-    def collect_due(self, after: float, now: float, limit: int) -> Coroutine[Any, Any, DueWork]:
-        return self._call(self._ops.collect_due, after, now, limit)
-
-    def sessions_with_work(
-        self, limit: int, exclude: frozenset[str]
-    ) -> Coroutine[Any, Any, list[tuple[str, int]]]:
-        return self._call(self._ops.sessions_with_work, limit, exclude)
-
-    def oldest_due(self, now: float) -> Coroutine[Any, Any, float | None]:
-        return self._call(self._ops.oldest_due, now)
-
     # -- operators' changes ---------------------------------------------------------
-
-    def retry_dead(self, message_id: int | None) -> Coroutine[Any, Any, Sent]:
-        return self._call(self._ops.retry_dead, message_id)
-
-    def abort(
-        self, message_id: int, unstarted: bool = False
-    ) -> Coroutine[Any, Any, Aborted | None]:
-        return self._call(self._ops.abort, message_id, unstarted)
-
-    def purge(
-        self, session_id: str | None, dead_only: bool, before: float | None, limit: int
-    ) -> Coroutine[Any, Any, Purged]:
-        return self._call(self._ops.purge, session_id, dead_only, before, limit)
-
-    def sweep_keys(self, before: float, limit: int) -> Coroutine[Any, Any, int]:
-        return self._call(self._ops.sweep_keys, before, limit)
 
     def dead_letters(self, session_id: str | None, limit: int | None) -> list[DeadLetter]:
         with (
@@ -331,26 +202,12 @@ class SqliteStore:
 
     # -- heartbeat and control table --------------------------------------------------
 
-    def heartbeat(self, value: str) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.heartbeat, value)
-
-    def heartbeat_soon(self, value: str) -> None:
-        self._committer.submit(self._ops.heartbeat, value, done=_ignore)
-
     def has_open_requests(self) -> bool:
         with (
             map_exceptions(f"cannot read the control table of {self._path!r}"),
             self._reading("control") as reader,
         ):
             return has_open_requests(reader)
-
-    def take_control(self, limit: int) -> Coroutine[Any, Any, list[ControlRequest]]:
-        return self._call(self._ops.take_control, limit)
-
-    def finish_control(
-        self, request_id: int, done_at: float, result: str, forget_before: float
-    ) -> Coroutine[Any, Any, None]:
-        return self._call(self._ops.finish_control, request_id, done_at, result, forget_before)
 
 
 if TYPE_CHECKING:

@@ -13,7 +13,6 @@ handful of SQLite calls, not a few per message.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -76,21 +75,6 @@ def _insert_rows(db: apsw.Connection, values: list[Any]) -> None:
             at += chunk
 
 
-class AckBox:
-    """Acks submitted without waiting, written by one operation (``SqliteStore.ack_soon``).
-
-    Tasks append until the operation runs and seals the box (under the
-    operations' ``ack_lock``: that may be in a worker thread, after a failed
-    group); later acks start a new box.
-    """
-
-    __slots__ = ("acks", "sealed")
-
-    def __init__(self, ack: int | Ack) -> None:
-        self.acks: list[int | Ack] = [ack]
-        self.sealed = False
-
-
 class Operations:
     """The runtime's writes on one connection (the committer's: see the module)."""
 
@@ -103,7 +87,6 @@ class Operations:
         # The epoch time of the running system (Store.use_clock): when a
         # wait is written (see sqlite_schema.bound_waits).
         self.clock_now: Callable[[], float] = _clock.wall_time
-        self.ack_lock = threading.Lock()  # seals an AckBox (see ack_box)
 
     def _take_seq(self) -> int:
         seq = self.next_seq
@@ -256,11 +239,8 @@ class Operations:
         assert isinstance(ack, Ack)
         return self._apply_ack(ack)
 
-    def ack_box(self, box: AckBox) -> tuple[int, Sent | None]:
+    def ack_box(self, acks: list[int | Ack]) -> tuple[int, Sent | None]:
         """Write a box of acks (see ack_soon); returns (count, the outboxes' (session, seq))."""
-        with self.ack_lock:
-            box.sealed = True
-            acks = box.acks
         plain = [a for a in acks if type(a) is int]
         if plain:
             self.db.execute(DELETE_IDS, (_json_array(plain),))
