@@ -80,6 +80,12 @@ cProfile'd run of ``actors_w2`` and of ``latency_w2``: each worker's trio
 thread, and the store's thread around each group transaction; the .prof
 files go to DIR (``python -m pstats``), their summary into the JSON.
 
+Two diagnostics for the worker processes, off by default:
+``ACTORS_PG_GROUPLOG=PREFIX`` writes each group transaction (start, wall,
+CPU, the operations in it) to ``PREFIX-<worker>.json``;
+``ACTORS_PG_SWITCHINTERVAL=S`` sets ``sys.setswitchinterval(S)`` (how long
+the trio thread may hold the GIL while the store's thread waits for it).
+
 The table goes to stdout; the JSON to ``--out`` (default
 ``benchmarks/results/pg-<timestamp>.json``), rewritten after every round;
 ``--report JSON`` prints the table of an earlier run.

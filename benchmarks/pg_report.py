@@ -126,11 +126,12 @@ def _groups(results: list[dict[str, Any]], elapsed: float, sent: int) -> dict[st
 
 def _thread_group(name: str) -> str:
     """Trio's worker threads are named after the job they run: group them."""
-    if name.startswith("Trio thread") or name.startswith("trio"):
-        return "trio-threads"  # (the store's transactions, for actors)
-    if name == "python":
-        return "other-threads"  # (threads Python left unnamed: actors' listener, the stdin reader)
-    return name
+    if name in ("main", "python"):
+        # (python: threads Python left unnamed, actors' listener and the stdin reader)
+        return "main" if name == "main" else "other-threads"
+    # Trio names its worker threads after the job they run (for actors: the
+    # store's group transactions); the peers start no other thread.
+    return "trio-threads"
 
 
 def _latency(results: list[dict[str, Any]]) -> dict[str, Any]:

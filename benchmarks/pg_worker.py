@@ -156,7 +156,8 @@ class Profiles:
     which is tens of milliseconds): the only change to the code measured.
     With a profile directory, cProfile also runs on the trio thread over the
     span and, switched on around each group, on the store's thread (two
-    ``.prof`` files per process).
+    ``.prof`` files per process). ``ACTORS_PG_GROUPLOG=PREFIX``: every group
+    (start, wall, CPU, its operations' names) to ``PREFIX-<tag>.json``.
     """
 
     def __init__(self, directory: str | None, tag: str) -> None:
@@ -566,6 +567,10 @@ KINDS = {"actors": run_actors, "procrastinate": run_procrastinate, "pgqueuer": r
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
+    # A diagnostic: how long the trio thread may keep the GIL while the
+    # store's thread waits for it (Python's default: 5 ms).
+    if os.environ.get("ACTORS_PG_SWITCHINTERVAL"):
+        sys.setswitchinterval(float(os.environ["ACTORS_PG_SWITCHINTERVAL"]))
     threading.Thread(target=_read_stdin, name="bench-stdin", daemon=True).start()
     try:
         KINDS[spec["kind"]](spec)
