@@ -256,11 +256,14 @@ class Supervisor:
 
     # -- a clustered store's news (ClusterHost) --------------------------------
 
-    def work_found(self, sessions: list[tuple[str, float | None]], more: bool) -> None:
+    def work_found(
+        self, sessions: list[tuple[str, float | None]], more: bool, delayed: bool
+    ) -> None:
         """Work came to these sessions from elsewhere (another process, a takeover)."""
         actors = self._actors
         now = self.clock.now()
-        self.timer.schedule(now)  # (delayed messages may have come: look again)
+        if delayed:
+            self.timer.schedule(now)  # (the timer looks at the deadlines again)
         for session_id, waits_until in sessions:
             if waits_until is not None and waits_until > now:
                 self.timer.schedule(waits_until, session_id)  # (a retry wait, a suspension)

@@ -403,7 +403,7 @@ def _sessions_per_member(url: str, sessions: int, buckets: int) -> list[int]:
     """How many of the keys each process runs (the hash's spread), largest first."""
     import psycopg
 
-    from actors.store.targets import bucket_of
+    from actors.store.buckets import bucket_of
 
     with psycopg.connect(url, autocommit=True) as conn:
         owner = dict(conn.execute("SELECT bucket, owner FROM actors_buckets").fetchall())

@@ -155,6 +155,7 @@ class PgTransactions:
         except BaseException:
             self.rollback()
             raise
+        self._ops.committed()
 
     def rollback(self) -> None:
         if not self._conn.closed:
@@ -236,6 +237,7 @@ class PgStore(CommittedStore):
             post_outputs=self._post_outputs,
             after_commits=self.after_commits,
             post_kill=self._post_kill,
+            processed=lambda: ops.processed,
         )
         self._closed = False
         self._committer.start()

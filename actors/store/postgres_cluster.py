@@ -81,7 +81,9 @@ class PgCluster:
         post_outputs: Callable[[list[tuple[str, str, str]]], None],
         after_commits: Callable[[Callable[[], None]], None],
         post_kill: Callable[[str], bool],
+        processed: Callable[[], int],
     ) -> None:
+        self._processed = processed
         self.kill_elsewhere = post_kill
         self._after_commits = after_commits
         self._post_outputs = post_outputs
@@ -194,7 +196,7 @@ class PgCluster:
             pending=max(0, read.pending + now.pending - base.pending + handed),
             in_flight=max(0, read.in_flight + now.in_flight - base.in_flight - handed),
             dead=max(0, read.dead + now.dead - base.dead),
-            processed=read.processed + now.processed - base.processed,
+            processed=read.processed + now.processed,  # (the others', and ours)
         )
 
     async def refresh_counts(self) -> DatabaseCounts:
@@ -292,7 +294,12 @@ class PgCluster:
         started_monotonic = time.monotonic()
         try:
             found: leases.Round = await self._db(
-                leases.renew, self._connection(), self.own.member, self._ttl, self.own.buckets
+                leases.renew,
+                self._connection(),
+                self.own.member,
+                self._ttl,
+                self.own.buckets,
+                self._processed(),
             )
         except (psycopg.Error, OSError, StoreError) as exc:
             self._round_failed(exc)
@@ -413,7 +420,7 @@ class PgCluster:
         """A clean stop (after every actor left): give every bucket back at once."""
         own = self.own
         try:
-            await self._db(leases.leave, self._connection(), own.member)
+            await self._db(leases.leave, self._connection(), own.member, self._processed())
         except (psycopg.Error, OSError) as exc:
             log.warning("giving the buckets back failed (they expire instead): %s", exc)
         own.released += len(own.owned)
@@ -485,7 +492,7 @@ class Listener:
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
             buckets: set[int] = set()
-            replies = outputs = subscribers = False
+            replies = outputs = subscribers = delayed = False
             # (Never leave the generator early: notices that came in the
             # same packet as the first would be lost. Nor query inside it:
             # it holds the connection.)
@@ -505,10 +512,13 @@ class Listener:
                     if self._own.owns(notice.payload):
                         self._token.run_sync_soon(self._host.kill, notice.payload)
                     continue
-                if notice.payload == "*":
+                payload = notice.payload
+                if payload.startswith("d"):  # (delayed messages came: the timer looks)
+                    delayed, payload = True, payload[1:]
+                if payload == "*":
                     buckets |= set(self._own.owned)
                 else:
-                    buckets.update(int(b) for b in notice.payload.split(",") if b)
+                    buckets.update(int(b) for b in payload.split(",") if b)
             if replies:
                 self._take_replies(conn)
             if outputs:
@@ -516,18 +526,18 @@ class Listener:
             if subscribers:
                 self._token.run_sync_soon(self._subscribers_changed)
             with self._lock:
-                buckets |= self._wanted
-                self._wanted = set()
+                wanted, self._wanted = self._wanted, set()
+            buckets |= wanted  # (gained buckets: delayed messages may be there)
             own = self._own
             held = [b for b in buckets if b in own.owned and b not in own.leaving]
             if held:
-                self._look_at(conn, held)
+                self._look_at(conn, held, delayed or bool(wanted))
 
-    def _look_at(self, conn: psycopg.Connection[Any], buckets: list[int]) -> None:
+    def _look_at(self, conn: psycopg.Connection[Any], buckets: list[int], delayed: bool) -> None:
         self.looks += 1
         sessions, more = leases.sessions_with_work(conn, buckets, LOOK_LIMIT)
-        if sessions or more:
-            self._token.run_sync_soon(self._host.work_found, sessions, more)
+        if sessions or more or delayed:
+            self._token.run_sync_soon(self._host.work_found, sessions, more, delayed)
 
     def _take_outputs(self, conn: psycopg.Connection[Any]) -> None:
         outputs = leases.take_outputs(conn, self._own.member)

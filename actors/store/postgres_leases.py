@@ -58,13 +58,16 @@ def join(conn: psycopg.Connection[Any], member: str, ttl: float) -> None:
     )
 
 
-def renew(conn: psycopg.Connection[Any], member: str, ttl: float, buckets: int) -> Round:
-    """Renew membership and every lease held; count the live members."""
+def renew(
+    conn: psycopg.Connection[Any], member: str, ttl: float, buckets: int, processed: int
+) -> Round:
+    """Renew membership and every lease held, write the acks made since this
+    process started; count the live members."""
     with conn.transaction():
         conn.execute(
-            "UPDATE actors_members SET seen_until = now() + make_interval(secs => %s)"
-            " WHERE id = %s",
-            (ttl, member),
+            "UPDATE actors_members SET seen_until = now() + make_interval(secs => %s),"
+            " processed = %s WHERE id = %s",
+            (ttl, processed, member),
         )
         held = dict(
             conn.execute(
@@ -116,14 +119,17 @@ def give_back(conn: psycopg.Connection[Any], member: str, buckets: list[int]) ->
     )
 
 
-def leave(conn: psycopg.Connection[Any], member: str) -> None:
+def leave(conn: psycopg.Connection[Any], member: str, processed: int) -> None:
     """A clean stop: give back every bucket, and say this member is gone."""
     with conn.transaction():
         conn.execute(
             "UPDATE actors_buckets SET owner = NULL, lease_until = '-infinity' WHERE owner = %s",
             (member,),
         )
-        conn.execute("UPDATE actors_members SET seen_until = now() WHERE id = %s", (member,))
+        conn.execute(
+            "UPDATE actors_members SET seen_until = now(), processed = %s WHERE id = %s",
+            (processed, member),
+        )
 
 
 def forget_members(conn: psycopg.Connection[Any]) -> None:
@@ -151,12 +157,13 @@ def forget_members(conn: psycopg.Connection[Any]) -> None:
 
 
 def count_all(conn: psycopg.Connection[Any], member: str) -> DatabaseCounts:
-    """Messages by state in the whole database; acks of the live members."""
+    """Messages by state in the whole database; acks of the other live members
+    (as of their last renewal: this one's own count is in its memory)."""
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),"
         " count(*) FILTER (WHERE state = 2),"
         " (SELECT coalesce(sum(processed), 0) FROM actors_members"
-        "  WHERE seen_until > now() OR id = %s) FROM actors_messages",
+        "  WHERE seen_until > now() AND id <> %s) FROM actors_messages",
         (member,),
     ).fetchone()
     assert row is not None
@@ -220,7 +227,7 @@ def sessions_with_work(
     waits (None: it does not); whether there are more."""
     rows = conn.execute(
         "SELECT DISTINCT ON (session_id) session_id, not_before FROM actors_messages"
-        " WHERE bucket = ANY(%s) AND state < 2 AND seq IS NOT NULL"
+        " WHERE bucket = ANY(%s) AND state = 0 AND seq IS NOT NULL"
         " ORDER BY session_id, seq LIMIT %s",
         (buckets, limit + 1),
     ).fetchall()

@@ -130,7 +130,12 @@ class Operations:
         self._held: dict[int, bool] = {}
         self._refused: set[int] = set()
         self.announce: set[int] = set()
+        self.delayed = False  # the notice says delayed messages came (the timer looks)
         self.acked = 0
+        # Acks committed since start, written on the member row by the lease
+        # keeper (not by every ack's transaction: the row is the keeper's
+        # too, and a hot one).
+        self.processed = 0
         self.answered: set[str] = set()  # members to tell of replies written
         self.fed: set[str] = set()  # members to tell of outputs written
         # {message id: the member whose ask() waits for it}, for claimed
@@ -148,9 +153,14 @@ class Operations:
         self._held.clear()
         self._refused.clear()
         self.announce = set()
+        self.delayed = False
         self.acked = 0
         self.answered = set()
         self.fed = set()
+
+    def committed(self) -> None:
+        """The transaction committed: count its acks (see processed)."""
+        self.processed += self.acked
 
     def rewind(self) -> None:
         """The transaction is to run again (see begin)."""
@@ -158,17 +168,14 @@ class Operations:
 
     def finish(self) -> None:
         """In the transaction, after its operations: the counts and one notice."""
-        if self.acked:
-            self.conn.execute(
-                "UPDATE actors_members SET processed = processed + %s WHERE id = %s",
-                (self.acked, self._member),
-            )
         owned = self.own.owned
         others = sorted(b for b in self.announce if b not in owned or b in self.own.leaving)
         if others:
             payload = ",".join(map(str, others))
             if len(payload) > _NOTIFY_MAX:
                 payload = "*"
+            if self.delayed:
+                payload = "d" + payload
             self.conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
         for member in self.answered:
             self.conn.execute("SELECT pg_notify(%s, %s)", (REPLY_CHANNEL, member))
@@ -283,6 +290,8 @@ class Operations:
         for i in claimed:
             self.bucket_by_id[first + i] = buckets[i]
         self.announce.update(buckets[i] for i in kept)
+        if not_before is not None:
+            self.delayed = True
         return first, duplicates
 
     def _narrow_claimed(

@@ -89,13 +89,15 @@ class ClusterHost(Protocol):
     Called on the trio thread, never blocking.
     """
 
-    def work_found(self, sessions: list[tuple[str, float | None]], more: bool) -> None:
+    def work_found(
+        self, sessions: list[tuple[str, float | None]], more: bool, delayed: bool
+    ) -> None:
         """Sessions of buckets this process holds have work in the database
         that no send of this process announced (another process sent it, or
         the bucket was just taken over), with the epoch time their head waits
         until (None: it does not wait). ``more``: others may have too
-        (:meth:`Store.sessions_with_work` finds them). Delayed messages may
-        have come too: the timer looks again."""
+        (:meth:`Store.sessions_with_work` finds them). ``delayed``: delayed
+        messages may have come too (the timer looks again)."""
 
     def drop_sessions(self, which: Callable[[str], bool], hard: bool) -> None:
         """The sessions for which ``which(session_id)`` is true are no longer

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from .protocol import Store
 
 
-
 class SqliteStore(CommittedStore):
     """The database behind a running system. Open it with :meth:`open`.
 
