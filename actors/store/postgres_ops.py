@@ -73,13 +73,14 @@ _FENCE = (
 )
 _QUEUE = (
     "SELECT id, seq, attempts, body, raw, enqueued_at, not_before, last_error, crashed,"
-    " alone, key, reply_to FROM actors_messages"
-    " WHERE session_id = %s AND state < 2 AND seq IS NOT NULL ORDER BY seq"
+    " alone, key, reply_to, state FROM actors_messages"
+    " WHERE session_id = %s AND state < 2 AND seq IS NOT NULL ORDER BY seq LIMIT %s"
 )
-_FOLLOWING = (
-    "SELECT id, seq, state, attempts, body, raw, enqueued_at, crashed, key, reply_to"
-    " FROM actors_messages"
-    " WHERE session_id = %s AND state < 2 AND seq > %s AND seq IS NOT NULL ORDER BY seq LIMIT %s"
+# The head (the first id) and the fresh messages behind it, claimed at once.
+_CLAIM = (
+    "UPDATE actors_messages SET state = 1, not_before = NULL, crashed = false,"
+    " attempts = CASE WHEN id = %s THEN %s ELSE 1 END,"
+    " alone = (id = %s AND %s) WHERE id = ANY(%s)"
 )
 _INSERT = (
     "INSERT INTO actors_messages"
@@ -373,15 +374,17 @@ class Operations:
     def _claim_head(
         self, session_id: str, bucket: int, now: float, max_attempts: int, alone: bool, bulk: int
     ) -> Claim:
-        """As sqlite_claim.claim_head, on this connection."""
+        """As sqlite_claim.claim_head and claim_following, on this connection, in
+        two statements: the head and what follows it read at once (``bulk`` + 2
+        rows: one more says whether more wait), and every claim one update."""
         conn = self.conn
         dead: list[int] = []
         while True:
-            rows: list[Any] = conn.execute(_QUEUE + " LIMIT 2", (session_id,)).fetchall()
+            rows: list[Any] = conn.execute(_QUEUE, (session_id, bulk + 2)).fetchall()
             if not rows:
                 return Claim(None, 0, None, tuple(dead))
             (msg_id, seq, attempts, body, raw, enqueued_at, not_before, last_error, crashed,
-             ran_alone, key, reply_to) = rows[0]  # fmt: skip
+             ran_alone, key, reply_to, _state) = rows[0]  # fmt: skip
             if not_before is not None and not_before > now:
                 return Claim(None, seq, not_before, tuple(dead))
             if attempts >= max_attempts:
@@ -396,12 +399,6 @@ class Operations:
                 conn.execute(_DEAD, (f"cannot decode message body: {exc}", msg_id))
                 dead.append(msg_id)
                 continue
-            conn.execute(
-                "UPDATE actors_messages SET state = 1, attempts = %s, not_before = NULL,"
-                " crashed = false, alone = %s WHERE id = %s",
-                (attempts + 1, alone, msg_id),
-            )
-            self.bucket_by_id[msg_id] = bucket
             if reply_to is not None and reply_to != self._member:
                 self.remote_asks[msg_id] = reply_to
             claim = Claim(
@@ -417,22 +414,22 @@ class Operations:
                 None,
                 tuple(dead),
             )
-            if len(rows) > 1:
-                claim.more = True
-                if bulk > 0:
-                    self._claim_following(claim, session_id, bucket, seq, bulk)
+            claim.more = len(rows) > 1
+            if bulk > 0 and claim.more:
+                self._take_following(claim, session_id, rows[1:], bulk)
+            ids = [msg_id, *(m.id for m in claim.extra)]
+            conn.execute(_CLAIM, (msg_id, attempts + 1, msg_id, alone, ids))
+            for i in ids:
+                self.bucket_by_id[i] = bucket
             return claim
 
-    def _claim_following(
-        self, claim: Claim, session_id: str, bucket: int, after: int, limit: int
-    ) -> None:
-        """As sqlite_claim.claim_following: fresh messages right behind the head."""
-        rows: list[Any] = self.conn.execute(_FOLLOWING, (session_id, after, limit + 1)).fetchall()
+    def _take_following(self, claim: Claim, session_id: str, rows: list[Any], limit: int) -> None:
+        """The fresh messages right behind the head, as sqlite_claim.claim_following
+        (claimed with it by the caller's update)."""
         extra = claim.extra
         claim.more = len(rows) > limit
-        for msg_id, seq, state, attempts, body, raw, enqueued_at, crashed, key, reply_to in rows[
-            :limit
-        ]:
+        for (msg_id, seq, attempts, body, raw, enqueued_at, _, _, crashed, _, key, reply_to,
+             state) in rows[:limit]:  # fmt: skip
             if state or attempts or crashed:
                 claim.more = True
                 break
@@ -445,13 +442,6 @@ class Operations:
             extra.append(new_message(msg_id, session_id, decoded, 1, enqueued_at, key))
             if reply_to is not None and reply_to != self._member:
                 self.remote_asks[msg_id] = reply_to
-        if extra:
-            ids = [m.id for m in extra]
-            self.conn.execute(
-                "UPDATE actors_messages SET state = 1, attempts = 1 WHERE id = ANY(%s)", (ids,)
-            )
-            for i in ids:
-                self.bucket_by_id[i] = bucket
 
     def load_state(self, session_id: str) -> str | None:
         """The session's state (JSON text), or None if it has none."""
@@ -587,7 +577,7 @@ class Operations:
         """Hold the session's head until ``until`` (a suspended session). False if no head."""
         if not self.fence((self.own.bucket(session_id),)):
             return False
-        row = self.conn.execute(_QUEUE + " LIMIT 1", (session_id,)).fetchone()
+        row = self.conn.execute(_QUEUE, (session_id, 1)).fetchone()
         if row is None:
             return False
         self.conn.execute(
