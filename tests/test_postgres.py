@@ -381,18 +381,22 @@ def kill_connections(url: str) -> int:
 
 
 async def test_connections_killed_mid_transaction_lose_nothing(pg_url: str) -> None:
+    handled = trio.Event()
+
     async def handle(ctx: actors.Context, msg: actors.Message) -> None:
         ctx.state["n"] = ctx.state.get("n", 0) + 1
+        handled.set()
         await trio.lowlevel.checkpoint()
 
     sessions = [f"c{i}" for i in range(10)]
     async with actors.run_system(pg_url, handler=handle, lease_ttl=5.0) as system:
         killed = 0
         for _ in range(5):
+            handled = trio.Event()
             async with trio.open_nursery() as nursery:
                 for s in sessions:
                     nursery.start_soon(send_some, system, s, 20)
-                await trio.sleep(0.01)  # (real time: let transactions be under way)
+                await handled.wait()  # (sends and claims are under way)
                 killed += await trio.to_thread.run_sync(kill_connections, pg_url)
         assert killed >= 5
         await system.drain()
