@@ -328,20 +328,6 @@ class PgStore(CommittedStore):
     def failure(self) -> BaseException | None:
         return self._committer.failure or self._sends.failure
 
-    def after_commits(self, done: Callable[[], None]) -> None:
-        # Both committers' operations: a bucket is given back after this, and
-        # a send that committed later would have told nobody of its message
-        # (its transaction saw the bucket held, so sent no notice).
-        left = [2]
-
-        def one(_: object) -> None:
-            left[0] -= 1
-            if not left[0]:
-                done()
-
-        self._committer.submit(self._pg_ops.nothing, done=one)
-        self._sends.submit(self._sends_ops.nothing, done=one)
-
     async def aclose(self) -> None:
         if self._closed:
             return
