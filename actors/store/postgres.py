@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -37,7 +37,10 @@ from .postgres_schema import connect, prepare_schema
 from .postgres_url import redact
 from .postgres_views import dead_letter_query, dead_letters_of
 from .protocol import StartMarks
-from .records import AppendBatch, Appended, Opened, StoreStatistics
+from .records import (
+    Opened,
+    StoreStatistics,
+)
 
 if TYPE_CHECKING:
     from .protocol import Store
@@ -65,34 +68,29 @@ def _retryable(exc: Exception, conn: psycopg.Connection[Any]) -> bool:
     return conn.closed or conn.broken
 
 
-def _connect(url: str, lease_ttl: float, buckets: int | None) -> tuple[Connections, int, Opened]:
-    """The writers' and the ids' connections, the schema made (blocking)."""
+def _connect(
+    url: str, lease_ttl: float, buckets: int | None
+) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any], int, Opened]:
+    """The writer's and the ids' connections, the schema made (blocking)."""
     conn = _writer(url, lease_ttl)
     ids_conn: psycopg.Connection[Any] | None = None
-    sends_conn: psycopg.Connection[Any] | None = None
     try:
         count = prepare_schema(conn, url, buckets)
         ids_conn = connect(url, autocommit=True, what="cannot connect")
-        sends_conn = _writer(url, lease_ttl)
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE state < 2), count(*) FILTER (WHERE state = 2)"
             " FROM actors_messages"
         ).fetchone()
         conn.commit()
     except BaseException as exc:
-        for opened in (conn, ids_conn, sends_conn):
-            if opened is not None:
-                opened.close()
+        conn.close()
+        if ids_conn is not None:
+            ids_conn.close()
         if isinstance(exc, psycopg.Error):
             raise StoreError(f"cannot open the database {redact(url)}: {exc}") from exc
         raise
     assert row is not None
-    opened_ = Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
-    return (conn, ids_conn, sends_conn), count, opened_
-
-
-# The committer's, the ids', the sends' committer's.
-Connections = tuple[psycopg.Connection[Any], psycopg.Connection[Any], psycopg.Connection[Any]]
+    return conn, ids_conn, count, Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
 
 
 def _writer(url: str, lease_ttl: float) -> psycopg.Connection[Any]:
@@ -198,27 +196,23 @@ class PgStore(CommittedStore):
     """The database behind one process of a cluster. Open it with :meth:`open`.
 
     The operations that go through the committer are CommittedStore's
-    (committed.py), on this module's fenced Operations. Sends have a
-    committer and a connection of their own: an insert needs no fence, and
-    a send waiting behind a group of claims (round trips each) waited for
-    all of them. So a send is not claimed on delivery here (the claim would
-    need the fence): its owner claims it.
+    (committed.py), on this module's fenced Operations.
     """
 
     def __init__(
         self,
         url: str,
-        connections: Connections,
+        conn: psycopg.Connection[Any],
+        ids_conn: psycopg.Connection[Any],
         own: Ownership,
         lease_ttl: float,
         *,
         inline: bool,
     ) -> None:
-        conn, self._ids_conn, sends_conn = connections
         self._url = url
         self._shown = redact(url)
         self._conn = conn
-        self._ids_lock = threading.Lock()  # the ids' connection serves both committers
+        self._ids_conn = ids_conn
         self._reader: psycopg.Connection[Any] | None = None
         self._reader_lock = threading.Lock()
         self.own = own
@@ -233,15 +227,6 @@ class PgStore(CommittedStore):
             on_failure=self._drop_ack_box,
         )
         super().__init__(ops, committer)
-        self._sends_ops = Operations(
-            sends_conn, self._take_ids, own, claim_margin=lease_ttl / 4, claims=False
-        )
-        self._sends_tx = PgTransactions(
-            sends_conn, self._sends_ops, self._reopen_sends, self._shown
-        )
-        self._sends = Committer(self._sends_tx, name=self._shown, inline=inline, sync_commits=False)
-        # One failure for the store, whichever committer saw it.
-        self._sends.failed = committer.failed
         self._cluster = PgCluster(
             url,
             own,
@@ -256,7 +241,6 @@ class PgStore(CommittedStore):
         )
         self._closed = False
         self._committer.start()
-        self._sends.start()
 
     @classmethod
     async def open(
@@ -274,69 +258,41 @@ class PgStore(CommittedStore):
         """
         inline = virtual_time()
         if inline:
-            connections, count, opened = _connect(url, lease_ttl, buckets)
+            conn, ids_conn, count, opened = _connect(url, lease_ttl, buckets)
         else:
-            connections, count, opened = await trio.to_thread.run_sync(
+            conn, ids_conn, count, opened = await trio.to_thread.run_sync(
                 _connect, url, lease_ttl, buckets
             )
         # (Built on the trio thread: the committer starts its task.)
         own = Ownership(new_member_id(), count)
-        return cls(url, connections, own, lease_ttl, inline=inline), opened
+        return cls(url, conn, ids_conn, own, lease_ttl, inline=inline), opened
 
     def _reopen(self) -> psycopg.Connection[Any]:
-        """A new writer connection, after the old one was lost (blocking)."""
-        self._conn.close()
+        """New writer and ids connections, after the old ones were lost (blocking)."""
+        for old in (self._conn, self._ids_conn):
+            old.close()
         self._conn = _writer(self._url, self._lease_ttl)
+        self._ids_conn = connect(self._url, autocommit=True, what="cannot reconnect")
         self._pg_ops.conn = self._conn
         return self._conn
 
-    def _reopen_sends(self) -> psycopg.Connection[Any]:
-        """A new connection for the sends, after the old one was lost (blocking)."""
-        self._sends_ops.conn.close()
-        self._sends_ops.conn = _writer(self._url, self._lease_ttl)
-        return self._sends_ops.conn
-
     def _take_ids(self, n: int) -> int:
-        """The first of ``n`` fresh consecutive ids, from the database's counter
-        (either committer's thread; a lost connection is made again, once)."""
-        with self._ids_lock:
-            for attempt in (1, 2):
-                try:
-                    row = self._ids_conn.execute(
-                        "UPDATE actors_meta SET value = (value::bigint + %s)::text"
-                        " WHERE key = 'next_id' RETURNING value::bigint - %s",
-                        (n, n),
-                    ).fetchone()
-                    assert row is not None
-                    return int(row[0])
-                except (psycopg.OperationalError, psycopg.InterfaceError):
-                    self._ids_conn.close()
-                    self._ids_conn = connect(self._url, autocommit=True, what="cannot reconnect")
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
-
-    def append(
-        self,
-        seal: Callable[[], AppendBatch],
-        *,
-        committed: Callable[[Appended], None] | None = None,
-    ) -> Coroutine[Any, Any, Appended]:
-        return self._sends.call_sealed(self._sends_ops.append, seal, committed=committed)
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._committer.failure or self._sends.failure
+        row = self._ids_conn.execute(
+            "UPDATE actors_meta SET value = (value::bigint + %s)::text WHERE key = 'next_id'"
+            " RETURNING value::bigint - %s",
+            (n, n),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
-            await self._sends.aclose()
             await self._committer.aclose()
             await self._cluster.leave()
-            for conn in (self._conn, self._ids_conn, self._sends_ops.conn, self._reader):
+            for conn in (self._conn, self._ids_conn, self._reader):
                 if conn is not None:
                     conn.close()
 
@@ -359,12 +315,12 @@ class PgStore(CommittedStore):
         return None
 
     def statistics(self) -> StoreStatistics:
-        committer, sends = self._committer.statistics(), self._sends.statistics()
+        committer = self._committer.statistics()
         return StoreStatistics(
-            transactions=committer.transactions + sends.transactions,
-            operations=committer.operations + sends.operations,
-            largest_group=max(committer.largest_group, sends.largest_group),
-            queued_operations=committer.queued_operations + sends.queued_operations,
+            transactions=committer.transactions,
+            operations=committer.operations,
+            largest_group=committer.largest_group,
+            queued_operations=committer.queued_operations,
             checkpoints=0,
             bulk_checkpoints=0,
             wal_pages=0,
@@ -373,7 +329,7 @@ class PgStore(CommittedStore):
     @property
     def reconnects(self) -> int:
         """How many times the committer reconnected after losing its connection."""
-        return self._tx.reconnects + self._sends_tx.reconnects
+        return self._tx.reconnects
 
     def check_file(self) -> None:
         pass  # (a server, not a file: nothing can replace it under the store)

@@ -110,12 +110,7 @@ class Operations:
         ids: Callable[[int], int],
         own: Ownership,
         claim_margin: float,
-        *,
-        claims: bool = True,
     ) -> None:
-        # Whether an append may insert messages claimed (on delivery): not
-        # on the sends' own connection, whose inserts take no fence.
-        self._claims = claims
         self.conn = conn
         self._take_block = ids  # reserves n consecutive ids in the database, returns the first
         self._next_id = 0
@@ -305,9 +300,6 @@ class Operations:
     ) -> None:
         """Remove from ``claimed`` what must be inserted pending: a session with a
         message waiting (it must not be overtaken) or a bucket not held."""
-        if not self._claims:
-            claimed.clear()
-            return
         ok = self.fence({buckets[i] for i in claimed}, claiming=True)
         claimed.difference_update([i for i in claimed if buckets[i] not in ok])
         if not claimed:
