@@ -562,6 +562,11 @@ class System:
         while True:
             counts = await cluster.refresh_counts()
             if counts.pending == 0 and counts.in_flight == 0:
+                # The database may show an ack before its commit is reported
+                # here (processed counted, asks answered): wait for that too.
+                reported = trio.Event()
+                self._store.after_commits(reported.set)
+                await reported.wait()
                 return
             with trio.move_on_after(_DRAIN_POLL):
                 await outstanding.wait_at_most(outstanding.value - 1)
