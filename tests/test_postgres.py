@@ -516,3 +516,40 @@ async def test_kill_reaches_the_actor_in_another_process(pg_url: str) -> None:
             await second.wait()
         await a.drain()
     assert attempts == [1, 2]
+
+
+async def test_sends_during_a_handover_all_reach_a_handler(pg_url: str) -> None:
+    """Two members split the buckets while both send to every session: no
+    message may be left pending with no process told of it. (A send whose
+    transaction saw its bucket held, and committed after the bucket was given
+    back, once announced nothing to the next owner.)"""
+    seen: list[Any] = []
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append(msg.body)
+
+    sessions = [f"h{i}" for i in range(100)]
+    options: dict[str, Any] = {"lease_ttl": TTL, "buckets": 64}
+
+    async def member(ready: trio.Event, go: trio.Event, tag: str) -> None:
+        async with actors.run_system(pg_url, handler=handle, **options) as system:
+            await system.send_many((s, "warm") for s in sessions)
+            await system.drain()
+            ready.set()
+            await go.wait()
+            for i in range(100):  # while the buckets move
+                await system.send(sessions[i], f"{tag}{i}")
+                await trio.lowlevel.checkpoint()
+            with trio.fail_after(30):
+                await system.drain()
+
+    go, ready_a, ready_b = trio.Event(), trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(member, ready_a, go, "a")
+        await ready_a.wait()
+        nursery.start_soon(member, ready_b, go, "b")
+        await ready_b.wait()
+        go.set()
+    assert sorted(b for b in seen if b != "warm") == sorted(
+        [f"a{i}" for i in range(100)] + [f"b{i}" for i in range(100)]
+    )
