@@ -44,7 +44,10 @@ def decode_value(outcome: str) -> Any:
     Raises:
       ValueError: not a value outcome (an error one says why in its text).
     """
-    data = decode_body(outcome)
+    return _value_of(decode_body(outcome))
+
+
+def _value_of(data: Any) -> Any:
     if "json" in data:
         return decode_body(data["json"])
     if "bytes" in data:
@@ -56,13 +59,11 @@ def settle(reply: Any, message_id: int, outcome: str) -> None:
     """Set ``reply`` (a Reply) from an outcome's JSON."""
     try:
         data = decode_body(outcome)
-        if "json" in data:
-            reply.set_result(decode_body(data["json"]))
-        elif "bytes" in data:
-            reply.set_result(base64.b64decode(data["bytes"]))
-        elif "dead" in data:
+        if "dead" in data:
             reply.set_error(DeadLetteredError(message_id, str(data["dead"])))
-        else:
+        elif "error" in data:
             reply.set_error(RemoteHandlerError(message_id, str(data["error"]), str(data["text"])))
+        else:
+            reply.set_result(_value_of(data))
     except (ValueError, TypeError, KeyError) as exc:
         reply.set_error(RemoteHandlerError(message_id, "ValueError", f"unreadable answer: {exc}"))

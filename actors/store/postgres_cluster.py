@@ -108,7 +108,6 @@ class PgCluster:
         self._poke = trio.Event()
         self._host: ClusterHost | None = None
         self._listener: Listener | None = None
-        self._valid_until = -1.0  # trio time until which the leases surely hold
         self._leaving_deadline = math.inf  # when leaving buckets' handlers get cancelled
         self.rounds = 0
         self.failed_rounds = 0
@@ -262,7 +261,7 @@ class PgCluster:
         """Keep the leases until cancelled; started once the first round took a share."""
         self._host = host
         token = trio.lowlevel.current_trio_token()
-        self.own.on_found_lost = lambda: token.run_sync_soon(self._poke.set)
+        self.own.want_round = lambda: token.run_sync_soon(self._poke.set)
         await self._db(lambda: leases.join(self._connection(), self.own.member, self._ttl))
         self._listener = Listener(self._url, self.own, host, token, self.subscribers_changed)
         self._listener.start()
@@ -290,8 +289,7 @@ class PgCluster:
             self._round_done = trio.Event()
 
     async def _keep(self) -> None:
-        started = trio.current_time()
-        started_monotonic = time.monotonic()
+        started = time.monotonic()
         try:
             found: leases.Round = await self._db(
                 leases.renew,
@@ -305,8 +303,7 @@ class PgCluster:
             self._round_failed(exc)
             return
         self.rounds += 1
-        self._valid_until = started + self._ttl
-        self.own.valid_until = started_monotonic + self._ttl * 0.75
+        self.own.valid_until = started + self._ttl * 0.75
         if self.own.stale_seen:
             # Actors left on a stale lease: their sessions' work is looked for again.
             self.own.stale_seen = False
@@ -340,15 +337,13 @@ class PgCluster:
         log.warning("renewing the leases on %s failed: %s", redact(self._url), exc)
         # Stop starting handlers before the leases can run out (a quarter
         # of the time to live ahead: that is when claims stop anyway).
-        if self.own.owned and trio.current_time() >= self._valid_until - 2 * self._period:
+        if self.own.owned and time.monotonic() >= self.own.valid_until - self._period:
             log.error("the leases could not be renewed in time: dropping every bucket")
             self._lose(set(self.own.owned))
 
     def _apply_renewal(self, held: dict[int, int]) -> None:
         owned = self.own.owned
         lost = {b for b, epoch in owned.items() if held.get(b) != epoch}
-        # A fence's report is stale if the renewal saw the same epoch since.
-        self.own.take_found_lost()
         if lost:
             log.warning(
                 "lost %d bucket(s) to another process: cancelling their handlers", len(lost)

@@ -222,7 +222,7 @@ class Operations:
                 lost = {b for b in known if b not in held}
                 if lost:
                     self._refused |= lost
-                    self.own.found_lost(lost)
+                    self.own.fenced()
         if claiming:
             leaving = self.own.leaving
             return {b for b in wanted if held.get(b) and b not in leaving}

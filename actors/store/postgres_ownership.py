@@ -2,14 +2,13 @@
 
 Shared by the trio thread (the keeper changes it, the supervisor asks
 :meth:`Ownership.owns`) and the committer's thread (the fence reads it, and
-notes buckets it found lost). Each field is replaced whole or changed by
+asks for a round when it finds a bucket lost). Each field is replaced whole or changed by
 one dict/set operation, which CPython makes atomic: a reader sees the old
 or the new, never half; the fence in the database decides anyway.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -50,10 +49,9 @@ class Ownership:
         # Buckets being handed over: held, but no handler may start there
         # (claims refused), so that their actors finish and leave.
         self.leaving: set[int] = set()
-        # Buckets a fenced write found lost, for the keeper to act on (any thread).
-        self._found_lost: set[int] = set()
-        self._lock = threading.Lock()
-        self.on_found_lost: Callable[[], None] = lambda: None
+        # Asks the keeper for a round now (set by the keeper; any thread): its
+        # renewal is what decides which buckets are lost.
+        self.want_round: Callable[[], None] = lambda: None
         # time.monotonic() until which the leases surely hold, less a
         # quarter of their time to live (set by each renewal); a clock that
         # ran on while the process was frozen shows it at once.
@@ -80,20 +78,14 @@ class Ownership:
             return True
         if not self.stale_seen:
             self.stale_seen = True
-            self.on_found_lost()  # (a round now)
+            self.want_round()
         return False
 
-    def found_lost(self, buckets: set[int]) -> None:
-        """A fence found ``buckets`` held by another owner (any thread)."""
-        with self._lock:
-            self._found_lost |= buckets
-            self.fenced_writes += 1
-        self.on_found_lost()
-
-    def take_found_lost(self) -> set[int]:
-        with self._lock:
-            found, self._found_lost = self._found_lost, set()
-        return found
+    def fenced(self) -> None:
+        """A fence found a bucket held by another owner (the committer's thread,
+        the only one that counts fenced_writes)."""
+        self.fenced_writes += 1
+        self.want_round()
 
     def statistics(self) -> OwnershipStatistics:
         return OwnershipStatistics(
