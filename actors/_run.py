@@ -70,27 +70,23 @@ async def run_system(
       DatabaseInUseError: another running system owns the SQLite database.
       StoreError: the database cannot be opened, or failed while running.
     """
-    if is_url(path):
-        assert isinstance(path, str)
+    # Options, handler and rng are validated before anything is opened.
+    url = path if isinstance(path, str) and is_url(path) else None
+    if url is not None:
         lease_ttl, buckets = _cluster_options(options)
-        config = Config.from_options(options)
-        behaviour = actor_factory(handler)
-        check_instance("rng", rng, random.Random, optional=True)
+    else:
+        _refuse_cluster_options(options, path)
+    config = Config.from_options(options)
+    behaviour = actor_factory(handler)
+    check_instance("rng", rng, random.Random, optional=True)
+    if url is not None:
         from .store.postgres import PgStore  # (psycopg: the postgres extra)
 
         store: Store
-        store, opened = await PgStore.open(path, lease_ttl=lease_ttl, buckets=buckets)
+        store, opened = await PgStore.open(url, lease_ttl=lease_ttl, buckets=buckets)
         async with _system(store, opened, config, behaviour, rng, store.path) as system:
             yield system
         return
-    for name in _CLUSTER_ONLY:
-        if name in options:
-            raise UnknownOptionError(
-                f"run_system() option {name!r} is for PostgreSQL only; {path!r} is an SQLite file"
-            )
-    config = Config.from_options(options)
-    behaviour = actor_factory(handler)  # validated before the file is touched
-    check_instance("rng", rng, random.Random, optional=True)
     db_path = database_path(path)
     with _locked(db_path) as lock:
         sqlite, opened = await SqliteStore.open(
@@ -107,6 +103,14 @@ async def run_system(
 
 _CLUSTER_ONLY = ("lease_ttl", "buckets")
 _SQLITE_ONLY = ("durability", "busy_timeout")
+
+
+def _refuse_cluster_options(options: dict[str, Any], path: object) -> None:
+    for name in _CLUSTER_ONLY:
+        if name in options:
+            raise UnknownOptionError(
+                f"run_system() option {name!r} is for PostgreSQL only; {path!r} is an SQLite file"
+            )
 
 
 def _cluster_options(options: dict[str, Any]) -> tuple[float, int | None]:
