@@ -530,7 +530,7 @@ class Listener:
 
     def _look_at(self, conn: psycopg.Connection[Any], buckets: list[int], delayed: bool) -> None:
         self.looks += 1
-        sessions, more = leases.sessions_with_work(conn, buckets, LOOK_LIMIT)
+        sessions, more = leases.waiting_sessions(conn, buckets, LOOK_LIMIT)
         if sessions or more or delayed:
             self._token.run_sync_soon(self._host.work_found, sessions, more, delayed)
 

@@ -220,7 +220,7 @@ def subscribers(conn: psycopg.Connection[Any], member: str) -> dict[str, list[st
     return found
 
 
-def sessions_with_work(
+def waiting_sessions(
     conn: psycopg.Connection[Any], buckets: list[int], limit: int
 ) -> tuple[list[tuple[str, float | None]], bool]:
     """Sessions of ``buckets`` with queued work, and until when their head
