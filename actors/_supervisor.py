@@ -242,10 +242,17 @@ class Supervisor:
             return  # (its owner was told by the database)
         actor = self._actors.get(session_id)
         if actor is not None:
-            if seq:
+            if not seq:
+                actor.wake()
+            elif self.cluster is None:
                 actor.notify(seq)
             else:
-                actor.wake()
+                # In a cluster, seqs are not in commit order: each process
+                # (each committer) takes its ids in blocks of its own, so a
+                # claim of another process's message can take the actor's
+                # claimed_seq past this process's later seqs, and a notice
+                # by seq would not wake it. A poke is counted, not compared.
+                actor.poke()
             return
         if self.stopping or session_id in self.line:
             return

@@ -553,3 +553,31 @@ async def test_sends_during_a_handover_all_reach_a_handler(pg_url: str) -> None:
     assert sorted(b for b in seen if b != "warm") == sorted(
         [f"a{i}" for i in range(100)] + [f"b{i}" for i in range(100)]
     )
+
+
+@pytest.mark.parametrize("key", [None, "k2"])
+async def test_a_send_after_a_claim_of_a_higher_foreign_id_wakes_the_actor(
+    pg_url: str, key: str | None
+) -> None:
+    """Each member takes its ids in blocks of its own, so a message sent by
+    another member can have a higher id than this member's next send. An
+    idle actor that claimed such a message must still wake for that send (a
+    notice by seq did not: the actor parked until its idle timeout)."""
+    seen: list[Any] = []
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append(msg.body)
+
+    async with two_members(pg_url, handle, "w", idle_timeout=3600) as (a, b, theirs):
+        first_b = await b.send(theirs, "b1")  # b's block first...
+        await b.drain()
+        first_a = await a.send(theirs, "a1")  # ...then a's, higher
+        assert first_a > first_b
+        with trio.fail_after(10):
+            await b.drain()
+        assert seen == ["b1", "a1"]
+        second_b = await b.send(theirs, "b2", key=key)
+        assert second_b < first_a
+        with trio.fail_after(10):
+            await b.drain()
+        assert seen == ["b1", "a1", "b2"]
