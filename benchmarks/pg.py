@@ -41,7 +41,11 @@ Scenarios (a round runs each once, in this order):
   from the many tasks of benchmarks/e2e.py's open-loop harness in each of
   2 processes, for ``--latency-seconds``: p50/p99 of ``send()``, and of send
   -> handler start (across processes: the send's ``perf_counter()``, one
-  clock for the host, travels in the body). ``latency_1000_w2``: the same
+  clock for the host, travels in the body). ``latency_send_w2``: the same
+  at half the median msg/s of ``actors_send_w2`` (the load of a workload
+  that sends one message per ``send()``: what single sends sustain is far
+  less than send_many's batches, and half of the latter can be more than
+  single sends can carry). ``latency_1000_w2``: the same
   at a fixed 1,000 msg/s (``--latency-fixed``), far below what one
   ``send()`` per message sustains: so that load and structure can be told
   apart.
@@ -253,6 +257,18 @@ def build(args: argparse.Namespace) -> list[Scenario]:
                 "actors send() at half of actors_w2's msg/s, 2 processes",
                 2,
                 {**actors, "duration": args.latency_seconds, "base": "actors_w2"},
+            )
+        )
+    if args.latency_seconds > 0 and not args.no_send_scenario:
+        # Half of what the same producers sustain with one send() per
+        # message: the load of the workload whose send() is timed.
+        out.append(
+            Scenario(
+                "latency_send_w2",
+                "latency",
+                "actors send() at half of actors_send_w2's msg/s, 2 processes",
+                2,
+                {**actors, "duration": args.latency_seconds, "base": "actors_send_w2"},
             )
         )
     if args.latency_seconds > 0 and args.latency_fixed > 0:

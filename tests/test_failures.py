@@ -370,7 +370,9 @@ async def test_store_failure_surfaces_from_run_system(db_path: str) -> None:
     with pytest.raises(actors.StoreError):
         async with actors.run_system(db_path, handler=handler) as system:
             await system.send("s", 1)
-            ops = system._store._ops  # type: ignore[attr-defined]
+            # (On PostgreSQL sends have operations of their own.)
+            store = system._store
+            ops = getattr(store, "_sends_ops", None) or store._ops  # type: ignore[attr-defined]
             original = ops.append
 
             def failing(*args: object) -> object:

@@ -581,3 +581,85 @@ async def test_a_send_after_a_claim_of_a_higher_foreign_id_wakes_the_actor(
         with trio.fail_after(10):
             await b.drain()
         assert seen == ["b1", "a1", "b2"]
+
+
+async def test_a_send_after_an_outbox_message_committed_comes_after_it(pg_url: str) -> None:
+    """Sends and a handler's ctx.send commit on two connections of one
+    process: their ids still come from one sequence, so a send made after an
+    outbox message committed is behind it in its session's order (as on
+    SQLite)."""
+    ids: dict[str, int] = {}
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        if msg.body == "go":
+            ctx.send("dst", "from the handler")
+        else:
+            ids[msg.body] = msg.id
+
+    async with actors.run_system(pg_url, handler=handle) as system:
+        await system.send("src", "go")
+        await system.drain()
+        await system.send("dst", "sent after")
+        await system.drain()
+    assert ids["sent after"] > ids["from the handler"]
+
+
+async def test_a_send_committed_after_its_bucket_was_lost_is_announced(pg_url: str) -> None:
+    """Sends take no fence: one that saw its bucket held, and committed after
+    another process took the bucket over (and looked there for work), is
+    announced to the new owner once this process finds the bucket lost."""
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        pass
+
+    async with actors.run_system(pg_url, handler=handle, buckets=4, lease_ttl=TTL) as system:
+        session = session_in(2, 4)
+        await system.send(session, "warm")  # (the process takes its block of ids)
+        await system.drain()
+        listener = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_url, autocommit=True))
+        blocker = await trio.to_thread.run_sync(psycopg.connect, pg_url)
+        try:
+            listener.execute("LISTEN actors_work")
+            # The next send's insert waits for this row's transaction (its id).
+            next_id = system._store._pg_ops.next_seq  # type: ignore[attr-defined]
+            blocker.execute(
+                "INSERT INTO actors_messages (id, session_id, bucket, state, attempts,"
+                " enqueued_at) VALUES (%s, 'x', 2, 0, 0, 0)",
+                (next_id,),
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(system.send, session, "late")
+                await until(
+                    system,
+                    lambda: (
+                        sql(
+                            pg_url,
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                        )
+                        == [(1,)]
+                    ),
+                    "the send waits",
+                )
+                # Another process takes the bucket and looks: nothing there yet.
+                sql(
+                    pg_url,
+                    "UPDATE actors_buckets SET owner = 'thief', epoch = epoch + 1,"
+                    " lease_until = now() + interval '1 hour' WHERE bucket = 2",
+                )
+                await trio.to_thread.run_sync(blocker.rollback)  # the send commits
+            assert sql(pg_url, "SELECT count(*) FROM actors_messages WHERE body = '\"late\"'") == [
+                (1,)
+            ]
+            await until(system, lambda: ownership(system).lost == 1, "the bucket is lost")
+
+            def told() -> bool:
+                for notice in listener.notifies(timeout=10):
+                    buckets = notice.payload.lstrip("d")
+                    if buckets == "*" or "2" in buckets.split(","):
+                        return True
+                return False
+
+            assert await trio.to_thread.run_sync(told)
+        finally:
+            listener.close()
+            blocker.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -31,16 +31,14 @@ from .committed import CommittedStore, ignore
 from .committer import Committer, virtual_time
 from .errors import StoreError
 from .postgres_cluster import PgCluster, new_member_id
-from .postgres_ops import Operations
+from .postgres_ops import IdBlocks, Operations
 from .postgres_ownership import Ownership
 from .postgres_schema import connect, prepare_schema
+from .postgres_sends import SendOperations
 from .postgres_url import redact
 from .postgres_views import dead_letter_query, dead_letters_of
 from .protocol import StartMarks
-from .records import (
-    Opened,
-    StoreStatistics,
-)
+from .records import AppendBatch, Appended, Opened, StoreStatistics
 
 if TYPE_CHECKING:
     from .protocol import Store
@@ -68,37 +66,42 @@ def _retryable(exc: Exception, conn: psycopg.Connection[Any]) -> bool:
     return conn.closed or conn.broken
 
 
-def _connect(
-    url: str, lease_ttl: float, buckets: int | None
-) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any], int, Opened]:
-    """The writer's and the ids' connections, the schema made (blocking)."""
+def _connect(url: str, lease_ttl: float, buckets: int | None) -> tuple[Connections, int, Opened]:
+    """The writers' and the ids' connections, the schema made (blocking)."""
     conn = _writer(url, lease_ttl)
     ids_conn: psycopg.Connection[Any] | None = None
+    sends_conn: psycopg.Connection[Any] | None = None
     try:
         count = prepare_schema(conn, url, buckets)
         ids_conn = connect(url, autocommit=True, what="cannot connect")
+        sends_conn = _writer(url, lease_ttl, autocommit=True)
         row = conn.execute(
             "SELECT count(*) FILTER (WHERE state < 2), count(*) FILTER (WHERE state = 2)"
             " FROM actors_messages"
         ).fetchone()
         conn.commit()
     except BaseException as exc:
-        conn.close()
-        if ids_conn is not None:
-            ids_conn.close()
+        for opened in (conn, ids_conn, sends_conn):
+            if opened is not None:
+                opened.close()
         if isinstance(exc, psycopg.Error):
             raise StoreError(f"cannot open the database {redact(url)}: {exc}") from exc
         raise
     assert row is not None
-    return conn, ids_conn, count, Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
+    opened_ = Opened(pending=int(row[0]), dead=int(row[1]), recovered=0)
+    return (conn, ids_conn, sends_conn), count, opened_
 
 
-def _writer(url: str, lease_ttl: float) -> psycopg.Connection[Any]:
-    """The committer's connection (blocking)."""
+# The committer's, the ids', the sends' committer's.
+Connections = tuple[psycopg.Connection[Any], psycopg.Connection[Any], psycopg.Connection[Any]]
+
+
+def _writer(url: str, lease_ttl: float, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    """A committer's connection (blocking); the sends' is in autocommit (postgres_sends.py)."""
     # A frozen process's open transaction would hold its bucket rows'
     # locks, and so the takeover, hostage: the server ends it.
     idle_ms = str(max(500, int(lease_ttl * 500)))
-    conn = connect(url, what="cannot connect")
+    conn = connect(url, autocommit=autocommit, what="cannot connect")
     try:
         conn.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (idle_ms,)
@@ -196,27 +199,31 @@ class PgStore(CommittedStore):
     """The database behind one process of a cluster. Open it with :meth:`open`.
 
     The operations that go through the committer are CommittedStore's
-    (committed.py), on this module's fenced Operations.
+    (committed.py), on this module's fenced Operations. Sends have a
+    committer and a connection of their own: an insert needs no fence, and
+    a send waiting behind a group of claims (round trips each) waited for
+    all of them. So a send is not claimed on delivery here (the claim would
+    need the fence): its owner claims it.
     """
 
     def __init__(
         self,
         url: str,
-        conn: psycopg.Connection[Any],
-        ids_conn: psycopg.Connection[Any],
+        connections: Connections,
         own: Ownership,
         lease_ttl: float,
         *,
         inline: bool,
     ) -> None:
+        conn, self._ids_conn, sends_conn = connections
         self._url = url
         self._shown = redact(url)
         self._conn = conn
-        self._ids_conn = ids_conn
         self._reader: psycopg.Connection[Any] | None = None
         self._reader_lock = threading.Lock()
         self.own = own
-        self._pg_ops = ops = Operations(conn, self._take_ids, own, claim_margin=lease_ttl / 4)
+        ids = IdBlocks(self._take_ids)
+        self._pg_ops = ops = Operations(conn, ids, own, claim_margin=lease_ttl / 4)
         self._lease_ttl = lease_ttl
         self._tx = PgTransactions(conn, ops, self._reopen, self._shown)
         committer = Committer(
@@ -227,6 +234,13 @@ class PgStore(CommittedStore):
             on_failure=self._drop_ack_box,
         )
         super().__init__(ops, committer)
+        self._sends_ops = SendOperations(sends_conn, ids, own, claim_margin=lease_ttl / 4)
+        self._sends_tx = PgTransactions(
+            sends_conn, self._sends_ops, self._reopen_sends, self._shown
+        )
+        self._sends = Committer(self._sends_tx, name=self._shown, inline=inline, sync_commits=False)
+        # One failure for the store, whichever committer saw it.
+        self._sends.failed = committer.failed
         self._cluster = PgCluster(
             url,
             own,
@@ -241,6 +255,7 @@ class PgStore(CommittedStore):
         )
         self._closed = False
         self._committer.start()
+        self._sends.start()
 
     @classmethod
     async def open(
@@ -258,41 +273,83 @@ class PgStore(CommittedStore):
         """
         inline = virtual_time()
         if inline:
-            conn, ids_conn, count, opened = _connect(url, lease_ttl, buckets)
+            connections, count, opened = _connect(url, lease_ttl, buckets)
         else:
-            conn, ids_conn, count, opened = await trio.to_thread.run_sync(
+            connections, count, opened = await trio.to_thread.run_sync(
                 _connect, url, lease_ttl, buckets
             )
         # (Built on the trio thread: the committer starts its task.)
         own = Ownership(new_member_id(), count)
-        return cls(url, conn, ids_conn, own, lease_ttl, inline=inline), opened
+        return cls(url, connections, own, lease_ttl, inline=inline), opened
 
     def _reopen(self) -> psycopg.Connection[Any]:
-        """New writer and ids connections, after the old ones were lost (blocking)."""
-        for old in (self._conn, self._ids_conn):
-            old.close()
+        """A new writer connection, after the old one was lost (blocking)."""
+        self._conn.close()
         self._conn = _writer(self._url, self._lease_ttl)
-        self._ids_conn = connect(self._url, autocommit=True, what="cannot reconnect")
         self._pg_ops.conn = self._conn
         return self._conn
 
+    def _reopen_sends(self) -> psycopg.Connection[Any]:
+        """A new connection for the sends, after the old one was lost (blocking)."""
+        self._sends_ops.conn.close()
+        self._sends_ops.conn = _writer(self._url, self._lease_ttl, autocommit=True)
+        return self._sends_ops.conn
+
     def _take_ids(self, n: int) -> int:
-        row = self._ids_conn.execute(
-            "UPDATE actors_meta SET value = (value::bigint + %s)::text WHERE key = 'next_id'"
-            " RETURNING value::bigint - %s",
-            (n, n),
-        ).fetchone()
-        assert row is not None
-        return int(row[0])
+        """The first of ``n`` fresh consecutive ids, from the database's counter
+        (IdBlocks calls it, one thread at a time; a lost connection is made
+        again, once)."""
+        for attempt in (1, 2):
+            try:
+                row = self._ids_conn.execute(
+                    "UPDATE actors_meta SET value = (value::bigint + %s)::text"
+                    " WHERE key = 'next_id' RETURNING value::bigint - %s",
+                    (n, n),
+                ).fetchone()
+                assert row is not None
+                return int(row[0])
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self._ids_conn.close()
+                self._ids_conn = connect(self._url, autocommit=True, what="cannot reconnect")
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def append(
+        self,
+        seal: Callable[[], AppendBatch],
+        *,
+        committed: Callable[[Appended], None] | None = None,
+    ) -> Coroutine[Any, Any, Appended]:
+        return self._sends.call_sealed(self._sends_ops.append, seal, committed=committed)
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._committer.failure or self._sends.failure
+
+    def after_commits(self, done: Callable[[], None]) -> None:
+        # Both committers' operations: a bucket is given back after this, and
+        # a send that committed later would have told nobody of its message
+        # (its transaction saw the bucket held, so sent no notice).
+        left = [2]
+
+        def one(_: object) -> None:
+            left[0] -= 1
+            if not left[0]:
+                done()
+
+        self._committer.submit(self._pg_ops.nothing, done=one)
+        self._sends.submit(self._sends_ops.nothing, done=one)
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         with trio.CancelScope(shield=True):
+            await self._sends.aclose()
             await self._committer.aclose()
             await self._cluster.leave()
-            for conn in (self._conn, self._ids_conn, self._reader):
+            for conn in (self._conn, self._ids_conn, self._sends_ops.conn, self._reader):
                 if conn is not None:
                     conn.close()
 
@@ -315,12 +372,12 @@ class PgStore(CommittedStore):
         return None
 
     def statistics(self) -> StoreStatistics:
-        committer = self._committer.statistics()
+        committer, sends = self._committer.statistics(), self._sends.statistics()
         return StoreStatistics(
-            transactions=committer.transactions,
-            operations=committer.operations,
-            largest_group=committer.largest_group,
-            queued_operations=committer.queued_operations,
+            transactions=committer.transactions + sends.transactions,
+            operations=committer.operations + sends.operations,
+            largest_group=max(committer.largest_group, sends.largest_group),
+            queued_operations=committer.queued_operations + sends.queued_operations,
             checkpoints=0,
             bulk_checkpoints=0,
             wal_pages=0,
@@ -329,7 +386,7 @@ class PgStore(CommittedStore):
     @property
     def reconnects(self) -> int:
         """How many times the committer reconnected after losing its connection."""
-        return self._tx.reconnects
+        return self._tx.reconnects + self._sends_tx.reconnects
 
     def check_file(self) -> None:
         pass  # (a server, not a file: nothing can replace it under the store)

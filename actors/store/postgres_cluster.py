@@ -42,6 +42,7 @@ from .postgres_ops import (
     OUTPUT_CHANNEL,
     REPLY_CHANNEL,
     SUBSCRIBERS_CHANNEL,
+    announce,
 )
 from .postgres_ownership import Ownership, OwnershipStatistics
 from .postgres_schema import connect
@@ -309,8 +310,10 @@ class PgCluster:
             self.own.stale_seen = False
             assert self._listener is not None
             self._listener.look(set(self.own.owned))
-        self._apply_renewal(found.held)
+        lost = self._apply_renewal(found.held)
         try:
+            if lost:
+                await self._tell_owners(lost)
             # Rows still naming this process for buckets it dropped (its
             # renewals failed for too long, or a fence found them lost while
             # the renewal kept them): given back, so that a taker, this
@@ -318,6 +321,7 @@ class PgCluster:
             stray = sorted(set(found.held) - set(self.own.owned))
             if stray:
                 await self._db(leases.give_back, self._connection(), self.own.member, stray)
+                await self._tell_owners(set(stray))
             await self._rebalance(found)
             if self.rounds % 40 == 1:
                 await self._db(leases.forget_members, self._connection())
@@ -341,7 +345,8 @@ class PgCluster:
             log.error("the leases could not be renewed in time: dropping every bucket")
             self._lose(set(self.own.owned))
 
-    def _apply_renewal(self, held: dict[int, int]) -> None:
+    def _apply_renewal(self, held: dict[int, int]) -> set[int]:
+        """Drop the buckets the renewal found taken by another process; returns them."""
         owned = self.own.owned
         lost = {b for b, epoch in owned.items() if held.get(b) != epoch}
         if lost:
@@ -349,6 +354,22 @@ class PgCluster:
                 "lost %d bucket(s) to another process: cancelling their handlers", len(lost)
             )
             self._lose(lost)
+        return lost
+
+    async def _tell_owners(self, dropped: set[int]) -> None:
+        """Announce ``dropped`` (no longer this process's) once every send
+        submitted until now has committed.
+
+        A send decides whether to announce its buckets in its transaction,
+        and sends take no fence: one that saw a bucket held, and committed
+        after another process took the bucket over and looked for work there,
+        told nobody of its message. From now on a send announces these
+        buckets; the notice covers those before.
+        """
+        committed = trio.Event()
+        self._after_commits(committed.set)
+        await committed.wait()
+        await self._db(lambda: announce(self._connection(), sorted(dropped), delayed=True))
 
     def _lose(self, lost: set[int]) -> None:
         own = self.own

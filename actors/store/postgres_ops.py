@@ -28,6 +28,7 @@ a notice takes a lock at commit that serialises committers).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -82,7 +83,7 @@ _CLAIM = (
     " attempts = CASE WHEN id = %s THEN %s ELSE 1 END,"
     " alone = (id = %s AND %s) WHERE id = ANY(%s)"
 )
-_INSERT = (
+INSERT_MESSAGES = (
     "INSERT INTO actors_messages"
     " (id, session_id, bucket, seq, state, attempts, body, raw, enqueued_at, not_before, key,"
     " reply_to) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::integer[], %s::bigint[],"
@@ -101,21 +102,65 @@ _TAKE = (
 )
 
 
+class IdBlocks:
+    """Fresh ids (and seqs) for both committers of a process, from the
+    database's counter in blocks of ``ID_BLOCK`` (most batches take theirs
+    without a round trip). One sequence for the process, so that a message
+    sent after another one committed, by either committer, has the higher
+    seq: causal order within a process, as on SQLite. (Any thread.)
+    """
+
+    def __init__(self, take_block: Callable[[int], int]) -> None:
+        self._take_block = take_block  # reserves n ids in the database, returns the first
+        self._lock = threading.Lock()
+        self.next = 0
+        self._last = 0  # the block is [next, _last)
+
+    def take(self, n: int) -> int:
+        """The first of ``n`` consecutive fresh ids."""
+        with self._lock:
+            if self._last - self.next < n:
+                size = max(n, ID_BLOCK)
+                self.next = self._take_block(size)
+                self._last = self.next + size
+            first = self.next
+            self.next += n
+            return first
+
+
+def notice_payload(buckets: Sequence[int], *, delayed: bool) -> str:
+    """A notice's payload: the buckets ("*": all), "d" first if delayed messages came."""
+    payload = ",".join(map(str, buckets))
+    if len(payload) > _NOTIFY_MAX:
+        payload = "*"
+    return "d" + payload if delayed else payload
+
+
+def announce(conn: psycopg.Connection[Any], buckets: Sequence[int], *, delayed: bool) -> None:
+    """Tell the owners of ``buckets`` to look for work there (one notice)."""
+    conn.execute(
+        "SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, notice_payload(buckets, delayed=delayed))
+    )
+
+
 class Operations:
     """The runtime's writes on one connection (the committer's: see the module)."""
 
     def __init__(
         self,
         conn: psycopg.Connection[Any],
-        ids: Callable[[int], int],
+        ids: IdBlocks,
         own: Ownership,
         claim_margin: float,
     ) -> None:
         self.conn = conn
-        self._take_block = ids  # reserves n consecutive ids in the database, returns the first
-        self._next_id = 0
-        self._last_id = 0  # the block is [_next_id, _last_id)
-        self._ids_at_begin = (0, 0)
+        self._ids = ids
+        # The ids this transaction took, in order; a transaction run again
+        # after a lost connection takes the same ones (its inserts skip rows
+        # that the first run may have committed after all).
+        self._taken: list[tuple[int, int]] = []
+        self._replay: list[tuple[int, int]] = []
+        self._rerun = False
         self.own = own
         self._member = own.member
         # A claim needs this many seconds of lease left: a process that
@@ -147,10 +192,9 @@ class Operations:
     # -- transactions (PgTransactions) ------------------------------------------
 
     def begin(self) -> None:
-        # Where the ids stood: a transaction run again after a lost
-        # connection takes the same ones (its inserts skip rows that the
-        # first run may have committed after all).
-        self._ids_at_begin = (self._next_id, self._last_id)
+        self._replay = self._taken if self._rerun else []
+        self._taken = []
+        self._rerun = False
         self._held.clear()
         self._refused.clear()
         self.announce = set()
@@ -165,19 +209,14 @@ class Operations:
 
     def rewind(self) -> None:
         """The transaction is to run again (see begin)."""
-        self._next_id, self._last_id = self._ids_at_begin
+        self._rerun = True
 
     def finish(self) -> None:
         """In the transaction, after its operations: the counts and one notice."""
         owned = self.own.owned
         others = sorted(b for b in self.announce if b not in owned or b in self.own.leaving)
         if others:
-            payload = ",".join(map(str, others))
-            if len(payload) > _NOTIFY_MAX:
-                payload = "*"
-            if self.delayed:
-                payload = "d" + payload
-            self.conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+            announce(self.conn, others, delayed=self.delayed)
         for member in self.answered:
             self.conn.execute("SELECT pg_notify(%s, %s)", (REPLY_CHANNEL, member))
         for member in self.fed:
@@ -185,17 +224,14 @@ class Operations:
 
     def take_ids(self, n: int) -> int:
         """The first of ``n`` consecutive fresh ids (and seqs)."""
-        if self._last_id - self._next_id < n:
-            size = max(n, ID_BLOCK)
-            self._next_id = self._take_block(size)
-            self._last_id = self._next_id + size
-        first = self._next_id
-        self._next_id += n
+        replay = self._replay
+        first = replay.pop(0)[0] if replay and replay[0][1] == n else self._ids.take(n)
+        self._taken.append((first, n))
         return first
 
     @property
     def next_seq(self) -> int:
-        return self._next_id
+        return self._ids.next
 
     # -- the fence ------------------------------------------------------------
 
@@ -271,8 +307,7 @@ class Operations:
             delayed = not_before is not None and not_before[i] is not None
             seqs.append(None if delayed else first + i)
         kept = [i - first for i in ids]
-        self.conn.execute(
-            _INSERT,
+        self._insert(
             (
                 ids,
                 [sessions[i] for i in kept],
@@ -294,6 +329,13 @@ class Operations:
         if not_before is not None:
             self.delayed = True
         return first, duplicates
+
+    def _insert(self, columns: tuple[list[Any], ...]) -> None:
+        """Insert the messages (``INSERT_MESSAGES``'s arrays, one per column)."""
+        self.conn.execute(INSERT_MESSAGES, columns)
+
+    def _keys_read(self) -> None:
+        """The keys of a batch are about to be read and recorded (see SendOperations)."""
 
     def _narrow_claimed(
         self, sessions: Sequence[str], buckets: list[int], claimed: set[int]
@@ -327,6 +369,7 @@ class Operations:
         """Which keyed sends were sent before (index: the first message's id);
         records the keys of the others. Row by row: a key repeated within the
         batch is a duplicate of its first."""
+        self._keys_read()
         conn = self.conn
         duplicates: dict[int, int] = {}
         for i, key in enumerate(keys):
