@@ -51,7 +51,7 @@ from typing import Any
 import psycopg
 
 import actors
-from actors.store.postgres_schema import bucket_of
+from actors.store.buckets import bucket_of
 from tests import pgserver
 from tests.pgcluster import Cluster, Worker, check_history, cluster
 
@@ -130,7 +130,11 @@ def measure_loss(
     """
     held = [b for (b,) in c.sql("SELECT bucket FROM actors_buckets WHERE owner = %s", (member,))]
     mine = sessions_of(c, set(held))
-    assert mine, f"{victim} holds none of the producer's sessions"
+    assert mine, (
+        f"{victim} ({member}) holds none of the producer's sessions: held {len(held)}"
+        f" of {c.buckets()}, owners {c.owners()},"
+        f" members {c.sql('SELECT id, pid, seen_until FROM actors_members')}"
+    )
     if how == "kill":
         at = victim.kill()
         replacement = restart()

@@ -90,3 +90,26 @@ def test_latency_figures(run: tuple[Any, dict[str, Any]]) -> None:
     assert latency["handled"] == latency["messages"]
     (fixed,) = doc["scenarios"]["latency_200_w2"]["rounds"]
     assert fixed["offered_rate"] == pytest.approx(200)
+    (single,) = doc["scenarios"]["actors_send_w2"]["rounds"]
+    (half,) = doc["scenarios"]["latency_send_w2"]["rounds"]
+    assert "error" not in half, half
+    assert half["offered_rate"] == pytest.approx(single["msg_per_s"] / 2)
+
+
+def test_the_failover_benchmark_runs(pg_url: str, tmp_path: Path) -> None:
+    """benchmarks/pg_failover.py, one kill and one clean stop (its figures are
+    a benchmark's: here only that it runs and reports them)."""
+    out = tmp_path / "failover.json"
+    command = ["benchmarks.pg_failover", "--kills", "1", "--stops", "1", "--url", pg_url]
+    proc = subprocess.run(
+        [sys.executable, "-m", *command, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["kill"]["first_start"]["n"] == 1
+    assert doc["stop"]["first_start"]["n"] == 1
+    assert doc["kill"]["first_start"]["p99"] > 0

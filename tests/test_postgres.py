@@ -710,3 +710,32 @@ async def test_a_send_committed_after_its_bucket_was_lost_is_announced(pg_url: s
         finally:
             listener.close()
             blocker.close()
+
+
+async def test_a_joining_member_gets_busy_buckets_too(pg_url: str) -> None:
+    """Buckets are handed over busy and idle in the proportion held: a member
+    that joins gets some of the sessions at work, not only empty buckets
+    (idle ones first gave it 32 buckets of 64 and none of 20 live sessions)."""
+    seen: dict[str, list[str]] = {}
+
+    async def handle(ctx: actors.Context, msg: actors.Message) -> None:
+        seen.setdefault(msg.body, []).append(msg.session_id)
+
+    sessions = [f"j{i}" for i in range(20)]
+    options: dict[str, Any] = {"lease_ttl": TTL, "buckets": 64, "idle_timeout": 3600}
+    async with actors.run_system(pg_url, handler=handle, **options) as a:
+        await a.send_many((s, "before") for s in sessions)
+        await a.drain()  # (their actors stay, idle: the buckets are busy)
+        async with actors.run_system(pg_url, handler=handle, **options) as b:
+            await until(
+                a,
+                lambda: ownership(a).owned == 32 and ownership(b).owned == 32,
+                "32 buckets each",
+            )
+            cluster_b = b._store.cluster
+            assert cluster_b is not None
+            assert [s for s in sessions if cluster_b.owns(s)]
+            await a.send_many((s, "after") for s in sessions)
+            with trio.fail_after(30):
+                await a.drain()
+    assert sorted(seen["after"]) == sorted(sessions)
