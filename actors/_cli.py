@@ -956,10 +956,10 @@ def serve(
                 out=out,
             )
         )
-    except (TypeError, ValueError) as exc:
-        raise click.UsageError(str(_single(exc))) from None
     except BaseException as exc:
         error = _single(exc)
+        if isinstance(error, TypeError | ValueError):  # run_system's options
+            raise click.UsageError(str(error)) from None
         if isinstance(error, DatabaseInUseError | StoreError | OSError):
             raise click.ClickException(str(error)) from None
         raise
