@@ -20,12 +20,13 @@ import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from .._system import System
 from .._validate import check_seconds
+from . import _dashboard
 from ._auth import RIGHTS, Right, Role, Tokens
 from ._limits import ApiError
 from ._routes import Endpoints, error_response
@@ -33,12 +34,6 @@ from ._routes import Endpoints, error_response
 log = logging.getLogger("actors.http")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-_PLACEHOLDER = (
-    "<!doctype html><title>actors</title>"
-    "<p>actors HTTP API: see <code>/v1/status</code> (with a bearer token) "
-    "and docs/howto-http.md.</p>"
-)
 
 
 @attrs.frozen
@@ -140,16 +135,16 @@ def _routes(e: Endpoints, guard: Callable[[Right, Endpoint], Endpoint]) -> list[
         ("POST", "/v1/messages/{message_id}/abort", admin, e.abort),
         ("GET", "/metrics", read, e.metrics_text),
         ("GET", "/healthz", None, e.healthz),
-        ("GET", "/", None, _placeholder),
+        # The dashboard's files need no token: the page asks for one and
+        # sends it to /v1 in a header (see _dashboard).
+        ("GET", "/", None, _dashboard.page),
+        ("GET", "/dashboard.css", None, _dashboard.asset),
+        ("GET", "/dashboard.js", None, _dashboard.asset),
     ]
     return [
         Route(path, endpoint if right is None else guard(right, endpoint), methods=[method])
         for method, path, right, endpoint in table
     ]
-
-
-async def _placeholder(request: Request) -> Response:
-    return HTMLResponse(_PLACEHOLDER)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:

@@ -62,9 +62,9 @@ async function refreshStatus() {
     $(`c-${name}`).textContent = value === undefined ? "–" : value.toLocaleString();
   }
   const health = status.health || {};
-  const ok = health.ok !== undefined ? health.ok : health.status !== "stalled";
-  $("health").textContent = health.status || (ok ? "ok" : "not ok");
-  $("health").className = `badge ${ok ? "ok" : "bad"}`;
+  $("health").textContent = health.healthy ? "healthy" : "not healthy";
+  $("health").title = health.reason || "";
+  $("health").className = `badge ${health.healthy ? "ok" : "bad"}`;
   const now = Date.now() / 1000;
   history.push({ t: now, processed: status.processed || 0, pending: status.pending || 0 });
   while (history.length && history[0].t < now - HISTORY_SECONDS) history.shift();
@@ -134,13 +134,26 @@ async function refreshTables() {
     cell(tr, letter.id);
     cell(tr, letter.session_id);
     cell(tr, letter.attempts);
-    cell(tr, letter.last_error, "error");
+    errorCell(tr, letter.last_error || "");
     const actions = cell(tr, "", "actions");
     actions.append(button("Retry", "retry", () => retry(letter.id)));
     actions.append(" ");
     actions.append(button("Abort", "abort danger", () => abort(letter.id)));
     deadBody.appendChild(tr);
   }
+}
+
+// The error's last line (the exception), its whole text (a traceback) folded.
+function errorCell(row, error) {
+  const td = cell(row, "", "error");
+  const lines = error.split("\n").filter((line) => line.trim());
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = lines.length ? lines[lines.length - 1] : "";
+  const full = document.createElement("pre");
+  full.textContent = error;
+  details.append(summary, full);
+  td.appendChild(details);
 }
 
 function button(text, cls, action) {
@@ -200,12 +213,13 @@ function showEvent(data) {
   let text = data;
   try {
     const event = JSON.parse(data);
+    if (event.kind === "backlog") return; // (the counts above show it)
     text = [event.kind, event.session_id, event.detail].filter((x) => x).join("  ");
   } catch (_) {
     // (not JSON: shown as it came)
   }
   const li = document.createElement("li");
-  li.textContent = `${new Date().toLocaleTimeString()}  ${text}`;
+  li.textContent = `${new Date().toLocaleTimeString()}  ${text}`; // (arrival time)
   const list = $("events");
   list.prepend(li);
   while (list.children.length > EVENTS_KEPT) list.lastChild.remove();
