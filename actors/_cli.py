@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NoReturn
 
 import click
@@ -799,6 +800,176 @@ def purge(
         raise click.UsageError("give --session S, or --dead (with --older-than DURATION)")
     args = {"session": session_id, "dead": dead, "older_than": older_than}
     _mutate(db, "purge", args, wait, as_json)
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+_NO_LIMIT = "none"  # (not None: None is an option not given)
+
+
+class _SecondsOrNone(Finite):
+    """Seconds, or ``none`` for no limit (``--handler-timeout none``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return _NO_LIMIT
+        return super().convert(value, param, ctx)
+
+
+_COUNT = click.IntRange(1, 2**31 - 1)
+_SECONDS = Finite(min=0, max=MAX_SECONDS)
+# run_system's options that a command line can give: (option, type, help).
+# Only those given reach run_system, which checks them and refuses the
+# ones meaningless for the database (durability on PostgreSQL, ...).
+SYSTEM_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("max_attempts", _COUNT, "Handler attempts per message before it is dead-lettered."),
+    (
+        "handler_timeout",
+        _SecondsOrNone(min=0, max=MAX_SECONDS),
+        "Seconds a handler may run (none: no limit).",
+    ),
+    ("idle_timeout", _SECONDS, "Seconds an idle actor waits before it is passivated."),
+    ("max_active", _COUNT, "Most session actors alive at once."),
+    ("fair_share", _COUNT, "Messages an actor runs in a row while others wait for a slot."),
+    ("durability", click.Choice(["normal", "full"]), "SQLite: survive a crash, or power loss."),
+    ("max_message_bytes", _COUNT, "Largest encoded body a send accepts."),
+    (
+        "shutdown_timeout",
+        _SECONDS,
+        "Seconds running handlers (and open requests) get to finish at a stop.",
+    ),
+    ("mailbox_size", _COUNT, "Messages handed to one actor ahead of the one it runs."),
+    ("busy_timeout", _SECONDS, "SQLite: seconds to wait for another connection's lock."),
+    ("key_retention", _SECONDS, "Seconds an idempotency key is remembered after processing."),
+    ("status_interval", _SECONDS, "Seconds between backlog events and heartbeats."),
+    ("control_interval", _SECONDS, "Seconds between looks at the control table."),
+    ("lease_ttl", _SECONDS, "PostgreSQL: seconds a process holds its sessions unrenewed."),
+    ("buckets", _COUNT, "PostgreSQL: buckets sessions hash into (fixed at schema creation)."),
+)
+
+
+def system_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add a ``--max-attempts``-style option for each of SYSTEM_OPTIONS."""
+    for name, kind, text in reversed(SYSTEM_OPTIONS):
+        flag = "--" + name.replace("_", "-")
+        command = click.option(flag, name, type=kind, default=None, help=text)(command)
+    return command
+
+
+def _token_roles(token_file: str | None, db: str) -> tuple[dict[str, Any], str | None]:
+    """The tokens of ``--token-file``, or a new one written beside the database."""
+    from .http import Role, parse_token_lines
+    from .http._serve import new_token_file
+
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as file:
+                found = parse_token_lines(file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read it: {exc}", param_hint="--token-file") from None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--token-file") from None
+        if not found:
+            raise click.BadParameter("it holds no token", param_hint="--token-file")
+        return found, None
+    where = "actors-serve.token" if is_url(db) else f"{db}.token"
+    try:
+        token = new_token_file(where)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write a token to {where!r}: {exc}") from None
+    return {token: Role.ALL}, where
+
+
+@cli.command()
+@click.argument("target", metavar="DB")
+@click.option(
+    "--handler",
+    "handler_spec",
+    required=True,
+    metavar="MODULE:FUNCTION",
+    help="The handler (or Actor class), as package.module:name.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: a free one, printed).",
+)
+@click.option(
+    "--token-file",
+    metavar="PATH",
+    help="Tokens, one a line: a bare token may do "
+    "everything; read:T, send:T, admin:T limit T's role. Default: a new token, "
+    "written to DB.token (readable by you only).",
+)
+@system_options
+def serve(
+    target: str,
+    handler_spec: str,
+    host: str,
+    port: int,
+    token_file: str | None,
+    **options: Any,
+) -> None:
+    """Run the system on DB and its HTTP API in one process, until SIGTERM or SIGINT.
+
+    A stop is graceful: no handler starts any more, running ones get
+    --shutdown-timeout seconds and their acknowledgements commit; exit 0.
+    Needs the http extra (pip install 'actors[http]').
+    """
+    try:
+        from .http._serve import load_handler, run_server
+    except ImportError as exc:
+        raise click.ClickException(f"{exc} (pip install 'actors[http]')") from None
+    path = _path(target)
+    try:
+        handler = load_handler(handler_spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--handler") from None
+    tokens, written = _token_roles(token_file, target)
+    given = {name: value for name, value in options.items() if value is not None}
+    if given.get("handler_timeout") == _NO_LIMIT:
+        given["handler_timeout"] = None
+
+    def out(text: str) -> None:
+        click.echo(f"actors: {text}", err=True)
+
+    if written is not None:
+        out(
+            f"a new token is in {written} (readable by you only): send it as "
+            "Authorization: Bearer <token>"
+        )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        trio.run(
+            partial(
+                run_server,
+                path,
+                handler,
+                host=host,
+                port=port,
+                tokens=tokens,
+                options=given,
+                out=out,
+            )
+        )
+    except BaseException as exc:
+        error = _single(exc)
+        if isinstance(error, TypeError | ValueError):  # run_system's options
+            raise click.UsageError(str(error)) from None
+        if isinstance(error, DatabaseInUseError | StoreError | OSError):
+            raise click.ClickException(str(error)) from None
+        raise
+    sys.exit(EXIT_OK)
+
+
+def _single(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def main(argv: Sequence[str] | None = None, prog_name: str = "actors") -> None:

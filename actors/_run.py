@@ -84,7 +84,7 @@ async def run_system(
 
         store: Store
         store, opened = await PgStore.open(url, lease_ttl=lease_ttl, buckets=buckets)
-        async with _system(store, opened, config, behaviour, rng, store.path) as system:
+        async with _system(store, opened, config, behaviour, rng, store.path, url) as system:
             yield system
         return
     db_path = database_path(path)
@@ -97,7 +97,7 @@ async def run_system(
         except BaseException:
             await sqlite.aclose()
             raise
-        async with _system(sqlite, opened, config, behaviour, rng, db_path) as system:
+        async with _system(sqlite, opened, config, behaviour, rng, db_path, db_path) as system:
             yield system
 
 
@@ -135,11 +135,13 @@ async def _system(
     behaviour: Behaviour,
     rng: random.Random | None,
     path: str,
+    target: str,
 ) -> AsyncIterator[System]:
     """Build the system on an opened store and run it (the store is closed either way)."""
     try:
         system = System(
             path=path,
+            target=target,
             store=store,
             opened=opened,
             config=config,

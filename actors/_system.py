@@ -36,7 +36,8 @@ from ._validate import (
     check_seconds,
     purge_scope,
 )
-from .store import Cluster, MessageState, Opened, Store
+from .store import Cluster, MessageState, Opened, Store, StoreViews
+from .store.backends import open_views
 
 log = logging.getLogger("actors.system")
 
@@ -55,6 +56,7 @@ class System:
         self,
         *,
         path: str,
+        target: str | None = None,
         store: Store,
         opened: Opened,
         config: Config,
@@ -63,6 +65,9 @@ class System:
         rng: random.Random | None,
     ) -> None:
         self.path = path
+        # What read views open: the database's path, or its URL with the
+        # password that ``path`` does not show.
+        self._target = path if target is None else target
         self.config = config
         self._store = store
         self._clock = Clock()
@@ -705,6 +710,21 @@ class System:
         sessions a :meth:`kill` would interrupt mid-message.
         """
         return self._sup.busy_sessions()
+
+    def open_views(self) -> StoreViews:
+        """Read-only views of this system's database, on a connection of their own.
+
+        What ``actors status`` and ``actors sessions`` read (``StoreViews``:
+        counts, sessions by depth, dead letters), consistent within one
+        ``with views.snapshot():``. The open and the reads are synchronous
+        and never wait for the system's writer: call this from any thread,
+        e.g. a worker thread (``trio.to_thread.run_sync``) to keep the trio
+        loop free. Close the views after use.
+
+        Raises:
+          StoreError: the database cannot be opened.
+        """
+        return open_views(self._target, self.config.busy_timeout)
 
     # -- dead letters ---------------------------------------------------------
 
