@@ -26,8 +26,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .._system import System
 from .._validate import check_seconds
-from . import _dashboard
 from ._auth import RIGHTS, Right, Role, Tokens
+from ._dashboard import asset, page
 from ._limits import ApiError
 from ._routes import Endpoints, error_response
 
@@ -136,10 +136,10 @@ def _routes(e: Endpoints, guard: Callable[[Right, Endpoint], Endpoint]) -> list[
         ("GET", "/metrics", read, e.metrics_text),
         ("GET", "/healthz", None, e.healthz),
         # The dashboard's files need no token: the page asks for one and
-        # sends it to /v1 in a header (see _dashboard).
-        ("GET", "/", None, _dashboard.page),
-        ("GET", "/dashboard.css", None, _dashboard.asset),
-        ("GET", "/dashboard.js", None, _dashboard.asset),
+        # sends it to /v1 in a header (see _dashboard.py).
+        ("GET", "/", None, page),
+        ("GET", "/dashboard.css", None, asset),
+        ("GET", "/dashboard.js", None, asset),
     ]
     return [
         Route(path, endpoint if right is None else guard(right, endpoint), methods=[method])

@@ -29,7 +29,6 @@ from .._errors import (
     SystemClosedError,
 )
 from .._system import System
-from . import _reads, _sse
 from ._limits import (
     ENVELOPE_BYTES,
     MAX_OFFSET,
@@ -42,6 +41,9 @@ from ._limits import (
     read_body,
     seconds_field,
 )
+from ._reads import dead_page, read, sessions_page
+from ._sse import HEADERS as SSE_HEADERS
+from ._sse import stream_events
 
 log = logging.getLogger("actors.http")
 
@@ -145,9 +147,9 @@ class Endpoints:
             ) from None
 
     def _stream(self, subscription: Any, kind_of: Any) -> Response:
-        events = _sse.stream_events(subscription, kind_of, self.stopping)
+        events = stream_events(subscription, kind_of, self.stopping)
         return StreamingResponse(
-            self._counted(events), media_type="text/event-stream", headers=_sse.HEADERS
+            self._counted(events), media_type="text/event-stream", headers=SSE_HEADERS
         )
 
     async def _counted(self, events: Any) -> Any:
@@ -193,21 +195,19 @@ class Endpoints:
         offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
         session_id = _query_session(request)
         now = self.system.now()
-        page = await self._read(
-            lambda views: _reads.sessions_page(views, now, offset, limit, session_id)
-        )
+        page = await self._read(lambda views: sessions_page(views, now, offset, limit, session_id))
         return json_response(page)
 
     async def dead_letters(self, request: Request) -> Response:
         limit = query_int(request, "limit", 100, 1, MAX_PAGE)
         offset = query_int(request, "offset", 0, 0, MAX_OFFSET)
         session_id = _query_session(request)
-        page = await self._read(lambda views: _reads.dead_page(views, offset, limit, session_id))
+        page = await self._read(lambda views: dead_page(views, offset, limit, session_id))
         return json_response(page)
 
     async def _read(self, reader: Any) -> Any:
         try:
-            return await _reads.read(self.system, reader)
+            return await read(self.system, reader)
         except (StoreError, _admin.AdminError) as exc:
             raise ApiError(503, f"the database cannot be read: {exc}") from None
 
