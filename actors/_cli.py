@@ -905,6 +905,13 @@ def _token_roles(token_file: str | None, db: str) -> tuple[dict[str, Any], str |
     "everything; read:T, send:T, admin:T limit T's role. Default: a new token, "
     "written to DB.token (readable by you only).",
 )
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client may take to send a request: a slow one loses its connection.",
+)
 @system_options
 def serve(
     target: str,
@@ -912,6 +919,7 @@ def serve(
     host: str,
     port: int,
     token_file: str | None,
+    read_timeout: float,
     **options: Any,
 ) -> None:
     """Run the system on DB and its HTTP API in one process, until SIGTERM or SIGINT.
@@ -954,6 +962,7 @@ def serve(
                 tokens=tokens,
                 options=given,
                 out=out,
+                read_timeout=read_timeout,
             )
         )
     except BaseException as exc:

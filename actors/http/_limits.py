@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .._validate import MAX_SECONDS
 
@@ -45,11 +45,16 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise ApiError(413, f"the request body is over {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, f"the request body is over {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, f"the request body is over {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left, or sent too slowly (the server's read timeout):
+        # nothing was done, and nobody reads the answer; not a server error.
+        raise ApiError(408, "the request body did not arrive in time") from None
     return b"".join(chunks)
 
 

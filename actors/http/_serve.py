@@ -35,6 +35,7 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     grace: float = 10.0,
+    read_timeout: float | None = 30.0,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -45,11 +46,15 @@ async def serve(
     after ``shutdown_trigger()`` returns (never without one) and the open
     requests finished, or ``grace`` seconds passed; the app's event streams
     end at once (:meth:`HttpApp.stop`). No access log: a request's headers
-    (its token) are never logged.
+    (its token) are never logged. A client that sends nothing for
+    ``read_timeout`` seconds in the middle of a request loses its
+    connection (None: never), so slow clients cannot hold the server's
+    connections.
     """
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = grace
+    config.read_timeout = read_timeout  # type: ignore[assignment]  # (typed int; any number works)
     config.accesslog = None
     config.errorlog = log
 
@@ -108,6 +113,7 @@ async def run_server(
     tokens: dict[str, Role],
     options: dict[str, Any],
     out: Callable[[str], None],
+    read_timeout: float | None = 30.0,
 ) -> None:
     """Run the system on ``target`` and serve its API until SIGTERM or SIGINT.
 
@@ -127,7 +133,9 @@ async def run_server(
         ):
             api = app(system, tokens=tokens)
             grace = system.config.shutdown_timeout
-            start = partial(serve, api, host=host, port=port, grace=grace)
+            start = partial(
+                serve, api, host=host, port=port, grace=grace, read_timeout=read_timeout
+            )
             binds = await nursery.start(partial(start, shutdown_trigger=stop.wait))
             out(f"serving {system.path} on {' '.join(binds)}")
             async for signum in signals:
