@@ -88,6 +88,8 @@ function draw() {
     rates.push({ t: b.t, v: Math.max(0, (b.processed - a.processed) / Math.max(b.t - a.t, 0.001)) });
   }
   const backlog = history.map((p) => ({ t: p.t, v: p.pending }));
+  $("now-rate").textContent = Math.round(rates[rates.length - 1].v).toLocaleString();
+  $("now-backlog").textContent = backlog[backlog.length - 1].v.toLocaleString();
   // The window grows to HISTORY_SECONDS from the first point: the chart
   // fills its width from the start.
   const t1 = history[history.length - 1].t;
