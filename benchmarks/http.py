@@ -21,9 +21,17 @@ Issue 19's performance targets, in one run:
   send is: the transaction, its commit, the handler's dispatch, the
   acknowledgement, the store's background work (and the Prometheus
   collector ``actors serve`` attaches when the extra is installed).
+- ``ceiling_wait``: the same, its ``send`` sleeping ``--ceiling-wait-ms``
+  (5) before it answers, on no CPU. Under a closed loop an immediate answer
+  gets the next request of its connection alone; a send that waits, as a
+  durable one waits for its group commit, lets the requests of many
+  connections be served together, at less CPU per request (measured: the
+  immediate ceiling is *below* actors on this machine). The stack's
+  ceiling is the better median of the two; the ratio is taken against it
+  (and shown against each).
 
-Rounds (``--rounds``, 3) interleave them (ceiling, actors, ceiling, actors,
-...), each a fresh server process, ``--warmup`` seconds of wrk (1) then
+Rounds (``--rounds``, 3) interleave them (ceiling, ceiling_wait, actors,
+ceiling, ...), each a fresh server process, ``--warmup`` seconds of wrk (1) then
 ``--seconds`` measured (5). Reported: the median [min-max] of wrk's
 requests/s, its latency percentiles (closed loop at full load: queueing,
 not a target), the server's CPU per request (from /proc: all its threads),
@@ -33,8 +41,9 @@ Then latency at half load: a fresh ``actors serve``, benchmarks/http_paced.py
 offering half the median actors req/s, open loop, over the same number of
 connections, for ``--latency-seconds`` (5) after the warm-up; p50/p99 from
 each request's scheduled time (target: p99 < 20 ms). If the client could
-not keep its schedule (lag, CPU share, fewer requests than offered), the
-target says UNSURE instead of a verdict.
+keep its schedule (its own lag, a CPU share near 100%, fewer requests than
+offered), its lag is in the figure (a request is timed from when it was
+due): a p99 under the target still passes, one over it says UNSURE.
 
 The table goes to stdout, the JSON to ``--out`` (default
 ``benchmarks/results/http-<timestamp>.json``).
@@ -69,6 +78,7 @@ ROOT = HERE.parent
 TOKEN = "bench-" + "b" * 32
 BODY = b'{"body": {"n": 1}}'
 HANDLERS = "async def handle(ctx, msg):\n    return None\n"
+KINDS = ("ceiling", "ceiling_wait", "actors")
 RATIO_TARGET = 0.70
 P99_TARGET_MS = 20.0
 START_DEADLINE = 30.0
@@ -96,6 +106,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="wrk seconds before each (1; 0: none)")
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections (64)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    p.add_argument("--ceiling-wait-ms", type=float, default=5.0, help="ceiling_wait's wait (5)")
     p.add_argument("--sessions", type=int, default=100, help="sessions rotated over (100)")
     p.add_argument("--latency-seconds", type=float, default=5.0, help="paced seconds (5; 0: none)")
     p.add_argument("--latency-warmup", type=float, default=1.0, help="paced warm-up seconds (1)")
@@ -110,7 +121,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 class Server:
     """A server subprocess (actors serve or the ceiling), up once it printed its address."""
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+    def __init__(self, kind: str, workdir: Path, wait_ms: float = 0.0) -> None:
         self.kind = kind
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{workdir}"}
         if kind == "actors":
@@ -123,6 +134,7 @@ class Server:
             command = [
                 sys.executable, "-m", "benchmarks.http_ceiling",
                 "--port", "0", "--token-file", str(workdir / "tokens"),
+                "--wait-ms", str(wait_ms if kind == "ceiling_wait" else 0),
             ]  # fmt: skip
         self.proc = subprocess.Popen(
             command, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True
@@ -207,7 +219,9 @@ def parse_wrk(text: str) -> dict[str, Any]:
         out[f"p{q}_ms"] = _ms(value)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     out["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
     out["socket_errors"] = sum(int(x) for x in errors.groups()) if errors else 0
     return out
 
@@ -229,9 +243,13 @@ def wrk(args: argparse.Namespace, url: str, script: Path, seconds: int) -> tuple
 
 def throughput_run(args: argparse.Namespace, kind: str, base: Path) -> dict[str, Any]:
     work = workdir(base, args.sessions)
-    server = Server(kind, work)
+    server = Server(kind, work, args.ceiling_wait_ms)
     try:
-        warm = parse_wrk(wrk(args, server.url, work / "post.lua", args.warmup)[0]) if args.warmup else None
+        warm = (
+            parse_wrk(wrk(args, server.url, work / "post.lua", args.warmup)[0])
+            if args.warmup
+            else None
+        )
         cpu0 = server.cpu_seconds()
         text, wrk_cpu = wrk(args, server.url, work / "post.lua", args.seconds)
         server_cpu = server.cpu_seconds() - cpu0
@@ -287,36 +305,55 @@ def spread(runs: list[dict[str, Any]], key: str) -> dict[str, float] | None:
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for kind in ("ceiling", "actors"):
+    for kind in KINDS:
         runs = [r for r in rounds if r["scenario"] == kind]
         summary[kind] = {
             key: spread(runs, key)
-            for key in ("req_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_req", "wrk_cpu_us_per_req")
+            for key in (
+                "req_per_s",
+                "p50_ms",
+                "p99_ms",
+                "server_cpu_us_per_req",
+                "wrk_cpu_us_per_req",
+            )
         }
+    medians = {k: summary[k]["req_per_s"]["median"] for k in KINDS if summary[k]["req_per_s"]}
+    summary["ratios"] = {
+        k: medians["actors"] / medians[k] for k in KINDS[:2] if k in medians and "actors" in medians
+    }
+    summary["ratio"] = min(summary["ratios"].values()) if summary["ratios"] else None
     return summary
 
 
 def targets(summary: dict[str, Any], latency: dict[str, Any] | None) -> list[dict[str, Any]]:
     out = []
-    ceiling, actors = summary["ceiling"]["req_per_s"], summary["actors"]["req_per_s"]
-    ratio = actors["median"] / ceiling["median"] if ceiling and actors else None
+    ratio = summary["ratio"]
+    shown = "-"
+    if ratio is not None:
+        each = ", ".join(f"{v:.0%} of {k}" for k, v in summary["ratios"].items())
+        shown = f"{ratio:.0%} ({each})"
     out.append(
         {
-            "target": f"actors req/s >= {RATIO_TARGET:.0%} of the ceiling's (medians)",
+            "target": f"actors req/s >= {RATIO_TARGET:.0%} of the stack's ceiling (medians)",
             "value": ratio,
-            "shown": "-" if ratio is None else f"{ratio:.0%}",
+            "shown": shown,
             "verdict": "-" if ratio is None else ("PASS" if ratio >= RATIO_TARGET else "FAIL"),
         }
     )
     if latency is not None:
         p99 = latency["p99_ms"]
-        if p99 is None or latency["client_saturated"]:
-            verdict = "UNSURE (the client could not keep its schedule)"
+        if p99 is None:
+            verdict = "FAIL (no answer)"
+        elif p99 < P99_TARGET_MS:
+            verdict = "PASS"
+        elif latency["client_saturated"]:
+            verdict = "UNSURE (the client's own lag is in it)"
         else:
-            verdict = "PASS" if p99 < P99_TARGET_MS else "FAIL"
+            verdict = "FAIL"
         out.append(
             {
-                "target": f"p99 < {P99_TARGET_MS:g} ms at half load ({latency['rate_offered']:,.0f} req/s)",
+                "target": f"p99 < {P99_TARGET_MS:g} ms at half load"
+                f" ({latency['rate_offered']:,.0f} req/s)",
                 "value": p99,
                 "shown": "-" if p99 is None else f"{p99:.2f} ms",
                 "verdict": verdict,
@@ -333,12 +370,13 @@ def _cell(entry: dict[str, float] | None, fmt: str) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     lines = [
-        f"{'scenario':<9} {'req/s':>24} {'wrk p50 ms':>20} {'wrk p99 ms':>22} {'server CPU µs/req':>22}"
+        f"{'scenario':<12} {'req/s':>24} {'wrk p50 ms':>20} {'wrk p99 ms':>22}"
+        f" {'server CPU µs/req':>22}"
     ]
-    for kind in ("ceiling", "actors"):
+    for kind in KINDS:
         s = doc["summary"][kind]
         lines.append(
-            f"{kind:<9} {_cell(s['req_per_s'], ',.0f'):>24} {_cell(s['p50_ms'], '.1f'):>20}"
+            f"{kind:<12} {_cell(s['req_per_s'], ',.0f'):>24} {_cell(s['p50_ms'], '.1f'):>20}"
             f" {_cell(s['p99_ms'], '.1f'):>22} {_cell(s['server_cpu_us_per_req'], ',.0f'):>22}"
         )
     lat = doc.get("latency")
@@ -351,6 +389,15 @@ def table(doc: dict[str, Any]) -> str:
             if lat["p50_ms"] is not None
             else "half load: no answer"
         )
+    acts = [r for r in doc["rounds"] if r["scenario"] == "actors"]
+    handled = sum(
+        r["processed"] is not None and r["processed"] >= r["answered_with_warmup"] for r in acts
+    )
+    lines.append(
+        f"actors: every 202 handled (processed >= answered) in {handled}"
+        f" of {len(acts)} runs; non-2xx {sum(r['non_2xx'] for r in doc['rounds'])},"
+        f" socket errors {sum(r['socket_errors'] for r in doc['rounds'])}"
+    )
     lines.append("")
     for t in doc["targets"]:
         lines.append(f"{t['verdict']:<6} {t['target']}: {t['shown']}")
@@ -381,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"meta": meta(args), "rounds": []}
     with tempfile.TemporaryDirectory(prefix="actors-http-bench-") as tmp:
         for n in range(args.rounds):
-            for kind in ("ceiling", "actors"):
+            for kind in KINDS:
                 result = {"round": n + 1, **throughput_run(args, kind, Path(tmp))}
                 doc["rounds"].append(result)
                 print(

@@ -13,6 +13,14 @@ or store thread wakes. The difference between the two servers is what a
 durable send costs over HTTP, and what the handlers' dispatch takes from
 the same core.
 
+``--wait-ms W`` makes the stand-in ``send`` sleep W ms before it answers,
+costing no CPU: the ``ceiling_wait`` scenario. Under wrk's closed loop an
+answer that comes at once is answered alone, and the next request of its
+connection comes alone too; a send that waits (as a durable one waits for
+its group commit) lets the requests of many connections arrive and be
+served together, which costs the stack less CPU per request. The stack's
+ceiling is the better of the two.
+
 It prints ``serving ceiling on http://HOST:PORT`` on stderr once listening
 (the line ``actors serve`` prints), and stops on SIGTERM or SIGINT.
 """
@@ -37,25 +45,26 @@ from actors.http._routes import Endpoints
 class NoSystem:
     """What the send endpoint uses of a System: its config, and a ``send`` that persists nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, wait: float) -> None:
         self.config = Config()
         self.sent = 0
+        self.wait = wait
 
     async def send(self, session_id: str, body: Any, *, delay: Any = None, key: Any = None) -> int:
-        # No checkpoint: the real send awaits its commit, but a send that
-        # yields nothing is the ceiling's point (the stack, not the wait).
         self.sent += 1
+        if self.wait:
+            await trio.sleep(self.wait)
         return self.sent
 
 
-def ceiling_app(tokens: dict[str, Any]) -> HttpApp:
-    endpoints = Endpoints(NoSystem(), trio.Event(), 60.0, None)  # type: ignore[arg-type]
+def ceiling_app(tokens: dict[str, Any], wait: float) -> HttpApp:
+    endpoints = Endpoints(NoSystem(wait), trio.Event(), 60.0, None)  # type: ignore[arg-type]
     found = Tokens.build(token=None, admin_token=None, read_token=None, tokens=tokens)
     return HttpApp(endpoints, found)
 
 
-async def run(host: str, port: int, tokens: dict[str, Any]) -> None:
-    api = ceiling_app(tokens)
+async def run(host: str, port: int, tokens: dict[str, Any], wait: float) -> None:
+    api = ceiling_app(tokens, wait)
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -73,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--token-file", required=True)
+    p.add_argument("--wait-ms", type=float, default=0.0, help="send() sleeps this long (0)")
     args = p.parse_args(argv)
     with open(args.token_file, encoding="utf-8") as f:
         tokens = parse_token_lines(f)
-    trio.run(run, args.host, args.port, tokens)
+    trio.run(run, args.host, args.port, tokens, args.wait_ms / 1e3)
     return 0
 
 

@@ -102,7 +102,13 @@ def _requests(host: str, port: int, token: str, sessions: int, body: bytes) -> A
     def request(i: int, conn: h11.Connection) -> bytes:
         target = f"/v1/sessions/s{i % sessions}/messages"
         head = conn.send(h11.Request(method="POST", target=target, headers=headers))
-        return b"".join((head or b"", conn.send(h11.Data(data=body)) or b"", conn.send(h11.EndOfMessage()) or b""))
+        return b"".join(
+            (
+                head or b"",
+                conn.send(h11.Data(data=body)) or b"",
+                conn.send(h11.EndOfMessage()) or b"",
+            )
+        )
 
     return request
 
@@ -129,7 +135,16 @@ async def paced(
     async with trio.open_nursery() as nursery:
         for c in range(connections):
             nursery.start_soon(
-                _connection, host, int(port), c, count, connections, start, interval, request, results
+                _connection,
+                host,
+                int(port),
+                c,
+                count,
+                connections,
+                start,
+                interval,
+                request,
+                results,
             )
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     offered = sum(1 for i in range(count) if start + i * interval >= results.measured_from)
