@@ -111,6 +111,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=5.0, help="paced seconds (5; 0: none)")
     p.add_argument("--latency-warmup", type=float, default=1.0, help="paced warm-up seconds (1)")
     p.add_argument("--wrk", default="wrk", help="the wrk binary (wrk)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after the rounds, one cProfile'd run of each scenario, its .prof to DIR",
+    )
     p.add_argument("--out", type=Path, default=None, help="the JSON (default results/http-*.json)")
     return p.parse_args(argv)
 
@@ -121,18 +128,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 class Server:
     """A server subprocess (actors serve or the ceiling), up once it printed its address."""
 
-    def __init__(self, kind: str, workdir: Path, wait_ms: float = 0.0) -> None:
+    def __init__(
+        self, kind: str, workdir: Path, wait_ms: float = 0.0, profile: Path | None = None
+    ) -> None:
         self.kind = kind
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{workdir}"}
+        python = [sys.executable]
+        if profile is not None:
+            python += ["-m", "cProfile", "-o", str(profile)]
         if kind == "actors":
             command = [
-                sys.executable, "-m", "actors", "serve", str(workdir / "app.db"),
+                *python, "-m", "actors", "serve", str(workdir / "app.db"),
                 "--handler", "bench_handlers:handle", "--port", "0",
                 "--token-file", str(workdir / "tokens"),
             ]  # fmt: skip
         else:
             command = [
-                sys.executable, "-m", "benchmarks.http_ceiling",
+                *python, "-m", "benchmarks.http_ceiling",
                 "--port", "0", "--token-file", str(workdir / "tokens"),
                 "--wait-ms", str(wait_ms if kind == "ceiling_wait" else 0),
             ]  # fmt: skip
@@ -241,9 +253,11 @@ def wrk(args: argparse.Namespace, url: str, script: Path, seconds: int) -> tuple
     return done.stdout, cpu
 
 
-def throughput_run(args: argparse.Namespace, kind: str, base: Path) -> dict[str, Any]:
+def throughput_run(
+    args: argparse.Namespace, kind: str, base: Path, profile: Path | None = None
+) -> dict[str, Any]:
     work = workdir(base, args.sessions)
-    server = Server(kind, work, args.ceiling_wait_ms)
+    server = Server(kind, work, args.ceiling_wait_ms, profile)
     try:
         warm = (
             parse_wrk(wrk(args, server.url, work / "post.lua", args.warmup)[0])
@@ -291,6 +305,46 @@ def latency_run(args: argparse.Namespace, rate: float, base: Path) -> dict[str, 
         code = server.stop()
     span = args.latency_seconds + args.latency_warmup
     return {**result, "server_cpu_share": server_cpu / span, "exit_code": code}
+
+
+def profiles(args: argparse.Namespace, base: Path) -> dict[str, Any]:
+    """One run of each scenario with the server under cProfile: its time by package.
+
+    The profile spans the server's whole life (start-up, the wrk runs,
+    the stop); the time it waited in epoll is shown apart, the shares are
+    of the rest. cProfile slows every call, the small ones most: read the
+    shares, not the rate.
+    """
+    args.profile.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for kind in KINDS:
+        path = args.profile / f"http-{kind}.prof"
+        run = throughput_run(args, kind, base, path)
+        out[kind] = {"req_per_s": run["req_per_s"], "file": str(path), **by_package(path)}
+    return out
+
+
+def by_package(path: Path) -> dict[str, Any]:
+    """A profile's own time (tottime) summed by the package of each function."""
+    import pstats
+
+    totals: dict[str, float] = {}
+    for (filename, _, name), (_, _, own, _, _) in pstats.Stats(str(path)).stats.items():  # type: ignore[attr-defined]
+        if "epoll" in name:
+            key = "epoll wait"
+        elif "site-packages/" in filename:
+            key = filename.split("site-packages/")[1].split("/")[0]
+        elif f"{os.sep}actors{os.sep}" in filename:
+            key = "actors"
+        elif filename == "~":
+            key = "builtins (C: sockets, apsw, json, ...)"
+        else:
+            key = "stdlib"
+        totals[key] = totals.get(key, 0.0) + own
+    waited = totals.pop("epoll wait", 0.0)
+    busy = sum(totals.values()) or 1.0
+    shares = {k: v / busy for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    return {"busy_s": busy, "epoll_wait_s": waited, "shares": shares}
 
 
 # -- the report ---------------------------------------------------------------------
@@ -398,6 +452,9 @@ def table(doc: dict[str, Any]) -> str:
         f" of {len(acts)} runs; non-2xx {sum(r['non_2xx'] for r in doc['rounds'])},"
         f" socket errors {sum(r['socket_errors'] for r in doc['rounds'])}"
     )
+    for kind, prof in (doc.get("profiles") or {}).items():
+        top = ", ".join(f"{k} {v:.0%}" for k, v in list(prof["shares"].items())[:6])
+        lines.append(f"profile {kind} ({prof['busy_s']:.1f} s busy): {top}")
     lines.append("")
     for t in doc["targets"]:
         lines.append(f"{t['verdict']:<6} {t['target']}: {t['shown']}")
@@ -442,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["latency"] = None
         if args.latency_seconds > 0 and actors:
             doc["latency"] = latency_run(args, actors["median"] / 2, Path(tmp))
+        if args.profile is not None:
+            doc["profiles"] = profiles(args, Path(tmp))
     doc["targets"] = targets(doc["summary"], doc["latency"])
     doc["meta"]["load_after"] = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
