@@ -52,8 +52,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "actors", "serve", "app.db", *args]
+def _command(*args: str, target: str = "app.db") -> list[str]:
+    return [sys.executable, "-m", "actors", "serve", target, *args]
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def start(tmp_path: Path) -> Iterator[object]:
     (tmp_path / "app_handlers.py").write_text(HANDLERS)
     started: list[subprocess.Popen[str]] = []
 
-    def run(*args: str) -> Server:
-        command = _command("--handler", "app_handlers:handle", "--port", "0", *args)
+    def run(*args: str, target: str = "app.db") -> Server:
+        command = _command("--handler", "app_handlers:handle", "--port", "0", *args, target=target)
         proc = subprocess.Popen(
             command, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True
         )
@@ -211,3 +211,25 @@ def test_a_slow_client_loses_its_connection(tmp_path: Path, start: object) -> No
         assert sent.status_code == 202
     code, err = server.stop(signal.SIGTERM)
     assert code == 0, err
+
+
+def test_serve_on_a_postgresql_url(tmp_path: Path, start: object, pg_url: str) -> None:
+    """The same server on a cluster's database: sends, asks and status, and a
+    graceful stop that leaves nothing behind."""
+    (tmp_path / "tokens").write_text(TOKEN + "\n")
+    server = start("--token-file", "tokens", "--lease-ttl", "2", target=pg_url)  # type: ignore[operator]
+    everything = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=DEADLINE, headers=everything) as client:
+        for n in range(5):
+            assert client.post(f"/v1/sessions/p{n}/messages", json={"body": n}).status_code == 202
+        asked = client.post("/v1/sessions/p0/ask", json={"body": "hello"})
+        assert asked.status_code == 200 and asked.json() == {"echo": "hello"}
+        deadline = time.monotonic() + DEADLINE
+        while client.get("/v1/status").json()["processed"] != 6:
+            assert time.monotonic() < deadline
+        sessions = client.get("/v1/sessions").json()
+        assert sessions["total"] == 0  # (every message handled)
+    code, err = server.stop(signal.SIGTERM)
+    assert code == 0, err
+    assert "serving postgresql://" in err
+    assert TOKEN not in err
