@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -857,28 +858,43 @@ def system_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _token_roles(token_file: str | None, db: str) -> tuple[dict[str, Any], str | None]:
-    """The tokens of ``--token-file``, or a new one written beside the database."""
-    from .http import Role, parse_token_lines
+def _token_roles(token_file: str | None, db: str) -> tuple[dict[str, Any], str | None, bool]:
+    """The tokens of ``--token-file``; else those of the file beside the database
+    (made with a new token the first time); that file's path; whether it is new.
+
+    The generated file is kept from one start to the next: a client that saved
+    the token goes on working after a restart, and a second ``serve`` on a
+    database already served (which then fails on its lock) changes nothing.
+    """
+    from .http import Role
     from .http._serve import new_token_file
 
     if token_file is not None:
-        try:
-            with open(token_file, encoding="utf-8") as file:
-                found = parse_token_lines(file)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"cannot read it: {exc}", param_hint="--token-file") from None
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--token-file") from None
-        if not found:
-            raise click.BadParameter("it holds no token", param_hint="--token-file")
-        return found, None
+        return _read_tokens(token_file, "--token-file"), None, False
     where = "actors-serve.token" if is_url(db) else f"{db}.token"
+    if os.path.exists(where):
+        return _read_tokens(where, None), where, False
     try:
         token = new_token_file(where)
     except OSError as exc:
         raise click.ClickException(f"cannot write a token to {where!r}: {exc}") from None
-    return {token: Role.ALL}, where
+    return {token: Role.ALL}, where, True
+
+
+def _read_tokens(path: str, option: str | None) -> dict[str, Any]:
+    from .http import parse_token_lines
+
+    hint = option or path
+    try:
+        with open(path, encoding="utf-8") as file:
+            found = parse_token_lines(file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read it: {exc}", param_hint=hint) from None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    if not found:
+        raise click.BadParameter("it holds no token", param_hint=hint)
+    return found
 
 
 @cli.command()
@@ -937,7 +953,7 @@ def serve(
         handler = load_handler(handler_spec)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--handler") from None
-    tokens, written = _token_roles(token_file, target)
+    tokens, written, new = _token_roles(token_file, target)
     given = {name: value for name, value in options.items() if value is not None}
     if given.get("handler_timeout") == _NO_LIMIT:
         given["handler_timeout"] = None
@@ -947,8 +963,8 @@ def serve(
 
     if written is not None:
         out(
-            f"a new token is in {written} (readable by you only): send it as "
-            "Authorization: Bearer <token>"
+            f"{'a new' if new else 'the'} token is in {written} (readable by you only):"
+            " send it as Authorization: Bearer <token>"
         )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -322,7 +322,10 @@ async def test_dead_letters_list_retry_and_abort(served: Served) -> None:
     assert aborted.status_code == 200
     assert (await served.post(f"/v1/messages/{rest[0]['id']}/abort", {}, ADMIN)).status_code == 404
     everything = await served.post("/v1/dead-letters/retry", {"all": True}, TOKEN)
-    assert everything.json() == {"retried": 2}  # the first failed again, and the second
+    assert everything.json() == {
+        "retried": 2,
+        "not_dead": [],
+    }  # the first failed again, and the second
     await served.system.drain()
 
 
@@ -418,7 +421,7 @@ BAD: list[tuple[str, str, str | None, Any, int, str]] = [
     ("POST", "/v1/dead-letters/retry", READ, {"all": True}, 403, "read token may not admin"),
     ("POST", "/v1/messages/1/abort", READ, None, 403, "read token may not admin"),
     ("POST", "/v1/sessions/s/messages", READ, {"body": 1}, 403, "read token may not send"),
-    ("POST", "/v1/sessions/s/messages", ADMIN, {"body": 1}, 403, "admin token may not send"),
+    ("POST", "/v1/sessions/s/messages", ADMIN, {"body": 1}, 403, "an admin token may not send"),
     ("POST", "/v1/dead-letters/retry", SEND, {"all": True}, 403, "send token may not admin"),
     ("GET", "/v1/status", SEND, None, 403, "send token may not read"),
     ("GET", "/v1/sessions/s/stream", SEND, None, 403, "send token may not read"),
@@ -511,3 +514,23 @@ def test_import_actors_does_not_import_starlette() -> None:
         "assert 'starlette' not in sys.modules and 'hypercorn' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+async def test_the_app_mounted_under_a_prefix_serves_its_dashboard_and_api(
+    tmp_path: Path,
+) -> None:
+    """Mounted in another Starlette application under /actors: the dashboard's
+    files and the API are there (its script asks the API by relative URLs)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    async with actors.run_system(str(tmp_path / "m.db"), handler=Handler()) as system:
+        outer = Starlette(routes=[Mount("/actors", app=actors.http.app(system, token=TOKEN))])
+        transport = httpx.ASGITransport(app=outer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for path in ("/actors/", "/actors/dashboard.js", "/actors/dashboard.css"):
+                assert (await client.get(path)).status_code == 200, path
+            script = (await client.get("/actors/dashboard.js")).text
+            assert '"/v1' not in script and "`/v1" not in script
+            status = await client.get("/actors/v1/status", headers=auth(TOKEN))
+            assert status.status_code == 200 and status.json()["pending"] == 0

@@ -148,9 +148,30 @@ def test_serve_without_tokens_writes_one_readable_by_its_owner_only(
         assert client.get("/v1/status").status_code == 401
         ok = client.get("/v1/status", headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200
+        # A second serve of the same database fails on its lock, and leaves
+        # the running server's token as it was.
+        second = subprocess.run(
+            _command("--handler", "app_handlers:handle", "--port", "0"),
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+        assert second.returncode == 1 and "already in use" in second.stderr, second.stderr
+        assert token_file.read_text().strip() == token
     code, err = server.stop(signal.SIGINT)
     assert code == 0, err
     assert "SIGINT: stopping" in err
+    # A restart keeps the token: a client that saved it goes on working.
+    again = start()  # type: ignore[operator]
+    assert "the token is in app.db.token" in "".join(again.lines)
+    assert token_file.read_text().strip() == token
+    with httpx.Client(base_url=again.url, timeout=DEADLINE) as client:
+        ok = client.get("/v1/status", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
+    code, err = again.stop(signal.SIGTERM)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .._system import System
 from .._validate import check_seconds
 from ._auth import RIGHTS, Right, Role, Tokens
-from ._dashboard import asset, page
+from ._dashboard import page, script, styles
 from ._limits import ApiError
 from ._routes import Endpoints, error_response
 
@@ -94,7 +94,8 @@ class HttpApp(Starlette):
             if role is None:
                 raise ApiError(401, "a valid token is needed: Authorization: Bearer <token>")
             if right not in RIGHTS[role]:
-                raise ApiError(403, f"a {role.value} token may not {right.value}")
+                article = "an" if role.value[0] in "aeiou" else "a"
+                raise ApiError(403, f"{article} {role.value} token may not {right.value}")
             return await endpoint(request)
 
         return guarded
@@ -138,8 +139,8 @@ def _routes(e: Endpoints, guard: Callable[[Right, Endpoint], Endpoint]) -> list[
         # The dashboard's files need no token: the page asks for one and
         # sends it to /v1 in a header (see _dashboard.py).
         ("GET", "/", None, page),
-        ("GET", "/dashboard.css", None, asset),
-        ("GET", "/dashboard.js", None, asset),
+        ("GET", "/dashboard.css", None, styles),
+        ("GET", "/dashboard.js", None, script),
     ]
     return [
         Route(path, endpoint if right is None else guard(right, endpoint), methods=[method])

@@ -43,9 +43,14 @@ async def page(request: Request) -> Response:
     return _file("index.html")
 
 
-async def asset(request: Request) -> Response:
-    """``/dashboard.css``, ``/dashboard.js``."""
-    return _file(request.url.path.lstrip("/"))
+async def styles(request: Request) -> Response:
+    """``/dashboard.css``."""
+    return _file("dashboard.css")
+
+
+async def script(request: Request) -> Response:
+    """``/dashboard.js``."""
+    return _file("dashboard.js")
 
 
 def _file(name: str) -> Response:

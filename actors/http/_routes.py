@@ -216,7 +216,7 @@ class Endpoints:
         ids = _retry_ids(fields)
         try:
             if ids is None:
-                return json_response({"retried": await self.system.retry_dead()})
+                return json_response({"retried": await self.system.retry_dead(), "not_dead": []})
             retried, not_dead = 0, []
             for message_id in ids:
                 count = await self.system.retry_dead(message_id)

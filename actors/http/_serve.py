@@ -30,7 +30,7 @@ log = logging.getLogger("actors.http")
 
 
 async def serve(
-    api: HttpApp,
+    api: HttpApp | Any,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -46,7 +46,10 @@ async def serve(
     after ``shutdown_trigger()`` returns (never without one) and the open
     requests finished, or ``grace`` seconds passed; the app's event streams
     end at once (:meth:`HttpApp.stop`). No access log: a request's headers
-    (its token) are never logged. A client that sends nothing for
+    (its token) are never logged. ``api`` may also be an application of
+    yours that mounts the one of :func:`app`: call that one's ``stop()``
+    yourself when the shutdown comes, or its event streams hold the stop
+    for ``grace`` seconds. A client that sends nothing for
     ``read_timeout`` seconds in the middle of a request loses its
     connection (None: never), so slow clients cannot hold the server's
     connections.
@@ -63,7 +66,8 @@ async def serve(
             await trio.sleep_forever()
         else:
             await shutdown_trigger()
-        api.stop()
+        if isinstance(api, HttpApp):
+            api.stop()
 
     await hypercorn_serve(api, config, shutdown_trigger=trigger, task_status=task_status)  # type: ignore[arg-type]
 

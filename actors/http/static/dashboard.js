@@ -1,5 +1,5 @@
-// The dashboard of `actors serve`: reads the /v1 API with the token in a
-// header (never a cookie or the URL: a cross-site request cannot act, and
+// The dashboard of `actors serve`: reads the v1 API (by relative URLs: the
+// app may be mounted under a prefix) with the token in a header (never a cookie or the URL: a cross-site request cannot act, and
 // the token is in no log), polls the counts, streams the events.
 "use strict";
 
@@ -56,7 +56,7 @@ function cell(row, text, cls) {
 // -- counts and the chart --------------------------------------------------
 
 async function refreshStatus() {
-  const status = await api("/v1/status");
+  const status = await api("v1/status");
   for (const name of ["pending", "in_flight", "dead", "processed", "active_actors"]) {
     const value = status[name];
     $(`c-${name}`).textContent = value === undefined ? "–" : value.toLocaleString();
@@ -115,8 +115,8 @@ function draw() {
 
 async function refreshTables() {
   const [sessions, dead] = await Promise.all([
-    api("/v1/sessions?limit=10"),
-    api("/v1/dead-letters?limit=50"),
+    api("v1/sessions?limit=10"),
+    api("v1/dead-letters?limit=50"),
   ]);
   const sessionBody = $("sessions").tBodies[0];
   sessionBody.replaceChildren();
@@ -176,15 +176,15 @@ async function act(action) {
   }
 }
 
-const retry = (id) => api("/v1/dead-letters/retry", { method: "POST", json: { ids: [id] } });
-const abort = (id) => api(`/v1/messages/${encodeURIComponent(id)}/abort`, { method: "POST" });
+const retry = (id) => api("v1/dead-letters/retry", { method: "POST", json: { ids: [id] } });
+const abort = (id) => api(`v1/messages/${encodeURIComponent(id)}/abort`, { method: "POST" });
 
 // -- events (Server-Sent Events read with fetch: EventSource sends no header)
 
 async function streamEvents() {
   const controller = new AbortController();
   streaming = controller;
-  const response = await fetch("/v1/events", {
+  const response = await fetch("v1/events", {
     headers: { Authorization: `Bearer ${token}`, Accept: "text/event-stream" },
     credentials: "omit",
     signal: controller.signal,
