@@ -985,8 +985,10 @@ def serve(
         error = _single(exc)
         if isinstance(error, TypeError | ValueError):  # run_system's options
             raise click.UsageError(str(error)) from None
-        if isinstance(error, DatabaseInUseError | StoreError | OSError):
+        if isinstance(error, DatabaseInUseError | StoreError):
             raise click.ClickException(str(error)) from None
+        if isinstance(error, OSError):  # (the address: in use, or not ours)
+            raise click.ClickException(f"cannot listen on {host}:{port}: {error}") from None
         raise
     sys.exit(EXIT_OK)
 

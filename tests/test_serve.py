@@ -254,3 +254,23 @@ def test_serve_on_a_postgresql_url(tmp_path: Path, start: object, pg_url: str) -
     assert code == 0, err
     assert "serving postgresql://" in err
     assert TOKEN not in err
+
+
+def test_a_port_in_use_is_said_with_its_address(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "app_handlers.py").write_text(HANDLERS)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            _command("--handler", "app_handlers:handle", "--port", str(port)),
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
