@@ -22,6 +22,10 @@ def run(kind: str, params: dict[str, Any], directory: str) -> dict[str, Any]:
         from benchmarks import raw
 
         return raw.run(params, db)
+    if kind == "store_sql":
+        from benchmarks import store_sql
+
+        return store_sql.run(params, db)
     if kind == "actors":
         from benchmarks import e2e
 

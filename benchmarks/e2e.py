@@ -99,7 +99,11 @@ async def _make_idle(system: actors.System, count: int) -> float:
     return time.perf_counter() - t0
 
 
-async def _throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
+async def _throughput(
+    params: dict[str, Any], path: str, mark: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """One throughput run; ``mark("start")`` and ``mark("end")`` bound its measured span
+    (benchmarks/store_sql.py records the store's statements inside it)."""
     sessions = [f"s{i}" for i in range(params["sessions"])]
     n_sessions = len(sessions)
     total = n_sessions * params["per_session"]
@@ -127,6 +131,8 @@ async def _throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
         before = system.statistics()
         gc.collect()
         threads0 = _thread_cpu()
+        if mark is not None:
+            mark("start")
         c0 = time.process_time()
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
@@ -134,6 +140,8 @@ async def _throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
                 nursery.start_soon(producer, system, j)
         await system.drain()
         elapsed = time.perf_counter() - t0
+        if mark is not None:
+            mark("end")
         cpu = time.process_time() - c0
         threads1 = _thread_cpu()
         after = system.statistics()
@@ -394,8 +402,10 @@ async def _latency(params: dict[str, Any], path: str, busy: _LoopBusy) -> dict[s
     }
 
 
-def run_throughput(params: dict[str, Any], path: str) -> dict[str, Any]:
-    return trio.run(_throughput, params, path)
+def run_throughput(
+    params: dict[str, Any], path: str, mark: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    return trio.run(_throughput, params, path, mark)
 
 
 def run_latency(params: dict[str, Any], path: str) -> dict[str, Any]:

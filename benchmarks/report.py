@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from benchmarks.scenarios import DURABILITIES, LATENCY_BASE, PEERS, Scenario
+from benchmarks.scenarios import DURABILITIES, LATENCY_BASE, PEERS, REPLAY_PREFIX, Scenario
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -55,6 +55,9 @@ def ratios(summary: dict[str, Any]) -> dict[str, float]:
         value = _median(summary, name)
         if value is not None and d in lim:
             out[f"{name} / limit_{d}"] = value / lim[d]["msg_per_s"]
+        sql = _median(summary, REPLAY_PREFIX + name)
+        if value is not None and sql:
+            out[f"{name} / {REPLAY_PREFIX}{name}"] = value / sql
     for d in DURABILITIES:
         for actor in (f"send_s100_{d}", f"many_s100_{d}"):
             value = _median(summary, actor)
@@ -63,6 +66,75 @@ def ratios(summary: dict[str, Any]) -> dict[str, float]:
                 if value is not None and other:
                     out[f"{actor} / peer_{peer}_{d}"] = value / other
     return out
+
+
+def ceilings(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each actors scenario against its two ceilings, on the medians.
+
+    ``raw_limit``: the per-row baseline at its durability (raw.py, the better
+    batch size). ``store_sql``: raw apsw replaying the statements the store
+    ran for the same messages (store_sql.py; only the scenarios that have a
+    ``raw_sql_`` twin). ``cpu_beyond_sql_us_per_msg`` is the CPU per message
+    actors spends beyond that SQL: Python, not SQLite.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    lim = limits(summary)
+    for name in summary:
+        if not name.startswith(("send_", "many_", "idle_")):
+            continue
+        value = _median(summary, name)
+        cpu = _median(summary, name, "cpu_us_per_msg")
+        if value is None or cpu is None:
+            continue
+        d = "full" if name.endswith("_full") else "normal"
+        entry: dict[str, Any] = {"msg_per_s": value, "cpu_us_per_msg": cpu}
+        if d in lim:
+            raw = lim[d]
+            entry.update(
+                raw_limit=raw["scenario"],
+                raw_limit_msg_per_s=raw["msg_per_s"],
+                of_raw_limit=value / raw["msg_per_s"],
+                raw_limit_cpu_us_per_msg=_median(summary, raw["scenario"], "cpu_us_per_msg"),
+            )
+        twin = REPLAY_PREFIX + name
+        sql = _median(summary, twin)
+        sql_cpu = _median(summary, twin, "cpu_us_per_msg")
+        if sql is not None and sql_cpu is not None:
+            entry.update(
+                store_sql=twin,
+                store_sql_msg_per_s=sql,
+                of_store_sql=value / sql,
+                store_sql_cpu_us_per_msg=sql_cpu,
+                cpu_over_store_sql=cpu / sql_cpu,
+                cpu_beyond_sql_us_per_msg=cpu - sql_cpu,
+            )
+        out[name] = entry
+    return out
+
+
+def _ceiling_lines(summary: dict[str, Any]) -> list[str]:
+    found = {n: e for n, e in ceilings(summary).items() if "store_sql" in e or "raw_limit" in e}
+    if not found:
+        return []
+    lines = [
+        "",
+        "Against the ceilings (medians): raw per-row = raw.py, the better batch size;"
+        " store SQL = raw apsw replaying the statements the store ran (store_sql.py)",
+        f"  {'scenario':<20}{'msg/s':>10}{'of raw per-row':>16}{'of store SQL':>14}"
+        f"{'CPU us/msg: actors':>20}{'raw per-row':>13}{'store SQL':>11}{'beyond SQL':>12}",
+    ]
+    for name, e in found.items():
+        raw_cpu = e.get("raw_limit_cpu_us_per_msg")
+        lines.append(
+            f"  {name:<20}{e['msg_per_s']:>10,.0f}"
+            f"{format(e['of_raw_limit'], '.2f') + 'x' if 'of_raw_limit' in e else '-':>16}"
+            f"{format(e['of_store_sql'], '.2f') + 'x' if 'of_store_sql' in e else '-':>14}"
+            f"{e['cpu_us_per_msg']:>20.1f}"
+            f"{'-' if raw_cpu is None else format(raw_cpu, '.1f'):>13}"
+            f"{format(e['store_sql_cpu_us_per_msg'], '.1f') if 'store_sql' in e else '-':>11}"
+            f"{format(e['cpu_beyond_sql_us_per_msg'], '.1f') if 'store_sql' in e else '-':>12}"
+        )
+    return lines
 
 
 def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -242,6 +314,7 @@ def table(
             lines.append(f"  limit_{d} = {entry['scenario']}: {entry['msg_per_s']:,.0f} msg/s")
         for key, value in ratio.items():
             lines.append(f"  {key:<50} {value:10.2f}x")
+    lines += _ceiling_lines(summary)
     lines += ["", "Targets (issue 'Performance'; checked on the medians, not asserted)"]
     for c in checks:
         lines.append(f"  {c['status']:<5} {c['target']:<78} {c['shown']}")

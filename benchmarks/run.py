@@ -288,6 +288,7 @@ def _document(
         "summary": summary,
         "limits": report.limits(summary),
         "ratios": report.ratios(summary),
+        "ceilings": report.ceilings(summary),
         "targets": report.targets(summary),
     }
 

@@ -16,6 +16,10 @@ DURABILITIES = ("normal", "full")
 PEERS = ("persistqueue", "litequeue", "huey")
 # The scenario whose measured maximum sets the latency scenario's offered rate.
 LATENCY_BASE = "send_s100_normal"
+# The actors scenarios that get a second ceiling: ``raw_sql_<name>``, raw apsw
+# replaying the SQL the store ran for the same messages (benchmarks/store_sql.py).
+REPLAYED = ("send_s100_normal", "send_s10k_normal", "many_s100_normal", "send_s100_full")
+REPLAY_PREFIX = "raw_sql_"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                 },
             )
         )
+    out += _replays(out)
     per = _scaled(500, scale, 1)
     for idle in (0, _scaled(100_000, scale, 100)):
         out.append(
@@ -162,6 +167,20 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                 )
             )
     return out
+
+
+def _replays(scenarios: list[Scenario]) -> list[Scenario]:
+    """The store-SQL ceiling of each scenario in REPLAYED: the same parameters."""
+    return [
+        Scenario(
+            REPLAY_PREFIX + s.name,
+            "store_sql",
+            f"raw apsw replaying the store's SQL of {s.name}",
+            dict(s.params),
+        )
+        for s in scenarios
+        if s.name in REPLAYED
+    ]
 
 
 def select(scenarios: list[Scenario], only: list[str] | None) -> list[Scenario]:

@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["raw_b100_normal", "send_s100_normal", "many_s100_normal", "latency_half"]
+SCENARIOS = [
+    "raw_b100_normal",
+    "send_s100_normal",
+    "many_s100_normal",
+    "raw_sql_send_s100_normal",
+    "latency_half",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,12 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
     assert {"meta", "scenarios", "summary", "limits", "ratios", "targets"} <= doc.keys()
     assert doc["meta"]["rounds"] == 1
     assert set(doc["scenarios"]) == set(SCENARIOS)
-    for name in ("raw_b100_normal", "send_s100_normal", "many_s100_normal"):
+    for name in (
+        "raw_b100_normal",
+        "send_s100_normal",
+        "many_s100_normal",
+        "raw_sql_send_s100_normal",
+    ):
         (result,) = doc["scenarios"][name]["rounds"]
         assert "error" not in result, result
         for key in ("messages", "elapsed_s", "msg_per_s", "cpu_us_per_msg", "msgs_per_commit"):
@@ -82,6 +93,32 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
     assert 0 < latency["harness_loop_busy"] < latency["loop_busy"] <= 1, latency
     assert doc["limits"]["normal"]["msg_per_s"] > 0
     assert doc["ratios"]["send_s100_normal / limit_normal"] > 0
+    assert doc["ratios"]["send_s100_normal / raw_sql_send_s100_normal"] > 0
+
+
+def test_the_store_sql_ceiling_replays_the_whole_run(
+    run: tuple[subprocess.CompletedProcess[str], dict],
+) -> None:
+    """The replay ran the store's transactions for every message: the same
+    messages and commits as its recorded run, fewer SQLite calls than
+    messages (batched inserts, ack boxes), every row deleted at the end; and
+    the report sets send() against both ceilings, in CPU too."""
+    proc, doc = run
+    (replay,) = doc["scenarios"]["raw_sql_send_s100_normal"]["rounds"]
+    (send,) = doc["scenarios"]["send_s100_normal"]["rounds"]
+    assert replay["messages"] == send["messages"]
+    assert replay["rows_left"] == 0
+    assert replay["msgs_per_commit"] == replay["capture_msgs_per_commit"]
+    assert 0 < replay["sqlite_calls_per_msg"] <= replay["statements_per_msg"]
+    assert replay["sqlite_calls_per_msg"] < 1
+    entry = doc["ceilings"]["send_s100_normal"]
+    assert entry["store_sql"] == "raw_sql_send_s100_normal"
+    assert entry["of_store_sql"] == pytest.approx(send["msg_per_s"] / replay["msg_per_s"])
+    assert entry["of_raw_limit"] > 0
+    assert entry["cpu_beyond_sql_us_per_msg"] == pytest.approx(
+        send["cpu_us_per_msg"] - replay["cpu_us_per_msg"]
+    )
+    assert "Against the ceilings" in proc.stdout
     statuses = {t["target"]: t["status"] for t in doc["targets"]}
     assert len(statuses) == 6
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
