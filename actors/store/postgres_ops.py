@@ -232,14 +232,19 @@ class Operations:
 
     def finish(self) -> None:
         """In the transaction, after its operations: the counts and one notice."""
-        owned = self.own.owned
-        others = sorted(b for b in self.announce if b not in owned or b in self.own.leaving)
+        others = self.elsewhere()
         if others:
             self.conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.notice(others)))
         for member in self.answered:
             self.conn.execute("SELECT pg_notify(%s, %s)", (REPLY_CHANNEL, member))
         for member in self.fed:
             self.conn.execute("SELECT pg_notify(%s, %s)", (OUTPUT_CHANNEL, member))
+
+    def elsewhere(self) -> list[int]:
+        """The buckets this transaction added work to that this process does not
+        run now (not held, or being handed over): their owners must be told."""
+        owned, leaving = self.own.owned, self.own.leaving
+        return sorted(b for b in self.announce if b not in owned or b in leaving)
 
     def notice(self, others: list[int]) -> str:
         """The payload of this transaction's notice of work in ``others``.

@@ -63,8 +63,7 @@ class SendOperations(Operations):
         columns = staged[0]
         if len(staged) > 1:
             columns = tuple([v for group in staged for v in group[c]] for c in range(len(columns)))
-        owned, leaving = self.own.owned, self.own.leaving
-        others = sorted(b for b in self.announce if b not in owned or b in leaving)
+        others = self.elsewhere()
         insert = INSERT_MESSAGES_AGAIN if self.again else INSERT_MESSAGES
         if others:
             self.conn.execute(
