@@ -357,6 +357,12 @@ class PgCluster:
             self._lose(lost)
         return lost
 
+    async def _commits_submitted(self) -> None:
+        """Wait until every operation submitted to the store so far has committed."""
+        committed = trio.Event()
+        self._after_commits(committed.set)
+        await committed.wait()
+
     async def _tell_owners(self, dropped: set[int]) -> None:
         """Announce ``dropped`` (no longer this process's) once every send
         submitted until now has committed.
@@ -367,9 +373,7 @@ class PgCluster:
         told nobody of its message. From now on a send announces these
         buckets; the notice covers those before.
         """
-        committed = trio.Event()
-        self._after_commits(committed.set)
-        await committed.wait()
+        await self._commits_submitted()
         await self._db(lambda: announce(self._connection(), sorted(dropped), delayed=True))
 
     def _lose(self, lost: set[int]) -> None:
@@ -438,9 +442,7 @@ class PgCluster:
         # An actor leaves once its last ack is submitted, not committed: a
         # bucket given back first would have that ack refused, and its
         # message run again by the next owner.
-        committed = trio.Event()
-        self._after_commits(committed.set)
-        await committed.wait()
+        await self._commits_submitted()
         await self._db(leases.give_back, self._connection(), own.member, idle)
         own.owned = {b: e for b, e in own.owned.items() if b not in idle}
         own.leaving -= set(idle)
