@@ -133,15 +133,58 @@ class SessionActor(ActorState):
     # -- the actor's task ---------------------------------------------------
 
     async def run(self) -> None:
-        """Incarnations until the session is idle, waits, yields, or the system stops."""
-        host = self._host
+        """Serve this session, then each session the supervisor gives this task next.
+
+        A task outlives its session: when the actor leaves, the supervisor
+        may hand the task the next session to start (``Supervisor.retire``
+        and ``evict``), which spares a new task, and keeps the task's
+        cancel scope until a kill or a time-out spends it (entering one is
+        a CancelStatus, a context manager and the deadline bookkeeping).
+        Each session runs in a fresh copy of the context ``run_system``
+        was entered in (``ActorHost.session_context``): sessions never see
+        each other's context variables.
+        """
         task = trio.lowlevel.current_task()
+        actor: SessionActor | None = self
+        carried: Exit | None = None
+        while actor is not None:
+            with trio.CancelScope() as scope:
+                while actor is not None and not scope.cancel_called:
+                    actor, carried = await actor.activation(task, scope, carried)
+
+    async def activation(
+        self, task: trio.lowlevel.Task, scope: trio.CancelScope, carried: Exit | None
+    ) -> tuple[SessionActor | None, Exit | None]:
+        """Incarnations of this session in ``scope`` until it leaves, or the scope is spent.
+
+        ``carried``: how the last incarnation ended, when a kill or a
+        time-out spent the scope it ran in (``_cut_instance`` set if the
+        cancellation cut it): settled here first, in a fresh scope. Returns
+        the actor the task serves next (this one again when the scope is
+        spent, a successor, or None), and the outcome carried to it.
+        """
+        host = self._host
         host.actor_tasks[task] = self  # (once per activation: see System._calling_actor)
+        if self.fresh_context:
+            # A fresh context for this session; trio runs each step of the
+            # task in task.context, so it holds from the next step on.
+            self.fresh_context = False
+            task.context = host.session_context()
+            await trio.lowlevel.cancel_shielded_checkpoint()
         # One frame, not a wrapper around the loop: every resumption of the
         # actor's task walks its chain of coroutines.
         try:
             while True:
-                outcome: Exit | None = await self._incarnation()
+                outcome: Exit | None
+                if carried is not None:
+                    outcome, carried = carried, None
+                    if self._cut_instance is not None:
+                        outcome = await self._after_cut()
+                else:
+                    outcome = await self._incarnation(scope)
+                    if scope.cancel_called:
+                        # Settled in the next scope: this one is spent.
+                        return self, outcome
                 if (outcome is Exit.CRASH or outcome is Exit.START_FAILED) and self.dropped:
                     # Cancelled because the session left this process: no
                     # crash to record (the store refuses it anyway).
@@ -149,9 +192,10 @@ class SessionActor(ActorState):
                     outcome = Exit.STOP
                 elif outcome is Exit.CRASH or outcome is Exit.START_FAILED:
                     outcome = await self._recover(outcome is Exit.START_FAILED)
-                if outcome is not None and host.retire(self, outcome):
-                    self._to(Phase.LEFT)
-                    return
+                if self.evicted:
+                    break  # (the supervisor retired it already: see Supervisor.evict)
+                if outcome is not None and host.retire(self, outcome, task):
+                    break
         except BaseException as exc:
             # Cancelled by a hard stop (or the system failing): the message
             # goes back to the head of its queue for the next start. If its
@@ -161,9 +205,21 @@ class SessionActor(ActorState):
             await self._release_in_flight(crashed=not isinstance(exc, trio.Cancelled))
             host.forget(self)
             self._to(Phase.LEFT)
+            successor = host.successor(task)
+            if successor is not None:
+                await successor.abandon()
             raise
         finally:
             del host.actor_tasks[task]
+        self._to(Phase.LEFT)
+        return host.successor(task), None
+
+    async def abandon(self) -> None:
+        """Leave without running: the task meant to run this actor ends (a hard
+        stop, the system failing). What was handed to it goes back."""
+        await self._release_in_flight()
+        self._host.forget(self)
+        self._to(Phase.LEFT)
 
     async def _recover(self, start_failed: bool) -> Exit | None:
         """After a crash: record it, then how to leave (None: start again now)."""
@@ -189,7 +245,13 @@ class SessionActor(ActorState):
             return None
         return Exit.STOP  # (woken by the stop: no instance to start for it)
 
-    async def _incarnation(self) -> Exit:
+    async def _incarnation(self, scope: trio.CancelScope) -> Exit:
+        """One instance of the user's actor, run in ``scope`` (the task's).
+
+        kill() and the Watchdog's time_out() cancel ``scope`` (through
+        ``_scope``, set only while the incarnation runs); the caller then
+        leaves the spent scope and settles the cut (``_after_cut``).
+        """
         host = self._host
         self._to(Phase.STARTING)
         data = SessionData(
@@ -200,42 +262,58 @@ class SessionActor(ActorState):
         self._failure = None
         self._failure_text = None
         self.turn = 0
-        self.caught_up = False
+        self.caught_up, self.fresh_handoff = self.fresh_handoff, False
         outcome = Exit.CRASH
         instance: Instance | None = None
-        # One cancel scope per incarnation, cancelled by kill() and by the
-        # Watchdog's time_out() alike: a scope is not cheap (a CancelStatus,
-        # a context manager, the deadline bookkeeping), and an activation
-        # would pay for a second one.
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            try:
-                instance = await self._start_instance(data, ctx)
-                outcome = await self._serve(instance, data, ctx)
-            except StoreError:
-                raise
-            except BaseException as exc:  # the factory or started() failed: a crash
+        cut = False
+        self._scope = scope
+        try:
+            instance = await self._start_instance(data, ctx)
+            outcome = await self._serve(instance, data, ctx)
+        except StoreError:
+            raise
+        except trio.Cancelled as exc:
+            if scope.cancel_called:
+                cut = True
+            else:  # a hard stop (re-raised), or a stray one started() raised: a crash
                 outcome = self._start_failed(exc)
-            else:
-                if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT:
-                    await self._stop_instance(instance, ctx)
-            finally:
-                self._scope = None
-                host.end_isolation(self)
-        if scope.cancelled_caught or outcome is Exit.TIMEOUT:
+        except BaseException as exc:  # the factory or started() failed: a crash
+            outcome = self._start_failed(exc)
+        else:
+            if (
+                outcome is not Exit.CRASH
+                and outcome is not Exit.TIMEOUT
+                and not (self.evicted and host.behaviour.stops_quietly)
+            ):
+                await self._stop_instance(instance, ctx)
+        finally:
+            self._scope = None
+            host.end_isolation(self)
+        if cut or outcome is Exit.TIMEOUT:
             # Cancelled by kill() or by time_out() (a kill wins); or the
             # handler timed out as it raised or returned (Exit.TIMEOUT).
-            outcome = Exit.CRASH
-            if self._cancel is Cancel.TIMED_OUT:
-                assert instance is not None  # (only a running handler times out)
-                killed = await self._stop_timed_out(instance, ctx)
-            else:
-                # A kill; but one that lands in stopped() after the handler
-                # raised does not hide the handler's own error.
-                killed = self._failure is None
-            if killed:
-                self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
+            # (A kill that came with nothing left to cancel ends nothing.)
+            self._cut_instance = (instance, ctx)
+            if not scope.cancel_called:
+                return await self._after_cut()
+            return Exit.CRASH
         return outcome
+
+    async def _after_cut(self) -> Exit:
+        """Settle an incarnation that a kill or a time-out ended: a crash, and its failure."""
+        assert self._cut_instance is not None
+        instance, ctx = self._cut_instance
+        self._cut_instance = None
+        if self._cancel is Cancel.TIMED_OUT:
+            assert instance is not None  # (only a running handler times out)
+            killed = await self._stop_timed_out(instance, ctx)
+        else:
+            # A kill; but one that lands in stopped() after the handler
+            # raised does not hide the handler's own error.
+            killed = self._failure is None
+        if killed:
+            self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
+        return Exit.CRASH
 
     async def _start_instance(self, data: SessionData, ctx: Any) -> Instance:
         host = self._host
@@ -409,10 +487,10 @@ class SessionActor(ActorState):
     async def _take_first_handed(self, serving: _Serving) -> Message:
         """Take a message handed before this incarnation's first claim: load the state first."""
         assert serving.ack is None  # (nothing ran in this incarnation yet)
-        self._to(Phase.HOLDING)
+        self._to(_HOLDING)
         msg = self.in_flight = self.handed[0]  # held while the state loads
         store = self._host.store
-        serving.data.load(await store.load_state(self.session_id))
+        serving.data.load(await store.load_state(self.session_id) if store.may_have_state else None)
         self.handed.popleft()
         if msg.id > self.claimed_seq:
             self.claimed_seq = msg.id

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -101,6 +102,23 @@ class ActorState:
         # The session is no longer this process's (a clustered store handed
         # its bucket over, or lost it): no handler starts, the actor leaves.
         self.dropped = False
+        self._init_task()
+
+    def _init_task(self) -> None:
+        """The fields of the task it runs in, which may serve other sessions
+        before and after it (part of __init__; see SessionActor.run)."""
+        # Retired while parked, its slot and task given to another session
+        # (Supervisor.evict): the task unwinds it and runs that one.
+        self.evicted = False
+        # How its task starts running it, for an actor started for a
+        # handoff: called once the messages are handed (Supervisor._launch).
+        self.launch: Callable[[], object] | None = None
+        # Its task served another session in this step: switch to a fresh
+        # context before any code of this session runs (see SessionActor.run).
+        self.fresh_context = False
+        # The instance and context of an incarnation a kill or a time-out
+        # cut, until _after_cut settles it (outside the spent scope).
+        self._cut_instance: tuple[Any, Any] | None = None
 
     def _init_handoff(self) -> None:
         """The fields of claim on delivery (part of __init__)."""
@@ -116,6 +134,12 @@ class ActorState:
         # The task while it waits for its reservation to settle
         # (_wait_handoff); take_handoff() reschedules it, as unpark() does.
         self._handoff_waiter: trio.lowlevel.Task | None = None
+        # Handed before the first incarnation, inserted claimed with nothing
+        # of the session pending (Store.append's check): nothing in the
+        # database comes before or between them, so the actor starts caught
+        # up, and needs no claim to learn it.
+        self.fresh_handoff = False
+        self._reserved_new = False  # reserved before its task ran: nothing claimed since
         # Serving periods (one per _serve call) and the one a reservation was
         # made in. A handoff is taken only in the period it was reserved in:
         # the store judged "nothing of the session pending" at insert time,
@@ -199,6 +223,11 @@ class ActorState:
         """Waiting for work."""
         return self._parked is not None
 
+    @property
+    def parked_task(self) -> trio.lowlevel.Task | None:
+        """The task, while it waits for work."""
+        return self._parked
+
     def unpark(self) -> None:
         """End the wait for work; the actor looks at what it has."""
         task = self._parked
@@ -261,7 +290,7 @@ class ActorState:
         overtake a message in the database (Store.append).
         """
         return (
-            self.phase in SERVING
+            (self.phase in SERVING or self.phase is Phase.NEW)
             and not self.reserved
             and len(self.handed) < self._host.config.mailbox_size
         )
@@ -274,6 +303,7 @@ class ActorState:
         """
         self.reserved = True
         self._reserve_gen = self._serve_gen
+        self._reserved_new = self.phase is Phase.NEW
 
     def _abort_handoff_wait(self, _: object) -> trio.lowlevel.Abort:
         # The waiting task is cancelled (a kill, or the system stopping hard).
@@ -295,8 +325,14 @@ class ActorState:
             trio.lowlevel.reschedule(waiter, WOKEN)
         if not msgs:
             return True  # none was inserted claimed after all
-        if self.phase not in SERVING or self._reserve_gen != self._serve_gen:
+        if self.phase is Phase.NEW:
+            self.fresh_handoff = True  # (see _init_handoff)
+        elif self.phase not in SERVING or self._reserve_gen != self._serve_gen:
             return False  # it stopped serving since: they may overtake a failed message
+        elif self._reserved_new:
+            # Started since, and waited for these (a reserved actor claims
+            # nothing): as caught up as if they had come before it started.
+            self.caught_up = True
         self.handed.extend(msgs)
         self.claimed_seq = max(self.claimed_seq, msgs[-1].id)
         if self._parked is not None:

@@ -225,7 +225,12 @@ def actor_factory(handler: object) -> Behaviour:
             # started() may read the state: a class with its own started()
             # gets the state loaded before it (a function handler gets it
             # with its first claim instead).
-            return Behaviour(handler, handler.started is not Actor.started, None)
+            return Behaviour(
+                handler,
+                handler.started is not Actor.started,
+                None,
+                handler.stopped is Actor.stopped,
+            )
         raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
     if isinstance(handler, Actor):
         raise TypeError(
@@ -237,7 +242,7 @@ def actor_factory(handler: object) -> Behaviour:
     ):
         _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
         fn: Handler = handler
-        return Behaviour(lambda: _FunctionActor(fn), False, fn)
+        return Behaviour(lambda: _FunctionActor(fn), False, fn, True)
     raise TypeError(
         "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
         f"got {handler!r}"

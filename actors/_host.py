@@ -8,6 +8,7 @@ so this module does not import the actor's (``ActorHost[SessionActor]``).
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -50,11 +51,15 @@ class Behaviour:
       function: a function handler, called directly with ``(ctx, msg)``
         instead of through its instance's ``handle`` (one frame fewer per
         message).
+      stops_quietly: the instance has no ``stopped`` hook of its own: an
+        idle actor may be retired at once, its slot given to another
+        session (Supervisor.evict).
     """
 
     new_instance: Callable[[], Instance]
     loads_state_at_start: bool
     function: Callable[[Any, Message], Awaitable[Any]] | None
+    stops_quietly: bool = False
 
 
 class Waiters(Protocol):
@@ -114,7 +119,9 @@ class ActorHost(Protocol[A]):
     async def isolate(self, actor: A) -> None: ...
     def end_isolation(self, actor: A) -> None: ...
     async def wait_isolation(self, actor: A) -> None: ...
-    def retire(self, actor: A, outcome: Exit) -> bool: ...
+    def retire(self, actor: A, outcome: Exit, task: trio.lowlevel.Task | None = None) -> bool: ...
+    def successor(self, task: trio.lowlevel.Task) -> A | None: ...
+    def session_context(self) -> contextvars.Context: ...
     def forget(self, actor: A) -> None: ...
     def on_actor_started(self, actor: A) -> None: ...
     def on_acked(self) -> None: ...

@@ -93,7 +93,7 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     ),
     Phase.IDLE: frozenset(
         {Phase.HOLDING, Phase.CLAIMING, Phase.HANDOFF, Phase.ISOLATION, Phase.ACKING}
-        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING}
+        | {Phase.RELEASING, Phase.STOPPING, Phase.FAILING, Phase.LEFT}
     ),
     Phase.HANDOFF: frozenset(
         {Phase.HOLDING, Phase.CLAIMING, Phase.ISOLATION, Phase.HANDOFF, Phase.ACKING}

@@ -386,6 +386,11 @@ class Router:
     def _fail(self, batch: Batch | None, exc: BaseException) -> None:
         self._failure = exc
         self._closed = True
+        # Nothing was inserted claimed: end the reservations (an actor
+        # started for them runs, and finds nothing handed).
+        handoffs, self._handoffs = self._handoffs, {}
+        for actor in handoffs:
+            self._sup.hand_over(actor, [])
         for b in (batch, self._open):
             if b is not None:
                 b.error = exc

@@ -13,6 +13,7 @@ Sessions waiting for a slot wait in one line, fair across sessions
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import random
@@ -118,6 +119,17 @@ class Supervisor:
         self.line = WaitingLine(overflow=pending > 0)
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
+        # Sessions given to the task of an actor that left, to run next
+        # (SessionActor.run), and the task retire() offers to _start().
+        self._successors: dict[trio.lowlevel.Task, SessionActor] = {}
+        self._free_task: trio.lowlevel.Task | None = None
+        # Start-table slots of actors that left, until their acks commit
+        # (_free_slot): waiting for the next no-op, and the ones it frees.
+        self._leaving_slots: list[int] = []
+        self._slots_releasing: list[int] | None = None
+        # What each session's handler runs in: a fresh copy of this, the
+        # context the system was opened in (run() takes it).
+        self._context = contextvars.copy_context()
         # {task: the actor it runs}: tells drain()/ask() they are called from one.
         self.actor_tasks: dict[trio.lowlevel.Task, SessionActor] = {}
         self.busy = Gauge(0)  # actors holding a claimed message (in_flight set)
@@ -170,6 +182,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the actors' nursery until stop() has finished with it."""
+        self._context = contextvars.copy_context()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -375,10 +388,18 @@ class Supervisor:
         actors = self._actors
         room = self.config.mailbox_size
         fair_share = self.config.fair_share if self.line.has_waiters else None
+        batch: set[str] | None = None  # the batch's sessions (their idle actors stay)
         for index, session_id in enumerate(sessions):
             actor = actors.get(session_id)
             if actor is None:
-                continue
+                if session_id in refused:
+                    continue
+                if batch is None:
+                    batch = set(sessions)
+                actor = self._start_for_handoff(session_id, batch)
+                if actor is None:
+                    refused.add(session_id)
+                    continue
             indices = picked.get(actor)
             if indices is None:
                 if session_id in refused:
@@ -399,14 +420,73 @@ class Supervisor:
             self.reserved.add(len(picked))
         return picked
 
+    def _start_for_handoff(self, session_id: str, batch: set[str]) -> SessionActor | None:
+        """Start an actor now for a session of the batch being sealed, to be
+        handed its messages: activation without a claim.
+
+        Only where the session would start at once anyway (a free slot,
+        nobody waiting for one), or in the slot of a parked actor that has
+        nothing to do (evict). Not in a cluster: there a message of the
+        session may be in flight for another process (the store's check at
+        insert looks only for pending ones).
+        """
+        if self.cluster is not None or session_id in self.line or self.line.has_waiters:
+            return None
+        # Its task runs (or the evicted actor's task wakes) once the
+        # messages are handed (hand_over): the actor then finds them there,
+        # and waits for nothing.
+        if len(self._actors) < self.config.max_active:
+            return self._start(session_id, launch=False)
+        idle = self._idle_to_evict(batch)
+        if idle is None:
+            return None
+        self.evict(idle)
+        return self._start(session_id, idle.parked_task, launch=False, carrier=idle)
+
+    def _idle_to_evict(self, batch: set[str]) -> SessionActor | None:
+        """A parked actor whose slot and task may go to another session now."""
+        if not self.idle_actors or not self.behaviour.stops_quietly:
+            return None  # (a stopped() hook must run before the slot is free)
+        for _ in range(4):  # (a few tries: one that has work stays)
+            actor = self.idle_actors.pop()
+            if (
+                actor.session_id not in batch
+                and not actor.has_new_work()
+                and actor.in_flight is None
+                and not actor.dropped
+            ):
+                return actor
+            self.idle_actors.add(actor)
+            if len(self.idle_actors) == 1:
+                break
+        return None
+
+    def evict(self, actor: SessionActor) -> None:
+        """Retire a parked actor now, its slot and task for the next session.
+
+        Synchronous, so its slot can be given in the same step: the actor
+        has nothing in flight, handed or announced, and its instance no
+        stopped() hook to run (``Behaviour.stops_quietly``), so no code of
+        its session runs after this. Its task stays parked until the
+        successor is launched (``_launch``): it then wakes, finds its actor
+        ``evicted`` and runs the successor.
+        """
+        assert actor.parked_task is not None
+        self._remove(actor, Exit.IDLE)
+        actor.evicted = True
+        self.live.add(-1)
+
     def hand_over(self, actor: SessionActor, msgs: list[Message]) -> None:
         """Give a reserved actor the messages that were inserted claimed for it.
 
-        ``msgs`` is empty when none was (the session had pending messages):
-        that only ends the reservation.
+        ``msgs`` is empty when none was (the session had pending messages,
+        or the batch failed): that only ends the reservation.
         """
         self.reserved.add(-1)
-        if self._actors.get(actor.session_id) is actor and actor.take_handoff(msgs):
+        taken = self._actors.get(actor.session_id) is actor and actor.take_handoff(msgs)
+        if actor.launch is not None:
+            self._launch(actor)
+        if taken:
             return
         if not msgs:
             return
@@ -440,33 +520,52 @@ class Supervisor:
 
     # -- what actors call -------------------------------------------------
 
-    def retire(self, actor: SessionActor, outcome: Exit) -> bool:
+    def retire(
+        self, actor: SessionActor, outcome: Exit, task: trio.lowlevel.Task | None = None
+    ) -> bool:
         """Let ``actor`` leave after ``outcome``; False if it must go on working.
 
         Synchronous on purpose: between the last look at its notices and
         handed messages and the removal from the registry there is no
         checkpoint, so a notice either arrived before (the actor goes on) or
         finds no actor (a new one starts). No message is stranded by a
-        passivation.
+        passivation. ``task``, the actor's, is free for the next session
+        that starts in the freed slot (``successor``).
         """
         if outcome is not Exit.STOP and (actor.reserved or actor.handed):
             return False  # messages claimed on delivery are on their way or here
         if outcome is Exit.IDLE and not self.stopping and actor.has_new_work():
             return False
+        self._remove(actor, outcome)
+        if outcome is Exit.WAIT and actor.wait_until is not None:
+            self.timer.schedule(actor.wait_until, actor.session_id)
+        elif outcome is Exit.YIELD and not self.stopping:
+            self._queue(actor.session_id, yielded=True)
+        self._free_task = task
+        try:
+            self._after_leave()
+        finally:
+            self._free_task = None
+        return True
+
+    def _remove(self, actor: SessionActor, outcome: Exit) -> None:
+        """Take a leaving actor out of the registry (retire, evict)."""
         assert self._actors.get(actor.session_id) is actor
         del self._actors[actor.session_id]
         self.watchdog.forget(actor)
         self.idle_watch.forget(actor)
         self._free_slot(actor)
-        if outcome is Exit.WAIT and actor.wait_until is not None:
-            self.timer.schedule(actor.wait_until, actor.session_id)
-        elif outcome is Exit.YIELD and not self.stopping:
-            self._queue(actor.session_id, yielded=True)
         log.debug("actor of %r left (%s)", actor.session_id, outcome.value)
         if self.events.active:
             self.emit("actor_stopped", actor.session_id, detail=outcome.value)
-        self._after_leave()
-        return True
+
+    def successor(self, task: trio.lowlevel.Task) -> SessionActor | None:
+        """The actor ``task`` runs next, now that its actor left (None: the task ends)."""
+        return self._successors.pop(task, None) if self._successors else None
+
+    def session_context(self) -> contextvars.Context:
+        """A fresh context for a session's task: a copy of the system's."""
+        return self._context.copy()
 
     def forget(self, actor: SessionActor) -> None:
         """Remove an actor that was cancelled (stop, or the system failing)."""
@@ -484,14 +583,32 @@ class Supervisor:
 
         (Until then its mark must stay: a crash would otherwise redeliver a
         handled message with its attempt given back. The store commits
-        operations in order, so a no-op's commit comes after theirs.)
+        operations in order, so a no-op's commit comes after theirs.) One
+        no-op at a time serves every slot freed before it was submitted;
+        slots freed meanwhile wait for the next.
         """
         slot, actor.slot = actor.slot, -1
-        starts = self.store.starts
-        if slot < 0 or starts is None:
+        if slot < 0:
             return
+        self._leaving_slots.append(slot)
+        if self._slots_releasing is None:
+            self._release_slots()
+
+    def _release_slots(self) -> None:
+        """Submit the no-op that frees the slots of actors that left until now."""
+        slots, self._leaving_slots = self._leaving_slots, []
+        self._slots_releasing = slots
         with contextlib.suppress(StoreError):
-            self.store.after_commits(lambda: starts.release(slot))
+            self.store.after_commits(self._slots_released)
+
+    def _slots_released(self) -> None:
+        starts = self.store.starts
+        slots, self._slots_releasing = self._slots_releasing, None
+        if starts is not None and slots:
+            for slot in slots:
+                starts.release(slot)
+        if self._leaving_slots:
+            self._release_slots()
 
     def emit(self, kind: str, session_id: str | None = None, **fields: object) -> None:
         """Publish a status event (cheap when nobody listens: check ``events.active`` first)."""
@@ -706,22 +823,70 @@ class Supervisor:
 
     # -- slots ------------------------------------------------------------
 
-    def _start(self, session_id: str) -> None:
+    def _start(
+        self,
+        session_id: str,
+        task: trio.lowlevel.Task | None = None,
+        *,
+        launch: bool = True,
+        carrier: SessionActor | None = None,
+    ) -> SessionActor | None:
+        """Start an actor for ``session_id``: in ``task`` (the parked task of
+        ``carrier``, evicted) or the task retire() freed (after its actor),
+        or in a new task. None if none can start. ``launch=False``: its task
+        runs at ``_launch`` (hand_over), not before."""
         assert session_id not in self._actors
         if self._nursery is None:
-            return  # stopped; the work stays in the database for the next start
+            return None  # stopped; the work stays in the database for the next start
         if self.cluster is not None and not self.cluster.owns(session_id):
-            return  # (it left this process while waiting for a slot)
-        try:
-            actor = SessionActor(session_id, self)
-            self._nursery.start_soon(actor.run, name=f"actor:{session_id}")
-        except RuntimeError:
-            # The nursery closed (the system is failing) before run()'s
-            # finally could say so: the work stays in the database.
-            self.stopping = True
-            return
+            return None  # (it left this process while waiting for a slot)
+        actor = SessionActor(session_id, self)
+        if task is None:
+            task, self._free_task = self._free_task, None
+            # (The freed task goes on with it in the same step: it switches
+            # to a fresh context itself.)
+            actor.fresh_context = task is not None
+        if task is not None:
+            self._successors[task] = actor
+            if carrier is not None:
+                actor.launch = lambda: self._wake_carrier(carrier, task)
+        elif launch:
+            if not self._spawn(actor):
+                return None
+        else:
+            actor.launch = lambda: self._spawn(actor, registered=True)
         self._actors[session_id] = actor
         self.live.add(1)
+        return actor
+
+    def _spawn(self, actor: SessionActor, *, registered: bool = False) -> bool:
+        """Start ``actor``'s task. False if the nursery closed (the system is failing)."""
+        try:
+            if self._nursery is None:
+                raise RuntimeError("the supervisor's nursery is closed")
+            # Run in a copy of the system's context: the task's context is
+            # a copy of the spawner's (which may be another session's).
+            self._context.run(self._nursery.start_soon, actor.run)
+        except RuntimeError:
+            # The nursery closed before run()'s finally could say so: the
+            # work stays in the database (what was handed is recovered at
+            # the next start: its handler never started).
+            self.stopping = True
+            if registered:
+                self.forget(actor)
+            return False
+        return True
+
+    def _wake_carrier(self, carrier: SessionActor, task: trio.lowlevel.Task) -> None:
+        """Wake an evicted actor's task, to run its successor in a fresh context."""
+        task.context = self.session_context()  # (trio runs each step in task.context)
+        carrier.unpark()
+
+    def _launch(self, actor: SessionActor) -> None:
+        """Let the task of an actor started for a handoff run it (see _start)."""
+        launch, actor.launch = actor.launch, None
+        if launch is not None:
+            launch()
 
     def _queue(self, session_id: str, *, yielded: bool = False) -> None:
         """Put ``session_id`` at the back of the line for a slot (see WaitingLine.add).

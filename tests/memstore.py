@@ -439,6 +439,10 @@ class MemoryStore:
         return self._starts
 
     @property
+    def may_have_state(self) -> bool:
+        return bool(self.states)
+
+    @property
     def cluster(self) -> None:
         return None  # (one process: every session is its own)
 

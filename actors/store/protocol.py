@@ -194,6 +194,12 @@ class Store(Protocol):
         the store: callers refuse it before it reaches the store."""
 
     @property
+    def may_have_state(self) -> bool:
+        """False while no session has ``ctx.state`` in the database: a state
+        read would find nothing (an activation skips it). Read on the trio
+        thread; True once any state may have been written."""
+
+    @property
     def next_seq(self) -> int:
         """The seq the next queued message will take: a mark of "now" in
         queue order. Read on the trio thread it may lag a transaction being

@@ -88,6 +88,11 @@ class Operations:
         # wait is written (see sqlite_schema.bound_waits).
         self.clock_now: Callable[[], float] = _clock.wall_time
 
+    @property
+    def has_state(self) -> bool:
+        """Whether any session may have state (set before its write commits)."""
+        return self._has_state
+
     def _take_seq(self) -> int:
         seq = self.next_seq
         self.next_seq += 1
