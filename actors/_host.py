@@ -35,6 +35,7 @@ class Instance(Protocol):
 
     async def started(self, ctx: Any) -> None: ...
     async def handle(self, ctx: Any, msg: Message) -> Any: ...
+    async def handle_batch(self, ctx: Any, msgs: list[Message]) -> Any: ...
     async def stopped(self, ctx: Any) -> None: ...
 
 
@@ -49,12 +50,16 @@ class Behaviour:
         with the first claim, in the same transaction).
       function: a function handler, called directly with ``(ctx, msg)``
         instead of through its instance's ``handle`` (one frame fewer per
-        message).
+        message); with ``max_batch``, with ``(ctx, msgs)``.
+      max_batch: 0 for a handler of one message at a time; else the most
+        messages a batched handler (``actors.batched``, or an actor's
+        ``handle_batch``) takes at once.
     """
 
     new_instance: Callable[[], Instance]
     loads_state_at_start: bool
-    function: Callable[[Any, Message], Awaitable[Any]] | None
+    function: Callable[[Any, Any], Awaitable[Any]] | None
+    max_batch: int = 0
 
 
 class Waiters(Protocol):
@@ -117,7 +122,7 @@ class ActorHost(Protocol[A]):
     def retire(self, actor: A, outcome: Exit) -> bool: ...
     def forget(self, actor: A) -> None: ...
     def on_actor_started(self, actor: A) -> None: ...
-    def on_acked(self) -> None: ...
+    def on_acked(self, count: int = 1) -> None: ...
     def on_acks_committed(self, result: tuple[int, list[tuple[str, int]] | None]) -> None: ...
     def on_sent(self, sent: list[tuple[str, int]]) -> None: ...
     def on_dead_lettered(
@@ -132,4 +137,5 @@ class ActorHost(Protocol[A]):
         failure: BaseException,
         dead: bool,
         text: FailureText | None = None,
+        answer: bool = True,
     ) -> None: ...
