@@ -649,14 +649,16 @@ class SessionActor(ActorState):
             host.on_acked(len(msgs))
             for i, m in enumerate(msgs):
                 host.answer(m.id, values[i] if values is not None else None)
-        else:
-            serving.store.ack_soon(done, serving.acked)
-            self._batch_done()
         if values is not None and host.outputs.listening(self.session_id):
+            # Before the ack otherwise, as for a message alone: drain() waits
+            # for the outputs, and a kill meanwhile runs the batch again.
             self._to(Phase.EMITTING)
             for value in values:
                 if value is not None:
                     await host.outputs.publish(self.session_id, value)
+        if self._batch is not None:
+            serving.store.ack_soon(done, serving.acked)
+            self._batch_done()
 
     def _batch_done(self) -> None:
         """The batch's ack is submitted: it holds nothing any more."""

@@ -11,9 +11,10 @@ the :class:`~actors._session.SessionData` behind it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from ._clock import wall_time
 from ._codec import check_session_id, encode_body
@@ -210,7 +211,8 @@ def batched(fn: Any = None, /, *, max_size: int = DEFAULT_MAX_BATCH) -> Any:
     list of one value per message (what ``ask()`` of that message gets).
     A batch that fails has each of its messages retried alone (see
     docs/howto-batches.md). ``@actors.batched`` alone means
-    ``max_size=100``. Returns the function itself, marked.
+    ``max_size=100``. Returns the function itself, marked (a bound method
+    or another callable that takes no attributes: a function calling it).
 
     Raises:
       TypeError: ``max_size`` is not an int, or what it decorates is not an
@@ -230,10 +232,16 @@ def batched(fn: Any = None, /, *, max_size: int = DEFAULT_MAX_BATCH) -> Any:
         try:
             setattr(handler, _MAX_BATCH, max_size)
         except (AttributeError, TypeError):
-            raise TypeError(
-                f"actors.batched cannot mark {handler!r} (it takes no attributes): "
-                "decorate an async def"
-            ) from None
+            # A bound method (or another callable without attributes of
+            # its own): marked through a function that calls it.
+            inner: Callable[[Any, Any], Awaitable[Any]] = handler
+
+            @functools.wraps(inner)
+            async def call(ctx: Any, msgs: Any) -> Any:
+                return await inner(ctx, msgs)
+
+            setattr(call, _MAX_BATCH, max_size)
+            return cast(F, call)
         return handler
 
     return mark
