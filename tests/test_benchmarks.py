@@ -19,6 +19,7 @@ SCENARIOS = [
     "raw_b100_normal",
     "send_s100_normal",
     "many_s100_normal",
+    "many_batch_s100_normal",
     "raw_sql_send_s100_normal",
     "latency_half",
 ]
@@ -76,6 +77,7 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
         "raw_b100_normal",
         "send_s100_normal",
         "many_s100_normal",
+        "many_batch_s100_normal",
         "raw_sql_send_s100_normal",
     ):
         (result,) = doc["scenarios"][name]["rounds"]
@@ -94,6 +96,7 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
     assert doc["limits"]["normal"]["msg_per_s"] > 0
     assert doc["ratios"]["send_s100_normal / limit_normal"] > 0
     assert doc["ratios"]["send_s100_normal / raw_sql_send_s100_normal"] > 0
+    assert doc["ratios"]["many_batch_s100_normal / many_s100_normal"] > 0
 
 
 def test_the_store_sql_ceiling_replays_the_whole_run(
