@@ -26,6 +26,7 @@ from dbrows import query
 from helpers import drain_nowait
 
 import actors
+import actors.testing
 from actors.testing import fast_options, quiescent
 
 
@@ -446,6 +447,19 @@ class TestArguments:
         with pytest.raises(TypeError, match=words):
             async with actors.run_system(str(tmp_path / "a.db"), handler=Bad):
                 pass
+
+    def test_the_testing_wrappers_refuse_a_batched_handler(self) -> None:
+        @actors.batched
+        async def handle(ctx: actors.Context, msgs: list[actors.Message]) -> None:
+            pass
+
+        class Batcher(actors.Actor):
+            async def handle_batch(self, ctx: actors.Context, msgs: list[actors.Message]) -> None:
+                pass
+
+        for handler in (handle, Batcher):
+            with pytest.raises(TypeError, match="batched handler cannot be intercepted"):
+                actors.testing.flaky(handler, rate=0.5, seed=1)
 
     def test_a_bound_method_is_marked_through_a_function(self) -> None:
         class Handlers:
