@@ -123,10 +123,14 @@ def test_the_store_sql_ceiling_replays_the_whole_run(
     )
     assert "Against the ceilings" in proc.stdout
     statuses = {t["target"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 6
+    assert len(statuses) == 7
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
-    # Measured here: end to end, share of the limit, send_many, latency.
-    assert sum(s != "n/a" for s in statuses.values()) == 4
+    # Measured here: end to end, share of the limit, send_many, batched, latency.
+    assert sum(s != "n/a" for s in statuses.values()) == 5
+    batched = next(t for t in doc["targets"] if "batched handler" in t["target"])
+    assert batched["value"] == pytest.approx(
+        doc["ratios"]["many_batch_s100_normal / many_s100_normal"]
+    )
 
 
 async def test_the_latency_harness_sends_each_message_once_and_its_senders_exit(
