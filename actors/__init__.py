@@ -11,7 +11,7 @@ actor or the whole process dies.
 
 from ._bridge import AsyncioSubscription, BlockingSubscription, Bridge, BridgeStatistics
 from ._config import Config, UnknownOptionError
-from ._context import Actor, Context
+from ._context import Actor, Context, batched
 from ._errors import (
     ActorKilledError,
     ActorsError,
@@ -64,6 +64,7 @@ __all__ = [
     "SystemClosedError",
     "SystemStatistics",
     "UnknownOptionError",
+    "batched",
     "run_system",
 ]
 

@@ -48,7 +48,7 @@ from ._host import ActorHost, Instance
 from ._phases import Cancel, Exit, Phase, Step
 from ._records import Message
 from ._session import SessionData
-from .store import Ack, Claim, StartMarks
+from .store import Ack, BatchAck, Claim, StartMarks
 
 log = logging.getLogger("actors.actor")
 
@@ -78,6 +78,7 @@ class _Serving:
         "data",
         "handle",
         "instance",
+        "max_batch",
         "may_start",
         "starts",
         "store",
@@ -106,9 +107,16 @@ class _Serving:
         )
         self.data = data
         self.ctx = ctx
-        function = host.behaviour.function
-        self.handle: Callable[[Any, Message], Awaitable[Any]] = (
-            function if function is not None else instance.handle
+        behaviour = host.behaviour
+        function = behaviour.function
+        # 0, or the largest batch the handler takes (its calls get a list).
+        self.max_batch = behaviour.max_batch
+        self.handle: Callable[[Any, Any], Awaitable[Any]] = (
+            function
+            if function is not None
+            else instance.handle_batch
+            if self.max_batch
+            else instance.handle
         )
         self.acked = host.on_acks_committed
         self.timeout = host.config.handler_timeout
@@ -383,6 +391,8 @@ class SessionActor(ActorState):
         # the actor). Returns Exit.TIMEOUT if the handler timed out but the
         # cancellation did not propagate (it raised or returned as it came).
         serving = _Serving(self._host, instance, data, ctx, self.slot >= 0)
+        # Chosen once per period: a handler of one message pays nothing for batches.
+        run = self._run_batch if serving.max_batch else self._run_handler
         try:
             while True:
                 step = self._next_step(serving)
@@ -393,7 +403,7 @@ class SessionActor(ActorState):
                 else:
                     nxt = await self._between(step, serving)
                 if type(nxt) is Message:
-                    nxt = await self._run_handler(serving, nxt)
+                    nxt = await run(serving, nxt)
                 if nxt is _AWAIT_WORK:
                     # Here, not deeper: the frames of the last message (its
                     # body, its handler's result, the claim it came with)
@@ -624,6 +634,120 @@ class SessionActor(ActorState):
             await self._answer_and_publish(serving, msg, result)
         return self._handled(serving)
 
+    async def _run_batch(self, serving: _Serving, msg: Message) -> Step | Exit:
+        """Run the batched handler on ``msg`` and the first deliveries handed
+        behind it (see _gather); then ack them all at once."""
+        host = self._host
+        self.handler_started = False
+        if host.stopping or (serving.may_start is not None and not serving.may_start()):
+            await self._release_in_flight()
+            return Exit.STOP
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # No checkpoint from here to the start mark: the batch is held, and
+        # its attempts spent, together.
+        msgs = self._gather(serving, msg)
+        self.handler_started = True
+        if serving.starts is not None:
+            # The last one: recovery counts every claimed message of the
+            # session up to the last marked one as started.
+            serving.starts.mark(self.slot, msgs[-1].id)
+        timeout = serving.timeout
+        observer = host.observer
+        started_at = 0.0
+        if timeout is not None or observer is not None:
+            started_at = serving.trio_time()
+            if timeout is not None:
+                self.handler_deadline = started_at + timeout
+                serving.watchdog.watch(self)
+        self._to(_RUNNING)
+        data = serving.data
+        data.message = msgs[-1]
+        try:
+            values = _batch_values(await serving.handle(serving.ctx, msgs), len(msgs))
+            done = data.ack(msg) if len(msgs) == 1 else data.ack_batch(msgs)
+        except BaseException as exc:
+            data.message = None
+            return await self._handler_failed(serving, exc)
+        data.message = None
+        if self._cancel is _TIMED_OUT:
+            return Exit.TIMEOUT  # (as in _run_handler)
+        if observer is not None:
+            each = (serving.trio_time() - started_at) / len(msgs)
+            for m in msgs:
+                observer(m, each)
+        if type(done) is BatchAck:
+            await self._commit_batch(serving, msgs, values, done)
+            self.turn += len(msgs) - 1  # (and _handled counts one)
+        else:
+            # A batch of one is acked as a message handled alone.
+            serving.ack = done
+            result = values[0] if values is not None else None
+            if (
+                (host.replies and msg.id in host.replies)
+                or (result is not None and host.outputs.listening(self.session_id))
+                or (host.remote_asks and msg.id in host.remote_asks)
+            ):
+                await self._answer_and_publish(serving, msg, result)
+        return self._handled(serving)
+
+    def _gather(self, serving: _Serving, msg: Message) -> list[Message]:
+        """The batch that starts with ``msg`` (held): it and the first deliveries
+        handed behind it, up to ``max_batch``. Never waits for more.
+
+        A redelivery (attempt > 1: a retry after a failure, or a crash
+        suspect) runs alone: so a failed batch's messages are tried one at a
+        time, and a poison message is dead-lettered without its neighbours.
+        """
+        if msg.attempt > 1 or serving.alone or not self.handed:
+            return [msg]
+        msgs = [msg]
+        handed, limit = self.handed, serving.max_batch
+        while handed and len(msgs) < limit and handed[0].attempt == 1:
+            msgs.append(handed.popleft())
+        if len(msgs) > 1:
+            self._batch = msgs
+            last = msgs[-1].id
+            if last > self.claimed_seq:
+                self.claimed_seq = last
+        return msgs
+
+    async def _commit_batch(
+        self, serving: _Serving, msgs: list[Message], values: list[Any] | None, done: BatchAck
+    ) -> None:
+        """The batch's handler returned: ack it (one transaction), answer, publish."""
+        host = self._host
+        replies, remote = host.replies, host.remote_asks
+        if (replies or remote) and any(m.id in replies or m.id in remote for m in msgs):
+            # Answered once the ack has committed, as a message alone is.
+            self._to(Phase.ACKING)
+            sent = await serving.store.ack(done)
+            self._batch_done()
+            if sent:
+                host.on_sent(sent)
+            host.on_acked(len(msgs))
+            for i, m in enumerate(msgs):
+                host.answer(m.id, values[i] if values is not None else None)
+        if values is not None and host.outputs.listening(self.session_id):
+            # Before the ack otherwise, as for a message alone: drain() waits
+            # for the outputs, and a kill meanwhile runs the batch again.
+            self._to(Phase.EMITTING)
+            for value in values:
+                if value is not None:
+                    await host.outputs.publish(self.session_id, value)
+        if self._batch is not None:
+            serving.store.ack_soon(done, serving.acked)
+            self._batch_done()
+
+    def _batch_done(self) -> None:
+        """The batch's ack is submitted: it holds nothing any more."""
+        self._batch = None
+        self.in_flight = None
+
+    def _held_batch(self, msg: Message | None) -> list[Message] | None:
+        """The batch that ``msg`` (in flight) heads, if it heads one."""
+        batch = self._batch
+        return batch if batch is not None and msg is not None and batch[0] is msg else None
+
     async def _handler_failed(self, serving: _Serving, exc: BaseException) -> Exit:
         # An Exception fails the attempt, and so does a Cancelled that is
         # not for this task (caught by the handler from an inner scope and
@@ -804,10 +928,16 @@ class SessionActor(ActorState):
         made, self._failure_text = self._failure_text, None
         text = made[1] if made is not None and made[0] is failure else describe(failure)
         msg = self.in_flight
+        batch = self._held_batch(msg)
         # A Reject from the handler dead-letters its message now. It is an
         # outcome the handler chose, not a crash: the restart policy does
-        # not count it, and the next incarnation starts at once.
-        rejection = rejected(failure) if msg is not None and self.handler_started else None
+        # not count it, and the next incarnation starts at once. (From a
+        # batch, it says not which message: each is tried alone.)
+        rejection = (
+            rejected(failure)
+            if msg is not None and self.handler_started and batch is None
+            else None
+        )
         if rejection is None:
             delay, _suspended = host.on_restart(self, failure, text.summary)
         else:
@@ -825,6 +955,8 @@ class SessionActor(ActorState):
         if msg is not None and not self.handler_started:
             await self._release_in_flight()
             msg = None
+        if batch is not None:
+            return await self._fail_batch(batch, failure, text, delay), False
         if msg is not None:
             return await self._fail_attempt(msg, failure, text, delay, rejection is None), False
         self.wait_until = None
@@ -851,6 +983,32 @@ class SessionActor(ActorState):
             return retry_delay
         self.wait_until = None
         return delay
+
+    async def _fail_batch(
+        self, batch: list[Message], failure: BaseException, text: FailureText, delay: float
+    ) -> float:
+        """Fail the attempt of every message of a batch: each is retried alone
+        (they come back as redeliveries), or dead-lettered if its attempts ran out.
+
+        An ask of a message that is retried waits for that attempt (see
+        Supervisor.on_attempt_failed).
+        """
+        host = self._host
+        max_attempts = host.config.max_attempts
+        # First deliveries all: one backoff for the batch.
+        retry_delay = max(delay, host.retry_delay(batch[0].attempt))
+        retry_at = host.clock.now() + retry_delay
+        store = host.store
+        retried = False
+        for m in batch:
+            outcome = await store.fail(m.id, text.report, retry_at, max_attempts)
+            host.on_attempt_failed(
+                self.session_id, m, failure, outcome == "dead", text, answer=outcome != "retry"
+            )
+            retried = retried or outcome == "retry"
+        self._batch_done()
+        self.wait_until = retry_at if retried else None
+        return retry_delay if retried else delay
 
     async def _charge_failed_start(self) -> Message | None:
         """Claim the session's head message to fail it: a failed start is its attempt.
@@ -896,9 +1054,31 @@ class SessionActor(ActorState):
         msg = self.in_flight
         if msg is None:
             return
-        self.in_flight = None
+        held = self._held_batch(msg) or [msg]
+        self._batch_done()
         uncount = not self.handler_started
-        # If the store failed, the row stays in flight and is recovered at the next start.
+        # If the store failed, the rows stay in flight and are recovered at the next start.
         with contextlib.suppress(StoreError):
             store = self._host.store
-            await store.release(msg.id, uncount, crashed and not uncount)
+            for m in held:
+                await store.release(m.id, uncount, crashed and not uncount)
+
+
+def _batch_values(result: object, size: int) -> list[Any] | None:
+    """What a batched handler returned, checked: None, or one value per message.
+
+    Raises TypeError or ValueError otherwise (the batch fails).
+    """
+    if result is None:
+        return None
+    if type(result) is not list:
+        raise TypeError(
+            "a batched handler returns None or a list of one value per message "
+            f"({size} for this batch), got {type(result).__name__}"
+        )
+    if len(result) != size:
+        raise ValueError(
+            f"a batched handler returned {len(result)} values for a batch of {size} "
+            f"messages: return a list of {size} (one per message, in order) or None"
+        )
+    return result

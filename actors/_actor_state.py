@@ -60,6 +60,10 @@ class ActorState:
         # so it agrees with the database: whatever ends the incarnation, this
         # is the message to fail or release. (The host's busy count follows it.)
         self._in_flight: Message | None = None
+        # The batch a batched handler runs (in order), when in_flight heads
+        # one of two or more: held, failed or given back with it. (Stale
+        # when in_flight is another message: see SessionActor._held_batch.)
+        self._batch: list[Message] | None = None
         # Whether in_flight's attempt is spent: its handler started (a kill
         # before that gives the attempt back).
         self.handler_started = False

@@ -11,9 +11,10 @@ the :class:`~actors._session.SessionData` behind it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from ._clock import wall_time
 from ._codec import check_session_id, encode_body
@@ -21,6 +22,7 @@ from ._host import Behaviour
 from ._records import Message
 from ._session import SessionData
 from ._streams import Outputs
+from ._validate import MAX_OPTION_INT
 
 # The largest state a hand-made context would let a handler keep (it never commits).
 _UNBOUNDED = 2**62
@@ -167,11 +169,98 @@ class Actor:
         """Process one message. Raise to fail the attempt (it will be retried)."""
         raise NotImplementedError(f"{type(self).__name__} must define handle(self, ctx, msg)")
 
+    async def handle_batch(self, ctx: Context, msgs: list[Message]) -> Any:
+        """Process a batch: consecutive pending messages of the session, in order.
+
+        Used instead of ``handle`` when a subclass defines it; its largest
+        batch is 100 messages, or what ``@actors.batched(max_size=...)`` on
+        the method says. Returns None, or a list of one value per message
+        (what ``ask()`` of that message gets). See ``actors.batched``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must define handle_batch(self, ctx, msgs)"
+        )
+
     async def stopped(self, ctx: Context) -> None:
         """Called when the instance is retired (not after a kill)."""
 
 
 Handler = Callable[[Context, Message], Awaitable[Any]]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The attribute batched() sets on the function it marks: its max_size.
+_MAX_BATCH = "__actors_max_batch__"
+DEFAULT_MAX_BATCH = 100
+
+
+@overload
+def batched(fn: F, /) -> F: ...
+@overload
+def batched(*, max_size: int = DEFAULT_MAX_BATCH) -> Callable[[F], F]: ...
+def batched(fn: Any = None, /, *, max_size: int = DEFAULT_MAX_BATCH) -> Any:
+    """Make a handler take a session's pending messages at once.
+
+    ``@actors.batched(max_size=100)`` on ``async def handle(ctx, msgs)``
+    (or on an :class:`Actor`'s ``handle_batch`` method, to set its size):
+    the handler gets a list of consecutive messages of one session, in
+    order, at most ``max_size``, made of what is already claimed for the
+    session (it never waits for more: a lone message comes as a batch of
+    one). One acknowledgement commits the whole batch with its
+    ``ctx.state`` and ``ctx.send`` changes. The handler returns None, or a
+    list of one value per message (what ``ask()`` of that message gets).
+    A batch that fails has each of its messages retried alone (see
+    docs/howto-batches.md). ``@actors.batched`` alone means
+    ``max_size=100``. Returns the function itself, marked (a bound method
+    or another callable that takes no attributes: a function calling it).
+
+    Raises:
+      TypeError: ``max_size`` is not an int, or what it decorates is not an
+        async function.
+      ValueError: ``max_size`` is less than 1.
+    """
+    if fn is not None:
+        return batched(max_size=max_size)(fn)
+    max_size = check_max_batch(max_size)
+
+    def mark(handler: F) -> F:
+        if not _is_async(handler):
+            raise TypeError(
+                "actors.batched marks an async function: async def handle(ctx, msgs), "
+                f"got {handler!r}"
+            )
+        try:
+            setattr(handler, _MAX_BATCH, max_size)
+        except (AttributeError, TypeError):
+            # A bound method (or another callable without attributes of
+            # its own): marked through a function that calls it.
+            inner: Callable[[Any, Any], Awaitable[Any]] = handler
+
+            @functools.wraps(inner)
+            async def call(ctx: Any, msgs: Any) -> Any:
+                return await inner(ctx, msgs)
+
+            setattr(call, _MAX_BATCH, max_size)
+            return cast(F, call)
+        return handler
+
+    return mark
+
+
+def check_max_batch(value: object) -> int:
+    """``value`` as a batch's largest size; raises TypeError or ValueError."""
+    if type(value) is not int:  # (a bool is refused too)
+        raise TypeError(f"max_size must be an int, got {type(value).__name__}")
+    if not 1 <= value <= MAX_OPTION_INT:
+        raise ValueError(f"max_size must be at least 1 (and at most {MAX_OPTION_INT}), got {value}")
+    return value
+
+
+def _is_async(handler: object) -> bool:
+    return callable(handler) and (
+        inspect.iscoroutinefunction(handler)
+        or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - async __call__
+    )
 
 
 class _FunctionActor(Actor):
@@ -200,16 +289,15 @@ def actor_factory(handler: object) -> Behaviour:
 
     Raises:
       TypeError: ``handler`` is neither an ``async def handler(ctx, msg)``
-        nor a subclass of :class:`Actor` that can be built with no
-        arguments and whose ``handle(self, ctx, msg)`` (and
-        ``started(self, ctx)``, ``stopped(self, ctx)``, if defined) are
-        ``async def`` and take those arguments.
+        (``handler(ctx, msgs)`` if marked :func:`batched`) nor a subclass
+        of :class:`Actor` that can be built with no arguments and whose
+        ``handle(self, ctx, msg)`` or ``handle_batch(self, ctx, msgs)``
+        (and ``started(self, ctx)``, ``stopped(self, ctx)``, if defined)
+        are ``async def`` and take those arguments.
     """
     if isinstance(handler, type):
         if issubclass(handler, Actor):
-            if handler.handle is Actor.handle:
-                raise TypeError(f"{handler.__name__} must define handle(self, ctx, msg)")
-            _check_method(handler, "handle", "ctx, msg")
+            max_batch = _actor_batch(handler)
             _check_method(handler, "started", "ctx")
             _check_method(handler, "stopped", "ctx")
             # The runtime builds each instance as handler(): a class whose
@@ -229,6 +317,7 @@ def actor_factory(handler: object) -> Behaviour:
                 handler,
                 handler.started is not Actor.started,
                 None,
+                max_batch,
                 handler.stopped is Actor.stopped,
             )
         raise TypeError(f"handler class {handler.__name__} must subclass actors.Actor")
@@ -236,17 +325,36 @@ def actor_factory(handler: object) -> Behaviour:
         raise TypeError(
             "pass the Actor subclass itself, not an instance: each session gets fresh instances"
         )
-    if callable(handler) and (
-        inspect.iscoroutinefunction(handler)
-        or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004 - async __call__
-    ):
-        _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
-        fn: Handler = handler
-        return Behaviour(lambda: _FunctionActor(fn), False, fn, True)
+    if _is_async(handler):
+        max_batch = getattr(handler, _MAX_BATCH, 0)
+        if max_batch:
+            _check_call(handler, 2, f"batched handler {_name(handler)}", "(ctx, msgs)")
+        else:
+            _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
+        fn: Handler = handler  # type: ignore[assignment]
+        return Behaviour(lambda: _FunctionActor(fn), False, fn, max_batch, True)
     raise TypeError(
         "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
         f"got {handler!r}"
     )
+
+
+def _actor_batch(cls: type[Actor]) -> int:
+    """Check ``cls``'s ``handle`` or ``handle_batch``; the largest batch (0: not batched)."""
+    name = cls.__name__
+    if cls.handle_batch is not Actor.handle_batch:
+        _check_method(cls, "handle_batch", "ctx, msgs")
+        return int(getattr(cls.handle_batch, _MAX_BATCH, DEFAULT_MAX_BATCH))
+    if getattr(cls.handle, _MAX_BATCH, 0):
+        raise TypeError(
+            f"{name}.handle is marked actors.batched: name the method handle_batch(self, ctx, msgs)"
+        )
+    if cls.handle is Actor.handle:
+        raise TypeError(
+            f"{name} must define handle(self, ctx, msg) (or handle_batch(self, ctx, msgs))"
+        )
+    _check_method(cls, "handle", "ctx, msg")
+    return 0
 
 
 def _check_method(cls: type[Actor], name: str, params: str) -> None:

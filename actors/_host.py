@@ -36,6 +36,7 @@ class Instance(Protocol):
 
     async def started(self, ctx: Any) -> None: ...
     async def handle(self, ctx: Any, msg: Message) -> Any: ...
+    async def handle_batch(self, ctx: Any, msgs: list[Message]) -> Any: ...
     async def stopped(self, ctx: Any) -> None: ...
 
 
@@ -50,7 +51,10 @@ class Behaviour:
         with the first claim, in the same transaction).
       function: a function handler, called directly with ``(ctx, msg)``
         instead of through its instance's ``handle`` (one frame fewer per
-        message).
+        message); with ``max_batch``, with ``(ctx, msgs)``.
+      max_batch: 0 for a handler of one message at a time; else the most
+        messages a batched handler (``actors.batched``, or an actor's
+        ``handle_batch``) takes at once.
       stops_quietly: the instance has no ``stopped`` hook of its own: an
         idle actor may be retired at once, its slot given to another
         session (Supervisor.evict).
@@ -58,7 +62,8 @@ class Behaviour:
 
     new_instance: Callable[[], Instance]
     loads_state_at_start: bool
-    function: Callable[[Any, Message], Awaitable[Any]] | None
+    function: Callable[[Any, Any], Awaitable[Any]] | None
+    max_batch: int = 0
     stops_quietly: bool = False
 
 
@@ -124,7 +129,7 @@ class ActorHost(Protocol[A]):
     def session_context(self) -> contextvars.Context: ...
     def forget(self, actor: A) -> None: ...
     def on_actor_started(self, actor: A) -> None: ...
-    def on_acked(self) -> None: ...
+    def on_acked(self, count: int = 1) -> None: ...
     def on_acks_committed(self, result: tuple[int, list[tuple[str, int]] | None]) -> None: ...
     def on_sent(self, sent: list[tuple[str, int]]) -> None: ...
     def on_dead_lettered(
@@ -139,4 +144,5 @@ class ActorHost(Protocol[A]):
         failure: BaseException,
         dead: bool,
         text: FailureText | None = None,
+        answer: bool = True,
     ) -> None: ...

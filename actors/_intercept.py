@@ -47,9 +47,15 @@ def intercept(handler: type[Actor] | Handler, middleware: Middleware) -> type[Ac
 
     Raises:
       TypeError: ``handler`` is not something ``run_system`` accepts (the
-        same error ``run_system`` would raise).
+        same error ``run_system`` would raise), or is batched
+        (``actors.batched``, ``handle_batch``): a middleware sees one
+        message at a time.
     """
-    actor_factory(handler)  # validate: run_system's own TypeError, raised now
+    # Validate: run_system's own TypeError, raised now.
+    if actor_factory(handler).max_batch:
+        raise TypeError(
+            "a batched handler cannot be intercepted: a middleware takes one message at a time"
+        )
     if isinstance(handler, type):
         base: type[Actor] = handler
 

@@ -15,7 +15,7 @@ from typing import Any
 from ._codec import check_encoded, decode_body, encode_json
 from ._records import Message
 from ._streams import Outputs
-from .store import Ack
+from .store import Ack, BatchAck
 
 # One queued ctx.send: (session id, encoded body, epoch time of the send).
 Outgoing = tuple[str, str | bytes, float]
@@ -31,7 +31,8 @@ class SessionData:
       state_used: the handler may have changed ``state`` since the last
         ack (it read or assigned it): the ack compares it.
       outbox: the messages ``ctx.send`` queued for this message's ack.
-      message: the message being handled (None outside ``handle``).
+      message: the message being handled (None outside ``handle``); a
+        batch's last message while a batched handler runs.
     """
 
     __slots__ = (
@@ -108,6 +109,21 @@ class SessionData:
         if state_json is None and outbox is None and msg.key is None:
             return msg.id
         return Ack(msg.id, self.session_id, state_json, outbox, msg.key, self._now())
+
+    def ack_batch(self, msgs: list[Message]) -> BatchAck:
+        """What the ack of a batch (``msgs``, two or more) writes: as ``ack`` of
+        its last message, deleting the others (and marking their keys) too.
+
+        Raises as ``ack``.
+        """
+        last = msgs[-1]
+        done = self.ack(last)
+        if type(done) is int:
+            return BatchAck(msgs[:-1], done, self.session_id, None, None, None, self._now())
+        assert isinstance(done, Ack)
+        return BatchAck(
+            msgs[:-1], done.id, self.session_id, done.state, done.outbox, done.key, done.at
+        )
 
 
 def _check_state_size(text: str, limit: int) -> None:

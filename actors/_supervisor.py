@@ -619,9 +619,9 @@ class Supervisor:
         if self.events.active:
             self.emit("actor_started", actor.session_id)
 
-    def on_acked(self) -> None:
-        self.processed += 1
-        self.outstanding.add(-1)
+    def on_acked(self, count: int = 1) -> None:
+        self.processed += count
+        self.outstanding.add(-count)
 
     def on_acks_committed(self, result: tuple[int, list[tuple[str, int]] | None]) -> None:
         """A box of acks committed (Store.ack_soon)."""
@@ -737,11 +737,14 @@ class Supervisor:
         failure: BaseException,
         dead: bool,
         text: FailureText | None = None,
+        answer: bool = True,
     ) -> None:
         """Log a failed attempt, answer its asker, count it (and its dead letter).
 
         ``text`` is the failure made text once (``describe``): nothing here
-        calls repr() or str() on the user's exception.
+        calls repr() or str() on the user's exception. Without ``answer``
+        the asker waits on (a message of a failed batch is retried alone:
+        that attempt's outcome is its answer).
         """
         self.failed_attempts += 1
         if text is None:
@@ -776,14 +779,15 @@ class Supervisor:
                 session_id,
                 text.summary,
             )
-        if self.replies and not issubclass(type(failure), ActorKilledError):
+        if answer and self.replies and not issubclass(type(failure), ActorKilledError):
             # The handler's own outcome (it raised, or timed out) answers an
             # asker; a kill does not: the message is tried again.
             reply = self.replies.pop(msg.id, None)
             if reply is not None:
                 reply.set_error(failure)
         if (
-            self.remote_asks
+            answer
+            and self.remote_asks
             and msg.id in self.remote_asks
             and not issubclass(type(failure), ActorKilledError)
         ):

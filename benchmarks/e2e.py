@@ -80,6 +80,16 @@ async def _noop(ctx: actors.Context, msg: actors.Message) -> None:
     pass
 
 
+async def _noop_batch(ctx: actors.Context, msgs: list[actors.Message]) -> None:
+    pass
+
+
+def _handler(params: dict[str, Any]) -> Any:
+    """The no-op handler of a scenario: one message at a time, or batched."""
+    size = params.get("batched")
+    return _noop if size is None else actors.batched(max_size=size)(_noop_batch)
+
+
 async def _make_idle(system: actors.System, count: int) -> float:
     """Give ``count`` sessions one message each, then wait until all are passivated."""
     t0 = time.perf_counter()
@@ -124,7 +134,7 @@ async def _throughput(
             )
 
     producer = send_all if params["mode"] == "send" else send_batches
-    async with actors.run_system(path, handler=_noop, **_options(params)) as system:
+    async with actors.run_system(path, handler=_handler(params), **_options(params)) as system:
         if idle:
             result["idle_setup_s"] = await _make_idle(system, idle)
             result["rss_idle_mb"] = _rss_mb()

@@ -58,6 +58,12 @@ def ratios(summary: dict[str, Any]) -> dict[str, float]:
         sql = _median(summary, REPLAY_PREFIX + name)
         if value is not None and sql:
             out[f"{name} / {REPLAY_PREFIX}{name}"] = value / sql
+    batched, single = (
+        _median(summary, "many_batch_s100_normal"),
+        _median(summary, "many_s100_normal"),
+    )
+    if batched is not None and single:
+        out["many_batch_s100_normal / many_s100_normal"] = batched / single
     for d in DURABILITIES:
         for actor in (f"send_s100_{d}", f"many_s100_{d}"):
             value = _median(summary, actor)
@@ -166,6 +172,17 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         many,
         None if many is None else many >= 120_000,
         "-" if many is None else f"{many:,.0f} msg/s",
+    )
+    batched = _median(summary, "many_batch_s100_normal")
+    gain = None if batched is None or not many else batched / many
+    batch_cpu = _median(summary, "many_batch_s100_normal", "cpu_us_per_msg")
+    add(
+        ">= 2x many_s100_normal's msg/s with a no-op batched handler (max_size=100)",
+        gain,
+        None if gain is None else gain >= 2,
+        "-"
+        if gain is None or batched is None
+        else f"{gain:.2f}x ({batched:,.0f} msg/s, {batch_cpu or 0:.1f} us CPU/msg)",
     )
     peers = [(v, p) for p in PEERS if (v := _median(summary, f"peer_{p}_normal")) is not None]
     best = max(peers) if peers else None

@@ -20,6 +20,8 @@ LATENCY_BASE = "send_s100_normal"
 # replaying the SQL the store ran for the same messages (benchmarks/store_sql.py).
 REPLAYED = ("send_s100_normal", "send_s10k_normal", "many_s100_normal", "send_s100_full")
 REPLAY_PREFIX = "raw_sql_"
+# The largest batch of the batched handler's scenario (many_batch_s100_normal).
+BATCH_SIZE = 100
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,26 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                 },
             )
         )
+        if durability == "normal":
+            # The same sends to a no-op batched handler (actors.batched,
+            # max_size=100), in the same rounds: its ratio to many_s100_normal
+            # is what batching buys.
+            out.append(
+                Scenario(
+                    f"many_batch_s100_{durability}",
+                    "actors",
+                    f"the same, to a no-op batched handler (max_size={BATCH_SIZE})",
+                    {
+                        "mode": "send_many",
+                        "sessions": 100,
+                        "per_session": messages // 100,
+                        "batch": 1000,
+                        "producers": 10,
+                        "durability": durability,
+                        "batched": BATCH_SIZE,
+                    },
+                )
+            )
     out += _replays(out)
     per = _scaled(500, scale, 1)
     for idle in (0, _scaled(100_000, scale, 100)):

@@ -62,6 +62,7 @@ from actors.store import (
     Ack,
     AppendBatch,
     Appended,
+    BatchAck,
     Claim,
     ControlRequest,
     DueWork,
@@ -786,13 +787,15 @@ class MemoryStore:
         if isinstance(ack, int):
             self.messages.pop(ack, None)
             return None
-        self.messages.pop(ack.id, None)
+        done = [*ack.earlier, ack] if isinstance(ack, BatchAck) else [ack]
+        for m in done:
+            self.messages.pop(m.id, None)
+            if m.key is not None:
+                found = self.keys.get((ack.session_id, m.key))
+                if found is not None and found[0] == m.id:
+                    self.keys[(ack.session_id, m.key)] = (m.id, ack.at)
         if ack.state is not None:
             self.states[ack.session_id] = ack.state
-        if ack.key is not None:
-            found = self.keys.get((ack.session_id, ack.key))
-            if found is not None and found[0] == ack.id:
-                self.keys[(ack.session_id, ack.key)] = (ack.id, ack.at)
         if not ack.outbox:
             return None
         sent: Sent = []
@@ -814,11 +817,13 @@ class MemoryStore:
     def _ack_box_op(self, box: _AckBox) -> tuple[int, Sent | None]:
         box.sealed = True
         sent: Sent | None = None
+        count = 0
         for ack in box.acks:
+            count += ack.count if isinstance(ack, BatchAck) else 1
             more = self._ack(ack)
             if more:
                 sent = (sent or []) + more
-        return len(box.acks), sent
+        return count, sent
 
     async def fail(
         self, message_id: int, error: str, retry_at: float, max_attempts: int

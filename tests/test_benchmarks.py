@@ -19,6 +19,7 @@ SCENARIOS = [
     "raw_b100_normal",
     "send_s100_normal",
     "many_s100_normal",
+    "many_batch_s100_normal",
     "raw_sql_send_s100_normal",
     "latency_half",
 ]
@@ -76,6 +77,7 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
         "raw_b100_normal",
         "send_s100_normal",
         "many_s100_normal",
+        "many_batch_s100_normal",
         "raw_sql_send_s100_normal",
     ):
         (result,) = doc["scenarios"][name]["rounds"]
@@ -94,6 +96,7 @@ def test_json_has_positive_figures(run: tuple[subprocess.CompletedProcess[str], 
     assert doc["limits"]["normal"]["msg_per_s"] > 0
     assert doc["ratios"]["send_s100_normal / limit_normal"] > 0
     assert doc["ratios"]["send_s100_normal / raw_sql_send_s100_normal"] > 0
+    assert doc["ratios"]["many_batch_s100_normal / many_s100_normal"] > 0
 
 
 def test_the_store_sql_ceiling_replays_the_whole_run(
@@ -120,10 +123,14 @@ def test_the_store_sql_ceiling_replays_the_whole_run(
     )
     assert "Against the ceilings" in proc.stdout
     statuses = {t["target"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 6
+    assert len(statuses) == 7
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
-    # Measured here: end to end, share of the limit, send_many, latency.
-    assert sum(s != "n/a" for s in statuses.values()) == 4
+    # Measured here: end to end, share of the limit, send_many, batched, latency.
+    assert sum(s != "n/a" for s in statuses.values()) == 5
+    batched = next(t for t in doc["targets"] if "batched handler" in t["target"])
+    assert batched["value"] == pytest.approx(
+        doc["ratios"]["many_batch_s100_normal / many_s100_normal"]
+    )
 
 
 async def test_the_latency_harness_sends_each_message_once_and_its_senders_exit(

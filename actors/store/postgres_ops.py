@@ -45,6 +45,7 @@ from .records import (
     Aborted,
     Ack,
     Appended,
+    BatchAck,
     Claim,
     ControlRequest,
     DueWork,
@@ -553,14 +554,17 @@ class Operations:
         if plain:
             self._ack_ids(plain)
         sent: Sent | None = None
-        if len(plain) != len(acks):
+        count = len(acks)
+        if len(plain) != count:
             for ack in acks:
                 if type(ack) is not int:
                     assert isinstance(ack, Ack)
+                    if type(ack) is BatchAck:
+                        count += len(ack.earlier)
                     more = self._apply_ack(ack)
                     if more:
                         sent = (sent or []) + more
-        return len(acks), sent
+        return count, sent
 
     def _ack_ids(self, ids: list[int]) -> None:
         buckets = {i: self._bucket_of_id(i) for i in ids}
@@ -579,9 +583,12 @@ class Operations:
         if not self.fence((b,)):
             return None
         now = ack.at
-        conn.execute("DELETE FROM actors_messages WHERE id = %s", (ack.id,))
-        self.bucket_by_id.pop(ack.id, None)
-        self.acked += 1
+        if type(ack) is BatchAck:
+            self._delete_batch(ack)
+        else:
+            conn.execute("DELETE FROM actors_messages WHERE id = %s", (ack.id,))
+            self.bucket_by_id.pop(ack.id, None)
+            self.acked += 1
         if ack.state is not None:
             conn.execute(
                 "INSERT INTO actors_state (session_id, bucket, value, updated_at)"
@@ -608,6 +615,25 @@ class Operations:
             0.0,
         )
         return [(s, first + i) for i, s in enumerate(sessions)]
+
+    def _delete_batch(self, ack: BatchAck) -> None:
+        """Delete a batch's messages (fenced by the caller: one session, one bucket),
+        and mark the keys of its earlier ones processed (the last one's is
+        ``ack.key``, marked by the caller)."""
+        conn = self.conn
+        ids = [m.id for m in ack.earlier]
+        ids.append(ack.id)
+        conn.execute("DELETE FROM actors_messages WHERE id = ANY(%b::bigint[])", (ids,))
+        for i in ids:
+            self.bucket_by_id.pop(i, None)
+        self.acked += len(ids)
+        for m in ack.earlier:
+            if m.key is not None:
+                conn.execute(
+                    "UPDATE actors_keys SET done_at = %s WHERE session_id = %s AND key = %s"
+                    " AND message_id = %s",
+                    (ack.at, ack.session_id, m.key, m.id),
+                )
 
     def fail(self, message_id: int, error: str, retry_at: float, max_attempts: int) -> FailOutcome:
         """Record a failed attempt: back to pending until ``retry_at``, or dead."""

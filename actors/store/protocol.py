@@ -316,14 +316,16 @@ class Store(Protocol):
 
     async def ack(self, ack: int | Ack) -> Sent | None:
         """Delete a processed message, and write its Ack (state, outbox, key)
-        in the same transaction. Returns the (session, seq) of the messages
-        its outbox inserted, or None."""
+        in the same transaction; a :class:`BatchAck` deletes every message of
+        its batch (and marks their keys) in that transaction too. Returns the
+        (session, seq) of the messages its outbox inserted, or None."""
 
     def ack_soon(self, ack: int | Ack, done: Callable[[tuple[int, Sent | None]], None]) -> None:
         """Queue an ack without waiting; acks queued close together share one operation.
 
         ``done((count, sent))`` runs on the trio thread after the commit,
-        once per shared operation: ``count`` acks, and the (session, seq) of
+        once per shared operation: ``count`` messages acked (a
+        :class:`BatchAck` counts each of its batch), and the (session, seq) of
         the messages their outboxes inserted (or None). An ack joins the
         open box, which sits in the order where its first ack was queued: it
         may commit before operations called after that one but before it,

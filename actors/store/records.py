@@ -154,6 +154,35 @@ class Ack:
         self.key = key  # the message's idempotency key: mark it processed
 
 
+class BatchAck(Ack):
+    """The acknowledgement of a batch (a batched handler): ``id`` is its last message.
+
+    ``earlier`` are the batch's other messages, in order: they are deleted,
+    and their idempotency keys marked processed, in the transaction that
+    deletes ``id`` and writes the state and the outbox, or not at all.
+    """
+
+    __slots__ = ("earlier",)
+
+    def __init__(
+        self,
+        earlier: Sequence[Message],
+        message_id: int,
+        session_id: str,
+        state: str | None,
+        outbox: list[tuple[str, str | bytes, float]] | None,
+        key: str | None,
+        at: float,
+    ) -> None:
+        super().__init__(message_id, session_id, state, outbox, key, at)
+        self.earlier = earlier
+
+    @property
+    def count(self) -> int:
+        """How many messages this ack deletes."""
+        return len(self.earlier) + 1
+
+
 @attrs.frozen
 class Opened:
     """What the store found when it opened the database."""

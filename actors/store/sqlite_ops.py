@@ -24,6 +24,7 @@ from .records import (
     Aborted,
     Ack,
     Appended,
+    BatchAck,
     Claim,
     ControlRequest,
     DueWork,
@@ -250,20 +251,26 @@ class Operations:
         if plain:
             self.db.execute(DELETE_IDS, (_json_array(plain),))
         sent: Sent | None = None
-        if len(plain) != len(acks):
+        count = len(acks)
+        if len(plain) != count:
             for ack in acks:
                 if type(ack) is not int:
                     assert isinstance(ack, Ack)
+                    if type(ack) is BatchAck:
+                        count += len(ack.earlier)
                     more = self._apply_ack(ack)
                     if more:
                         sent = (sent or []) + more
-        return len(acks), sent
+        return count, sent
 
     def _apply_ack(self, ack: Ack) -> Sent | None:
         """Delete the acked message, and write what its handler changed."""
         db = self.db
         now = ack.at
-        db.execute("DELETE FROM messages WHERE id = ?", (ack.id,))
+        if type(ack) is BatchAck:
+            self._delete_batch(ack)
+        else:
+            db.execute("DELETE FROM messages WHERE id = ?", (ack.id,))
         if ack.state is not None:
             db.execute(
                 "INSERT OR REPLACE INTO state (session_id, value, updated_at) VALUES (?, ?, ?)",
@@ -287,6 +294,20 @@ class Operations:
             )
             sent.append((session_id, seq))
         return sent
+
+    def _delete_batch(self, ack: BatchAck) -> None:
+        """Delete a batch's messages, and mark the keys of its earlier ones processed
+        (the last one's is ``ack.key``, marked by the caller)."""
+        db = self.db
+        earlier = ack.earlier
+        db.execute(DELETE_IDS, (_json_array([m.id for m in earlier] + [ack.id]),))
+        for m in earlier:
+            if m.key is not None:
+                db.execute(
+                    "UPDATE keys SET done_at = ? WHERE session_id = ? AND key = ?"
+                    " AND message_id = ?",
+                    (ack.at, ack.session_id, m.key, m.id),
+                )
 
     def fail(self, message_id: int, error: str, retry_at: float, max_attempts: int) -> FailOutcome:
         """Record a failed attempt: back to pending until ``retry_at``, or dead."""
