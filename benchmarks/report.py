@@ -173,6 +173,24 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         None if many is None else many >= 120_000,
         "-" if many is None else f"{many:,.0f} msg/s",
     )
+    for name, share, what in (
+        ("send_s10k_normal", 0.5, "10,000 sessions x 10"),
+        ("send_s100k_normal", 0.35, "100,000 sessions x 1"),
+    ):
+        short = _median(summary, name)
+        base = _median(summary, "send_s100_normal")
+        part = None if short is None or not base else short / base
+        cpu = _median(summary, name, "cpu_us_per_msg")
+        base_cpu = _median(summary, "send_s100_normal", "cpu_us_per_msg")
+        add(
+            f">= {share}x send_s100_normal's msg/s with {what}",
+            part,
+            None if part is None else part >= share,
+            "-"
+            if part is None or short is None
+            else f"{part:.2f}x ({short:,.0f} msg/s, {cpu or 0:.1f} us CPU/msg"
+            f" against {base_cpu or 0:.1f})",
+        )
     batched = _median(summary, "many_batch_s100_normal")
     gain = None if batched is None or not many else batched / many
     batch_cpu = _median(summary, "many_batch_s100_normal", "cpu_us_per_msg")

@@ -80,6 +80,23 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                 },
             )
         )
+        if durability == "normal":
+            # Every message a session of its own: one activation per message.
+            sessions = _scaled(100_000, scale, 1000)
+            out.append(
+                Scenario(
+                    f"send_s100k_{durability}",
+                    "actors",
+                    f"actors send(), {sessions} sessions x 1, {durability}",
+                    {
+                        "mode": "send",
+                        "sessions": sessions,
+                        "per_session": 1,
+                        "producers": 100,
+                        "durability": durability,
+                    },
+                )
+            )
         # One session, 100 producers: their sends share commits, and the session's
         # actor is handed them at insert. (100,000 at FULL would take long per round.)
         per = _scaled(100_000 if durability == "normal" else 20_000, scale, 100)

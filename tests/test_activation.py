@@ -149,3 +149,11 @@ async def test_many_sessions_through_few_slots_lose_nothing(db_path: str) -> Non
         assert system.statistics().active_actors <= 3
     assert sum(counts.values()) == 600
     assert all(counts[f"s{i}"] == len(range(i, 600, 37)) for i in range(37))
+
+
+async def test_a_variable_a_handler_sets_lives_as_long_as_its_activation(db_path: str) -> None:
+    seen = Seen()
+    async with actors.run_system(db_path, handler=seen) as system:
+        await system.send_many([("a", {"n": 1}), ("a", {"n": 2})])
+        await system.drain()
+    assert seen.found == {"a": ["unset", "a"]}

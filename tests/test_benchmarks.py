@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = [
     "raw_b100_normal",
     "send_s100_normal",
+    "send_s10k_normal",
+    "send_s100k_normal",
     "many_s100_normal",
     "many_batch_s100_normal",
     "raw_sql_send_s100_normal",
@@ -123,10 +125,14 @@ def test_the_store_sql_ceiling_replays_the_whole_run(
     )
     assert "Against the ceilings" in proc.stdout
     statuses = {t["target"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 7
+    assert len(statuses) == 9
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
-    # Measured here: end to end, share of the limit, send_many, batched, latency.
-    assert sum(s != "n/a" for s in statuses.values()) == 5
+    # Measured here: end to end, share of the limit, the two of short
+    # sessions, send_many, batched, latency.
+    assert sum(s != "n/a" for s in statuses.values()) == 7
+    (short,) = (t for t in doc["targets"] if "100,000 sessions x 1" in t["target"])
+    (s100k,) = doc["scenarios"]["send_s100k_normal"]["rounds"]
+    assert short["value"] == pytest.approx(s100k["msg_per_s"] / send["msg_per_s"])
     batched = next(t for t in doc["targets"] if "batched handler" in t["target"])
     assert batched["value"] == pytest.approx(
         doc["ratios"]["many_batch_s100_normal / many_s100_normal"]
