@@ -118,10 +118,10 @@ class _Serving:
             if self.max_batch
             else instance.handle
         )
-        self.acked = host.on_acks_committed
+        self.acked = host.acks_committed
         self.timeout = host.config.handler_timeout
         self.watchdog = host.watchdog
-        self.trio_time = host.clock.trio_time
+        self.trio_time = host.trio_time
         # The previous message's ack when it is not yet submitted: it goes
         # with the next claim, or is flushed before a wait.
         self.ack: int | Ack | None = None

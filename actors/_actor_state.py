@@ -81,7 +81,6 @@ class ActorState:
         # unpark() reschedules it; the IdleWatch does at idle_deadline.
         self._parked: trio.lowlevel.Task | None = None
         self.idle_deadline = math.inf
-        self.idle_watched = False  # the IdleWatch's heap has an entry for this actor
         self.claimed_seq = 0  # highest seq claimed: notices at or below it are stale
         self.notified_seq = 0  # highest seq the router announced
         # Notices without a seq (work another process committed: its seqs
@@ -100,7 +99,6 @@ class ActorState:
         self.slot = starts.acquire() if starts is not None else -1
         # handler_timeout (see Watchdog): set before each handler call.
         self.handler_deadline = math.inf
-        self.watched = False  # the Watchdog's heap has an entry for this actor
         self.turn = 0  # messages processed since this activation (fair share)
         self.wait_until: float | None = None  # epoch time the head waits for (Exit.WAIT)
         # The session is no longer this process's (a clustered store handed

@@ -332,7 +332,9 @@ def actor_factory(handler: object) -> Behaviour:
         else:
             _check_call(handler, 2, f"handler {_name(handler)}", "(ctx, msg)")
         fn: Handler = handler  # type: ignore[assignment]
-        return Behaviour(lambda: _FunctionActor(fn), False, fn, max_batch, True)
+        # One instance for every session: it holds nothing but the function.
+        shared = _FunctionActor(fn)
+        return Behaviour(lambda: shared, False, fn, max_batch, True)
     raise TypeError(
         "handler must be an async function handler(ctx, msg) or an actors.Actor subclass, "
         f"got {handler!r}"

@@ -105,6 +105,10 @@ class ActorHost(Protocol[A]):
     outputs: Outputs
     observer: Callable[[Message, float], None] | None
     stopping: bool
+    # Bound once (a serving period reads them; a bound method made per
+    # period is an object that lives as long as the actor).
+    acks_committed: Callable[[tuple[int, list[tuple[str, int]] | None]], None]
+    trio_time: Callable[[], float]
 
     # Read per message, so the objects themselves: a property of the host's
     # that asked them would be one more call each time.

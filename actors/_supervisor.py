@@ -109,6 +109,11 @@ class Supervisor:
         self.rng = rng
         self.restarts = RestartTracker(config.restart_policy, rng)
         self.watchdog = Watchdog()
+        # (Bound once: see ActorHost.)
+        self.acks_committed: Callable[[tuple[int, list[tuple[str, int]] | None]], None] = (
+            self.on_acks_committed
+        )
+        self.trio_time: Callable[[], float] = clock.trio_time
         self.idle_watch = IdleWatch()  # idle_timeout of actors waiting for work
         # {session_id: its live actor}; at most one per session, ever: added
         # before its task starts, removed only by retire()/forget().
@@ -119,17 +124,7 @@ class Supervisor:
         self.line = WaitingLine(overflow=pending > 0)
         self._refill_wanted = trio.Event()
         self.idle_actors: set[SessionActor] = set()
-        # Sessions given to the task of an actor that left, to run next
-        # (SessionActor.run), and the task retire() offers to _start().
-        self._successors: dict[trio.lowlevel.Task, SessionActor] = {}
-        self._free_task: trio.lowlevel.Task | None = None
-        # Start-table slots of actors that left, until their acks commit
-        # (_free_slot): waiting for the next no-op, and the ones it frees.
-        self._leaving_slots: list[int] = []
-        self._slots_releasing: list[int] | None = None
-        # What each session's handler runs in: a fresh copy of this, the
-        # context the system was opened in (run() takes it).
-        self._context = contextvars.copy_context()
+        self._init_tasks()
         # {task: the actor it runs}: tells drain()/ask() they are called from one.
         self.actor_tasks: dict[trio.lowlevel.Task, SessionActor] = {}
         self.busy = Gauge(0)  # actors holding a claimed message (in_flight set)
@@ -153,6 +148,20 @@ class Supervisor:
         self.restart_count = 0
         self.outbox_sent = 0  # messages committed by ctx.send with their ack
         self._init_streams()
+
+    def _init_tasks(self) -> None:
+        """What outlives an actor: its task, its start-table slot (part of __init__)."""
+        # Sessions given to the task of an actor that left, to run next
+        # (SessionActor.run), and the task retire() offers to _start().
+        self._successors: dict[trio.lowlevel.Task, SessionActor] = {}
+        self._free_task: trio.lowlevel.Task | None = None
+        # Start-table slots of actors that left, until their acks commit
+        # (_free_slot): waiting for the next no-op, and the ones it frees.
+        self._leaving_slots: list[int] = []
+        self._slots_releasing: list[int] | None = None
+        # What each session's handler runs in: a fresh copy of this, the
+        # context the system was opened in (run() takes it).
+        self._context = contextvars.copy_context()
 
     def _init_streams(self) -> None:
         """What answers asks and feeds subscribers (part of __init__)."""

@@ -1,19 +1,17 @@
-"""Deadlines of actors, with one task and one heap: ``handler_timeout`` and ``idle_timeout``.
+"""Deadlines of actors, with one task: ``handler_timeout`` and ``idle_timeout``.
 
 Moving a cancel scope's deadline around every handler call costs trio a
 deadline-heap update each time, on the path of every message. Here a
-handler start only writes the actor's ``handler_deadline``; the heap holds
-at most one entry per actor, re-armed once per timeout period for a busy
-actor. Since every deadline is "now + the same timeout", a new
-entry is never earlier than the ones already queued, so the watchdog's sleep
-only has to be re-armed when the heap was empty.
+handler start writes the actor's ``handler_deadline`` and moves the actor
+to the end of an insertion-ordered mapping (two C calls). Since every
+deadline is "now + the same timeout", the mapping is in deadline order,
+and the watch's sleep only has to be re-armed when it was empty.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
+from collections import OrderedDict
 from typing import Generic, Protocol, TypeVar
 
 import attrs
@@ -26,8 +24,6 @@ log = logging.getLogger("actors.watchdog")
 
 class Watched(Protocol):
     """What the :class:`Watchdog` reads and calls on an actor (a ``SessionActor``)."""
-
-    watched: bool  # the watchdog's heap has an entry for it; the watchdog sets it
 
     @property
     def session_id(self) -> str: ...
@@ -48,8 +44,6 @@ class Watched(Protocol):
 
 class IdleWatched(Protocol):
     """What the :class:`IdleWatch` reads and calls on an actor (a ``SessionActor``)."""
-
-    idle_watched: bool  # the watch's heap has an entry for it; the watch sets it
 
     @property
     def parked(self) -> bool:
@@ -75,29 +69,24 @@ class WatchdogStatistics:
 
 
 class DeadlineWatch(Generic[A]):
-    """A deadline per actor, with one task and one heap of at most one entry per actor.
+    """A deadline per actor, in the order they come due, and one task.
 
-    Subclasses say where the actor keeps its flag and its current deadline,
-    and what happens when it passes. An actor's entry is re-armed to its
-    current deadline when the old one comes due, so moving a deadline costs
-    one attribute write, not a heap update.
+    Every deadline is "now plus a fixed timeout" (``idle_timeout``,
+    ``handler_timeout``) on trio's monotonic clock, so deadlines come due
+    in the order they were set: an insertion-ordered mapping is the queue.
+    Setting one moves the actor to the end, forgetting it removes it, and
+    the task sleeps until the first. No heap, and no stale entries: memory
+    follows the actors watched, not the activations.
+
+    Subclasses say what an actor's current deadline is, and what happens
+    when it passes.
     """
 
     def __init__(self) -> None:
-        # (deadline, tie-breaker, actor); at most one entry per actor, the
-        # ones whose flag is set.
-        self._heap: list[tuple[float, int, A]] = []
-        self._tie = itertools.count()
-        self._armed = trio.Event()  # set when the heap gets its first entry
-        self._compact_at = 64  # heap size at which stale entries are dropped
+        self._due: OrderedDict[A, float] = OrderedDict()
+        self._armed = trio.Event()  # set when an entry comes while the task waits
 
     # -- what subclasses define --------------------------------------------
-
-    def _flag(self, actor: A) -> bool:
-        raise NotImplementedError
-
-    def _set_flag(self, actor: A, value: bool) -> None:
-        raise NotImplementedError
 
     def _deadline(self, actor: A) -> float | None:
         """The actor's current deadline, or None if it no longer waits for one."""
@@ -106,53 +95,42 @@ class DeadlineWatch(Generic[A]):
     def _expire(self, actor: A) -> None:
         raise NotImplementedError
 
-    # -- the heap ---------------------------------------------------------
+    # -- the queue ---------------------------------------------------------
 
-    def _push(self, actor: A, deadline: float) -> None:
-        if self._flag(actor):
-            return  # its entry will be re-armed to the new deadline when it comes due
-        self._set_flag(actor, True)
-        heap = self._heap
-        if len(heap) >= self._compact_at:
-            self._compact()
-        heapq.heappush(heap, (deadline, next(self._tie), actor))
-        if len(heap) == 1:
+    def _set(self, actor: A, deadline: float) -> None:
+        due = self._due
+        if actor in due:
+            due.move_to_end(actor)
+        due[actor] = deadline
+        if len(due) == 1:
             self._armed.set()
 
     def forget(self, actor: A) -> None:
-        """``actor`` left the registry; its entry goes at the next compaction."""
-        self._set_flag(actor, False)
+        """``actor`` left the registry: no deadline of it is watched."""
+        self._due.pop(actor, None)
 
-    def _compact(self) -> None:
-        # Entries of actors that left (or stopped waiting) would otherwise
-        # stay up to a whole timeout, holding the actor objects: memory must
-        # follow the active actors, not the activations. Keep the live ones;
-        # amortised O(1) per push, since the bound doubles.
-        self._heap[:] = [entry for entry in self._heap if self._flag(entry[2])]
-        heapq.heapify(self._heap)
-        self._compact_at = max(64, 2 * len(self._heap))
+    @property
+    def watched(self) -> int:
+        """Actors with a deadline set."""
+        return len(self._due)
 
     async def run(self) -> None:
-        heap = self._heap
+        due = self._due
         while True:
-            if not heap:
+            if not due:
                 self._armed = trio.Event()
                 await self._armed.wait()
                 continue
-            await trio.sleep_until(heap[0][0])
+            await trio.sleep_until(next(iter(due.values())))
             now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, _, actor = heapq.heappop(heap)
-                if not self._flag(actor):
-                    continue  # left the registry: forgotten
-                deadline = self._deadline(actor)
-                if deadline is None:
-                    self._set_flag(actor, False)
-                elif deadline <= now:
-                    self._set_flag(actor, False)
+            while due:
+                actor, deadline = next(iter(due.items()))
+                if deadline > now:
+                    break
+                del due[actor]
+                current = self._deadline(actor)
+                if current is not None and current <= now:
                     self._expire(actor)
-                else:  # a later wait of the same actor: re-arm to its deadline
-                    heapq.heappush(heap, (deadline, next(self._tie), actor))
 
 
 class Watchdog(DeadlineWatch[Watched]):
@@ -163,18 +141,11 @@ class Watchdog(DeadlineWatch[Watched]):
         self.timeouts = 0
 
     def statistics(self) -> WatchdogStatistics:
-        return WatchdogStatistics(watched=len(self._heap), timeouts=self.timeouts)
+        return WatchdogStatistics(watched=self.watched, timeouts=self.timeouts)
 
     def watch(self, actor: Watched) -> None:
         """``actor`` started a handler with ``actor.handler_deadline`` set."""
-        if not actor.watched:  # (else its entry is re-armed when it comes due)
-            self._push(actor, actor.handler_deadline)
-
-    def _flag(self, actor: Watched) -> bool:
-        return actor.watched
-
-    def _set_flag(self, actor: Watched, value: bool) -> None:
-        actor.watched = value
+        self._set(actor, actor.handler_deadline)
 
     def _deadline(self, actor: Watched) -> float | None:
         return actor.handler_deadline if actor.handler_running else None
@@ -199,14 +170,7 @@ class IdleWatch(DeadlineWatch[IdleWatched]):
 
     def watch(self, actor: IdleWatched) -> None:
         """``actor`` parked with ``actor.idle_deadline`` set."""
-        if not actor.idle_watched:  # (else its entry is re-armed when it comes due)
-            self._push(actor, actor.idle_deadline)
-
-    def _flag(self, actor: IdleWatched) -> bool:
-        return actor.idle_watched
-
-    def _set_flag(self, actor: IdleWatched, value: bool) -> None:
-        actor.idle_watched = value
+        self._set(actor, actor.idle_deadline)
 
     def _deadline(self, actor: IdleWatched) -> float | None:
         return actor.idle_deadline if actor.parked else None
