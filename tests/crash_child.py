@@ -39,9 +39,13 @@ INDEX_BASE = 1_000_000
 
 
 def make_handler(
-    log: Log, before: float, after: float
+    log: Log, before: float, after: float, logged: trio.Event
 ) -> Callable[[actors.Context, actors.Message], Awaitable[None]]:
     async def handler(ctx: actors.Context, msg: actors.Message) -> None:
+        # A handler may run before send_many() returns to its caller (its
+        # messages were handed to new actors at insert): the poison would
+        # end the process before the seed is logged.
+        await logged.wait()
         session, index = msg.body[0], msg.body[1]
         if before:
             await trio.sleep(before)
@@ -99,7 +103,8 @@ def statistics(system: actors.System) -> dict[str, object]:
 
 async def main(args: argparse.Namespace) -> None:
     log = Log(args.log)
-    handler = make_handler(log, args.before, args.after)
+    logged = trio.Event()  # what the seed sent is in the log
+    handler = make_handler(log, args.before, args.after, logged)
     # Before recovery: no handler of this run can log before this line.
     log.write("run", args.run, os.getpid(), args.mode)
     async with actors.run_system(
@@ -109,6 +114,8 @@ async def main(args: argparse.Namespace) -> None:
         retry_backoff=actors.Backoff(initial=0.01, maximum=0.05),
         restart_policy=actors.RestartPolicy(backoff=actors.Backoff(initial=0.01, maximum=0.05)),
     ) as system:
+        if not (args.mode == "poison" and args.seed):
+            logged.set()
         if args.mode == "stream":
             await stream(system, log, args)
         elif args.mode == "hold":
@@ -117,6 +124,7 @@ async def main(args: argparse.Namespace) -> None:
         else:
             if args.mode == "poison" and args.seed:
                 await seed_poison(system, log)
+                logged.set()
             await system.drain()
             print(json.dumps(statistics(system)), flush=True)
 
