@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -112,9 +111,10 @@ class ActorState:
         # Retired while parked, its slot and task given to another session
         # (Supervisor.evict): the task unwinds it and runs that one.
         self.evicted = False
-        # How its task starts running it, for an actor started for a
-        # handoff: called once the messages are handed (Supervisor._launch).
-        self.launch: Callable[[], object] | None = None
+        # An actor started for a handoff: its task runs it once the messages
+        # are handed (Supervisor._launch), the evicted ``carrier``'s if any.
+        self.launch = False
+        self.carrier: ActorState | None = None
         # Its task served another session in this step: switch to a fresh
         # context before any code of this session runs (see SessionActor.run).
         self.fresh_context = False

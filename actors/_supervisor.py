@@ -493,7 +493,7 @@ class Supervisor:
         """
         self.reserved.add(-1)
         taken = self._actors.get(actor.session_id) is actor and actor.take_handoff(msgs)
-        if actor.launch is not None:
+        if actor.launch:
             self._launch(actor)
         if taken:
             return
@@ -861,13 +861,13 @@ class Supervisor:
             actor.fresh_context = task is not None
         if task is not None:
             self._successors[task] = actor
-            if carrier is not None:
-                actor.launch = lambda: self._wake_carrier(carrier, task)
-        elif launch:
-            if not self._spawn(actor):
-                return None
-        else:
-            actor.launch = lambda: self._spawn(actor, registered=True)
+        elif launch and not self._spawn(actor):
+            return None
+        if not launch:
+            # (Fields, not a closure: what an activation allocates, the
+            # collector walks.)
+            actor.launch = True
+            actor.carrier = carrier
         self._actors[session_id] = actor
         self.live.add(1)
         return actor
@@ -890,16 +890,19 @@ class Supervisor:
             return False
         return True
 
-    def _wake_carrier(self, carrier: SessionActor, task: trio.lowlevel.Task) -> None:
-        """Wake an evicted actor's task, to run its successor in a fresh context."""
-        task.context = self.session_context()  # (trio runs each step in task.context)
-        carrier.unpark()
-
     def _launch(self, actor: SessionActor) -> None:
-        """Let the task of an actor started for a handoff run it (see _start)."""
-        launch, actor.launch = actor.launch, None
-        if launch is not None:
-            launch()
+        """Let the task of an actor started for a handoff run it (see _start):
+        wake the evicted actor's task that carries it, in a fresh context, or
+        spawn one."""
+        carrier, actor.carrier = actor.carrier, None
+        actor.launch = False
+        if carrier is None:
+            self._spawn(actor, registered=True)
+            return
+        task = carrier.parked_task
+        if task is not None:  # (None: cancelled meanwhile, and it abandoned this one)
+            task.context = self.session_context()  # (trio runs each step in task.context)
+            carrier.unpark()
 
     def _queue(self, session_id: str, *, yielded: bool = False) -> None:
         """Put ``session_id`` at the back of the line for a slot (see WaitingLine.add).

@@ -98,10 +98,10 @@ class DeadlineWatch(Generic[A]):
     # -- the queue ---------------------------------------------------------
 
     def _set(self, actor: A, deadline: float) -> None:
+        # (Per handler call and per park: two C calls, no membership test.)
         due = self._due
-        if actor in due:
-            due.move_to_end(actor)
         due[actor] = deadline
+        due.move_to_end(actor)
         if len(due) == 1:
             self._armed.set()
 
