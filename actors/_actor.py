@@ -157,8 +157,10 @@ class SessionActor(ActorState):
         carried: Exit | None = None
         while actor is not None:
             with trio.CancelScope() as scope:
-                while actor is not None and not scope.cancel_called:
-                    actor, carried = await actor.activation(task, scope, carried)
+                actor, carried = await actor.activation(task, scope, carried)
+                # (An outcome is carried out of a scope only when it is spent.)
+                while actor is not None and carried is None:
+                    actor, carried = await actor.activation(task, scope, None)
 
     async def activation(
         self, task: trio.lowlevel.Task, scope: trio.CancelScope, carried: Exit | None
@@ -190,8 +192,12 @@ class SessionActor(ActorState):
                         outcome = await self._after_cut()
                 else:
                     outcome = await self._incarnation(scope)
-                    if scope.cancel_called:
-                        # Settled in the next scope: this one is spent.
+                    if self._cancel is not None:
+                        # kill() or time_out() cancelled the scope (they
+                        # set _cancel as they do, and only while the
+                        # incarnation runs): settled in the next scope,
+                        # this one is spent.
+                        assert outcome is not None
                         return self, outcome
                 if (outcome is Exit.CRASH or outcome is Exit.START_FAILED) and self.dropped:
                     # Cancelled because the session left this process: no
@@ -336,7 +342,9 @@ class SessionActor(ActorState):
             # unseen.)
             store = host.store
             data.load(await store.load_state(self.session_id))
-        await instance.started(ctx)
+            await instance.started(ctx)
+        # (Otherwise started() is Actor's, which does nothing: not called,
+        # a coroutine fewer per activation.)
         host.on_actor_started(self)
         return instance
 
@@ -370,6 +378,8 @@ class SessionActor(ActorState):
 
     async def _stop_instance(self, instance: Instance, ctx: Any) -> None:
         self._to(Phase.STOPPING)
+        if self._host.behaviour.stops_quietly:
+            return  # (stopped() is Actor's, which does nothing)
         try:
             await instance.stopped(ctx)
         except BaseException as exc:

@@ -23,6 +23,10 @@ from ._phases import SERVING, TRANSITIONS, Cancel, Phase, TransitionError
 from ._records import Message
 from ._wake import WOKEN
 
+# Read on the path of every handoff, as a module global: Python 3.11 reads
+# an enum member through EnumType's hook, a call per read.
+_NEW = Phase.NEW
+
 
 @attrs.frozen
 class SessionActorStatistics:
@@ -292,7 +296,7 @@ class ActorState:
         overtake a message in the database (Store.append).
         """
         return (
-            (self.phase in SERVING or self.phase is Phase.NEW)
+            (self.phase in SERVING or self.phase is _NEW)
             and not self.reserved
             and len(self.handed) < self._host.config.mailbox_size
         )
@@ -305,7 +309,7 @@ class ActorState:
         """
         self.reserved = True
         self._reserve_gen = self._serve_gen
-        self._reserved_new = self.phase is Phase.NEW
+        self._reserved_new = self.phase is _NEW
 
     def _abort_handoff_wait(self, _: object) -> trio.lowlevel.Abort:
         # The waiting task is cancelled (a kill, or the system stopping hard).
@@ -327,7 +331,7 @@ class ActorState:
             trio.lowlevel.reschedule(waiter, WOKEN)
         if not msgs:
             return True  # none was inserted claimed after all
-        if self.phase is Phase.NEW:
+        if self.phase is _NEW:
             self.fresh_handoff = True  # (see _init_handoff)
         elif self.phase not in SERVING or self._reserve_gen != self._serve_gen:
             return False  # it stopped serving since: they may overtake a failed message

@@ -564,7 +564,8 @@ class Supervisor:
         self.watchdog.forget(actor)
         self.idle_watch.forget(actor)
         self._free_slot(actor)
-        log.debug("actor of %r left (%s)", actor.session_id, outcome.value)
+        if log.isEnabledFor(logging.DEBUG):  # (an enum's value is a call to read)
+            log.debug("actor of %r left (%s)", actor.session_id, outcome.value)
         if self.events.active:
             self.emit("actor_stopped", actor.session_id, detail=outcome.value)
 
