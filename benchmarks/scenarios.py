@@ -115,19 +115,20 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
             )
         )
         messages = _scaled(100_000, scale, 1000)
+        many = {
+            "mode": "send_many",
+            "sessions": 100,
+            "per_session": messages // 100,
+            "batch": 1000,
+            "producers": 10,
+            "durability": durability,
+        }
         out.append(
             Scenario(
                 f"many_s100_{durability}",
                 "actors",
                 f"actors send_many(1000/call), 100 sessions, {messages} msgs, {durability}",
-                {
-                    "mode": "send_many",
-                    "sessions": 100,
-                    "per_session": messages // 100,
-                    "batch": 1000,
-                    "producers": 10,
-                    "durability": durability,
-                },
+                many,
             )
         )
         if durability == "normal":
@@ -139,15 +140,7 @@ def build(scale: float = 1.0, quick: bool = False) -> list[Scenario]:
                     f"many_batch_s100_{durability}",
                     "actors",
                     f"the same, to a no-op batched handler (max_size={BATCH_SIZE})",
-                    {
-                        "mode": "send_many",
-                        "sessions": 100,
-                        "per_session": messages // 100,
-                        "batch": 1000,
-                        "producers": 10,
-                        "durability": durability,
-                        "batched": BATCH_SIZE,
-                    },
+                    {**many, "batched": BATCH_SIZE},
                 )
             )
     out += _replays(out)
