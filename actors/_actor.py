@@ -59,6 +59,7 @@ log = logging.getLogger("actors.actor")
 # (docs/performance.md, "What the redesign of issue 17 costs").
 _HOLDING, _RUNNING, _CLAIMING, _IDLE = Phase.HOLDING, Phase.RUNNING, Phase.CLAIMING, Phase.IDLE
 _TAKE_HANDED, _CLAIM, _NEXT, _AWAIT_WORK = Step.TAKE_HANDED, Step.CLAIM, Step.NEXT, Step.AWAIT_WORK
+_LOAD_AND_TAKE = Step.LOAD_AND_TAKE
 _TIMED_OUT = Cancel.TIMED_OUT
 
 
@@ -282,7 +283,13 @@ class SessionActor(ActorState):
         cut = False
         self._scope = scope
         try:
-            instance = await self._start_instance(data, ctx)
+            behaviour = host.behaviour
+            instance = behaviour.new_instance()
+            if behaviour.loads_state_at_start:
+                await self._run_started(instance, data, ctx)
+            # (Otherwise started() is Actor's, which does nothing: not
+            # called, a coroutine fewer per activation.)
+            host.on_actor_started(self)
             outcome = await self._serve(instance, data, ctx)
         except StoreError:
             raise
@@ -329,24 +336,17 @@ class SessionActor(ActorState):
             self._failure = ActorKilledError(f"actor of session {self.session_id!r} was killed")
         return Exit.CRASH
 
-    async def _start_instance(self, data: SessionData, ctx: Any) -> Instance:
-        host = self._host
-        behaviour = host.behaviour
-        instance = behaviour.new_instance()
-        if behaviour.loads_state_at_start:
-            # started() may read the state: load it now. The dict it sees is
-            # the state for the whole incarnation: a reference kept from
-            # started() is the state handle() sees, and what started()
-            # changes is committed with the next message's ack. (If started()
-            # used it, every ack compares it: a kept reference may change it
-            # unseen.)
-            store = host.store
-            data.load(await store.load_state(self.session_id))
-            await instance.started(ctx)
-        # (Otherwise started() is Actor's, which does nothing: not called,
-        # a coroutine fewer per activation.)
-        host.on_actor_started(self)
-        return instance
+    async def _run_started(self, instance: Instance, data: SessionData, ctx: Any) -> None:
+        """The instance's own started() hook, after loading the state it may read.
+
+        The dict it sees is the state for the whole incarnation: a reference
+        kept from started() is the state handle() sees, and what started()
+        changes is committed with the next message's ack. (If started() used
+        it, every ack compares it: a kept reference may change it unseen.)
+        """
+        store = self._host.store
+        data.load(await store.load_state(self.session_id))
+        await instance.started(ctx)
 
     def _start_failed(self, exc: BaseException) -> Exit:
         """The factory or started() raised ``exc``: log it, and say so (or re-raise)."""
@@ -446,13 +446,20 @@ class SessionActor(ActorState):
             # would find them in flight. Wait until they are handed.
             return Step.WAIT_HANDOFF
         if self.handed:
-            # Handed before this incarnation's first claim: the state first.
-            return _TAKE_HANDED if serving.data.state is not None else Step.LOAD_AND_TAKE
+            data = serving.data
+            if data.state is None:
+                # Handed before this incarnation's first claim: the state
+                # first, unless no session has any (then there is nothing
+                # to wait for: it is loaded as empty here).
+                if serving.store.may_have_state:
+                    return _LOAD_AND_TAKE
+                data.load(None)
+            return _TAKE_HANDED
         return _CLAIM
 
     async def _between(self, step: Step, serving: _Serving) -> Message | Step | Exit:
         """Carry out a step other than taking a handed message or claiming."""
-        if step is Step.LOAD_AND_TAKE:
+        if step is _LOAD_AND_TAKE:
             return await self._take_first_handed(serving)
         if step is Step.STOP:
             await self._flush_ack(serving)
@@ -510,7 +517,7 @@ class SessionActor(ActorState):
         self._to(_HOLDING)
         msg = self.in_flight = self.handed[0]  # held while the state loads
         store = self._host.store
-        serving.data.load(await store.load_state(self.session_id) if store.may_have_state else None)
+        serving.data.load(await store.load_state(self.session_id))
         self.handed.popleft()
         if msg.id > self.claimed_seq:
             self.claimed_seq = msg.id
