@@ -137,6 +137,8 @@ class SessionActor(ActorState):
     and recover from a crash.
     """
 
+    __slots__ = ()
+
     _host: ActorHost[SessionActor]
 
     # -- the actor's task ---------------------------------------------------

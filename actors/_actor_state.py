@@ -54,6 +54,47 @@ class ActorState:
     them is :class:`~actors._actor.SessionActor`'s, a subclass.
     """
 
+    # Slots: an actor has more fields than CPython 3.11 shares the keys of
+    # (30), and past that every instance gets a dict of its own, read by
+    # hashing on every access, and 1.3 kB larger.
+    __slots__ = (
+        "_batch",
+        "_cancel",
+        "_cut_instance",
+        "_failure",
+        "_failure_text",
+        "_handoff_waiter",
+        "_host",
+        "_in_flight",
+        "_parked",
+        "_reserve_gen",
+        "_reserved_new",
+        "_scope",
+        "_serve_gen",
+        "_wait_scope",
+        "carrier",
+        "caught_up",
+        "claimed_seq",
+        "dropped",
+        "evicted",
+        "fresh_context",
+        "fresh_handoff",
+        "handed",
+        "handler_deadline",
+        "handler_started",
+        "idle_deadline",
+        "launch",
+        "notified_seq",
+        "phase",
+        "pokes",
+        "pokes_seen",
+        "reserved",
+        "session_id",
+        "slot",
+        "turn",
+        "wait_until",
+    )
+
     def __init__(self, session_id: str, host: ActorHost[Any]) -> None:
         self.session_id = session_id
         self._host = host

@@ -74,8 +74,8 @@ class DeadlineWatch(Generic[A]):
     Every deadline is "now plus a fixed timeout" (``idle_timeout``,
     ``handler_timeout``) on trio's monotonic clock, so deadlines come due
     in the order they were set: an insertion-ordered mapping is the queue.
-    Setting one moves the actor to the end, forgetting it removes it, and
-    the task sleeps until the first. No heap, and no stale entries: memory
+    Setting one (``watch``) moves the actor to the end, forgetting it
+    removes it, and the task sleeps until the first. No heap, and no stale entries: memory
     follows the actors watched, not the activations.
 
     Subclasses say what an actor's current deadline is, and what happens
@@ -84,7 +84,9 @@ class DeadlineWatch(Generic[A]):
 
     def __init__(self) -> None:
         self._due: OrderedDict[A, float] = OrderedDict()
-        self._armed = trio.Event()  # set when an entry comes while the task waits
+        # Set by the task when it waits for a first entry; the one who adds
+        # it sets the event.
+        self._empty: trio.Event | None = None
 
     # -- what subclasses define --------------------------------------------
 
@@ -97,13 +99,11 @@ class DeadlineWatch(Generic[A]):
 
     # -- the queue ---------------------------------------------------------
 
-    def _set(self, actor: A, deadline: float) -> None:
-        # (Per handler call and per park: two C calls, no membership test.)
-        due = self._due
-        due[actor] = deadline
-        due.move_to_end(actor)
-        if len(due) == 1:
-            self._armed.set()
+    def _woken(self) -> None:
+        """The task waited for a first entry: one came."""
+        empty, self._empty = self._empty, None
+        if empty is not None:
+            empty.set()
 
     def forget(self, actor: A) -> None:
         """``actor`` left the registry: no deadline of it is watched."""
@@ -118,8 +118,8 @@ class DeadlineWatch(Generic[A]):
         due = self._due
         while True:
             if not due:
-                self._armed = trio.Event()
-                await self._armed.wait()
+                self._empty = empty = trio.Event()
+                await empty.wait()
                 continue
             await trio.sleep_until(next(iter(due.values())))
             now = trio.current_time()
@@ -145,7 +145,12 @@ class Watchdog(DeadlineWatch[Watched]):
 
     def watch(self, actor: Watched) -> None:
         """``actor`` started a handler with ``actor.handler_deadline`` set."""
-        self._set(actor, actor.handler_deadline)
+        # (Per handler call: two C calls, written out in both watches.)
+        due = self._due
+        due[actor] = actor.handler_deadline
+        due.move_to_end(actor)
+        if self._empty is not None:
+            self._woken()
 
     def _deadline(self, actor: Watched) -> float | None:
         return actor.handler_deadline if actor.handler_running else None
@@ -170,7 +175,11 @@ class IdleWatch(DeadlineWatch[IdleWatched]):
 
     def watch(self, actor: IdleWatched) -> None:
         """``actor`` parked with ``actor.idle_deadline`` set."""
-        self._set(actor, actor.idle_deadline)
+        due = self._due  # (as Watchdog.watch: once per park)
+        due[actor] = actor.idle_deadline
+        due.move_to_end(actor)
+        if self._empty is not None:
+            self._woken()
 
     def _deadline(self, actor: IdleWatched) -> float | None:
         return actor.idle_deadline if actor.parked else None
