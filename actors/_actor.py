@@ -303,11 +303,9 @@ class SessionActor(ActorState):
         except BaseException as exc:  # the factory or started() failed: a crash
             outcome = self._start_failed(exc)
         else:
-            if (
-                outcome is not Exit.CRASH
-                and outcome is not Exit.TIMEOUT
-                and not (self.evicted and host.behaviour.stops_quietly)
-            ):
+            if outcome is not Exit.CRASH and outcome is not Exit.TIMEOUT and not self.evicted:
+                # (An evicted actor has no stopped() of its own: it goes
+                # from idle to left, see Supervisor.evict.)
                 await self._stop_instance(instance, ctx)
         finally:
             self._scope = None

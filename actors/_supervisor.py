@@ -160,7 +160,7 @@ class Supervisor:
         self._leaving_slots: list[int] = []
         self._slots_releasing: list[int] | None = None
         # What each session's handler runs in: a fresh copy of this, the
-        # context the system was opened in (run() takes it).
+        # context the system is opened in (run_system builds the supervisor).
         self._context = contextvars.copy_context()
 
     def _init_streams(self) -> None:
@@ -191,7 +191,6 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the actors' nursery until stop() has finished with it."""
-        self._context = contextvars.copy_context()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -450,7 +449,7 @@ class Supervisor:
         if idle is None:
             return None
         self.evict(idle)
-        return self._start(session_id, idle.parked_task, launch=False, carrier=idle)
+        return self._start(session_id, launch=False, carrier=idle)
 
     def _idle_to_evict(self, batch: set[str]) -> SessionActor | None:
         """A parked actor whose slot and task may go to another session now."""
@@ -838,23 +837,19 @@ class Supervisor:
     # -- slots ------------------------------------------------------------
 
     def _start(
-        self,
-        session_id: str,
-        task: trio.lowlevel.Task | None = None,
-        *,
-        launch: bool = True,
-        carrier: SessionActor | None = None,
+        self, session_id: str, *, launch: bool = True, carrier: SessionActor | None = None
     ) -> SessionActor | None:
-        """Start an actor for ``session_id``: in ``task`` (the parked task of
-        ``carrier``, evicted) or the task retire() freed (after its actor),
-        or in a new task. None if none can start. ``launch=False``: its task
-        runs at ``_launch`` (hand_over), not before."""
+        """Start an actor for ``session_id``: in the parked task of ``carrier``
+        (evicted), or the task retire() freed (after its actor), or in a new
+        task. None if none can start. ``launch=False``: its task runs at
+        ``_launch`` (hand_over), not before."""
         assert session_id not in self._actors
         if self._nursery is None:
             return None  # stopped; the work stays in the database for the next start
         if self.cluster is not None and not self.cluster.owns(session_id):
             return None  # (it left this process while waiting for a slot)
         actor = SessionActor(session_id, self)
+        task = carrier.parked_task if carrier is not None else None
         if task is None:
             task, self._free_task = self._free_task, None
             # (The freed task goes on with it in the same step: it switches

@@ -64,6 +64,8 @@ class Operations(Protocol):
         want_state: bool,
         bulk: int,
     ) -> Claim: ...
+    @property
+    def has_state(self) -> bool: ...  # False while no session can have state (see load_state)
     def load_state(self, session_id: str) -> str | None: ...
     def ack(self, ack: int | Ack) -> Sent | None: ...
     def ack_box(self, acks: list[int | Ack]) -> tuple[int, Sent | None]: ...
@@ -158,6 +160,10 @@ class CommittedStore:
         return self._call(
             self._ops.claim_next, session_id, ack, now, max_attempts, alone, want_state, bulk
         )
+
+    @property
+    def may_have_state(self) -> bool:
+        return self._ops.has_state
 
     def load_state(self, session_id: str) -> Coroutine[Any, Any, str | None]:
         return self._call(self._ops.load_state, session_id)

@@ -371,10 +371,6 @@ class PgStore(CommittedStore):
     def starts(self) -> StartMarks | None:
         return None
 
-    @property
-    def may_have_state(self) -> bool:
-        return True  # (other processes write state too)
-
     def statistics(self) -> StoreStatistics:
         committer, sends = self._committer.statistics(), self._sends.statistics()
         return StoreStatistics(

@@ -533,6 +533,11 @@ class Operations:
             if reply_to is not None and reply_to != self._member:
                 self.remote_asks[msg_id] = reply_to
 
+    @property
+    def has_state(self) -> bool:
+        """Always: other processes write state too."""
+        return True
+
     def load_state(self, session_id: str) -> str | None:
         """The session's state (JSON text), or None if it has none."""
         row = self.conn.execute(

@@ -56,7 +56,7 @@ class SqliteStore(CommittedStore):
         self._starts: StartTable | None = prepared.starts
         self._max_value_bytes = prepared.max_value_bytes
         self._db = prepared.db
-        ops = self._sqlite_ops = Operations(prepared.db, prepared.next_seq, prepared.has_state)
+        ops = Operations(prepared.db, prepared.next_seq, prepared.has_state)
         self._tx = SqliteTransactions(prepared.db, ops, path, busy_ms, threaded=not inline)
         committer = Committer(
             self._tx,
@@ -137,10 +137,6 @@ class SqliteStore(CommittedStore):
     @property
     def starts(self) -> StartMarks | None:
         return self._starts
-
-    @property
-    def may_have_state(self) -> bool:
-        return self._sqlite_ops.has_state
 
     @property
     def cluster(self) -> None:
