@@ -102,6 +102,10 @@ _DEAD = (
     "UPDATE actors_messages SET state = 2, seq = NULL, not_before = NULL, last_error = %s"
     " WHERE id = %s"
 )
+# An acked message's idempotency key is processed (its ack, and a batch's).
+_KEY_DONE = (
+    "UPDATE actors_keys SET done_at = %s WHERE session_id = %s AND key = %s AND message_id = %s"
+)
 # The open requests that no live member holds (result: the taker, as JSON).
 _TAKE = (
     "UPDATE actors_control"
@@ -603,8 +607,7 @@ class Operations:
             )
         if ack.key is not None:
             conn.execute(
-                "UPDATE actors_keys SET done_at = %s WHERE session_id = %s AND key = %s"
-                " AND message_id = %s",
+                _KEY_DONE,
                 (now, ack.session_id, ack.key, ack.id),
             )
         if not ack.outbox:
@@ -635,8 +638,7 @@ class Operations:
         for m in ack.earlier:
             if m.key is not None:
                 conn.execute(
-                    "UPDATE actors_keys SET done_at = %s WHERE session_id = %s AND key = %s"
-                    " AND message_id = %s",
+                    _KEY_DONE,
                     (ack.at, ack.session_id, m.key, m.id),
                 )
 

@@ -45,6 +45,8 @@ PENDING_ANY = (
     " WHERE session_id = value AND state < 2 AND seq IS NOT NULL AND state = 0)"
 )
 DELETE_IDS = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+# An acked message's idempotency key is processed (its ack, and a batch's).
+_KEY_DONE = "UPDATE keys SET done_at = ? WHERE session_id = ? AND key = ? AND message_id = ?"
 
 _INSERT_COLUMNS = 7
 _INSERT_SQL: dict[int, str] = {}
@@ -279,7 +281,7 @@ class Operations:
             self._has_state = True
         if ack.key is not None:
             db.execute(
-                "UPDATE keys SET done_at = ? WHERE session_id = ? AND key = ? AND message_id = ?",
+                _KEY_DONE,
                 (now, ack.session_id, ack.key, ack.id),
             )
         if not ack.outbox:
@@ -304,8 +306,7 @@ class Operations:
         for m in earlier:
             if m.key is not None:
                 db.execute(
-                    "UPDATE keys SET done_at = ? WHERE session_id = ? AND key = ?"
-                    " AND message_id = ?",
+                    _KEY_DONE,
                     (ack.at, ack.session_id, m.key, m.id),
                 )
 
